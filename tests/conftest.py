@@ -1,0 +1,27 @@
+"""Test tiers (see docs/testing.md):
+
+* ``tests/unit``        host, no root, the pure core;
+* ``tests/privileged``  host, root: real namespaces, seccomp notify, fanotify,
+                        the cgroup-v1 backend; skipped with a reason when not root;
+* ``tests/guest``       inside the emulated ARM box; on the host these items are
+                        run by proxy in the box (see tests/guest/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IN_GUEST = os.environ.get("AGENT_IN_GUEST") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = str(item.path)
+        if "/tests/privileged/" in path:
+            item.add_marker(pytest.mark.privileged)
+            if os.geteuid() != 0:
+                item.add_marker(pytest.mark.skip(reason="host privileged test: needs root"))
+        elif "/tests/guest/" in path:
+            item.add_marker(pytest.mark.guest)

@@ -1,0 +1,307 @@
+"""``agentd``: the daemon entry point and the :class:`Daemon` that later modules plug into.
+
+One process, one asyncio loop.  SIGTERM and SIGINT stop it cleanly: the control socket
+and the pidfile are removed.  Other modules add ops with ``daemon.register(op, handler)``,
+status fields with ``daemon.add_status(key, fn)`` and clean-up with ``on_shutdown``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from agent import __version__
+from agent.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
+from agent.control import ControlServer, Dispatcher, Handler, Peer, arg, check_args
+from agent.errors import AgentError
+from agent.events import SEVERITIES, EventBus
+from agent.protocol import MAX_FRAME
+
+__all__ = ["Daemon", "cgroup_mode", "detect_cgroup_mode", "main"]
+
+log = logging.getLogger("agentd")
+
+_REPLY_BUDGET = MAX_FRAME - 1024  # room for the reply envelope around an events list
+
+
+def cgroup_mode(mounts: str) -> str:
+    """"v2", "v1" or "none" from the text of /proc/self/mounts.
+
+    cgroup2 mounted on /sys/fs/cgroup is v2; any v1 hierarchy otherwise (a "hybrid" host
+    keeps its controllers on v1) is v1; a cgroup2 mount elsewhere is v2.
+    """
+    v1 = v2_elsewhere = False
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        target, fstype = fields[1], fields[2]
+        if fstype == "cgroup2":
+            if target == "/sys/fs/cgroup":
+                return "v2"
+            v2_elsewhere = True
+        elif fstype == "cgroup":
+            v1 = True
+    return "v1" if v1 else "v2" if v2_elsewhere else "none"
+
+
+def detect_cgroup_mode(proc_root: Path = Path("/proc")) -> str:
+    try:
+        return cgroup_mode((proc_root / "self" / "mounts").read_text())
+    except OSError:
+        return "none"
+
+
+class Daemon:
+    """Holds config, event bus, dispatcher and control server of one agentd."""
+
+    def __init__(self, config: AgentConfig, *, pidfile: Path | None = None,
+                 proc_root: Path = Path("/proc"), clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.pidfile = pidfile if pidfile is not None else config.pidfile
+        self.proc_root = proc_root
+        self.monotonic = monotonic
+        self.bus = EventBus(clock=clock)
+        self.bus.mark_state_change("started", "stopping")
+        self.dispatcher = Dispatcher()
+        self.server = ControlServer(config.socket_path, self.dispatcher)
+        self.started_at = monotonic()
+        self._status: dict[str, Callable[[], Any]] = {"cells": lambda: 0}
+        self._shutdown: list[Callable[[], Awaitable[None]]] = []
+        self._stop = asyncio.Event()
+        self._wrote_pidfile = False
+        self.register("ping", self._op_ping)
+        self.register("status", self._op_status)
+        self.register("events", self._op_events)
+        self.register("events.follow", self._op_events_follow)
+        self.register("whoami", self._op_whoami)
+
+    # ------------------------------------------------------------------ plug-in points
+    def register(self, op: str, handler: Handler) -> None:
+        self.dispatcher.register(op, handler)
+
+    def add_status(self, key: str, fn: Callable[[], Any]) -> None:
+        """Add (or replace, e.g. "cells") one field of the status reply."""
+        self._status[key] = fn
+
+    def on_shutdown(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` at shutdown, before the socket goes (in reverse order of adding)."""
+        self._shutdown.append(fn)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._stop = asyncio.Event()
+        self.server.bind()
+        self._write_pidfile()
+        await self.server.start()
+        self.started_at = self.monotonic()
+        self.bus.emit("master", "started", severity="notice", version=__version__,
+                      pid=os.getpid(), socket=str(self.config.socket_path))
+        log.info("agentd %s listening on %s", __version__, self.config.socket_path)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self) -> None:
+        self.bus.emit("master", "stopping", severity="notice")
+        for fn in reversed(self._shutdown):
+            try:
+                await fn()
+            except Exception:
+                log.exception("shutdown hook %r failed", fn)
+        await self.server.close()
+        self._remove_pidfile()
+        log.info("agentd stopped")
+
+    async def run(self, *, install_signals: bool = True) -> None:
+        """Start, serve until SIGTERM/SIGINT (or ``request_stop``), then stop."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._stop.wait()
+        finally:
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def _write_pidfile(self) -> None:
+        path = self.pidfile
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+        self._wrote_pidfile = True
+
+    def _remove_pidfile(self) -> None:
+        if not self._wrote_pidfile:
+            return
+        with contextlib.suppress(OSError):
+            if self.pidfile.read_text().strip() == str(os.getpid()):
+                self.pidfile.unlink()
+        self._wrote_pidfile = False
+
+    # ------------------------------------------------------------------ built-in ops
+    def status(self) -> dict[str, Any]:
+        uts = os.uname()
+        out: dict[str, Any] = {
+            "version": __version__, "pid": os.getpid(),
+            "uptime_s": round(self.monotonic() - self.started_at, 3),
+            "kernel": uts.release, "machine": uts.machine,
+            "cgroup": detect_cgroup_mode(self.proc_root),
+            "events": self.bus.published,
+        }
+        for key, fn in self._status.items():
+            try:
+                out[key] = fn()
+            except Exception as exc:
+                log.exception("status field %s failed", key)
+                out[key] = f"error: {exc}"
+        return out
+
+    async def _op_ping(self, peer: Peer, args: Mapping[str, Any]) -> str:
+        check_args(args, ())
+        return "pong"
+
+    async def _op_status(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, Any]:
+        check_args(args, ())
+        return self.status()
+
+    async def _op_whoami(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, int]:
+        check_args(args, ())
+        return peer.to_wire()
+
+    def _filters(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        sev = arg(args, "severity", str)
+        if sev is not None and sev not in SEVERITIES:
+            raise AgentError("E_ARGS", f"unknown severity `{sev}`",
+                             f"use one of {', '.join(SEVERITIES)}")
+        return {"cell": arg(args, "cell", str), "channel": arg(args, "channel", str),
+                "kind": arg(args, "kind", str), "min_severity": sev}
+
+    async def _op_events(self, peer: Peer, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Newest ``n`` matching events (oldest first), trimmed to fit one reply."""
+        check_args(args, ("n", "cell", "channel", "kind", "severity"))
+        n = arg(args, "n", int, 20)
+        assert n is not None
+        if n < 0:
+            raise AgentError("E_ARGS", "argument `n` must not be negative")
+        events = self.bus.recent(n, **self._filters(args))
+        out: list[dict[str, Any]] = []
+        budget = _REPLY_BUDGET
+        for ev in reversed(events):
+            wire = ev.to_wire()
+            budget -= _wire_size(wire)
+            if budget < 0:
+                break
+            out.append(wire)
+        out.reverse()
+        return out
+
+    async def _op_events_follow(self, peer: Peer, args: Mapping[str, Any]
+                                ) -> AsyncIterator[dict[str, Any]]:
+        """Streamed: the last ``n`` matching events, then each new one as it comes.  When
+        the subscriber queue overflowed, a ``{"dropped": count}`` item says so."""
+        check_args(args, ("n", "cell", "channel", "kind", "severity"))
+        n = arg(args, "n", int, 0)
+        assert n is not None
+        filters = self._filters(args)
+        with self.bus.subscribe(**filters) as sub:
+            for ev in self.bus.recent(n, **filters) if n > 0 else []:
+                yield ev.to_wire()
+            seen = 0
+            while True:
+                ev = await sub.get()
+                if sub.dropped != seen:
+                    yield {"dropped": sub.dropped - seen}
+                    seen = sub.dropped
+                yield ev.to_wire()
+
+
+def _wire_size(wire: dict[str, Any]) -> int:
+    try:
+        return len(cbor2.dumps(wire))
+    except Exception:
+        return _REPLY_BUDGET + 1
+
+
+# ---------------------------------------------------------------------- entry point
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentd", description="agentd: the cell isolation agent.")
+    p.add_argument("--version", action="version", version=f"agentd {__version__}")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="PATH",
+                   help=f"configuration file (default {DEFAULT_CONFIG_PATH}; missing = defaults)")
+    p.add_argument("--socket", type=Path, metavar="PATH", help="control socket path override")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help="state directory override")
+    p.add_argument("--pidfile", type=Path, metavar="PATH",
+                   help="pid file (default <run_dir>/agentd.pid)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="override the configured log level")
+    p.add_argument("--check", action="store_true",
+                   help="validate the configuration, print it as JSON and exit")
+    return p
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s.%(msecs)03d agentd[%(process)d] %(levelname).1s %(name)s: %(message)s",
+        "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        ns = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        config = load_config(ns.config, missing_ok=True)
+        overrides: dict[str, Any] = {}
+        if ns.socket is not None:
+            overrides["socket_path"] = ns.socket.absolute()
+        if ns.state_dir is not None:
+            overrides["state_dir"] = ns.state_dir.absolute()
+        if ns.log_level is not None:
+            overrides["log_level"] = ns.log_level
+        config = replace(config, **overrides)
+    except AgentError as exc:
+        print(f"agentd: {exc.to_wire()['message']}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 2
+    if ns.check:
+        print(json.dumps(config.to_wire(), indent=2))
+        return 0
+    setup_logging(config.log_level)
+    daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None)
+    try:
+        asyncio.run(daemon.run())
+    except AgentError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,260 @@
+"""``agentctl``: the operator CLI (often used over a serial console, so 80 columns).
+
+Exit codes (docs/cli.md): 0 ok; 1 the daemon replied with an error; 2 usage error;
+3 the daemon cannot be reached; 4 protocol error or timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent import __version__
+from agent.client import Client, ConnectError, TransportError
+from agent.errors import AgentError
+
+__all__ = [
+    "EXIT_CONNECT",
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_PROTOCOL",
+    "EXIT_USAGE",
+    "format_event",
+    "format_status",
+    "main",
+]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_PROTOCOL = 0, 1, 2, 3, 4
+WIDTH = 80
+DEFAULT_SOCKET = os.environ.get("AGENT_SOCKET", "/run/agent/agentd.sock")
+
+
+def _clip(line: str, width: int = WIDTH) -> str:
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d" if d else "") + (f"{h}h" if d or h else "") + (f"{m:02d}m" if d or h or m
+                                                                   else "") + f"{s:02d}s"
+
+
+def format_status(st: dict[str, Any]) -> list[str]:
+    """Human lines for a status result; known keys first, then any others."""
+    lines = [
+        f"agentd {st.get('version', '?')}  pid {st.get('pid', '?')}  "
+        f"up {_duration(float(st.get('uptime_s', 0)))}",
+        f"kernel    {st.get('kernel', '?')} ({st.get('machine', '?')})",
+        f"cgroup    {st.get('cgroup', '?')}",
+        f"cells     {st.get('cells', '?')}",
+        f"events    {st.get('events', '?')}",
+    ]
+    known = {"version", "pid", "uptime_s", "kernel", "machine", "cgroup", "cells", "events"}
+    for key in sorted(k for k in st if k not in known):
+        value = st[key]
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        lines.append(f"{key:<9} {text}")
+    return [_clip(line) for line in lines]
+
+
+def format_event(ev: dict[str, Any]) -> str:
+    """One event on one line: time, severity, channel, cell, kind and attributes."""
+    ts = ev.get("ts", 0.0)
+    try:
+        when = time.strftime("%m-%d %H:%M:%S", time.localtime(float(ts)))
+        when += f".{int(float(ts) * 1000) % 1000:03d}"
+    except (TypeError, ValueError, OverflowError):
+        when = "?"
+    attrs = ev.get("attrs") or {}
+    kv = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                  for k, v in (attrs.items() if isinstance(attrs, dict) else ()))
+    line = (f"{when} {ev.get('severity', '?')!s:<6} {ev.get('channel', '?')!s:<9} "
+            f"{ev.get('cell') or '-'!s:<10} {ev.get('kind', '?')} {kv}")
+    return _clip(line.rstrip())
+
+
+# --------------------------------------------------------------------------- commands
+
+def _cmd_ping(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    t0 = time.monotonic()
+    result = client.call("ping")
+    ms = (time.monotonic() - t0) * 1000
+    if ns.json:
+        print(json.dumps(result), file=out)
+    else:
+        print(f"{result} ({ms:.1f} ms)", file=out)
+    return EXIT_OK
+
+
+def _cmd_status(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    result = client.call("status")
+    if ns.json:
+        print(json.dumps(result, indent=2, sort_keys=True), file=out)
+    else:
+        print("\n".join(format_status(result)), file=out)
+    return EXIT_OK
+
+
+def _event_args(ns: argparse.Namespace) -> dict[str, Any]:
+    args: dict[str, Any] = {"n": ns.n}
+    for name in ("cell", "channel", "kind", "severity"):
+        if getattr(ns, name) is not None:
+            args[name] = getattr(ns, name)
+    return args
+
+
+def _cmd_events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    if ns.follow:
+        client.timeout = None
+        for item in client.stream("events.follow", **_event_args(ns)):
+            if ns.json:
+                print(json.dumps(item), file=out, flush=True)
+            elif "dropped" in item and "kind" not in item:
+                print(f"-- {item['dropped']} events dropped (too slow) --", file=out, flush=True)
+            else:
+                print(format_event(item), file=out, flush=True)
+        return EXIT_OK
+    result = client.call("events", **_event_args(ns))
+    if ns.json:
+        print(json.dumps(result, indent=2), file=out)
+    else:
+        for ev in result:
+            print(format_event(ev), file=out)
+    return EXIT_OK
+
+
+def _cmd_checkconfig(argv: list[str]) -> int:
+    try:
+        checkconfig = importlib.import_module("agent.checkconfig")
+        cli_main = checkconfig.cli_main
+    except (ImportError, AttributeError) as exc:
+        print(f"agentctl: error[E_UNAVAILABLE]: checkconfig is not available: {exc}",
+              file=sys.stderr)
+        print("hint: this build lacks agent.checkconfig; reinstall the agent package",
+              file=sys.stderr)
+        return EXIT_ERROR
+    return int(cli_main(argv))
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+Command = Callable[[Client, argparse.Namespace, TextIO], int]
+
+
+def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """Global options; also accepted after the subcommand (``agentctl status --json``)."""
+    def d(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    p.add_argument("--socket", type=Path, default=d(Path(DEFAULT_SOCKET)), metavar="PATH",
+                   help=f"agentd control socket (default {DEFAULT_SOCKET}; env AGENT_SOCKET)")
+    p.add_argument("--json", action="store_true", default=d(False),
+                   help="print the raw result as JSON")
+    p.add_argument("--debug", action="store_true", default=d(False),
+                   help="show tracebacks on errors")
+    p.add_argument("--timeout", type=float, default=d(5.0), metavar="SECONDS",
+                   help="reply timeout in seconds (default 5)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agentctl", description="Drive and diagnose agentd.",
+        epilog="exit codes: 0 ok, 1 daemon error, 2 usage, 3 daemon unreachable, "
+               "4 protocol error or timeout")
+    p.add_argument("--version", action="version", version=f"agentctl {__version__}")
+    _common(p, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common, top=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sp = sub.add_parser("status", parents=[common],
+                        help="daemon version, uptime, kernel, cgroup mode, counts")
+    sp.set_defaults(func=_cmd_status)
+    sp = sub.add_parser("ping", parents=[common],
+                        help="check that agentd answers")
+    sp.set_defaults(func=_cmd_ping)
+    sp = sub.add_parser("events", parents=[common],
+                        help="recent events (newest last)")
+    sp.add_argument("-n", type=count, default=20, metavar="N", help="how many (default 20)")
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    sp.add_argument("--cell", help="only this cell")
+    sp.add_argument("--channel", help="only this channel (shell pattern)")
+    sp.add_argument("-k", "--kind", help="only this kind (shell pattern, e.g. 'resize*')")
+    sp.add_argument("--severity", choices=("info", "notice", "alert"),
+                    help="at least this severity")
+    sp.set_defaults(func=_cmd_events)
+    sp = sub.add_parser("checkconfig", add_help=False,
+                        help="validate manifests and policy offline (see its --help)")
+    sp.set_defaults(func=None)
+    return p
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """Split ``[globals] checkconfig [its args]``: everything after ``checkconfig`` goes
+    to agent.checkconfig untouched (argparse would try to parse its options)."""
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("--socket", "--timeout"):
+            i += 2
+            continue
+        if tok.startswith("-"):
+            i += 1
+            continue
+        if tok == "checkconfig":
+            return argv[: i + 1], argv[i + 1 :]
+        break
+    return argv, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, passthrough = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if ns.command == "checkconfig":
+        return _cmd_checkconfig(passthrough or [])
+    func: Command = ns.func
+    client = Client(ns.socket, timeout=ns.timeout)
+    try:
+        with client:
+            return func(client, ns, sys.stdout)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `agentctl events | head`
+        with contextlib.suppress(OSError):  # avoid a second EPIPE when Python exits
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except AgentError as exc:
+        if ns.debug:
+            traceback.print_exc()
+        print(f"agentctl: error[{exc.code}]: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        if isinstance(exc, ConnectError):
+            return EXIT_CONNECT
+        if isinstance(exc, TransportError):
+            return EXIT_PROTOCOL
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""agentctl against a real agentd started as a subprocess (``python -m agent.daemon``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import __version__
+from agent.cli import format_event, format_status, main
+from agent.client import Client, ConnectError
+from agent.control import ControlServer, Dispatcher, Peer
+from agent.errors import NotFoundError
+
+
+class Agentd:
+    def __init__(self, tmp: Path) -> None:
+        self.socket = tmp / "run" / "agentd.sock"
+        self.pidfile = tmp / "run" / "agentd.pid"
+        self.log = tmp / "agentd.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.daemon", "--config", str(tmp / "none.toml"),
+                 "--socket", str(self.socket), "--pidfile", str(self.pidfile),
+                 "--state-dir", str(tmp / "state"), "--log-level", "debug"],
+                stdout=log, stderr=log)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with Client(self.socket, 1) as c:
+                    c.call("ping")
+                return
+            except ConnectError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"agentd did not start:\n{self.log.read_text()}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def agentd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agentd]:
+    d = Agentd(tmp_path_factory.mktemp("agentd"))
+    yield d
+    d.stop()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_status_human_and_json(agentd: Agentd, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "--socket", str(agentd.socket), "status")
+    assert rc == 0 and err == ""
+    assert out.startswith(f"agentd {__version__}  pid {agentd.proc.pid}  up ")
+    assert "cgroup" in out and all(len(line) <= 80 for line in out.splitlines())
+    rc, out, _ = run(capsys, "--socket", str(agentd.socket), "--json", "status")
+    st = json.loads(out)
+    assert rc == 0 and st["pid"] == agentd.proc.pid and st["cells"] == 0
+    assert st["kernel"] == os.uname().release
+    rc, out2, _ = run(capsys, "status", "--json", "--socket", str(agentd.socket))
+    assert rc == 0 and json.loads(out2)["pid"] == agentd.proc.pid  # options after the command
+
+
+def test_ping_and_events(agentd: Agentd, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = str(agentd.socket)
+    rc, out, _ = run(capsys, "--socket", sock, "ping")
+    assert rc == 0 and out.startswith("pong (")
+    rc, out, _ = run(capsys, "--socket", sock, "--json", "ping")
+    assert rc == 0 and json.loads(out) == "pong"
+    rc, out, _ = run(capsys, "--socket", sock, "--json", "events", "-n", "1")
+    evs = json.loads(out)
+    assert rc == 0 and len(evs) == 1 and evs[0]["kind"] == "started"
+    assert evs[0]["attrs"]["pid"] == agentd.proc.pid
+    rc, out, _ = run(capsys, "--socket", sock, "events")
+    assert rc == 0 and " notice master " in out and "started" in out
+    assert all(len(line) <= 80 for line in out.splitlines())
+    rc, out, _ = run(capsys, "--socket", sock, "events", "--kind", "nomatch*")
+    assert rc == 0 and out == ""
+
+
+def test_whoami_reports_the_calling_process(agentd: Agentd) -> None:
+    code = ("from agent.client import Client; import sys, os, json; "
+            "print(json.dumps([Client(sys.argv[1]).call('whoami'), os.getpid()]))")
+    out = subprocess.run([sys.executable, "-c", code, str(agentd.socket)], check=True,
+                         capture_output=True, text=True).stdout
+    peer, pid = json.loads(out)
+    assert peer == {"uid": os.getuid(), "gid": os.getgid(), "pid": pid}
+    assert pid != os.getpid()
+
+
+def test_daemon_unreachable_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "--socket", str(tmp_path / "missing.sock"), "status")
+    assert rc == 3 and out == ""
+    lines = err.splitlines()
+    assert lines[0].startswith("agentctl: error[E_CONNECT]: ") and lines[1].startswith("hint: ")
+    assert "Traceback" not in err
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(tmp_path / "stale.sock"))
+    stale.close()
+    rc, _, err = run(capsys, "--socket", str(tmp_path / "stale.sock"), "ping")
+    assert rc == 3 and "nobody is listening" in err
+    rc, _, err = run(capsys, "--debug", "--socket", str(tmp_path / "missing.sock"), "ping")
+    assert rc == 3 and "Traceback" in err
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "frobnicate")[0] == 2
+    assert run(capsys)[0] == 2
+    assert run(capsys, "events", "-n", "-1")[0] == 2
+    assert run(capsys, "events", "-n", "lots")[0] == 2
+    assert run(capsys, "--timeout")[0] == 2
+
+
+def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "--version")
+    assert rc == 0 and out.strip() == f"agentctl {__version__}"
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0 and "exit codes" in out and "checkconfig" in out
+    res = subprocess.run([sys.executable, "-m", "agent.daemon", "--version"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == f"agentd {__version__}"
+
+
+def test_checkconfig_delegates_or_explains(capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        import agent.checkconfig  # noqa: F401
+    except ImportError:
+        rc, _, err = run(capsys, "checkconfig", "--anything")
+        assert rc == 1 and "error[E_UNAVAILABLE]" in err and "hint:" in err
+    else:  # the real module exists: its own --help must work through agentctl
+        rc, _, _ = run(capsys, "checkconfig", "--help")
+        assert rc == 0
+
+
+# ------------------------------------------------------------------ error paths
+
+
+class Server:
+    """A real ControlServer with handlers that fail in chosen ways, on its own loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.dispatcher = Dispatcher()
+        self.dispatcher.register("status", self._status)
+        self.dispatcher.register("ping", self._slow)
+        self.server = ControlServer(path, self.dispatcher)
+        self.loop = asyncio.new_event_loop()
+        self.server.bind()
+        self.loop.run_until_complete(self.server.start())
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    async def _status(peer: Peer, args: Mapping[str, Any]) -> Any:
+        raise NotFoundError("E_NOCELL", "no cell `tv`", "list cells with agentctl cells")
+
+    @staticmethod
+    async def _slow(peer: Peer, args: Mapping[str, Any]) -> Any:
+        await asyncio.sleep(5)
+        return "pong"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def test_daemon_error_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    srv = Server(tmp_path / "s.sock")
+    try:
+        rc, out, err = run(capsys, "--socket", str(tmp_path / "s.sock"), "status")
+        assert rc == 1 and out == ""
+        assert err.splitlines() == ["agentctl: error[E_NOCELL]: no cell `tv`",
+                                    "hint: list cells with agentctl cells"]
+        rc, _, err = run(capsys, "--socket", str(tmp_path / "s.sock"), "events")
+        assert rc == 1 and "error[E_UNKNOWN_OP]" in err
+        rc, _, err = run(capsys, "--socket", str(tmp_path / "s.sock"), "--timeout", "0.2", "ping")
+        assert rc == 4 and "error[E_TIMEOUT]" in err
+    finally:
+        srv.close()
+
+
+def test_garbage_reply_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "g.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(70000)
+            conn.send(b"\xff\x00not cbor")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        rc, _, err = run(capsys, "--socket", str(path), "ping")
+        assert rc == 4 and "error[E_PROTOCOL]" in err
+    finally:
+        t.join(5)
+        listener.close()
+
+
+# ------------------------------------------------------------------ daemon process
+
+
+def test_sigterm_removes_socket_and_pidfile(tmp_path: Path) -> None:
+    d = Agentd(tmp_path)
+    assert d.pidfile.read_text().strip() == str(d.proc.pid)
+    assert d.stop() == 0
+    assert not d.socket.exists() and not d.pidfile.exists()
+    log = d.log.read_text()
+    assert "listening on" in log and "stopped" in log
+
+
+def test_agentd_bad_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "agentd.toml"
+    cfg.write_text('[network]\nvlan_min = "100"\n')
+    res = subprocess.run([sys.executable, "-m", "agent.daemon", "--config", str(cfg)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "`network.vlan_min`" in res.stderr and "hint:" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "agent.daemon", "--check",
+                          "--config", str(tmp_path / "none.toml"), "--socket", "/tmp/x.sock"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and json.loads(res.stdout)["socket_path"] == "/tmp/x.sock"
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def test_formatters_fit_80_columns() -> None:
+    line = format_event({"ts": 1.5e9, "cell": "a-very-long-cell-name", "channel": "seccomp",
+                         "kind": "trap", "severity": "alert",
+                         "attrs": {"syscall": "mount", "args": list(range(40))}})
+    assert len(line) == 80 and line.endswith("...") and "seccomp" in line and "trap" in line
+    assert format_event({"ts": "bad"}).startswith("?")
+    lines = format_status({"version": "1", "pid": 2, "uptime_s": 3725.2, "kernel": "k" * 200,
+                           "machine": "aarch64", "cgroup": "v2", "cells": 4, "events": 5,
+                           "tuner": {"enabled": True}})
+    assert lines[0] == "agentd 1  pid 2  up 1h02m05s"
+    assert all(len(x) <= 80 for x in lines) and lines[-1].startswith("tuner")

@@ -1,0 +1,175 @@
+"""Boot the emulated ARM set-top box and use it.
+
+    qemu/box build                 build (or re-use) the image; print its parts
+    qemu/box console               boot with a shell on the serial console
+    qemu/box run [-t S] -- CMD...  boot, run CMD in the box, print its output,
+                                   exit with its exit status
+    qemu/box test [PYTEST ARGS]    run the guest test tier (tests/guest) in the box
+
+The box is ``qemu-system-aarch64 -M virt -cpu cortex-a53`` with no network
+device to the outside (``-nic none``).  The root disk is attached with
+``snapshot=on``: every boot starts from the pristine image and several boots
+may run at once.  In ``run``/``test`` mode two 9p shares are mounted in the
+box: ``/mnt/host`` (a fresh host temp dir: the command, its exit status and
+any result files) and ``/mnt/src`` (this repository, read-only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import image  # noqa: E402
+
+REPO = image.REPO
+BEGIN = "@@BOX-BEGIN@@"
+END = "@@BOX-END"
+
+
+def qemu_argv(img: image.Image, mode: str, cpus: int, mem: int,
+              hostio: Path | None, extra_append: str = "") -> list[str]:
+    qemu = shutil.which("qemu-system-aarch64")
+    if not qemu:
+        raise SystemExit("box: qemu-system-aarch64 not found (apt-get install qemu-system-arm)")
+    append = f"console=ttyAMA0 quiet loglevel=3 panic=-1 agent.mode={mode} {extra_append}"
+    argv = [
+        qemu, "-M", "virt", "-cpu", "cortex-a53", "-smp", str(cpus), "-m", str(mem),
+        "-nographic", "-no-reboot", "-nic", "none",
+        "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", append.strip(),
+        "-drive", f"file={img.rootdisk},if=none,id=root,format=raw,snapshot=on",
+        "-device", "virtio-blk-pci,drive=root",
+        "-device", "virtio-rng-pci",
+    ]
+    if hostio is not None:
+        argv += [
+            "-virtfs", f"local,path={hostio},mount_tag=hostio,security_model=none,id=hostio",
+            "-virtfs", f"local,path={REPO},mount_tag=src,security_model=none,readonly=on,id=src",
+        ]
+    return argv
+
+
+def console(args: argparse.Namespace) -> int:
+    img = image.build()
+    print(f"[box] booting ({img.kver}); leave with 'poweroff -f' or Ctrl-A X", file=sys.stderr)
+    return subprocess.call(qemu_argv(img, "interactive", args.cpus, args.mem, None))
+
+
+def run_in_box(script: str, *, timeout: float, cpus: int, mem: int, verbose: bool,
+               out=None, hostio: Path | None = None) -> int:  # type: ignore[no-untyped-def]
+    """Boot, run ``script`` (sh) in the box, stream its output; return its exit status."""
+    out = out or sys.stdout
+    img = image.build()
+    own = hostio is None
+    hostio = hostio or Path(tempfile.mkdtemp(prefix="box-io-"))
+    (hostio / "cmd.sh").write_text(script)
+    (hostio / "rc").unlink(missing_ok=True)
+    argv = qemu_argv(img, "run", cpus, mem, hostio)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    inside = False
+    boot_s = None
+    tail: list[str] = []
+    try:
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").replace("\r", "")
+            tail = (tail + [line])[-40:]
+            if line.startswith(BEGIN):
+                inside = True
+                boot_s = time.monotonic() - t0
+                continue
+            if line.startswith(END):
+                inside = False
+                continue
+            if inside or verbose:
+                out.write(line)
+                out.flush()
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    elapsed = time.monotonic() - t0
+    rcfile = hostio / "rc"
+    try:
+        if not rcfile.exists():
+            why = "timed out" if elapsed >= timeout else "the box stopped early"
+            sys.stderr.write(f"[box] no exit status from the box ({why} after {elapsed:.0f} s);"
+                             " last console lines:\n" + "".join(tail))
+            return 125
+        rc = int(rcfile.read_text().strip() or "125")
+        if boot_s is not None:
+            sys.stderr.write(f"[box] boot {boot_s:.1f} s, total {elapsed:.1f} s, exit {rc}\n")
+        return rc
+    finally:
+        if own:
+            shutil.rmtree(hostio, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise SystemExit("box run: give a command, e.g. qemu/box run -- agentctl status")
+    script = ". /etc/profile\n" + (cmd[0] if len(cmd) == 1 else shlex.join(cmd)) + "\n"
+    return run_in_box(script, timeout=args.timeout, cpus=args.cpus, mem=args.mem,
+                      verbose=args.verbose)
+
+
+def guest_pytest_script(pytest_args: list[str], report: str | None) -> str:
+    env = "AGENT_IN_GUEST=1"
+    if report:
+        env += f" AGENT_GUEST_REPORT={shlex.quote(report)}"
+    return (
+        ". /etc/profile\n"
+        "cd /mnt/src\n"
+        # -P: never import the work tree's agent/; the box tests the installed wheel.
+        f"{env} exec python3 -P -m pytest -p no:cacheprovider --color=no "
+        f"{shlex.join(pytest_args or ['tests/guest'])}\n"
+    )
+
+
+def test(args: argparse.Namespace) -> int:
+    pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    return run_in_box(guest_pytest_script(pytest_args, None), timeout=args.timeout,
+                      cpus=args.cpus, mem=args.mem, verbose=args.verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qemu/box", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpus", type=int, default=int(os.environ.get("AGENT_BOX_CPUS", "2")))
+    p.add_argument("--mem", type=int, default=int(os.environ.get("AGENT_BOX_MEM", "1024")),
+                   help="MiB")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the whole console")
+    sub = p.add_subparsers(dest="what", required=True)
+    sub.add_parser("build", help="build or re-use the image")
+    sub.add_parser("console", help="boot with a shell on the serial console")
+    r = sub.add_parser("run", help="run one command in the box")
+    r.add_argument("-t", "--timeout", type=float, default=600)
+    r.add_argument("command", nargs=argparse.REMAINDER)
+    t = sub.add_parser("test", help="run pytest on tests/guest in the box")
+    t.add_argument("-t", "--timeout", type=float, default=1500)
+    t.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.what == "build":
+        return image.main()
+    return {"console": console, "run": run, "test": test}[args.what](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -145,7 +145,10 @@ def _cmd_checkconfig(argv: list[str]) -> int:
         print("hint: this build lacks agent.checkconfig; reinstall the agent package",
               file=sys.stderr)
         return EXIT_ERROR
-    return int(cli_main(argv))
+    try:
+        return int(cli_main(argv))
+    except SystemExit as exc:  # an argparse inside checkconfig
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
 def count(text: str) -> int:

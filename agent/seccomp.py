@@ -51,6 +51,7 @@ __all__ = [
     "format_table",
     "id_valid",
     "install_filter",
+    "listener_dead",
     "pack",
     "recv_notif",
     "send_resp",
@@ -416,6 +417,17 @@ def send_resp(fd: int, nid: int, *, error: int = 0, val: int = 0, cont: bool = F
             return Verdict.GONE
         raise KernelError.from_oserror("ioctl(SECCOMP_IOCTL_NOTIF_SEND)", f"fd {fd}", e) from None
     return Verdict.SENT
+
+
+def listener_dead(fd: int) -> bool:
+    """True once every process under the filter is gone (POLLHUP, nothing to read):
+    the caller should unregister and close ``fd``."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    events = dict(poller.poll(0)).get(fd, 0)
+    return bool(events & select.POLLHUP) and not events & select.POLLIN
 
 
 def id_valid(fd: int, nid: int) -> bool:

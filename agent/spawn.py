@@ -1,0 +1,513 @@
+"""Start a cell's first process from raw namespaces (no runc, crun or bwrap).
+
+``spawn_cell(spec)`` validates and plans everything in the parent, then forks
+once; the child enters the namespaces and forks the cell's pid 1, which builds
+the root, drops privileges, installs the seccomp filter and execs.  The
+intermediate exits at once, so pid 1 is reparented to agentd (a child
+subreaper): no helper process stays per cell.  The steps and why each is safe
+are in :func:`_child` and docs/sandbox.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import select
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NoReturn
+
+from agent import seccomp as sc
+from agent import sys as ksys
+from agent.errors import ConfigError, KernelError
+
+__all__ = ["DEFAULT_MOUNTS", "Mount", "MountOp", "SpawnSpec", "Spawned", "UidMap",
+           "plan_mounts", "spawn_cell"]  # fmt: skip
+
+MountKind = Literal["proc", "tmpfs", "bind", "dev"]
+_FLAG_BITS = {"ro": ksys.MS_RDONLY, "nosuid": ksys.MS_NOSUID, "nodev": ksys.MS_NODEV,
+              "noexec": ksys.MS_NOEXEC}  # fmt: skip
+_DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+_PROC_RO = ("sys", "sysrq-trigger", "irq", "bus", "fs")  # host-wide knobs under /proc
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_HINTS = {
+    ("mount", errno.ENOENT): "the image must contain the mount point",
+    ("mount", errno.EACCES): "with a user namespace, the mapped uid must be able to reach the path",
+    ("execve", errno.ENOENT): "is the command in the image (absolute path or PATH)?",
+    ("execve", errno.EACCES): "not executable, or on a noexec mount",
+}
+_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
+
+
+@dataclass(frozen=True)
+class Mount:
+    kind: MountKind
+    target: str  # absolute path inside the cell
+    size: int | None = None  # bytes, tmpfs only (default 16 MiB)
+    flags: frozenset[str] = frozenset({"nosuid", "nodev", "noexec"})
+    source: str | None = None  # host path, bind only
+    mode: int = 0o755
+
+
+DEFAULT_MOUNTS = (Mount("proc", "/proc"), Mount("dev", "/dev"))
+
+
+@dataclass(frozen=True)
+class UidMap:
+    """Inside uid/gid 0..count-1 is outside base..base+count-1."""
+
+    base: int
+    count: int = 65536
+
+
+@dataclass(frozen=True)
+class SpawnSpec:
+    argv: tuple[str, ...]
+    rootfs: str  # read-only image directory
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str = "/"
+    hostname: str = "cell"
+    mounts: tuple[Mount, ...] = DEFAULT_MOUNTS
+    userns: UidMap | None = None  # None: no user namespace, cell root is root with dropped caps
+    netns_path: str | None = None  # None: a fresh empty network namespace
+    cgroup_path: str | None = None
+    caps_keep: frozenset[str] = frozenset()
+    rlimits: tuple[tuple[str, int, int], ...] = ()  # ("nofile", soft, hard)
+    no_new_privs: bool = True
+    seccomp: bytes | None = None  # pack(compile_filter(...))
+    stdin: int | None = None  # None: /dev/null
+    stdout: int | None = None
+    stderr: int | None = None
+    uid: int = 0  # inside the cell
+    gid: int = 0
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Spawned:
+    pid: int  # host pid of the cell's pid 1
+    pidfd: int
+    seccomp_fd: int | None  # non-blocking listener, for loop.add_reader
+
+
+@dataclass(frozen=True)
+class MountOp:
+    """One planned step of building the root; ``target`` is a host path."""
+
+    op: Literal["mount", "mkdir", "touch", "symlink"]
+    target: str
+    source: str | None = None
+    fstype: str | None = None
+    flags: int = 0
+    data: str | None = None
+    optional: bool = False  # skipped if the target does not exist
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.target} src={self.source} fs={self.fstype} flags={self.flags:#x}"
+
+
+def _bits(flags: frozenset[str]) -> int:
+    out = 0
+    for f in flags:
+        out |= _FLAG_BITS[f]
+    return out
+
+
+def _atime_flags(statvfs_flags: int) -> int:
+    # keep what a bind remount in a user namespace may not change (locked atime flags)
+    return ((_MS_NOATIME if statvfs_flags & os.ST_NOATIME else 0)
+            | (_MS_NODIRATIME if statvfs_flags & os.ST_NODIRATIME else 0)
+            | (_MS_RELATIME if statvfs_flags & os.ST_RELATIME else 0))  # fmt: skip
+
+
+def plan_mounts(root: str, mounts: Sequence[Mount], uid: int, gid: int,
+                root_statvfs_flags: int) -> tuple[MountOp, ...]:  # fmt: skip
+    """The ordered mount steps that turn ``root`` into the cell's root (pure)."""
+    ops = [MountOp("mount", "/", flags=ksys.MS_REC | ksys.MS_SLAVE),
+           MountOp("mount", root, source=root, flags=ksys.MS_BIND)]  # fmt: skip
+    ownership = f"uid={uid},gid={gid}"
+    tmp_targets: list[str] = []
+    for m in mounts:
+        t = root + m.target.rstrip("/")
+        if any(t.startswith(p + "/") for p in tmp_targets):  # inside a tmpfs we made: mkdir
+            ops.append(MountOp("mkdir", t))
+        if m.kind == "proc":
+            ops.append(MountOp("mount", t, "proc", "proc", _bits(frozenset(_FLAG_BITS) - {"ro"})))
+            for sub in _PROC_RO:
+                ops.append(MountOp("mount", f"{t}/{sub}", f"{t}/{sub}", None,
+                                   ksys.MS_BIND | ksys.MS_REC, optional=True))  # fmt: skip
+                ops.append(MountOp("mount", f"{t}/{sub}", None, None, ksys.MS_BIND
+                                   | ksys.MS_REMOUNT | ksys.MS_RDONLY | ksys.MS_NOSUID
+                                   | ksys.MS_NODEV | ksys.MS_NOEXEC, optional=True))  # fmt: skip
+        elif m.kind == "dev":
+            flags = ksys.MS_NOSUID | ksys.MS_NOEXEC
+            ops.append(MountOp("mount", t, "tmpfs", "tmpfs", flags, "mode=0755,size=65536"))
+            for node in _DEV_NODES:
+                ops.append(MountOp("touch", f"{t}/{node}"))
+                ops.append(MountOp("mount", f"{t}/{node}", f"/dev/{node}", None, ksys.MS_BIND))
+                ops.append(MountOp("mount", f"{t}/{node}", None, None,
+                                   ksys.MS_BIND | ksys.MS_REMOUNT | flags))  # fmt: skip
+            for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                               ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+                ops.append(MountOp("symlink", f"{t}/{name}", dest))
+            ops.append(MountOp("mkdir", f"{t}/shm"))
+            ops.append(MountOp("mount", f"{t}/shm", "tmpfs", "tmpfs",
+                               flags | ksys.MS_NODEV, f"mode=1777,size=1048576,{ownership}"))
+            ops.append(MountOp("mount", t, None, None,
+                               ksys.MS_BIND | ksys.MS_REMOUNT | ksys.MS_RDONLY | flags))
+            tmp_targets.append(t)
+        elif m.kind == "tmpfs":
+            flags = ksys.MS_NOSUID | ksys.MS_NODEV | _bits(m.flags & {"noexec", "ro"})
+            size = m.size if m.size is not None else 16 << 20
+            ops.append(MountOp("mount", t, "tmpfs", "tmpfs", flags,
+                               f"mode={m.mode:o},size={size},{ownership}"))  # fmt: skip
+            tmp_targets.append(t)
+        else:  # bind: only nosuid/nodev/ro/noexec may be added, never removed
+            ops.append(MountOp("mount", t, m.source, None, ksys.MS_BIND))
+            ops.append(MountOp("mount", t, None, None, ksys.MS_BIND | ksys.MS_REMOUNT
+                               | ksys.MS_NOSUID | ksys.MS_NODEV | _bits(m.flags)))  # fmt: skip
+    ops.append(MountOp("mount", root, None, None, ksys.MS_BIND | ksys.MS_REMOUNT | ksys.MS_RDONLY
+                       | ksys.MS_NOSUID | ksys.MS_NODEV | _atime_flags(root_statvfs_flags)))
+    return tuple(ops)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the child needs, computed before fork."""
+
+    spec: SpawnSpec
+    root: str
+    mounts: tuple[MountOp, ...]
+    unshare_flags: int
+    drop_caps: tuple[int, ...]
+    keep_mask: int
+    keep_caps: tuple[int, ...]
+    rlimits: tuple[tuple[int, int, int], ...]
+    exec_paths: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _config(msg: str, hint: str) -> ConfigError:
+    return ConfigError("E_SPAWN", msg, hint)
+
+
+def _plan(spec: SpawnSpec) -> _Plan:
+    if not spec.argv:
+        raise _config("empty argv", "give the command to run")
+    root = os.path.realpath(spec.rootfs)
+    if not os.path.isdir(root) or root == "/":
+        raise KernelError("stat", spec.rootfs, errno.ENOTDIR, "rootfs must be an image directory")
+    for m in spec.mounts:
+        if not m.target.startswith("/") or ".." in m.target.split("/") or m.target == "/":
+            raise _config(f"mount target {m.target!r} must be absolute, below / and without ..",
+                          "write it as /tmp or /var/lib/x")  # fmt: skip
+        if (m.kind == "bind") != (m.source is not None) or not m.flags <= set(_FLAG_BITS):
+            raise _config(f"mount {m.target}: bad source or flags", "source only for bind")
+    try:
+        keep = tuple(sorted({ksys.cap_number(c) for c in spec.caps_keep}))
+        limits = tuple((getattr(resource, "RLIMIT_" + n.upper()), s, h) for n, s, h in spec.rlimits)
+    except (KeyError, AttributeError) as e:
+        raise _config(f"unknown capability or rlimit {e}", "use names like net_raw, nofile") from e
+    count = spec.userns.count if spec.userns else 2**32 - 1
+    if not (0 <= spec.uid < count and 0 <= spec.gid < count):
+        raise _config(f"uid {spec.uid}/gid {spec.gid} not mapped", "keep them below the map count")
+    if spec.seccomp is not None and not spec.no_new_privs and ksys.CAPS["sys_admin"] not in keep:
+        raise _config("seccomp without no_new_privs needs CAP_SYS_ADMIN", "keep no_new_privs on")
+    env = dict(spec.env)
+    if "/" in spec.argv[0]:
+        paths: tuple[str, ...] = (spec.argv[0],)
+    else:
+        dirs = env.get("PATH", _DEFAULT_PATH).split(":")
+        paths = tuple(f"{d.rstrip('/')}/{spec.argv[0]}" for d in dirs if d.startswith("/"))
+    flags = (ksys.CLONE_NEWNS | ksys.CLONE_NEWPID | ksys.CLONE_NEWUTS | ksys.CLONE_NEWIPC
+             | ksys.CLONE_NEWCGROUP | (0 if spec.netns_path else ksys.CLONE_NEWNET))  # fmt: skip
+    mask = sum(1 << c for c in keep)
+    last = ksys.cap_last_cap()
+    return _Plan(spec, root, plan_mounts(root, spec.mounts, spec.uid, spec.gid,
+                                         os.statvfs(root).f_flag),
+                 flags, tuple(c for c in range(last + 1) if c not in keep), mask, keep,
+                 limits, paths, env)  # fmt: skip
+
+
+def _high(fd: int) -> int:
+    """Move ``fd`` to >= 3 so dup2 onto 0-2 in the child cannot clobber it."""
+    import fcntl
+
+    if fd >= 3:
+        return fd
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return new
+
+
+def _report(fd: int, op: str, target: str, err: int) -> None:
+    clean = target.replace("\t", " ").replace("\n", " ")
+    os.write(fd, f"F\t{op}\t{clean}\t{err}\n".encode())
+
+
+def _run_mount(op: MountOp) -> None:
+    if op.optional and not os.path.lexists(op.target):
+        return
+    if op.target != "/" and os.path.realpath(op.target) != op.target:
+        # a symlink in the image must not redirect a mount outside the new root
+        raise KernelError("resolve", op.target, errno.ELOOP, "mount points must be real dirs")
+    if op.op == "mkdir":
+        os.makedirs(op.target, 0o755, exist_ok=True)
+    elif op.op == "touch":
+        os.close(os.open(op.target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666))
+    elif op.op == "symlink":
+        os.symlink(op.source or "", op.target)
+    else:
+        ksys.mount(op.source, op.target, op.fstype, op.flags, op.data)
+
+
+def _child(p: _Plan, status: int, sync: int, sock: socket.socket, parent: int) -> NoReturn:
+    """Runs between fork and execve; never returns.
+
+    Only raw syscalls (ctypes), os.* wrappers and small allocations happen
+    here: the child is single-threaded, and every error is reported to the
+    parent as (step, target, errno) over the CLOEXEC status pipe, then we
+    _exit(127) so no Python cleanup (atexit, buffered files) runs twice.
+    """
+    s = p.spec
+    step, target = "start", ""
+    try:
+        # -- stage 1: intermediate, still in the host pid namespace --------------
+        # Die with agentd: a half-made cell must not outlive its creator.
+        step = "prctl(PR_SET_PDEATHSIG)"
+        ksys.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(127)
+        # Drop agentd's supplementary groups while still host root (setgroups is
+        # denied inside the user namespace below).
+        step = "setgroups"
+        os.setgroups([])
+        # Join the agent-made netns *before* the user namespace exists: the netns
+        # stays owned by the host user ns, so cell root cannot touch its firewall.
+        if s.netns_path:
+            step, target = "setns(net)", s.netns_path
+            nsfd = os.open(s.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            ksys.setns(nsfd, ksys.CLONE_NEWNET, s.netns_path)
+            os.close(nsfd)
+        # Enter the cell's cgroup before unsharing the cgroup namespace, so the
+        # cell's view of the cgroup tree starts at its own leaf.
+        if s.cgroup_path:
+            step, target = "write cgroup.procs", s.cgroup_path
+            fd = os.open(f"{s.cgroup_path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+        if s.userns:
+            # The parent (host root) writes uid_map/gid_map; we wait for it.
+            step, target = "unshare(user)", ""
+            ksys.unshare(ksys.CLONE_NEWUSER)
+            os.write(status, b"U\n")
+            if os.read(sync, 1) != b"1":
+                os._exit(127)
+            step = "setresuid(0)"
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        # New namespaces, owned by the cell's user namespace if there is one.
+        step, target = "unshare", hex(p.unshare_flags)
+        ksys.unshare(p.unshare_flags)
+        step, target = "fork", ""
+        pid = os.fork()
+        if pid:
+            # The intermediate reports pid 1's host pid and leaves: pid 1 is
+            # reparented to agentd (child subreaper).
+            os.write(status, f"P\t{pid}\n".encode())
+            os._exit(0)
+        # -- stage 2: pid 1 of the new pid namespace ------------------------------
+        os.setsid()
+        # Mounts: / becomes rslave first, so nothing below propagates to the host.
+        for op in p.mounts:
+            step, target = f"{op.op}({op.fstype or 'bind'})", op.target
+            _run_mount(op)
+        # pivot_root(".", "."): the old root lands on top of "." and is detached
+        # at once; the read-only image needs no put_old directory.
+        step, target = "pivot_root", p.root
+        os.chdir(p.root)
+        ksys.pivot_root(".", ".")
+        ksys.umount2(".", ksys.MNT_DETACH)
+        os.chdir("/")
+        step, target = "sethostname", s.hostname
+        ksys.sethostname(s.hostname)
+        # rlimits before dropping CAP_SYS_RESOURCE (raising a hard limit needs it).
+        for res, soft, hard in p.rlimits:
+            step, target = "setrlimit", str(res)
+            resource.setrlimit(res, (soft, hard))
+        # Capabilities: the bounding set loses everything not kept (needs
+        # CAP_SETPCAP, so first), ambient is cleared, then ids and the sets.
+        step, target = "capbset_drop", ""
+        for cap in p.drop_caps:
+            ksys.capbset_drop(cap)
+        ksys.clear_ambient()
+        if s.uid != 0:
+            ksys.set_keepcaps(True)
+        step, target = "setresuid", f"{s.uid}:{s.gid}"
+        os.setresgid(s.gid, s.gid, s.gid)
+        os.setresuid(s.uid, s.uid, s.uid)
+        step, target = "capset", hex(p.keep_mask)
+        ksys.capset(p.keep_mask, p.keep_mask, p.keep_mask)
+        if s.uid != 0:  # a non-root service keeps its caps across execve via ambient
+            for cap in p.keep_caps:
+                ksys.raise_ambient(cap)
+            ksys.set_keepcaps(False)
+        step, target = "chdir", s.cwd
+        os.chdir(s.cwd)
+        if s.no_new_privs:
+            step = "prctl(PR_SET_NO_NEW_PRIVS)"
+            ksys.set_no_new_privs()
+        # stdio: move the sources out of 0-2 first, then dup2 (clears CLOEXEC).
+        step, target = "dup2", "stdio"
+        wanted = (s.stdin, s.stdout, s.stderr)
+        null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC) if None in wanted else -1
+        srcs = [os.dup(null if fd is None else fd) for fd in wanted]
+        for i, src in enumerate(srcs):
+            os.dup2(src, i)
+        ksys.close_range_cloexec(3)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; exec keeps that
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        # The filter goes last: from here on every syscall is filtered, and the
+        # few left (sendmsg, close, write, execve) are allowed by every policy.
+        if s.seccomp is not None:
+            step, target = "seccomp", "filter"
+            lfd = sc.install_filter(s.seccomp, new_listener=True)
+            assert lfd is not None
+            socket.send_fds(sock, [b"S"], [lfd])
+            os.close(lfd)
+        os.write(status, b"X\n")
+        err = errno.ENOENT
+        for path in p.exec_paths:
+            step, target = "execve", path
+            try:
+                os.execve(path, list(s.argv), p.env)
+            except OSError as e:
+                if e.errno != errno.ENOENT or err == errno.ENOENT:
+                    err = e.errno or errno.EIO
+        _report(status, "execve", s.argv[0], err)
+    except KernelError as e:
+        _report(status, e.op, e.target, e.errno)
+    except OSError as e:
+        _report(status, step, e.filename if isinstance(e.filename, str) else target,
+                e.errno or errno.EIO)  # fmt: skip
+    except BaseException:
+        _report(status, step, target, errno.EIO)
+    finally:
+        os._exit(127)
+
+
+def _write_maps(pid: int, m: UidMap) -> None:
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {m.base} {m.count}\n"),
+                       ("gid_map", f"0 {m.base} {m.count}\n")):
+        path = f"/proc/{pid}/{name}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise KernelError.from_oserror("write", path, e, "is the uid range free?") from None
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def spawn_cell(spec: SpawnSpec) -> Spawned:
+    """Create the namespaces and exec the cell's first process; see module doc.
+
+    Raises ConfigError for a bad spec and KernelError naming the failed step;
+    on failure every process created here is killed and reaped (the mounts
+    lived in the cell's own mount namespace and vanish with it)."""
+    plan = _plan(spec)
+    ksys.set_child_subreaper(True)
+    status_r, status_w = (_high(fd) for fd in os.pipe2(os.O_CLOEXEC))
+    sync_r, sync_w = (_high(fd) for fd in os.pipe2(os.O_CLOEXEC))
+    psock, csock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sk in (psock, csock):
+        if sk.fileno() < 3:
+            sk.close()
+            raise KernelError("socketpair", "fd", errno.EBADF, "agentd must keep fds 0-2 open")
+    parent = os.getpid()
+    inter = os.fork()
+    if inter == 0:
+        os.close(status_r)
+        os.close(sync_w)
+        psock.close()
+        _child(plan, status_w, sync_r, csock, parent)
+    os.close(status_w)
+    os.close(sync_r)
+    csock.close()
+    cell: int | None = None
+    pidfd: int | None = None
+    listener: int | None = None
+    inter_alive = True
+    try:
+        failure: tuple[str, str, int] | None = None
+        deadline = time.monotonic() + spec.timeout
+        buf = b""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([status_r], [], [], left)[0]:
+                raise KernelError("spawn", spec.argv[0], errno.ETIMEDOUT, "the child hung")
+            chunk = os.read(status_r, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                kind, *rest = line.decode(errors="replace").split("\t")
+                if kind == "U" and spec.userns:
+                    try:
+                        _write_maps(inter, spec.userns)
+                    except KernelError:
+                        os.write(sync_w, b"0")
+                        raise
+                    os.write(sync_w, b"1")
+                elif kind == "P":
+                    cell = int(rest[0])
+                    pidfd = ksys.pidfd_open(cell)  # cell is our (grand)child: pid cannot recycle
+                elif kind == "F" and failure is None:
+                    failure = (rest[0], rest[1], int(rest[2]))
+        os.waitpid(inter, 0)
+        inter_alive = False
+        if failure:
+            op, target, err = failure
+            hint = _HINTS.get((op.split("(")[0], err))
+            raise KernelError(op, target, err, hint)
+        if cell is None or pidfd is None:
+            raise KernelError("fork", spec.argv[0], errno.ECHILD, "intermediate died early")
+        if spec.seccomp is not None:
+            psock.setblocking(False)
+            _msg, fds, _fl, _addr = socket.recv_fds(psock, 1, 1)
+            if not fds:
+                raise KernelError("recvmsg", "seccomp listener", errno.EBADMSG)
+            listener = fds[0]
+            os.set_blocking(listener, False)
+        return Spawned(cell, pidfd, listener)
+    except BaseException:
+        if inter_alive:
+            _reap(inter)
+        if cell is not None:
+            _reap(cell)
+        for fd in (pidfd, listener):
+            if fd is not None:
+                os.close(fd)
+        raise
+    finally:
+        os.close(status_r)
+        os.close(sync_w)
+        psock.close()

@@ -259,7 +259,15 @@ class ControlServer:
         self.connections += 1
         try:
             if self.connections > self.max_connections:
-                await _send(loop, conn, encode_error(0, AgentError(
+                # Read the first request before answering: closing a Unix socket with
+                # unread data makes the peer see ECONNRESET instead of our reply.
+                rid = 0
+                buf = bytearray(MAX_FRAME + 1)
+                with contextlib.suppress(OSError, TimeoutError):
+                    n = await asyncio.wait_for(_recv(loop, conn, buf), 2.0)
+                    with contextlib.suppress(ProtocolError):
+                        rid = decode_request(bytes(buf[:n])).id if n <= MAX_FRAME else 0
+                await _send(loop, conn, encode_error(rid, AgentError(
                     "E_BUSY", f"more than {self.max_connections} control connections",
                     "close idle agentctl sessions and retry")))
                 return

@@ -17,9 +17,9 @@ __all__ = [
     "AgentError",
     "ConfigError",
     "KernelError",
+    "NotFoundError",
     "ProtocolError",
     "RefusedError",
-    "NotFoundError",
     "StateError",
 ]
 
@@ -36,7 +36,8 @@ class AgentError(Exception):
         super().__init__(self.message)
 
     def __str__(self) -> str:
-        return f"error[{self.code}]: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+        hint = f" (hint: {self.hint})" if self.hint else ""
+        return f"error[{self.code}]: {self.message}{hint}"
 
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -78,5 +79,7 @@ class KernelError(AgentError):
         )
 
     @classmethod
-    def from_oserror(cls, op: str, target: str, exc: OSError, hint: str | None = None) -> KernelError:
+    def from_oserror(
+        cls, op: str, target: str, exc: OSError, hint: str | None = None
+    ) -> KernelError:
         return cls(op, target, exc.errno or 0, hint)

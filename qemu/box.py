@@ -28,31 +28,53 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import image  # noqa: E402
+import image
 
 REPO = image.REPO
 BEGIN = "@@BOX-BEGIN@@"
 END = "@@BOX-END"
 
 
-def qemu_argv(img: image.Image, mode: str, cpus: int, mem: int,
-              hostio: Path | None, extra_append: str = "") -> list[str]:
+def qemu_argv(
+    img: image.Image, mode: str, cpus: int, mem: int, hostio: Path | None, extra_append: str = ""
+) -> list[str]:
     qemu = shutil.which("qemu-system-aarch64")
     if not qemu:
         raise SystemExit("box: qemu-system-aarch64 not found (apt-get install qemu-system-arm)")
     append = f"console=ttyAMA0 quiet loglevel=3 panic=-1 agent.mode={mode} {extra_append}"
     argv = [
-        qemu, "-M", "virt", "-cpu", "cortex-a53", "-smp", str(cpus), "-m", str(mem),
-        "-nographic", "-no-reboot", "-nic", "none",
-        "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", append.strip(),
-        "-drive", f"file={img.rootdisk},if=none,id=root,format=raw,snapshot=on",
-        "-device", "virtio-blk-pci,drive=root",
-        "-device", "virtio-rng-pci",
+        qemu,
+        "-M",
+        "virt",
+        "-cpu",
+        "cortex-a53",
+        "-smp",
+        str(cpus),
+        "-m",
+        str(mem),
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-kernel",
+        str(img.kernel),
+        "-initrd",
+        str(img.initrd),
+        "-append",
+        append.strip(),
+        "-drive",
+        f"file={img.rootdisk},if=none,id=root,format=raw,snapshot=on",
+        "-device",
+        "virtio-blk-pci,drive=root",
+        "-device",
+        "virtio-rng-pci",
     ]
     if hostio is not None:
         argv += [
-            "-virtfs", f"local,path={hostio},mount_tag=hostio,security_model=none,id=hostio",
-            "-virtfs", f"local,path={REPO},mount_tag=src,security_model=none,readonly=on,id=src",
+            "-virtfs",
+            f"local,path={hostio},mount_tag=hostio,security_model=none,id=hostio",
+            "-virtfs",
+            f"local,path={REPO},mount_tag=src,security_model=none,readonly=on,id=src",
         ]
     return argv
 
@@ -63,8 +85,16 @@ def console(args: argparse.Namespace) -> int:
     return subprocess.call(qemu_argv(img, "interactive", args.cpus, args.mem, None))
 
 
-def run_in_box(script: str, *, timeout: float, cpus: int, mem: int, verbose: bool,
-               out=None, hostio: Path | None = None) -> int:  # type: ignore[no-untyped-def]
+def run_in_box(
+    script: str,
+    *,
+    timeout: float,
+    cpus: int,
+    mem: int,
+    verbose: bool,
+    out=None,
+    hostio: Path | None = None,
+) -> int:  # type: ignore[no-untyped-def]
     """Boot, run ``script`` (sh) in the box, stream its output; return its exit status."""
     out = out or sys.stdout
     img = image.build()
@@ -74,8 +104,9 @@ def run_in_box(script: str, *, timeout: float, cpus: int, mem: int, verbose: boo
     (hostio / "rc").unlink(missing_ok=True)
     argv = qemu_argv(img, "run", cpus, mem, hostio)
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     assert proc.stdout is not None
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
@@ -85,7 +116,7 @@ def run_in_box(script: str, *, timeout: float, cpus: int, mem: int, verbose: boo
     try:
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").replace("\r", "")
-            tail = (tail + [line])[-40:]
+            tail = [*tail, line][-40:]
             if line.startswith(BEGIN):
                 inside = True
                 boot_s = time.monotonic() - t0
@@ -107,8 +138,10 @@ def run_in_box(script: str, *, timeout: float, cpus: int, mem: int, verbose: boo
     try:
         if not rcfile.exists():
             why = "timed out" if elapsed >= timeout else "the box stopped early"
-            sys.stderr.write(f"[box] no exit status from the box ({why} after {elapsed:.0f} s);"
-                             " last console lines:\n" + "".join(tail))
+            sys.stderr.write(
+                f"[box] no exit status from the box ({why} after {elapsed:.0f} s);"
+                " last console lines:\n" + "".join(tail)
+            )
             return 125
         rc = int(rcfile.read_text().strip() or "125")
         if boot_s is not None:
@@ -126,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
     if not cmd:
         raise SystemExit("box run: give a command, e.g. qemu/box run -- agentctl status")
     script = ". /etc/profile\n" + (cmd[0] if len(cmd) == 1 else shlex.join(cmd)) + "\n"
-    return run_in_box(script, timeout=args.timeout, cpus=args.cpus, mem=args.mem,
-                      verbose=args.verbose)
+    return run_in_box(
+        script, timeout=args.timeout, cpus=args.cpus, mem=args.mem, verbose=args.verbose
+    )
 
 
 def guest_pytest_script(pytest_args: list[str], report: str | None) -> str:
@@ -145,16 +179,23 @@ def guest_pytest_script(pytest_args: list[str], report: str | None) -> str:
 
 def test(args: argparse.Namespace) -> int:
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
-    return run_in_box(guest_pytest_script(pytest_args, None), timeout=args.timeout,
-                      cpus=args.cpus, mem=args.mem, verbose=args.verbose)
+    return run_in_box(
+        guest_pytest_script(pytest_args, None),
+        timeout=args.timeout,
+        cpus=args.cpus,
+        mem=args.mem,
+        verbose=args.verbose,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qemu/box", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qemu/box", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cpus", type=int, default=int(os.environ.get("AGENT_BOX_CPUS", "2")))
-    p.add_argument("--mem", type=int, default=int(os.environ.get("AGENT_BOX_MEM", "1024")),
-                   help="MiB")
+    p.add_argument(
+        "--mem", type=int, default=int(os.environ.get("AGENT_BOX_MEM", "1024")), help="MiB"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show the whole console")
     sub = p.add_subparsers(dest="what", required=True)
     sub.add_parser("build", help="build or re-use the image")

@@ -38,35 +38,113 @@ RECIPE_VERSION = "5"
 
 EXCLUDE = {
     # Packaging machinery, init systems and tools busybox replaces: never run in the box.
-    "debconf", "cdebconf", "dpkg", "perl", "perl-base", "perl-modules-5.36", "libperl5.36",
-    "initramfs-tools", "initramfs-tools-core", "dracut", "dracut-core", "udev", "libudev1",
-    "linux-base", "adduser", "passwd", "install-info", "coreutils", "tar", "cpio",
-    "e2fsprogs", "logsave", "dmsetup", "kpartx", "klibc-utils", "libklibc", "kmod",
-    "libpam-modules", "libpam0g", "libpam-modules-bin", "libsemanage2", "libsemanage-common",
-    "libdevmapper1.02.1", "libdebian-installer4", "libnewt0.52", "libslang2", "libtextwrap1",
-    "readline-common", "mime-support", "mailcap", "libdb5.3", "libgdbm-compat4",
+    "debconf",
+    "cdebconf",
+    "dpkg",
+    "perl",
+    "perl-base",
+    "perl-modules-5.36",
+    "libperl5.36",
+    "initramfs-tools",
+    "initramfs-tools-core",
+    "dracut",
+    "dracut-core",
+    "udev",
+    "libudev1",
+    "linux-base",
+    "adduser",
+    "passwd",
+    "install-info",
+    "coreutils",
+    "tar",
+    "cpio",
+    "e2fsprogs",
+    "logsave",
+    "dmsetup",
+    "kpartx",
+    "klibc-utils",
+    "libklibc",
+    "kmod",
+    "libpam-modules",
+    "libpam0g",
+    "libpam-modules-bin",
+    "libsemanage2",
+    "libsemanage-common",
+    "libdevmapper1.02.1",
+    "libdebian-installer4",
+    "libnewt0.52",
+    "libslang2",
+    "libtextwrap1",
+    "readline-common",
+    "mime-support",
+    "mailcap",
+    "libdb5.3",
+    "libgdbm-compat4",
 }
 
 # Kernel modules (and everything they depend on) kept in the image.
 MODULE_DIRS = (
-    "kernel/net/netfilter", "kernel/net/ipv4/netfilter", "kernel/net/ipv6/netfilter",
-    "kernel/net/bridge", "kernel/net/8021q", "kernel/net/802", "kernel/net/llc",
-    "kernel/net/9p", "kernel/fs/9p", "kernel/fs/netfs", "kernel/fs/fscache",
+    "kernel/net/netfilter",
+    "kernel/net/ipv4/netfilter",
+    "kernel/net/ipv6/netfilter",
+    "kernel/net/bridge",
+    "kernel/net/8021q",
+    "kernel/net/802",
+    "kernel/net/llc",
+    "kernel/net/9p",
+    "kernel/fs/9p",
+    "kernel/fs/netfs",
+    "kernel/fs/fscache",
 )
 MODULES = (
-    "virtio_pci", "virtio_blk", "virtio_rng", "ext4", "crc32c_generic", "libcrc32c",
-    "veth", "bridge", "8021q", "nf_tables", "9p", "9pnet_virtio", "overlay",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_rng",
+    "ext4",
+    "crc32c_generic",
+    "libcrc32c",
+    "veth",
+    "bridge",
+    "8021q",
+    "nf_tables",
+    "9p",
+    "9pnet_virtio",
+    "overlay",
 )
 # Modules the initramfs needs to mount the root disk, in load order.
 INITRD_MODULES = (
-    "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk",
-    "crc16", "mbcache", "crc32c_generic", "libcrc32c", "jbd2", "ext4",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "crc16",
+    "mbcache",
+    "crc32c_generic",
+    "libcrc32c",
+    "jbd2",
+    "ext4",
 )
-PIP_PLATFORM = ("--platform", "manylinux_2_36_aarch64", "--platform", "manylinux_2_28_aarch64",
-                "--platform", "manylinux2014_aarch64", "--python-version", "3.11",
-                "--only-binary=:all:")
-PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
-         "usr/share/lintian", "usr/share/bug", "usr/share/zsh", "usr/share/bash-completion")
+PIP_PLATFORM = (
+    "--platform",
+    "manylinux_2_36_aarch64",
+    "--platform",
+    "manylinux_2_28_aarch64",
+    "--platform",
+    "manylinux2014_aarch64",
+    "--python-version",
+    "3.11",
+    "--only-binary=:all:",
+)
+PRUNE = (
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/lintian",
+    "usr/share/bug",
+    "usr/share/zsh",
+    "usr/share/bash-completion",
+)
 
 
 def log(msg: str) -> None:
@@ -108,6 +186,7 @@ def wanted_packages() -> list[str]:
 
 # --- packages ---------------------------------------------------------------------------
 
+
 def resolve() -> list[tuple[str, str]]:
     """The closure of packages.txt for arm64, as (name, candidate version).
 
@@ -115,8 +194,12 @@ def resolve() -> list[tuple[str, str]]:
     changes them), since apt-cache takes seconds.
     """
     lists = sorted(Path("/var/lib/apt/lists").glob("*_Packages*"))
-    key = sha(RECIPE_VERSION, json.dumps(wanted_packages()), json.dumps(sorted(EXCLUDE)),
-              *[f"{p.name}:{p.stat().st_mtime_ns}" for p in lists])
+    key = sha(
+        RECIPE_VERSION,
+        json.dumps(wanted_packages()),
+        json.dumps(sorted(EXCLUDE)),
+        *[f"{p.name}:{p.stat().st_mtime_ns}" for p in lists],
+    )
     cached = CACHE / f"resolve-{key}.json"
     if cached.exists():
         return [(n, v) for n, v in json.loads(cached.read_text())]
@@ -124,17 +207,31 @@ def resolve() -> list[tuple[str, str]]:
         old.unlink()
     result = _resolve()
     if not any(n.startswith("linux-image-") for n, _ in result):
-        raise SystemExit("box: no arm64 kernel in the closure: run "
-                         "'dpkg --add-architecture arm64 && apt-get update'")
+        raise SystemExit(
+            "box: no arm64 kernel in the closure: run "
+            "'dpkg --add-architecture arm64 && apt-get update'"
+        )
     cached.write_text(json.dumps(result))
     return result
 
 
 def _resolve() -> list[tuple[str, str]]:
     top = [f"{p}:arm64" for p in wanted_packages()]
-    out = run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
-               "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *top],
-              capture_output=True).stdout
+    out = run(
+        [
+            "apt-cache",
+            "depends",
+            "--recurse",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+            *top,
+        ],
+        capture_output=True,
+    ).stdout
     names: set[str] = set()
     for line in out.splitlines():
         if line.startswith((" ", "<")):
@@ -146,8 +243,9 @@ def _resolve() -> list[tuple[str, str]]:
             continue
         names.add(base)
     names = {n for n in names if n not in EXCLUDE}
-    pol = run(["apt-cache", "policy", *[f"{n}:arm64" for n in sorted(names)]],
-              capture_output=True).stdout
+    pol = run(
+        ["apt-cache", "policy", *[f"{n}:arm64" for n in sorted(names)]], capture_output=True
+    ).stdout
     versions: dict[str, str] = {}
     cur = None
     for line in pol.splitlines():
@@ -182,8 +280,18 @@ def download(pkgs: list[tuple[str, str]]) -> list[Path]:
     if missing:
         log(f"downloading {len(missing)} arm64 packages into {d}")
         # _apt cannot write into root's home: download as root, quietly.
-        run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
-             *[f"{n}:arm64={v}" for n, v in missing]], cwd=d, capture_output=True)
+        run(
+            [
+                "apt-get",
+                "download",
+                "-q",
+                "-o",
+                "APT::Sandbox::User=root",
+                *[f"{n}:arm64={v}" for n, v in missing],
+            ],
+            cwd=d,
+            capture_output=True,
+        )
     paths = [deb_path(n, v) for n, v in pkgs]
     lost = [p.name for p in paths if not p.exists()]
     if lost:
@@ -192,6 +300,7 @@ def download(pkgs: list[tuple[str, str]]) -> list[Path]:
 
 
 # --- base layer ---------------------------------------------------------------------------
+
 
 def kernel_release(root: Path) -> str:
     rels = sorted(p.name for p in (root / "lib/modules").iterdir())
@@ -229,13 +338,30 @@ def compile_bytecode(root: Path, dirs: list[str]) -> None:
     # under emulation would take seconds without them.
     py = shutil.which("python3.11") or "/usr/bin/python3.11"
     targets = [str(root / d) for d in dirs if (root / d).exists()]
-    run([py, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
-         "-s", str(root), "-p", "/", *targets], capture_output=True)
+    run(
+        [
+            py,
+            "-m",
+            "compileall",
+            "-q",
+            "-j",
+            "0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            "-s",
+            str(root),
+            "-p",
+            "/",
+            *targets,
+        ],
+        capture_output=True,
+    )
 
 
 def build_base(pkgs: list[tuple[str, str]], debs: list[Path]) -> Path:
-    key = sha(RECIPE_VERSION, json.dumps(pkgs), json.dumps(sorted(MODULES)),
-              json.dumps(MODULE_DIRS))
+    key = sha(
+        RECIPE_VERSION, json.dumps(pkgs), json.dumps(sorted(MODULES)), json.dumps(MODULE_DIRS)
+    )
     out = CACHE / f"base-{key}"
     if (out / ".done").exists():
         return out
@@ -257,6 +383,7 @@ def build_base(pkgs: list[tuple[str, str]], debs: list[Path]) -> Path:
 
 # --- python layer ------------------------------------------------------------------------
 
+
 def build_pylayer() -> Path:
     req = (HERE / "requirements-guest.txt").read_text()
     key = sha(RECIPE_VERSION, req)
@@ -269,10 +396,37 @@ def build_pylayer() -> Path:
     wheels = tmp / "wheels"
     # Binary wheels for the box's platform where they exist (cbor2's C extension),
     # pure-Python ones otherwise; dependencies are listed explicitly, so --no-deps.
-    run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
-         *PIP_PLATFORM, "-r", str(HERE / "requirements-guest.txt")])
-    run([sys.executable, "-m", "pip", "install", "-q", "--root-user-action=ignore", "--no-deps", "--no-compile",
-         *PIP_PLATFORM, "--target", str(target), *map(str, sorted(wheels.glob("*.whl")))])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "-d",
+            str(wheels),
+            *PIP_PLATFORM,
+            "-r",
+            str(HERE / "requirements-guest.txt"),
+        ]
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--root-user-action=ignore",
+            "--no-deps",
+            "--no-compile",
+            *PIP_PLATFORM,
+            "--target",
+            str(target),
+            *map(str, sorted(wheels.glob("*.whl"))),
+        ]
+    )
     shutil.rmtree(wheels)
     shutil.rmtree(target / "bin", ignore_errors=True)
     compile_bytecode(tmp, ["usr/lib/python3/dist-packages"])
@@ -288,9 +442,17 @@ WHEEL_INPUTS = ("pyproject.toml", "README.md", "agent")
 
 def build_wheel() -> Path:
     """The agent as a firmware build would install it: a wheel built with PEP 517."""
-    key = sha(RECIPE_VERSION, *[tree_hash(REPO / n) if (REPO / n).is_dir()
-                                else (REPO / n).read_bytes() if (REPO / n).exists() else ""
-                                for n in WHEEL_INPUTS])
+    key = sha(
+        RECIPE_VERSION,
+        *[
+            tree_hash(REPO / n)
+            if (REPO / n).is_dir()
+            else (REPO / n).read_bytes()
+            if (REPO / n).exists()
+            else ""
+            for n in WHEEL_INPUTS
+        ],
+    )
     d = CACHE / f"wheel-{key}"
     found = list(d.glob("agent-*.whl")) if d.exists() else []
     if found:
@@ -307,8 +469,10 @@ def build_wheel() -> Path:
                 shutil.copytree(s, src / name, ignore=shutil.ignore_patterns("__pycache__"))
             elif s.exists():
                 shutil.copy2(s, src / name)
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(d), str(src)],
-            capture_output=True)
+        run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(d), str(src)],
+            capture_output=True,
+        )
     finally:
         shutil.rmtree(src, ignore_errors=True)
     (whl,) = d.glob("agent-*.whl")
@@ -324,7 +488,8 @@ INITRD_INIT = """#!/bin/busybox sh
 for m in {modules}; do /bin/busybox insmod /lib/modules/$m.ko 2>/dev/null; done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do /bin/busybox usleep 20000; i=$((i+1)); done
-/bin/busybox mount -t ext4 -o rw /dev/vda /newroot || {{ echo "box: cannot mount root"; exec /bin/busybox sh; }}
+/bin/busybox mount -t ext4 -o rw /dev/vda /newroot || {{
+    echo "box: cannot mount the root disk"; exec /bin/busybox sh; }}
 /bin/busybox umount /proc
 /bin/busybox mount --move /dev /newroot/dev
 exec /bin/busybox switch_root /newroot /sbin/init
@@ -338,8 +503,9 @@ def build_initrd(base: Path) -> Path:
     missing = [m for m in INITRD_MODULES if m not in by_name]
     if missing:
         raise SystemExit(f"box: initramfs modules not found: {missing}")
-    key = sha(RECIPE_VERSION, INITRD_INIT, kver, *INITRD_MODULES,
-              (base / "bin/busybox").read_bytes())
+    key = sha(
+        RECIPE_VERSION, INITRD_INIT, kver, *INITRD_MODULES, (base / "bin/busybox").read_bytes()
+    )
     out = CACHE / f"initrd-{key}.gz"
     if out.exists():
         return out
@@ -355,8 +521,13 @@ def build_initrd(base: Path) -> Path:
         init.write_text(INITRD_INIT.format(modules=" ".join(INITRD_MODULES)))
         init.chmod(0o755)
         files = subprocess.run(["find", "."], cwd=tmp, check=True, capture_output=True).stdout
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=tmp,
-                              input=files, check=True, capture_output=True).stdout
+        cpio = subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
+            cwd=tmp,
+            input=files,
+            check=True,
+            capture_output=True,
+        ).stdout
         part = out.with_suffix(".part")
         subprocess.run(["gzip", "-9"], input=cpio, stdout=part.open("wb"), check=True)
         part.rename(out)
@@ -367,13 +538,25 @@ def build_initrd(base: Path) -> Path:
 
 def install_wheel(whl: Path, root: Path) -> None:
     target = root / "usr/lib/python3/dist-packages"
-    run([sys.executable, "-m", "pip", "install", "-q", "--root-user-action=ignore", "--no-deps", "--no-compile",
-         "--target", str(target), str(whl)])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--root-user-action=ignore",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(target),
+            str(whl),
+        ]
+    )
     shutil.rmtree(target / "bin", ignore_errors=True)
     for script, func in (("agentd", "agent.daemon"), ("agentctl", "agent.cli")):
         p = root / "usr/bin" / script
-        p.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {func} import main\n"
-                     "sys.exit(main())\n")
+        p.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {func} import main\nsys.exit(main())\n")
         p.chmod(0o755)
     compile_bytecode(root, ["usr/lib/python3/dist-packages/agent"])
 
@@ -419,8 +602,14 @@ def build(verbose: bool = True) -> Image:
     whl = build_wheel()
     overlay = REPO / "rootfs-overlay"
     guest = HERE / "guest"
-    key = sha(RECIPE_VERSION, base.name, py.name, whl.read_bytes(),
-              tree_hash(overlay) if overlay.exists() else "", tree_hash(guest))
+    key = sha(
+        RECIPE_VERSION,
+        base.name,
+        py.name,
+        whl.read_bytes(),
+        tree_hash(overlay) if overlay.exists() else "",
+        tree_hash(guest),
+    )
     disk = CACHE / f"root-{key}.ext4"
     if not disk.exists():
         log(f"assembling the root disk {disk.name}")
@@ -435,8 +624,19 @@ def build(verbose: bool = True) -> Image:
             if overlay.exists():
                 copy_tree(overlay, stage)
             copy_tree(guest / "rootfs", stage)
-            for d in ("proc", "sys", "dev", "run", "tmp", "mnt/host", "mnt/src", "root",
-                      "var/lib/agent", "var/log", "sys/fs/cgroup"):
+            for d in (
+                "proc",
+                "sys",
+                "dev",
+                "run",
+                "tmp",
+                "mnt/host",
+                "mnt/src",
+                "root",
+                "var/lib/agent",
+                "var/log",
+                "sys/fs/cgroup",
+            ):
                 (stage / d).mkdir(parents=True, exist_ok=True)
             (stage / "tmp").chmod(0o1777)
             boot = stage / "boot"
@@ -444,8 +644,24 @@ def build(verbose: bool = True) -> Image:
             part = disk.with_suffix(".part")
             used = int(run(["du", "-sm", str(stage)], capture_output=True).stdout.split()[0])
             size_mb = used + 160  # room for the agent's state, logs and test files
-            run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "agentbox",
-                 "-d", str(stage), str(part), f"{size_mb}M"], capture_output=True)
+            run(
+                [
+                    "mke2fs",
+                    "-q",
+                    "-F",
+                    "-t",
+                    "ext4",
+                    "-O",
+                    "^has_journal",
+                    "-L",
+                    "agentbox",
+                    "-d",
+                    str(stage),
+                    str(part),
+                    f"{size_mb}M",
+                ],
+                capture_output=True,
+            )
             part.rename(disk)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -464,12 +680,20 @@ def prune_old(keep: Path) -> None:
 
 def main() -> int:
     img = build()
-    print(json.dumps({"kernel": str(img.kernel), "initrd": str(img.initrd),
-                      "rootdisk": str(img.rootdisk), "kver": img.kver,
-                      "build_seconds": round(img.build_seconds, 1)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "kernel": str(img.kernel),
+                "initrd": str(img.initrd),
+                "rootdisk": str(img.rootdisk),
+                "kver": img.kver,
+                "build_seconds": round(img.build_seconds, 1),
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

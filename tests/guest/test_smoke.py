@@ -126,8 +126,8 @@ def test_pyroute2_bridge_vlan_filtering_on_veth() -> None:
 def test_nftables_loads_a_table() -> None:
     nft = shutil.which("nft")
     assert nft, "nft missing from the image"
-    ruleset = ("table inet smoke { chain input { type filter hook input priority 0; "
-               "policy accept; tcp dport 9 drop; } }")
+    ruleset = ("table inet smoke {\n chain input {\n  type filter hook input priority 0;"
+               " policy accept;\n  tcp dport 9 drop\n }\n}\n")
     try:
         r = subprocess.run([nft, "-f", "-"], input=ruleset, text=True, capture_output=True)
         assert r.returncode == 0, r.stderr

@@ -309,13 +309,13 @@ def create_cell_link(
         peer_idx = _require(ipr, peer, "veth")
         with _nl("link set", f"veth {host} alias"):
             ipr.link("set", index=host_idx, ifalias=ALIAS_PREFIX + cell)
-        with _nl("open", str(netns_file)):
-            fd = os.open(netns_file, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            with _nl("link set", f"veth {peer} netns {netns_file}"):
-                ipr.link("set", index=peer_idx, net_ns_fd=fd)
-        finally:
-            os.close(fd)
+        # A path, not an fd: with pyroute2 0.7 a NetNS handle encodes the
+        # request in a helper process, where an fd of ours means nothing.
+        if not netns_file.exists():
+            raise KernelError("netlink link set", f"veth {peer} netns {netns_file}",
+                              errno.ENOENT, "create the cell's netns first")
+        with _nl("link set", f"veth {peer} netns {netns_file}"):
+            ipr.link("set", index=peer_idx, net_ns_fd=str(netns_file))
         with _nl("link set", f"veth {host} master {bridge}"):
             ipr.link("set", index=host_idx, master=br)
         if vlan is not None:

@@ -30,33 +30,11 @@ from agent import sys as ksys
 from agent.errors import ConfigError, KernelError
 
 __all__ = [
-    "DEFAULT_DENY",
-    "DEFAULT_ENOSYS",
-    "DEFAULT_TRAP",
-    "OP_SYSCALLS",
-    "REASONS",
-    "RET_ALLOW",
-    "RET_ERRNO",
-    "RET_KILL_PROCESS",
-    "RET_USER_NOTIF",
-    "FilterSpec",
-    "Insn",
-    "Notif",
-    "Verdict",
-    "action_name",
-    "compile_filter",
-    "describe",
-    "evaluate",
-    "expected_action",
-    "format_table",
-    "id_valid",
-    "install_filter",
-    "listener_dead",
-    "pack",
-    "recv_notif",
-    "send_resp",
-    "unpack",
-]
+    "DEFAULT_DENY", "DEFAULT_ENOSYS", "DEFAULT_TRAP", "OP_SYSCALLS", "REASONS", "RET_ALLOW",
+    "RET_ERRNO", "RET_KILL_PROCESS", "RET_USER_NOTIF", "FilterSpec", "Insn", "Notif", "Verdict",
+    "action_name", "compile_filter", "describe", "evaluate", "expected_action", "format_table",
+    "id_valid", "install_filter", "listener_dead", "pack", "recv_notif", "send_resp", "unpack",
+]  # fmt: skip
 
 RET_KILL_PROCESS = 0x80000000
 RET_ERRNO = 0x00050000

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = Path(os.environ.get("AGENT_BOX_CACHE", Path.home() / ".cache" / "agent-box"))
 # Bump when the way a layer is made changes, so old caches are not reused.
-RECIPE_VERSION = "5"
+RECIPE_VERSION = "6"
 
 EXCLUDE = {
     # Packaging machinery, init systems and tools busybox replaces: never run in the box.
@@ -79,6 +79,7 @@ EXCLUDE = {
     "mime-support",
     "mailcap",
     "libdb5.3",
+    "libelogind0",
     "libgdbm-compat4",
 }
 
@@ -216,7 +217,8 @@ def resolve() -> list[tuple[str, str]]:
 
 
 def _resolve() -> list[tuple[str, str]]:
-    top = [f"{p}:arm64" for p in wanted_packages()]
+    indep_top = _candidates(wanted_packages(), arch_all_only=True)
+    top = [p if p in indep_top else f"{p}:arm64" for p in wanted_packages()]
     out = run(
         [
             "apt-cache",
@@ -232,35 +234,41 @@ def _resolve() -> list[tuple[str, str]]:
         ],
         capture_output=True,
     ).stdout
-    names: set[str] = set()
+    arm: set[str] = set()
+    plain: set[str] = set()
     for line in out.splitlines():
         if line.startswith((" ", "<")):
             continue
         name = line.strip()
-        # arch:all packages show without a suffix; arm64 ones with ":arm64".
         base = name.split(":")[0]
-        if base in EXCLUDE or (":" in name and not name.endswith(":arm64")):
+        if base in EXCLUDE:
             continue
-        names.add(base)
-    names = {n for n in names if n not in EXCLUDE}
-    pol = run(
-        ["apt-cache", "policy", *[f"{n}:arm64" for n in sorted(names)]], capture_output=True
-    ).stdout
-    versions: dict[str, str] = {}
-    cur = None
-    for line in pol.splitlines():
-        if not line.startswith(" "):
-            cur = line.rstrip(":").split(":")[0]
-        elif cur and line.strip().startswith("Candidate:"):
-            versions[cur] = line.split(":", 1)[1].strip()
-    result = []
-    for n in sorted(names):
-        v = versions.get(n)
-        if not v or v == "(none)":
-            # arch:all packages are listed without :arm64 in policy output
+        if name.endswith(":arm64"):
+            arm.add(base)
+        elif ":" not in name:
+            # Either an Architecture: all package or a native (amd64) one pulled in
+            # through an arch:all dependency; only the former belongs in the box.
+            plain.add(base)
+    versions = _candidates([f"{n}:arm64" for n in sorted(arm)])
+    indep = _candidates(sorted(plain - arm), arch_all_only=True)
+    return sorted({**versions, **indep}.items())
+
+
+def _candidates(names: list[str], arch_all_only: bool = False) -> dict[str, str]:
+    if not names:
+        return {}
+    out = run(["apt-cache", "show", "--no-all-versions", *names], capture_output=True).stdout
+    found: dict[str, str] = {}
+    for para in out.split("\n\n"):
+        fields = dict(
+            ln.split(": ", 1) for ln in para.splitlines() if ": " in ln and not ln[0].isspace()
+        )
+        if "Package" not in fields or "Version" not in fields:
             continue
-        result.append((n, v))
-    return result
+        if arch_all_only and fields.get("Architecture") != "all":
+            continue
+        found[fields["Package"]] = fields["Version"]
+    return found
 
 
 def deb_path(name: str, version: str) -> Path:
@@ -279,19 +287,16 @@ def download(pkgs: list[tuple[str, str]]) -> list[Path]:
     missing = [(n, v) for n, v in pkgs if not deb_path(n, v).exists()]
     if missing:
         log(f"downloading {len(missing)} arm64 packages into {d}")
-        # _apt cannot write into root's home: download as root, quietly.
-        run(
-            [
-                "apt-get",
-                "download",
-                "-q",
-                "-o",
-                "APT::Sandbox::User=root",
-                *[f"{n}:arm64={v}" for n, v in missing],
-            ],
-            cwd=d,
-            capture_output=True,
-        )
+    for n, v in missing:
+        # _apt cannot write into root's home: download as root.  arm64 first, then
+        # Architecture: all (which has no :arm64 form).
+        for spec in (f"{n}:arm64={v}", f"{n}={v}"):
+            r = subprocess.run(
+                ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", spec],
+                cwd=d, capture_output=True, text=True,
+            )
+            if r.returncode == 0 and deb_path(n, v).exists():
+                break
     paths = [deb_path(n, v) for n, v in pkgs]
     lost = [p.name for p in paths if not p.exists()]
     if lost:
@@ -579,6 +584,33 @@ def copy_tree(src: Path, dst: Path) -> None:
             os.chown(t, 0, 0)
 
 
+# The demo services' image (rootfs-overlay/etc/agent/services/demo-*.toml): a read-only
+# root with a static busybox.  busybox cannot run on the build host to list its applets,
+# so the links are made for this list, which covers the demo services and the tests.
+DEMO_APPLETS = (
+    "sh ash echo cat ls ps sleep true false id hostname mount umount mkdir rmdir touch rm "
+    "cp mv ln dd head tail wc grep sed awk env printf kill httpd wget nc uname date "
+    "stat chmod chown df du free top yes seq sort uniq tr cut readlink realpath ip ping "
+    "test [ [[ find xargs which whoami sync usleep nproc"
+).split()
+
+
+def build_demo_image(base: Path, stage: Path) -> None:
+    root = stage / "usr/share/agent/images/demo"
+    for d in ("bin", "dev", "proc", "sys", "tmp", "run", "data", "etc", "www", "root"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(base / "bin/busybox", root / "bin/busybox")
+    for a in DEMO_APPLETS:
+        (root / "bin" / a).symlink_to("busybox")
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nservice:x:1000:1000:service:/www:/bin/sh\n"
+    )
+    (root / "etc/group").write_text("root:x:0:\nservice:x:1000:\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    (root / "www/index.html").write_text("<h1>hello from demo-web, a cell</h1>\n")
+    (root / "tmp").chmod(0o1777)
+
+
 @dataclass
 class Image:
     kernel: Path
@@ -609,6 +641,7 @@ def build(verbose: bool = True) -> Image:
         whl.read_bytes(),
         tree_hash(overlay) if overlay.exists() else "",
         tree_hash(guest),
+        Path(__file__).read_bytes(),
     )
     disk = CACHE / f"root-{key}.ext4"
     if not disk.exists():
@@ -624,6 +657,7 @@ def build(verbose: bool = True) -> Image:
             if overlay.exists():
                 copy_tree(overlay, stage)
             copy_tree(guest / "rootfs", stage)
+            build_demo_image(base, stage)
             for d in (
                 "proc",
                 "sys",

@@ -36,7 +36,7 @@ def _guest_record(report: pytest.TestReport) -> dict[str, Any] | None:
         rec: dict[str, Any] = {"nodeid": report.nodeid, "when": report.when,
                                "outcome": report.outcome, "duration": report.duration}
         if report.skipped and isinstance(report.longrepr, tuple):
-            rec["reason"] = str(report.longrepr[2])
+            rec["reason"] = str(report.longrepr[2]).removeprefix("Skipped: ")
         elif report.failed:
             rec["longrepr"] = report.longreprtext
             if report.capstdout or report.capstderr:
@@ -85,8 +85,8 @@ class GuestProxy(pytest.Item):
             return str(excinfo.value)
         return str(super().repr_failure(excinfo))
 
-    def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, None, f"{self.name} (in the box)"
+    def reportinfo(self) -> tuple[Path, int, str]:
+        return self.path, 0, f"{self.name} (in the box)"
 
 
 def _results(session: pytest.Session) -> dict[str, Any]:

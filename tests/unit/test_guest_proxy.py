@@ -1,0 +1,109 @@
+"""The host side of the guest tier: outcomes in the box become outcomes of the host run.
+
+A scratch project is made with the real tests/guest/conftest.py and a stand-in for
+qemu/box.py whose run_in_box really runs the guest pytest (in a subprocess, with
+AGENT_IN_GUEST=1) instead of booting QEMU.  What is tested is the reporting path:
+a failing guest test must fail the host run and show the guest's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+FAKE_BOX = '''
+import os, re, shlex, subprocess, sys
+from pathlib import Path
+
+def guest_pytest_script(pytest_args, report):
+    return shlex.join(pytest_args) + "\\n" + (report or "")
+
+def run_in_box(script, *, timeout, cpus, mem, verbose, out=None, hostio=None):
+    args_line, report = script.split("\\n", 1)
+    report = report.replace("/mnt/host", str(hostio))
+    env = dict(os.environ, AGENT_IN_GUEST="1", AGENT_GUEST_REPORT=report)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                        *shlex.split(args_line)], cwd=Path(__file__).parents[1], env=env,
+                       capture_output=True, text=True)
+    if out is not None:
+        out.write(r.stdout + r.stderr)
+    if os.environ.get("FAKE_BOX_CRASH"):
+        Path(report).unlink(missing_ok=True)
+        return 125
+    return r.returncode
+'''
+
+GUEST_TESTS = '''
+import pytest
+
+def test_passes():
+    assert 1 + 1 == 2
+
+def test_fails():
+    value = 41
+    assert value == 42, "the box says no"
+
+@pytest.mark.skipif(True, reason="needs a feature the box lacks")
+def test_skipped():
+    pass
+'''
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "qemu").mkdir()
+    (tmp_path / "qemu" / "box.py").write_text(FAKE_BOX)
+    guest = tmp_path / "tests" / "guest"
+    guest.mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "tests" / "conftest.py")
+    shutil.copy(REPO / "tests" / "guest" / "conftest.py", guest / "conftest.py")
+    (guest / "test_example.py").write_text(textwrap.dedent(GUEST_TESTS))
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.pytest.ini_options]\nmarkers = ['guest: in the box', 'privileged: root']\n")
+    return tmp_path
+
+
+def host_run(project: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("AGENT_IN_GUEST", "AGENT_GUEST_REPORT", "AGENT_SKIP_GUEST")}
+    environ.update(env)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA",
+                           "tests/guest"], cwd=project, env=environ, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the proxy skips the tier when not root")
+def test_guest_outcomes_are_the_host_outcomes(project: Path) -> None:
+    r = host_run(project)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "1 failed, 1 passed, 1 skipped" in r.stdout
+    assert "PASSED tests/guest/test_example.py::test_passes" in r.stdout
+    assert "FAILED tests/guest/test_example.py::test_fails" in r.stdout
+    # The guest's own traceback and message are shown on the host.
+    assert "[in the box, call]" in r.stdout
+    assert "the box says no" in r.stdout
+    assert "value = 41" in r.stdout
+    assert "in the box: needs a feature the box lacks" in r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the proxy skips the tier when not root")
+def test_box_that_reports_nothing_fails_every_guest_test(project: Path) -> None:
+    r = host_run(project, FAKE_BOX_CRASH="1")
+    assert r.returncode == 1
+    assert "3 failed" in r.stdout
+    assert "not run in the box: guest pytest exited with status 125" in r.stdout
+
+
+def test_skip_switch(project: Path) -> None:
+    r = host_run(project, AGENT_SKIP_GUEST="1")
+    assert r.returncode == 0, r.stdout
+    assert "3 skipped" in r.stdout
+    assert "guest tier skipped (AGENT_SKIP_GUEST=1)" in r.stdout

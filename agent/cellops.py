@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import shlex
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -330,6 +329,13 @@ class MakeLink(DataOp):
         ctx.net.destroy_link(self.cell)
 
 
+def _argv_line(argv: tuple[str, ...]) -> str:
+    """argv for a human: words with spaces or quotes are shown quoted (no shlex: it would
+    pull python3-shell into the firmware for one log line)."""
+    return " ".join(a if a and not any(c in a for c in " '\"\\\t\n") else repr(a)
+                    for a in argv)
+
+
 MountWire = tuple[str, str, int | None, tuple[str, ...], str | None, int]
 
 
@@ -371,7 +377,7 @@ class StartService(DataOp):
         areas = " ".join(m[1] if m[0] != "tmpfs" else f"{m[1]}({','.join(m[3])})"
                          for m in self.mounts)
         caps = ",".join(c.removeprefix("CAP_").lower() for c in self.caps_keep) or "none"
-        return (f"start `{shlex.join(self.argv)}` as {ids} in {self.cell}: image {self.rootfs} "
+        return (f"start `{_argv_line(self.argv)}` as {ids} in {self.cell}: image {self.rootfs} "
                 f"ro, mounts {areas}, caps {caps}, seccomp trap {len(self.seccomp_trap)} "
                 f"deny {len(self.seccomp_deny)} enosys {len(self.seccomp_enosys)}")
 

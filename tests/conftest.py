@@ -25,3 +25,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason="host privileged test: needs root"))
         elif "/tests/guest/" in path:
             item.add_marker(pytest.mark.guest)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for dist in ("pyroute2", "cbor2", "cgroupspy"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} (not installed)")
+    where = "in the emulated box" if IN_GUEST else "on the host"
+    return f"agent dependencies ({where}): " + ", ".join(parts)

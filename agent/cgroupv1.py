@@ -43,7 +43,7 @@ from cgroupspy.interfaces import BaseFileInterface, IntegerFile
 from cgroupspy.nodes import Node
 
 from agent.cgroup import CellStats, Limits, check_cell_name
-from agent.errors import KernelError
+from agent.errors import ConfigError, KernelError
 
 __all__ = [
     "ALL_FEATURES",
@@ -429,6 +429,32 @@ class CgroupV1:
         """Move the process (all its threads) into the cell in every hierarchy."""
         for d in self.dirs(cell):
             self._write(d / "cgroup.procs", str(pid))
+
+    def memory_pressure_fd(self, cell: str, level: str = "medium") -> int:
+        """An eventfd that becomes readable when the cell's memcg reclaims at
+        ``level`` (low, medium, critical) or worse: v1's ``memory.pressure_level``
+        notification, the nearest thing to a PSI trigger, so the tuner can wait
+        instead of sampling.  The caller owns the fd; the kernel drops the
+        registration when it is closed or the cell removed."""
+        if level not in ("low", "medium", "critical"):
+            raise ConfigError("E_LIMITS", f"memory pressure level {level!r} is not valid",
+                              "use low, medium or critical")
+        d = self.cell_dir(cell, "memory")
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            try:
+                pfd = os.open(d / "memory.pressure_level", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise KernelError.from_oserror("open", str(d / "memory.pressure_level"), exc,
+                                               "kernel without memory.pressure_level") from exc
+            try:
+                self._write(d / "cgroup.event_control", f"{efd} {pfd} {level}")
+            finally:
+                os.close(pfd)
+        except BaseException:
+            os.close(efd)
+            raise
+        return efd
 
     def _freezer_state(self, cell: str) -> str:
         return str(self._get(self._ctrl(cell, "freezer"), "state"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import select
 import subprocess
 import sys
 import time
@@ -303,3 +304,25 @@ def test_kill_and_remove_leave_nothing(host: Host) -> None:
     assert cg.list_cells() == ["c2"]
     cg.remove("c1")  # again: a missing cell is fine
     cg.kill("c1")
+
+
+def test_memory_pressure_eventfd_fires_on_reclaim(host: Host, tmp_path: Path) -> None:
+    cg = host.cg
+    cell(host, "c1", Limits(memory_max=16 * MiB))
+    fd = cg.memory_pressure_fd("c1", "low")
+    try:
+        assert select.select([fd], [], [], 0.2)[0] == []  # idle: nothing to report
+        data = tmp_path / "data"
+        writer = host.python(
+            f"import os, sys\nsys.stdin.readline()\nf = open({str(data)!r}, 'wb')\n"
+            "for i in range(64):\n    f.write(b'x' * (1 << 20))\n"
+            "    if i % 4 == 3: f.flush(); os.fsync(f.fileno())\n"  # clean pages: reclaimable
+            "f.close()\nprint('written', flush=True)\nsys.stdin.readline()\n")
+        cg.add_proc("c1", writer.pid)
+        go(writer)
+        # 64 MiB of page cache through a 16 MiB memcg: the kernel must reclaim
+        assert line(writer) == "written", f"writer died: rc {writer.poll()}"
+        assert select.select([fd], [], [], 5.0)[0] == [fd]
+        assert int.from_bytes(os.read(fd, 8), "little") >= 1
+    finally:
+        os.close(fd)

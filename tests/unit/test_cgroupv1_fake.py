@@ -443,3 +443,22 @@ def test_proc_cgroup_v1_round_trip(cell: str) -> None:
     text = f"7:pids:/x\n4:memory:/agent/{cell}/inner\n0::/\n"
     assert cell_from_proc_cgroup_v1(text, "/agent") == cell
     assert cell_from_proc_cgroup_v1(text, "/agent", controller="pids") is None
+
+
+def test_memory_pressure_fd_registers(fs: Path) -> None:
+    cg = ready(fs)
+    mem = cg.cell_dir("web", "memory")
+    (mem / "memory.pressure_level").write_text("")
+    (mem / "cgroup.event_control").write_text("")
+    fd = cg.memory_pressure_fd("web", "critical")
+    try:
+        efd, pfd, level = (mem / "cgroup.event_control").read_text().split()
+        assert int(efd) == fd and int(pfd) >= 0 and level == "critical"
+    finally:
+        os.close(fd)
+    with pytest.raises(ConfigError):
+        cg.memory_pressure_fd("web", "panic")
+    (mem / "memory.pressure_level").unlink()
+    with pytest.raises(KernelError) as e:
+        cg.memory_pressure_fd("web")
+    assert e.value.op == "open" and e.value.errno == errno.ENOENT

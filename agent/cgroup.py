@@ -21,6 +21,7 @@ from agent.errors import ConfigError
 
 __all__ = [
     "CELL_NAME_RE",
+    "CellCgroupBackend",
     "CellStats",
     "CgroupBackend",
     "Limits",
@@ -208,3 +209,12 @@ class CgroupBackend(Protocol):
     def remove(self, cell: str, timeout: float = 5.0) -> None: ...
     def list_cells(self) -> Sequence[str]: ...
     def pid_to_cell(self, pid: int, proc_root: Path = ...) -> str | None: ...
+
+
+@runtime_checkable
+class CellCgroupBackend(CgroupBackend, Protocol):
+    """A backend that also tells a cell's leaf directory (what the spawner joins and
+    ``agentctl inspect`` shows).  Kept apart from :class:`CgroupBackend` so a backend
+    without it (cgroupv1 today) still satisfies that protocol."""
+
+    def leaf(self, cell: str) -> Path: ...

@@ -29,6 +29,8 @@ __all__ = [
     "EXIT_PROTOCOL",
     "EXIT_USAGE",
     "format_event",
+    "format_inspect",
+    "format_ps",
     "format_status",
     "main",
 ]
@@ -135,6 +137,105 @@ def _cmd_events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _size(n: Any) -> str:
+    if not isinstance(n, int):
+        return "-"
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f}{unit}"
+    return str(n)
+
+
+def format_ps(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per cell, 80 columns: name state vlan address cpu memory pids up restarts."""
+    lines = [f"{'NAME':<13} {'STATE':<9} {'VLAN':>4} {'ADDRESS':<15} {'CPU%':>5} "
+             f"{'MEM/MAX':>12} {'PIDS':>4} {'UP':>7} {'R':>2}"]
+    for r in rows:
+        cpu = r.get("cpu_pct")
+        mem = f"{_size(r.get('memory_current'))}/{_size(r.get('memory_max'))}"
+        up = r.get("uptime_s")
+        pids = r.get("pids")
+        lines.append(
+            f"{str(r.get('name', '?'))[:13]:<13} {str(r.get('state', '?'))[:9]:<9} "
+            f"{r.get('vlan') if r.get('vlan') is not None else '-':>4} "
+            f"{r.get('address') or '-':<15} {'-' if cpu is None else f'{cpu:.1f}':>5} "
+            f"{mem:>12} {'-' if pids is None else pids:>4} "
+            f"{'-' if up is None else _duration(float(up)):>7} {r.get('restarts', 0):>2}")
+    return [_clip(x) for x in lines]
+
+
+def format_inspect(d: dict[str, Any]) -> list[str]:
+    """The human view of ``inspect``: record, allocation, limits, plan, seccomp, events."""
+    alloc = d.get("allocation") or {}
+    lines = [f"cell      {d.get('name')}  state {d.get('state')}  pid {d.get('pid') or '-'}",
+             f"image     {(d.get('manifest') or {}).get('image', {}).get('root', '?')}",
+             f"network   vlan {alloc.get('vlan') or '-'}  address {alloc.get('address') or '-'}"
+             f"  gateway {alloc.get('gateway') or '-'}",
+             f"cgroup    {d.get('cgroup')}"]
+    lim = d.get("limits") or {}
+    lines.append("limits    " + " ".join(f"{k}={v}" for k, v in lim.items() if v is not None))
+    if d.get("error"):
+        lines.append(f"error     {d['error']}")
+    lines += ["", "plan:"] + [f"  {x}" for x in d.get("plan") or ["(none: adopted)"]]
+    lines += ["", "seccomp:"] + [f"  {r[0]:<16} {r[1]:>4} {r[2]:<14} {r[3]}"
+                                 for r in d.get("seccomp") or []]
+    lines += ["", "events:"] + [format_event(ev) for ev in d.get("events") or []]
+    return [_clip(x) for x in lines]
+
+
+def _long(client: Client, ns: argparse.Namespace) -> None:
+    """run and stop wait for the cell: 60 s unless --timeout says otherwise."""
+    if ns.timeout is None:
+        client.timeout = 60.0
+
+
+def _cmd_run(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    _long(client, ns)
+    result = client.call("run", name=ns.name, **({"dry_run": True} if ns.dry_run else {}))
+    if ns.json:
+        print(json.dumps(result, indent=2), file=out)
+    elif ns.dry_run:
+        print("\n".join(_clip(x) for x in result.get("plan", [])), file=out)
+    else:
+        where = f" on VLAN {result['vlan']} at {result['address']}" if result.get("vlan") else ""
+        print(_clip(f"{result['name']}: {result['state']}, pid {result.get('pid') or '-'}"
+                    f"{where}"), file=out)
+    return EXIT_OK
+
+
+def _cmd_stop(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    _long(client, ns)
+    result = client.call("stop", name=ns.name)
+    print(json.dumps(result) if ns.json else f"{result['name']}: {result['state']}", file=out)
+    return EXIT_OK
+
+
+def _cmd_ps(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    rows = client.call("ps")
+    print(json.dumps(rows, indent=2) if ns.json else "\n".join(format_ps(rows)), file=out)
+    return EXIT_OK
+
+
+def _cmd_inspect(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    d = client.call("inspect", name=ns.name)
+    print(json.dumps(d, indent=2) if ns.json else "\n".join(format_inspect(d)), file=out)
+    return EXIT_OK
+
+
+def _cmd_logs(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    args: dict[str, Any] = {"name": ns.name, "n": ns.n}
+    if ns.stream:
+        args["stream"] = ns.stream
+    d = client.call("logs", **args)
+    if ns.json:
+        print(json.dumps(d, indent=2), file=out)
+        return EXIT_OK
+    for x in d.get("lines", []):
+        mark = "!" if x.get("stream") == "stderr" else " "
+        print(f"{mark}{x.get('line', '')}", file=out)
+    return EXIT_OK
+
+
 def _cmd_checkconfig(argv: list[str]) -> int:
     try:
         checkconfig = importlib.import_module("agent.checkconfig")
@@ -172,8 +273,8 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="print the raw result as JSON")
     p.add_argument("--debug", action="store_true", default=d(False),
                    help="show tracebacks on errors")
-    p.add_argument("--timeout", type=float, default=d(5.0), metavar="SECONDS",
-                   help="reply timeout in seconds (default 5)")
+    p.add_argument("--timeout", type=float, default=d(None), metavar="SECONDS",
+                   help="reply timeout in seconds (default 5; run and stop: 60)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -202,6 +303,25 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--severity", choices=("info", "notice", "alert"),
                     help="at least this severity")
     sp.set_defaults(func=_cmd_events)
+    sp = sub.add_parser("run", parents=[common], help="create a cell for a service")
+    sp.add_argument("name", help="service name (a manifest in agentd's services dir)")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="check policy, image and admission; print the plan, change nothing")
+    sp.set_defaults(func=_cmd_run)
+    sp = sub.add_parser("stop", parents=[common], help="stop a cell and free everything")
+    sp.add_argument("name")
+    sp.set_defaults(func=_cmd_stop)
+    sp = sub.add_parser("ps", parents=[common], help="one line per cell")
+    sp.set_defaults(func=_cmd_ps)
+    sp = sub.add_parser("inspect", parents=[common],
+                        help="a cell's manifest, allocation, plan, limits, seccomp, events")
+    sp.add_argument("name")
+    sp.set_defaults(func=_cmd_inspect)
+    sp = sub.add_parser("logs", parents=[common], help="a cell's last output lines")
+    sp.add_argument("name")
+    sp.add_argument("-n", type=count, default=50, metavar="N", help="how many (default 50)")
+    sp.add_argument("--stream", choices=("stdout", "stderr"), help="only this stream")
+    sp.set_defaults(func=_cmd_logs)
     sp = sub.add_parser("checkconfig", add_help=False,
                         help="validate manifests and policy offline (see its --help)")
     sp.set_defaults(func=None)
@@ -236,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "checkconfig":
         return _cmd_checkconfig(passthrough or [])
     func: Command = ns.func
-    client = Client(ns.socket, timeout=ns.timeout)
+    client = Client(ns.socket, timeout=5.0 if ns.timeout is None else ns.timeout)
     try:
         with client:
             return func(client, ns, sys.stdout)

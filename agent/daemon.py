@@ -2,7 +2,9 @@
 
 One process, one asyncio loop.  SIGTERM and SIGINT stop it cleanly: the control socket
 and the pidfile are removed.  Other modules add ops with ``daemon.register(op, handler)``,
-status fields with ``daemon.add_status(key, fn)`` and clean-up with ``on_shutdown``.
+status fields with ``daemon.add_status(key, fn)``, set-up with ``on_startup`` (run before the
+socket serves) and clean-up with ``on_shutdown``.  ``main`` attaches the cell manager
+(agent.masterops) unless ``--no-cells`` is given.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class Daemon:
         self.started_at = monotonic()
         self._status: dict[str, Callable[[], Any]] = {"cells": lambda: 0}
         self._shutdown: list[Callable[[], Awaitable[None]]] = []
+        self._startup: list[Callable[[], Awaitable[None]]] = []
         self._stop = asyncio.Event()
         self._wrote_pidfile = False
         self.register("ping", self._op_ping)
@@ -98,6 +101,10 @@ class Daemon:
         """Add (or replace, e.g. "cells") one field of the status reply."""
         self._status[key] = fn
 
+    def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` at start, after the socket is bound and before it serves (in order)."""
+        self._startup.append(fn)
+
     def on_shutdown(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run ``fn`` at shutdown, before the socket goes (in reverse order of adding)."""
         self._shutdown.append(fn)
@@ -107,6 +114,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self.server.bind()
         self._write_pidfile()
+        for fn in self._startup:
+            await fn()
         await self.server.start()
         self.started_at = self.monotonic()
         self.bus.emit("master", "started", severity="notice", version=__version__,
@@ -254,6 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pidfile", type=Path, metavar="PATH",
                    help="pid file (default <run_dir>/agentd.pid)")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="override the configured log level")
+    p.add_argument("--no-cells", action="store_true",
+                   help="serve the control socket without the cell manager (diagnostics)")
     p.add_argument("--check", action="store_true",
                    help="validate the configuration, print it as JSON and exit")
     return p
@@ -294,6 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup_logging(config.log_level)
     daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None)
+    if not ns.no_cells:
+        from agent.masterops import attach
+
+        attach(daemon)
     try:
         asyncio.run(daemon.run())
     except AgentError as exc:

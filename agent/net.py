@@ -248,11 +248,29 @@ def list_vlan_gateways(ipr: Any, bridge: str) -> dict[int, str]:
 
 def create_cell_netns(cell: str, run_dir: Path = NETNS_DIR) -> Path:
     """Create the cell's network namespace, pinned at ``run_dir/cell-<name>``
-    (what ``ip netns add`` does).  The agent, not the cell, owns it."""
+    (what ``ip netns add`` does), with lo up.  The agent, not the cell, owns it."""
     path = netns_path(cell, run_dir)
     with _nl("netns create", str(path)):
         netns.create(str(path))
+    try:
+        _lo_up(path)
+    except BaseException:
+        destroy_cell_netns(cell, run_dir)
+        raise
     return path
+
+
+def _lo_up(netns_file: Path) -> None:
+    """Loopback up: a cell without a [network] link still has a working 127.0.0.1."""
+    where = f"netns {netns_file}"
+    with _nl("netns open", where):
+        ns = NetNS(str(netns_file), flags=0)
+    try:
+        lo = _require(ns, "lo", f"loopback in {where}:")
+        with _nl("link set", f"lo up in {where}"):
+            ns.link("set", index=lo, state="up")
+    finally:
+        ns.close()
 
 
 def destroy_cell_netns(cell: str, run_dir: Path = NETNS_DIR) -> None:

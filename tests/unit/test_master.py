@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,7 +206,7 @@ async def manager(env: dict[str, Any], *, capacity: Amount = BIG,
             return getattr(fake_box[0], name)
 
     mgr = CellManager(env["cfg"], env["bus"], load_policy(str(OVERLAY / "policy.toml")),
-                      cgroup=Proxy(), net=Proxy(),  # type: ignore[arg-type]
+                      cgroup=Proxy(), net=Proxy(),
                       make_spawner=make, capacity=capacity, fs_root=str(env["tmp"] / "fs"),
                       sigterm_caught=lambda pid: False)
     fake_box.append(made[0])
@@ -228,7 +228,7 @@ def kinds(bus: EventBus, cell: str) -> list[str]:
     return [e.kind for e in bus.recent(None, cell=cell, channel="lifecycle")]
 
 
-def arun(coro: Callable[[], Awaitable[None]]) -> None:
+def arun(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(coro())
 
 

@@ -84,7 +84,7 @@ class CellManager:
                  fs_root: str = "/", clock: Callable[[], float] = time.time,
                  stop_grace_ms: int | None = None,
                  sigterm_caught: Callable[[int], bool] | None = None,
-                 remove_gateways: bool = False) -> None:
+                 remove_gateways: bool = True) -> None:
         self.config = config
         self.bus = bus
         self.policy = policy
@@ -355,9 +355,8 @@ class CellManager:
     async def _run_plan(self, e: CellEntry, eff: RunPlan) -> None:
         assert self.executor is not None
         if eff.purpose == "destroy":
-            # The VLAN's gateway is kept (last_on_vlan=False) even for its last cell: on the
-            # box's 6.1 kernel, deleting the bridge's last `vid N self` entry after a port
-            # used it makes every later `vid self` add fail with EINVAL (docs/master.md).
+            # The last cell on a VLAN takes the VLAN's gateway with it (net.ensure_bridge
+            # pins the bridge's MAC, so a later `vid N self` add works again).
             plan = plan_destroy(e.manifest, self.config, e.alloc,
                                 last_on_vlan=self.remove_gateways and not any(
                                     x.alloc.vlan == e.alloc.vlan for x in self.cells.values()

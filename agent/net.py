@@ -172,6 +172,14 @@ def ensure_bridge(ipr: Any, name: str = DEFAULT_BRIDGE) -> int:
         if kind != "bridge":
             raise KernelError("netlink link get", f"bridge {name}", errno.EEXIST,
                               f"{name} exists and is a {kind}, not a bridge")
+    # A fixed, locally administered MAC.  Left to the kernel, the bridge takes its
+    # lowest port's address and falls back to 00:00:00:00:00:00 when the last port
+    # leaves; from then on every `bridge vlan add ... self` fails with EINVAL (the
+    # local fdb entry for the VLAN cannot be made from a zero address: "failed insert
+    # local address into bridge forwarding table").  An address set explicitly stays.
+    mac = bridge_mac(name)
+    with _nl("link set", f"bridge {name} address {mac}"):
+        ipr.link("set", index=idx, address=mac)
     # The default PVID is set while filtering is off (the kernel refuses to
     # change it with filtering on); both are no-ops when already right.
     with _nl("link set", f"bridge {name} vlan_default_pvid=0"):
@@ -182,6 +190,12 @@ def ensure_bridge(ipr: Any, name: str = DEFAULT_BRIDGE) -> int:
     with _nl("link set", f"bridge {name} up"):
         ipr.link("set", index=idx, state="up")
     return idx
+
+
+def bridge_mac(name: str) -> str:
+    """A stable, locally administered unicast MAC for bridge ``name``."""
+    digest = hashlib.sha256(f"agent-bridge:{name}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
 
 
 def delete_bridge(ipr: Any, name: str = DEFAULT_BRIDGE) -> None:

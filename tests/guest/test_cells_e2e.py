@@ -61,13 +61,11 @@ def ps() -> dict[str, dict[str, Any]]:
 
 
 def leftovers() -> dict[str, Any]:
-    """What cells may leave behind.  VLAN gateways (agbr0.N and the bridge's own `vid N
-    self`) are kept by design for now (docs/master.md: a kernel quirk), so not compared."""
-    links = sorted(p.name for p in Path("/sys/class/net").iterdir()
-                   if not p.name.startswith("agbr0."))
-    vlans = [port for port in json.loads(subprocess.run(
+    """What cells may leave behind: everything here must be as before, VLAN gateways
+    (agbr0.N and the bridge's own `vid N self`) included."""
+    links = sorted(p.name for p in Path("/sys/class/net").iterdir())
+    vlans = json.loads(subprocess.run(
         ["bridge", "-j", "vlan", "show"], capture_output=True, text=True).stdout or "[]")
-        if port.get("ifname") != "agbr0"]
     return {"cgroups": sorted(p.name for p in CG.iterdir() if p.is_dir()) if CG.exists()
             else [],
             "links": links, "vlans": vlans,

@@ -673,8 +673,11 @@ def build(verbose: bool = True) -> Image:
             ):
                 (stage / d).mkdir(parents=True, exist_ok=True)
             (stage / "tmp").chmod(0o1777)
-            boot = stage / "boot"
-            shutil.rmtree(boot, ignore_errors=True)
+            # The kernel is passed to QEMU directly; keep only its config, which
+            # `agentctl checkconfig` reads as /boot/config-<release> (like lxc-checkconfig).
+            for f in (stage / "boot").iterdir():
+                if not f.name.startswith("config-"):
+                    f.unlink()
             part = disk.with_suffix(".part")
             used = int(run(["du", "-sm", str(stage)], capture_output=True).stdout.split()[0])
             size_mb = used + 160  # room for the agent's state, logs and test files

@@ -17,12 +17,13 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from agent import net, seccomp
+from agent import net, seccomp, tunerops
 from agent.admission import read_capacity, read_host_pressure
 from agent.cellops import HostNet, Paths
 from agent.cellstate import CellEntry
+from agent.cgroupdetect import open_backend
 from agent.cgroupv2 import CgroupV2
 from agent.config import AgentConfig
 from agent.control import Peer, arg, check_args
@@ -105,7 +106,10 @@ async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
     """The real thing: cgroup v2 subtree (agentd moved to ``agent-master``), the bridge,
     the policy, capacity and PSI readers, the spawner; then journal replay and adoption."""
     loop = asyncio.get_running_loop()
-    cg = CgroupV2(config.cgroup_root, master="agent-master")
+    backend = open_backend(config.cgroup_root)  # v2, or v1 on legacy BSP kernels
+    if isinstance(backend, CgroupV2):
+        backend.master = "agent-master"
+    cg = cast(CgroupV2, backend)  # the v1 backend has the same cell interface
     await asyncio.to_thread(cg.setup)
     hostnet = LockedNet(config.bridge)
     await asyncio.to_thread(hostnet.setup)
@@ -277,4 +281,5 @@ def attach(daemon: Daemon) -> MasterOps:
     daemon.register("logs", ops.op_logs)
     daemon.add_status("cells", ops.status_cells)
     daemon.add_status("budget", ops.status_budget)
+    tunerops.attach(daemon, ops)  # tuner + reclaim loop, after the manager is built
     return ops

@@ -1,0 +1,203 @@
+"""The tuner and the reclaim loop in agentd: settings, start-up, and the control ops
+``pin``, ``unpin`` and ``top``.
+
+:func:`attach` is called by agent.masterops after the cell manager's own hooks: once
+the manager is built, the :class:`~agent.tunerd.Tuner` subscribes to its lifecycle events
+and the :class:`~agent.reclaimd.Reclaimer` starts its timer.  Without a manager these
+ops answer ``E_UNAVAILABLE``.
+
+Settings: ``tuner.toml`` beside the policy (``/etc/agent/tuner.toml``), optional::
+
+    [tuner]                     # agent.tuner.TunerConfig fields, plus:
+    sample_s = 5.0              # the periodic sample
+    stall_us = 150000           # PSI trigger: stalled time ...
+    window_us = 1000000         # ... within this window
+    [reclaim]                   # agent.reclaim.ReclaimConfig fields, plus:
+    period_s = 10.0
+    scan_s = 30.0               # orphan scan
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.cgroup import CellStats
+from agent.control import Peer, arg, check_args
+from agent.errors import AgentError, ConfigError
+from agent.reclaim import ReclaimConfig
+from agent.reclaimd import KernelObjects, Reclaimer
+from agent.tuner import TunerConfig
+from agent.tunerd import Tuner
+from agent.units import UnitError, parse_cpu, parse_size
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
+    from agent.master import CellManager
+    from agent.masterops import MasterOps
+
+__all__ = ["Settings", "TunerOps", "attach", "load_settings", "top_row"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    tuner: TunerConfig = dataclasses.field(default_factory=TunerConfig)
+    reclaim: ReclaimConfig = dataclasses.field(default_factory=ReclaimConfig)
+    sample_s: float = 5.0
+    stall_us: int = 150_000
+    window_us: int = 1_000_000
+    period_s: float = 10.0
+    scan_s: float = 30.0
+
+
+def _section(d: Mapping[str, Any], cls: type[Any], extra: tuple[str, ...], where: str
+             ) -> tuple[Any, dict[str, Any]]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - names - set(extra))
+    if bad:
+        raise ConfigError("E_CONFIG", f"{where}: unknown keys {', '.join(bad)}",
+                          f"known: {', '.join(sorted(names | set(extra)))}")
+    try:
+        obj = cls(**{k: v for k, v in d.items() if k in names})
+    except TypeError as exc:
+        raise ConfigError("E_CONFIG", f"{where}: {exc}") from None
+    return obj, {k: v for k, v in d.items() if k in extra}
+
+
+def load_settings(path: Path) -> Settings:
+    """The settings in ``path``; defaults when it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("E_CONFIG", f"{path}: {exc}") from None
+    tc, t_extra = _section(doc.get("tuner", {}), TunerConfig,
+                           ("sample_s", "stall_us", "window_us"), f"{path} [tuner]")
+    rc, r_extra = _section(doc.get("reclaim", {}), ReclaimConfig, ("period_s", "scan_s"),
+                           f"{path} [reclaim]")
+    return Settings(tc, rc, **t_extra, **r_extra)
+
+
+def top_row(mgr: CellManager, tuner: Tuner | None, name: str, now: float) -> dict[str, Any]:
+    """One ``top`` row: fresh stats, the tuner's limits; CPU % over the time since the
+    tuner's last sample of the cell (None before the first)."""
+    e = mgr.cells[name]
+    row: dict[str, Any] = {"name": name, "state": e.state.value, "cpu_pct": None,
+                           "memory_current": None, "pids": None, "cpu_pressure": None,
+                           "memory_pressure": None}
+    t = tuner.cells.get(name) if tuner is not None else None
+    row.update(tuner.row(name) if tuner is not None else {"tuned": False})
+    try:
+        st: CellStats = mgr.cgroup.stats(name)
+    except (AgentError, OSError):
+        return row
+    row.update(memory_current=st.memory_current, pids=st.pids_current)
+    for res in ("cpu", "memory"):
+        p = st.pressure.get(res)
+        row[f"{res}_pressure"] = p.some.avg10 if p is not None else None
+    smp = t.state.last_sample if t is not None else None
+    if smp is not None and now > smp.at:
+        row["cpu_pct"] = round((st.cpu_usage_usec - smp.cpu_usage_usec) / 1e4 / (now - smp.at),
+                               1)
+    return row
+
+
+class TunerOps:
+    def __init__(self, daemon: Daemon, ops: MasterOps) -> None:
+        self.daemon = daemon
+        self.ops = ops
+        self.tuner: Tuner | None = None
+        self.reclaimer: Reclaimer | None = None
+        self.problem = "the tuner is starting"
+
+    async def startup(self) -> None:
+        mgr = self.ops.manager
+        if mgr is None:
+            self.problem = f"no cell manager: {self.ops.problem}"
+            return
+        path = self.daemon.config.policy_path.parent / "tuner.toml"
+        try:
+            s = load_settings(path)
+        except ConfigError as exc:
+            log.error("%s; the tuner uses its defaults", exc)
+            self.daemon.bus.emit("tuner", "error", severity="notice", error=str(exc))
+            s = Settings()
+        loop = asyncio.get_running_loop()
+        self.tuner = Tuner(mgr, mgr.cgroup, loop, config=s.tuner,  # type: ignore[arg-type]
+                           sample_s=s.sample_s, stall_us=s.stall_us, window_us=s.window_us)
+        self.tuner.attach()
+        objects = KernelObjects(mgr.cgroup, self.daemon.config.bridge)  # type: ignore[arg-type]
+        self.reclaimer = Reclaimer(mgr, self.tuner, mgr.cgroup, loop,  # type: ignore[arg-type]
+                                   objects, s.reclaim, s.period_s, s.scan_s)
+        self.reclaimer.start()
+        log.info("tuner: %d cells tuned; reclaim every %gs", len(self.tuner.cells), s.period_s)
+
+    async def close(self) -> None:
+        if self.reclaimer is not None:
+            await self.reclaimer.close()
+        if self.tuner is not None:
+            self.tuner.close()
+
+    def _tuner(self) -> tuple[CellManager, Tuner]:
+        mgr = self.ops.manager
+        if mgr is None or self.tuner is None:
+            raise AgentError("E_UNAVAILABLE", f"the tuner is unavailable: {self.problem}",
+                             "see the agentd log")
+        return mgr, self.tuner
+
+    def _named(self, peer: Peer, args: Mapping[str, Any]) -> tuple[Tuner, str]:
+        mgr, tuner = self._tuner()
+        name = arg(args, "name", str, required=True)
+        assert name is not None
+        mgr.policy.authorize(peer.uid, peer.gid, "resize", name, None, 0)
+        mgr.entry(name)  # E_NOT_FOUND
+        return tuner, name
+
+    async def op_pin(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, Any]:
+        check_args(args, ("name", "cpu", "memory"))
+        tuner, name = self._named(peer, args)
+        try:
+            cpu = None if args.get("cpu") is None else parse_cpu(args["cpu"])
+            mem = None if args.get("memory") is None else parse_size(args["memory"])
+        except UnitError as exc:
+            raise AgentError("E_ARGS", str(exc)) from None
+        size = tuner.pin(name, cpu, mem)
+        return {"name": name, "pinned": True, "cpu_max": size.cpu,
+                "memory_high": size.memory_high, "memory_max": size.memory_max}
+
+    async def op_unpin(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, Any]:
+        check_args(args, ("name",))
+        tuner, name = self._named(peer, args)
+        tuner.unpin(name)
+        return {"name": name, "pinned": False}
+
+    async def op_top(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, Any]:
+        check_args(args, ())
+        mgr, tuner = self._tuner()
+        d = mgr.policy.authorize(peer.uid, peer.gid, "ps", None, None, 0)
+        now = time.monotonic()
+        rows = [top_row(mgr, tuner, n, now) for n in sorted(mgr.cells) if d.may_see(n)]
+        b = mgr.budget
+        return {"cells": rows, "budget_free": {"cpu": b.free.cpu, "memory": b.free.memory},
+                "box_memory_pressure": self.reclaimer.box_pressure() if self.reclaimer
+                else None}
+
+
+def attach(daemon: Daemon, ops: MasterOps) -> TunerOps:
+    t = TunerOps(daemon, ops)
+    daemon.on_startup(t.startup)
+    daemon.on_shutdown(t.close)
+    daemon.register("pin", t.op_pin)
+    daemon.register("unpin", t.op_unpin)
+    daemon.register("top", t.op_top)
+    return t

@@ -1,0 +1,296 @@
+"""The tuner service against a fake cgroupfs (plain files in tmp_path).
+
+What it shows: which files the tuner writes, in which order, what the budget holds, which
+events and journal records come out, and that lifecycle events start and stop tuning.
+The kernel side (PSI triggers, memory.events notifications, limits biting) is shown in the
+box: tests/guest/test_tuner.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.admission import Amount, Budget, Request
+from agent.cgroupv2 import CgroupV2
+from agent.events import EventBus
+from agent.lifecycle import State
+from agent.manifest import Manifest, manifest_from_dict
+from agent.tuner import Bounds, MemoryEvents, PinRefused, PressureTriggered, TunerConfig
+from agent.tunerd import Tuner, initial_size
+
+MiB = 1 << 20
+LEAF = {
+    "cgroup.procs": "", "cgroup.events": "populated 1\nfrozen 0\n", "cgroup.freeze": "0\n",
+    "cpu.max": "500000 100000\n", "cpu.weight": "10\n", "cpu.stat": "usage_usec 1000\n",
+    "memory.high": "67108864\n", "memory.max": "67108864\n", "memory.current": "2097152\n",
+    "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n",
+    "cpu.pressure": "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+    "memory.pressure": "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+    "pids.current": "1\n",
+}
+
+
+def manifest(name: str, cpu: tuple[str, str] = ("100m", "500m"),
+             mem: tuple[str, str] = ("8M", "64M"), priority: str = "normal") -> Manifest:
+    return manifest_from_dict({
+        "name": name, "service": {"command": "/bin/sh"}, "image": {"root": "/img"},
+        "resources": {"cpu_min": cpu[0], "cpu_max": cpu[1], "memory_min": mem[0],
+                      "memory_max": mem[1], "pids_max": 16, "priority": priority}})
+
+
+@dataclass
+class Entry:
+    manifest: Manifest
+    state: State = State.RUNNING
+    pid: int | None = 42
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    def append(self, t: str, data: Mapping[str, Any] | None = None, *, sync: bool) -> None:
+        self.records.append((t, dict(data or {})))
+
+
+@dataclass
+class Host:
+    budget: Budget
+    bus: EventBus = field(default_factory=EventBus)
+    cells: dict[str, Entry] = field(default_factory=dict)
+    journal: Journal = field(default_factory=Journal)
+    posted: list[tuple[str, Any]] = field(default_factory=list)
+
+    def post(self, e: Entry, ev: Any) -> None:
+        self.posted.append((e.manifest.name, ev))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_cell(root: Path, host: Host, m: Manifest) -> Path:
+    leaf = root / m.name
+    leaf.mkdir()
+    for name, text in LEAF.items():
+        (leaf / name).write_text(text)
+    host.cells[m.name] = Entry(m)
+    host.budget = host.budget.admit(Request.from_manifest(m))
+    return leaf
+
+
+def read(leaf: Path, name: str) -> str:
+    return (leaf / name).read_text().strip()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Any:
+    loop = asyncio.new_event_loop()
+    root = tmp_path / "agent"
+    root.mkdir()
+    (root / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    host = Host(Budget.new(Amount(2000, 256 * MiB, 1000), Amount()))
+    clock = Clock()
+    cfg = TunerConfig(idle_samples=2, watch_s=10.0, cooldown_s=30.0)
+    tuner = Tuner(host, CgroupV2(root), loop, config=cfg, sample_s=5.0, clock=clock,
+                  triggers=False)
+    yield root, host, tuner, clock
+    tuner.close()
+    loop.close()
+
+
+def tuner_events(host: Host, kind: str | None = None) -> list[Any]:
+    return [e for e in host.bus.recent(None, channel="tuner") if kind in (None, e.kind)]
+
+
+def test_start_brings_the_cell_to_its_lower_bounds_and_holds_that(env: Any) -> None:
+    root, host, tuner, _ = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()  # reconciles: the cell is RUNNING
+    assert "a" in tuner.cells
+    # 2 MiB in use: the 8 MiB minimum; high = max - 1/8 but not below the minimum
+    assert read(leaf, "memory.max") == str(8 * MiB)
+    assert read(leaf, "memory.high") == str(8 * MiB)
+    assert read(leaf, "cpu.max") == "10000 100000"
+    assert host.budget.get("a") == Amount(100, 8 * MiB, 16)
+    assert [e.kind for e in tuner_events(host)] == ["start"]
+    assert host.journal.records[0][0] == "tuner"
+    # a fake tree has no memory.events notification (epoll refuses a regular file)
+    assert tuner.cells["a"].sources == []
+
+
+def test_lifecycle_events_start_and_stop_tuning(env: Any) -> None:
+    root, host, tuner, _ = env
+    make_cell(root, host, manifest("a"))
+    host.cells["a"].state = State.CREATING
+    tuner.attach()
+    assert tuner.cells == {}
+    host.cells["a"].state = State.RUNNING
+    host.bus.emit("lifecycle", "running", cell="a")
+    assert "a" in tuner.cells
+    host.cells["a"].state = State.STOPPING
+    host.bus.emit("lifecycle", "stopping", cell="a")
+    assert tuner.cells == {}
+    assert [e.kind for e in tuner_events(host)] == ["start", "stop"]
+
+
+def test_pressure_raises_max_before_high_and_commits_budget(env: Any) -> None:
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()
+    written: list[str] = []
+    orig = tuner.knobs.write
+
+    def spy(path: Path, value: str) -> None:
+        written.append(path.name)
+        orig(path, value)
+
+    tuner.knobs.write = spy
+    actions = tuner.observe("a", PressureTriggered("memory", clock.now))
+    # span 56 MiB: step max(14 MiB, 4 MiB) -> 22 MiB
+    assert read(leaf, "memory.max") == str(22 * MiB)
+    assert int(read(leaf, "memory.high")) == 22 * MiB - 22 * MiB // 8
+    assert written == ["memory.max", "memory.high"]
+    assert host.budget.get("a") == Amount(100, 22 * MiB, 16)
+    assert [type(a).__name__ for a in actions] == ["Commit", "SetMemoryMax", "SetMemoryHigh"]
+    kinds = [e.kind for e in tuner_events(host)]
+    assert kinds == ["start", "commit", "resize", "resize"]
+    assert [r[1]["kind"] for r in host.journal.records] == kinds
+    tuner.observe("a", PressureTriggered("cpu", clock.now))
+    assert read(leaf, "cpu.max") == "20000 100000"  # 10m -> +max(122m/4, 5m)... capped
+
+
+def test_a_raise_the_budget_cannot_afford_is_refused_and_recorded(env: Any) -> None:
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()
+    host.budget = host.budget.admit(Request("hog", host.budget.free))  # nothing left
+    tuner.observe("a", PressureTriggered("memory", clock.now))
+    assert read(leaf, "memory.max") == str(8 * MiB)
+    (refusal,) = tuner_events(host, "refused")
+    assert refusal.severity == "notice" and refusal.attrs["wanted"] == 22 * MiB
+    assert host.budget.get("a") == Amount(100, 8 * MiB, 16)
+
+
+def test_memory_events_text_raises_on_a_new_max_event(env: Any) -> None:
+    root, host, tuner, _ = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()
+    tuner._on_events_text("a", "low 0\nhigh 0\nmax 3\noom 0\noom_kill 0\n")
+    assert int(read(leaf, "memory.max")) > 8 * MiB
+    assert tuner_events(host, "resize")[0].attrs["reason"] == "events:max"
+
+
+def test_idle_cell_is_lowered_in_two_phases_by_samples(env: Any) -> None:
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()
+    while int(read(leaf, "memory.max")) < 64 * MiB:
+        assert tuner.observe("a", PressureTriggered("memory", clock.now))
+    raised = int(read(leaf, "memory.max"))
+    assert raised == 64 * MiB and host.budget.get("a").memory == 64 * MiB
+    steps: list[tuple[int, int]] = []
+    for _ in range(8):
+        clock.now += 5
+        (leaf / "cpu.stat").write_text(f"usage_usec {int(clock.now * 10)}\n")
+        tuner.sample_all()
+        steps.append((int(read(leaf, "memory.high")), int(read(leaf, "memory.max"))))
+    assert steps[0] == (56 * MiB, 64 * MiB)  # one idle sample: nothing yet
+    high_first = next(i for i, (h, _) in enumerate(steps) if h < 56 * MiB)
+    max_after = next(i for i, (_, m) in enumerate(steps) if m < 64 * MiB)
+    assert max_after > high_first  # memory.high first, memory.max at a later sample
+    assert all(h <= m for h, m in steps)
+    assert steps[-1][1] >= 2 * MiB + 4 * MiB  # never below use + headroom
+    # admission still holds the raised amount: the reclaim loop returns it once settled
+    assert host.budget.get("a").memory == 64 * MiB
+
+
+def test_pin_fixes_the_size_and_unpin_releases_it(env: Any) -> None:
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()
+    size = tuner.pin("a", cpu=250, memory=32 * MiB)
+    assert (read(leaf, "cpu.max"), read(leaf, "memory.max")) == ("25000 100000", str(32 * MiB))
+    assert size.memory_high == 28 * MiB and host.budget.get("a") == Amount(250, 32 * MiB, 16)
+    assert tuner.observe("a", PressureTriggered("memory", clock.now)) == []
+    with pytest.raises(PinRefused):
+        tuner.pin("a", memory=1 << 40)
+    tuner.unpin("a")
+    assert tuner.observe("a", PressureTriggered("memory", clock.now)) != []
+    assert [e.kind for e in tuner_events(host)][-1] in ("resize", "commit")
+
+
+def test_escalated_cell_gets_no_tuner_change(env: Any) -> None:
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()
+    tuner.cells["a"].level = "throttled"
+    assert tuner.observe("a", PressureTriggered("memory", clock.now)) == []
+    assert read(leaf, "memory.max") == str(8 * MiB)
+
+
+def test_failed_write_is_an_event_and_tuning_restarts(env: Any) -> None:
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()
+    (leaf / "memory.max").unlink()
+    tuner.observe("a", PressureTriggered("memory", clock.now))
+    assert tuner_events(host, "error")
+    assert "a" not in tuner.cells  # restart failed too: the file is missing
+
+
+def test_sample_timer_runs_only_while_cells_are_tuned(env: Any) -> None:
+    root, host, tuner, _ = env
+    make_cell(root, host, manifest("a"))
+    tuner.sample_s = 0.01
+
+    async def main() -> None:
+        tuner.attach()
+        await asyncio.sleep(0.1)
+        assert tuner.samples >= 3
+        tuner.stop("a")
+        assert tuner._timer is None
+        n = tuner.samples
+        await asyncio.sleep(0.05)
+        assert tuner.samples == n
+
+    tuner.loop.run_until_complete(main())
+
+
+def test_adopted_cell_keeps_room_for_its_use(env: Any) -> None:
+    root, host, tuner, _ = env
+    leaf = make_cell(root, host, manifest("a"))
+    (leaf / "memory.current").write_text(f"{40 * MiB}\n")
+    tuner.attach()
+    assert int(read(leaf, "memory.max")) == 50 * MiB
+    assert int(read(leaf, "memory.high")) >= 40 * MiB
+
+
+@given(lo=st.integers(8, 64), span=st.integers(0, 512), use=st.integers(0, 1024))
+def test_initial_size_is_within_bounds_and_fits_use(lo: int, span: int, use: int) -> None:
+    cfg = TunerConfig()
+    b = Bounds(10, 1000, lo * MiB, (lo + span) * MiB)
+    s = initial_size(b, use * MiB, cfg)
+    assert b.memory_lo <= s.memory_high <= s.memory_max <= b.memory_hi
+    assert s.memory_max == b.memory_hi or s.memory_max >= use * MiB + 4 * MiB
+    assert s.cpu == b.cpu_lo
+
+
+def test_memory_events_baseline_ignores_old_counts(env: Any) -> None:
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    (leaf / "memory.events").write_text("low 0\nhigh 9\nmax 9\noom 1\noom_kill 1\n")
+    tuner.attach()
+    assert tuner.observe("a", MemoryEvents(9, 9, 1, 1, clock.now)) == []

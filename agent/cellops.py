@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from agent import net, seccomp, units
 from agent.cgroup import Limits, check_cell_name
@@ -33,9 +34,14 @@ from agent.errors import ConfigError, KernelError
 from agent.plan import DataOp, register_op
 from agent.spawn import Mount, SpawnSpec, UidMap
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 __all__ = [
+    "ApplyCellFirewall",
     "CellCgroups",
     "CellContext",
+    "CellFirewall",
     "CellNet",
     "Context",
     "EnsureGateway",
@@ -111,6 +117,13 @@ class Paths:
         return self.state_dir / "data" / source
 
 
+class CellFirewall(Protocol):
+    """agent.nft.FirewallSync: nft batches applied in a cell's netns."""
+
+    def apply_cell(self, cell: str, batch: Sequence[dict[str, Any]]) -> None: ...
+    def remove_cell(self, cell: str) -> None: ...
+
+
 class CellContext(Protocol):
     @property
     def cgroup(self) -> CellCgroups: ...
@@ -120,6 +133,8 @@ class CellContext(Protocol):
     def spawner(self) -> Spawner: ...
     @property
     def paths(self) -> Paths: ...
+    @property
+    def firewall(self) -> CellFirewall | None: ...
 
 
 @dataclass(frozen=True)
@@ -130,6 +145,7 @@ class Context:
     net: CellNet
     spawner: Spawner
     paths: Paths
+    firewall: CellFirewall | None = None  # None: ApplyCellFirewall refuses (fail closed)
 
 
 @dataclass
@@ -327,6 +343,50 @@ class MakeLink(DataOp):
 
     def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
         ctx.net.destroy_link(self.cell)
+
+
+@register_op
+@dataclass(frozen=True)
+class ApplyCellFirewall(DataOp):
+    """The cell's ``inet agent_cell`` table (agent.firewall), applied in its netns before
+    its service starts.  The netns belongs to the host's user namespace, so the cell's
+    root cannot change the table; undo deletes it (the netns usually goes next anyway)."""
+
+    kind: ClassVar[str] = "apply-cell-firewall"
+    cell: str
+    batch: str  # agent.firewall.batch_json(cell_ruleset(...))
+
+    def _cmds(self) -> list[dict[str, Any]]:
+        return [c for c in json.loads(self.batch)["nftables"] if "metainfo" not in c]
+
+    def describe(self) -> str:
+        counts = {"input": 0, "output": 0}
+        accepts: list[str] = []
+        for c in self._cmds():
+            rule = c.get("add", {}).get("rule")
+            if rule is None:
+                continue
+            counts[rule["chain"]] = counts.get(rule["chain"], 0) + 1
+            note = str(rule.get("comment", ""))
+            if note.startswith(("peer ", "egress ")):
+                accepts.append(f"{rule['chain']} {note}")
+        allowed = "; ".join(accepts) or "nothing but replies and loopback"
+        return (f"apply firewall inet agent_cell in {net.NETNS_PREFIX}{self.cell} "
+                f"({counts['input']} input, {counts['output']} output rules): {allowed}")
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        fw = getattr(ctx, "firewall", None)
+        if fw is None:
+            raise ConfigError("E_FIREWALL", f"no firewall adapter: cell {self.cell} would run "
+                              "unfiltered", "give the executor's context a firewall "
+                              "(agent.nft.FirewallSync)")
+        fw.apply_cell(self.cell, self._cmds())
+        return {}
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        fw = getattr(ctx, "firewall", None)
+        if fw is not None:
+            fw.remove_cell(self.cell)
 
 
 def _argv_line(argv: tuple[str, ...]) -> str:

@@ -30,6 +30,7 @@ from agent.cgroup import CellStats, check_cell_name
 from agent.config import AgentConfig
 from agent.errors import AgentError, NotFoundError, StateError
 from agent.events import EventBus
+from agent.firewall import CellFw
 from agent.journal import Journal, Record
 from agent.lifecycle import (
     CancelRestart,
@@ -48,8 +49,9 @@ from agent.lifecycle import (
 )
 from agent.logbuf import LogBuffer
 from agent.manifest import Manifest, load_manifest
+from agent.nft import FirewallSync
 from agent.plan import Executor, PlanError, PlanEvent
-from agent.planner import Allocation, plan_create, plan_destroy, plan_restart
+from agent.planner import Allocation, cell_firewall, plan_create, plan_destroy, plan_restart
 from agent.policy import Policy
 from agent.spawner import ExitCallback
 
@@ -58,6 +60,10 @@ __all__ = ["CellManager", "ManagedCgroups", "ManagedSpawner"]
 log = logging.getLogger(__name__)
 _BUSY = (State.REQUESTED, State.ADMITTED, State.CREATING)
 _STATE_KINDS = (*(s.value for s in State), "adopted", "refused")
+# firewall: cells whose address is in the rules, and those whose netns holds their table
+_FW_CELLS = (State.ADMITTED, State.CREATING, State.RUNNING, State.EXITED, State.BACKOFF,
+             State.STOPPING)
+_FW_TABLES = (State.RUNNING, State.EXITED, State.BACKOFF, State.STOPPING)
 
 
 class ManagedSpawner(Protocol):
@@ -84,14 +90,16 @@ class CellManager:
                  fs_root: str = "/", clock: Callable[[], float] = time.time,
                  stop_grace_ms: int | None = None,
                  sigterm_caught: Callable[[int], bool] | None = None,
-                 remove_gateways: bool = True) -> None:
+                 remove_gateways: bool = True, firewall: FirewallSync | None = None) -> None:
         self.config = config
         self.bus = bus
         self.policy = policy
         self.cgroup = cgroup
         self.spawner = make_spawner(self.service_exited)
         self.paths = Paths(config.state_dir, config.run_dir)
-        self.ctx = Context(cgroup, net, self.spawner, self.paths)
+        self.firewall = firewall  # None: no nftables tables (docs/firewall.md)
+        self._fw_lock = asyncio.Lock()
+        self.ctx = Context(cgroup, net, self.spawner, self.paths, firewall)
         self.budget = Budget.new(capacity, reserve_amount(config))
         vmax = min(config.vlan_max, config.vlan_min + config.subnet_count - 1)
         self.pool = AddrPool(PoolConfig.make(str(config.address_pool), 24, config.vlan_min,
@@ -191,7 +199,8 @@ class CellManager:
             if dry_run:
                 _, alloc = self._preview(m)
                 return {"name": name, "dry_run": True,
-                        "plan": plan_create(m, alloc, self.config).explain()}
+                        "plan": plan_create(m, alloc, self.config,
+                                            peers=self._fw_peers(name)).explain()}
         except AgentError as exc:
             raise self._refused(name, exc) from None
         async with self._lock(name):
@@ -352,8 +361,31 @@ class CellManager:
         except AgentError as exc:
             log.error("cell %s: %s", e.name, exc)
 
+    def _fw_peers(self, exclude: str) -> list[CellFw] | None:
+        """The networked cells the firewall rules are made for (None: no firewall)."""
+        if self.firewall is None:
+            return None
+        return [fw for x in self.cells.values() if x.name != exclude and x.state in _FW_CELLS
+                and (fw := cell_firewall(x.manifest, x.alloc)) is not None]
+
+    async def refresh_firewall(self) -> None:
+        """Rewrite the host table and the changed cell tables for the cells there are now."""
+        if self.firewall is None:
+            return
+        async with self._fw_lock:
+            cells = self._fw_peers("") or []
+            tables = [x.name for x in self.cells.values() if x.state in _FW_TABLES]
+            try:
+                errors = await asyncio.to_thread(self.firewall.refresh, cells, tables)
+            except AgentError as exc:
+                errors = [exc.message]
+            for err in errors:
+                log.error("firewall: %s", err)
+                self.bus.emit("master", "firewall-failed", severity="alert", error=err)
+
     async def _run_plan(self, e: CellEntry, eff: RunPlan) -> None:
         assert self.executor is not None
+        await self.refresh_firewall()  # a cell being destroyed is no longer in the rules
         if eff.purpose == "destroy":
             # The last cell on a VLAN takes the VLAN's gateway with it (net.ensure_bridge
             # pins the bridge's MAC, so a later `vid N self` add works again).
@@ -362,10 +394,12 @@ class CellManager:
                                     x.alloc.vlan == e.alloc.vlan for x in self.cells.values()
                                     if x is not e))
         else:
-            make = plan_create if eff.purpose == "create" else plan_restart
-            plan = make(e.manifest, e.alloc, self.config)
             if eff.purpose == "create":
+                plan = plan_create(e.manifest, e.alloc, self.config,
+                                   peers=self._fw_peers(e.name))
                 e.plan_lines = plan.explain()
+            else:
+                plan = plan_restart(e.manifest, e.alloc, self.config)
             await self._apply(e, Event.PLAN_START)
         try:
             undo = await asyncio.to_thread(self.executor.run, plan)
@@ -373,13 +407,16 @@ class CellManager:
             e.last_error = exc
             failed = Event.DESTROY_FAILED if eff.purpose == "destroy" else Event.PLAN_FAILED
             await self._apply(e, failed, exc.message)
+            await self.refresh_firewall()
             return
         if eff.purpose == "destroy":
             await self._apply(e, Event.DESTROY_DONE)
+            await self.refresh_firewall()
             return
         pid = undo[-1].get("pid") if undo else None
         e.pid = pid if isinstance(pid, int) else None
         await self._apply(e, Event.PLAN_DONE)
+        await self.refresh_firewall()  # peers' tables and the host table learn the cell
 
     def service_exited(self, cell: str, pid: int, ex: Exit) -> None:
         """The spawner saw pid 1 of ``cell`` end (loop thread)."""
@@ -420,6 +457,7 @@ class CellManager:
                     log.error("cell %s: budget not restored: %s", name, exc)
             self._adopt(e, name in repaired)
         self.journal.compact()
+        await self.refresh_firewall()
 
     def _adopt(self, e: CellEntry, repaired: bool) -> None:
         procs: list[int] = []

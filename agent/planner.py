@@ -7,6 +7,7 @@ The order of a create plan, and why it is safe::
     make-netns       agent-owned netns: created outside the cell's user namespace
     ensure-gateway   the VLAN's gateway on the host (only with [network])
     make-link        veth into the netns, untagged port of the cell's VLAN
+    apply-cell-firewall  its nftables table in the netns (when planned with ``peers``)
     start-service    last: the process starts inside everything above, already limited
 
 If step *k* fails the executor undoes *k-1..0*, so a half-made cell never runs.  A destroy
@@ -31,12 +32,15 @@ Derivations (docs/lifecycle.md has the rationale):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
+from agent import firewall
 from agent.addrpool import Lease
 from agent.cellops import (
+    ApplyCellFirewall,
     EnsureGateway,
     KillCell,
     MakeCgroup,
@@ -64,6 +68,7 @@ __all__ = [
     "CPU_PERIOD_US",
     "RLIMITS",
     "Allocation",
+    "cell_firewall",
     "cgroup_limits",
     "cpu_weight",
     "filter_spec",
@@ -160,7 +165,15 @@ def start_service(m: Manifest, alloc: Allocation, config: AgentConfig) -> StartS
         seccomp_enosys=tuple(sorted(fs.enosys)))
 
 
-def plan_create(m: Manifest, alloc: Allocation, config: AgentConfig) -> Plan:
+def cell_firewall(m: Manifest, alloc: Allocation) -> firewall.CellFw | None:
+    """What agent.firewall needs about the cell (None: loopback only)."""
+    return firewall.CellFw.of(m, alloc.vlan, alloc.address)
+
+
+def plan_create(m: Manifest, alloc: Allocation, config: AgentConfig, *,
+                peers: Iterable[firewall.CellFw] | None = None) -> Plan:
+    """``peers``: the other networked cells, for the cell's firewall table; ``None`` plans
+    no firewall step (an agent without nftables)."""
     _check(m, alloc, config)
     paths = _paths(config)
     owner = (m.service.uid, m.service.gid)
@@ -176,6 +189,10 @@ def plan_create(m: Manifest, alloc: Allocation, config: AgentConfig) -> Plan:
         assert alloc.vlan is not None and alloc.address and alloc.gateway
         ops += [EnsureGateway(alloc.vlan, alloc.gateway_interface()),
                 MakeLink(m.name, alloc.vlan, alloc.address, alloc.gateway)]
+        me = cell_firewall(m, alloc)
+        if peers is not None and me is not None:
+            batch = firewall.cell_ruleset(me, peers)
+            ops.append(ApplyCellFirewall(m.name, firewall.batch_json(batch)))
     ops.append(start_service(m, alloc, config))
     return Plan.new(m.name, "create", ops)
 

@@ -110,10 +110,12 @@ class FirewallSync:
       that changes nothing runs no ``nft`` at all.
     """
 
-    def __init__(self, nft: Nft, bridge: str, netns_path: Callable[[str], Path]) -> None:
+    def __init__(self, nft: Nft, bridge: str, netns_path: Callable[[str], Path],
+                 host_netns: Path | None = None) -> None:
         self.nft = nft
         self.bridge = bridge
         self.netns_path = netns_path
+        self.host_netns = host_netns  # None: agentd's own netns (tests pass one of theirs)
         self._lock = threading.Lock()
         self._applied: dict[str, str] = {}  # cell -> batch text its netns holds
         self._host: str | None = None
@@ -147,7 +149,7 @@ class FirewallSync:
                     else firewall.delete_table(firewall.HOST_TABLE))
             text = firewall.batch_json(host)
             if text != self._host:
-                self.nft.apply(host)
+                self.nft.apply(host, self.host_netns)
                 self._host = text
             for cell in list(self._applied):
                 if cell not in want:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import __version__
+from agent import __version__, clitop
 from agent.client import Client, ConnectError, TransportError
 from agent.errors import AgentError
 
@@ -322,6 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", type=count, default=50, metavar="N", help="how many (default 50)")
     sp.add_argument("--stream", choices=("stdout", "stderr"), help="only this stream")
     sp.set_defaults(func=_cmd_logs)
+    clitop.add_parsers(sub, common)  # top, pin, unpin
     sp = sub.add_parser("checkconfig", add_help=False,
                         help="validate manifests and policy offline (see its --help)")
     sp.set_defaults(func=None)

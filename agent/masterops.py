@@ -23,7 +23,6 @@ from agent import net, seccomp, tunerops
 from agent.admission import read_capacity, read_host_pressure
 from agent.cellops import HostNet, Paths
 from agent.cellstate import CellEntry
-from agent.cgroupdetect import open_backend
 from agent.cgroupv2 import CgroupV2
 from agent.config import AgentConfig
 from agent.control import Peer, arg, check_args
@@ -106,7 +105,12 @@ async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
     """The real thing: cgroup v2 subtree (agentd moved to ``agent-master``), the bridge,
     the policy, capacity and PSI readers, the spawner; then journal replay and adoption."""
     loop = asyncio.get_running_loop()
-    backend = open_backend(config.cgroup_root)  # v2, or v1 on legacy BSP kernels
+    try:  # v2, or v1 on legacy BSP kernels (the v1 backend needs cgroupspy)
+        from agent.cgroupdetect import open_backend
+    except ImportError:
+        backend: object = CgroupV2(config.cgroup_root)
+    else:
+        backend = open_backend(config.cgroup_root)
     if isinstance(backend, CgroupV2):
         backend.master = "agent-master"
     cg = cast(CgroupV2, backend)  # the v1 backend has the same cell interface

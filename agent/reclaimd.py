@@ -25,7 +25,6 @@ from typing import Any, Protocol
 from agent import net
 from agent.admission import Request, read_host_pressure
 from agent.cgroup import CgroupBackend
-from agent.cgroupdetect import features
 from agent.errors import AgentError
 from agent.events import Severity
 from agent.lifecycle import Event
@@ -126,6 +125,14 @@ class KernelObjects:
                         ipr.link("del", index=idx)
 
 
+def _has_memory_reclaim(backend: CgroupBackend) -> bool:
+    try:  # agent.cgroupdetect needs cgroupspy (the v1 backend)
+        from agent.cgroupdetect import features
+    except ImportError:
+        return (Path(backend.root) / "memory.reclaim").exists()
+    return "memory.reclaim" in features(backend)
+
+
 @dataclass
 class _Rung:
     level: Level = "none"
@@ -219,7 +226,7 @@ class Reclaimer:
         self.tuner.reconcile()  # a safety net for a missed lifecycle event
         objects = await self._scan(now)
         if self._has_reclaim is None:
-            self._has_reclaim = "memory.reclaim" in features(self.backend)
+            self._has_reclaim = _has_memory_reclaim(self.backend)
         box = BoxView(self.box_pressure(), self._has_reclaim, frozenset(self.host.cells), objects)
         actions = reclaim_pass(self.views(now), box, now, self.config)
         done: list[Action] = []

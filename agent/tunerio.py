@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.cgroup import CgroupBackend
-from agent.cgroupv1 import CgroupV1, cpu_shares
 from agent.errors import KernelError
 
 __all__ = ["Knobs", "PriWatch"]
@@ -34,7 +33,7 @@ class Knobs:
 
     def __init__(self, backend: CgroupBackend) -> None:
         self.backend = backend
-        self.v1 = isinstance(backend, CgroupV1)
+        self.v1 = hasattr(backend, "cell_dir")  # CgroupV1 (not imported: cgroupspy)
 
     def _path(self, cell: str, v2: str, v1: tuple[str, str] | None) -> Path | None:
         if not self.v1:
@@ -96,6 +95,8 @@ class Knobs:
 
     def set_cpu_weight(self, cell: str, weight: int) -> None:
         if self.v1:
+            from agent.cgroupv1 import cpu_shares
+
             self._set(cell, "", ("cpu", "cpu.shares"), str(cpu_shares(weight)))
         else:
             self._set(cell, "cpu.weight", None, str(weight))

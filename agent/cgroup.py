@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 from agent.errors import ConfigError
 
 __all__ = [
+    "ALL_FEATURES",
     "CELL_NAME_RE",
     "CellCgroupBackend",
     "CellStats",
@@ -32,6 +33,10 @@ __all__ = [
     "parse_flat_keyed",
     "parse_pressure",
 ]
+
+# What a backend may lack (cgroup v1 lacks most; see docs/cgroup-v1.md).
+ALL_FEATURES = ("psi", "memory.high", "memory.min", "cgroup.kill", "freeze", "io.weight",
+                "memory.reclaim")
 
 CELL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 

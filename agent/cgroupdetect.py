@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from agent.cgroup import CgroupBackend
-from agent.cgroupv1 import ALL_FEATURES, CgroupV1
+from agent.cgroup import ALL_FEATURES, CgroupBackend
 from agent.cgroupv2 import REQUIRED_CONTROLLERS as V2_REQUIRED
 from agent.cgroupv2 import CgroupV2
 from agent.errors import KernelError
@@ -181,6 +180,13 @@ def open_backend(config_cgroup_root: Path, proc_root: Path = Path("/proc"), *,
         return CgroupV2(root, mount=mount)
     if layout.kind == "v1":
         hierarchies = {c: fs_root / p.relative_to("/") for c, p in layout.hierarchies.items()}
+        try:  # the optional extra agent[cgroupv1]: only v1 kernels need cgroupspy
+            from agent.cgroupv1 import CgroupV1
+        except ImportError as exc:
+            raise KernelError(
+                "load cgroup-v1 backend", "cgroupspy", errno.ENOPKG,
+                f"this kernel has only cgroup v1, which needs cgroupspy: {exc}",
+            ) from exc
         return CgroupV1(root.parent, root.name, hierarchies=hierarchies)
     raise KernelError(
         "detect cgroups", str(proc_root / "self" / "mounts"), errno.ENOENT,

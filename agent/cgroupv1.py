@@ -42,7 +42,7 @@ from cgroupspy.controllers import (
 from cgroupspy.interfaces import BaseFileInterface, IntegerFile
 from cgroupspy.nodes import Node
 
-from agent.cgroup import CellStats, Limits, check_cell_name
+from agent.cgroup import ALL_FEATURES, CellStats, Limits, check_cell_name
 from agent.errors import ConfigError, KernelError
 
 __all__ = [
@@ -65,8 +65,6 @@ OPTIONAL_CONTROLLERS = ("blkio", "freezer")
 CONTROLLERS = REQUIRED_CONTROLLERS + OPTIONAL_CONTROLLERS
 
 # Capability names shared with the v2 backend (agent.cgroupdetect.features).
-ALL_FEATURES = ("psi", "memory.high", "memory.min", "cgroup.kill", "freeze", "io.weight",
-                "memory.reclaim")
 
 
 # -- cgroupspy extensions --------------------------------------------------------------

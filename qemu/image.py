@@ -416,22 +416,7 @@ def build_pylayer() -> Path:
             str(HERE / "requirements-guest.txt"),
         ]
     )
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--root-user-action=ignore",
-            "--no-deps",
-            "--no-compile",
-            *PIP_PLATFORM,
-            "--target",
-            str(target),
-            *map(str, sorted(wheels.glob("*.whl"))),
-        ]
-    )
+    pip_install(target, *PIP_PLATFORM, *map(str, sorted(wheels.glob("*.whl"))))
     shutil.rmtree(wheels)
     shutil.rmtree(target / "bin", ignore_errors=True)
     compile_bytecode(tmp, ["usr/lib/python3/dist-packages"])
@@ -541,23 +526,16 @@ def build_initrd(base: Path) -> Path:
     return out
 
 
+def pip_install(target: Path, *args: str) -> None:
+    """Install wheels into ``target`` as a firmware build does: no deps, no bytecode
+    (compiled later for the box's Python), no scripts (ours are written by hand)."""
+    run([sys.executable, "-m", "pip", "install", "-q", "--root-user-action=ignore",
+         "--no-deps", "--no-compile", "--target", str(target), *args])
+
+
 def install_wheel(whl: Path, root: Path) -> None:
     target = root / "usr/lib/python3/dist-packages"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--root-user-action=ignore",
-            "--no-deps",
-            "--no-compile",
-            "--target",
-            str(target),
-            str(whl),
-        ]
-    )
+    pip_install(target, str(whl))
     shutil.rmtree(target / "bin", ignore_errors=True)
     for script, func in (("agentd", "agent.daemon"), ("agentctl", "agent.cli")):
         p = root / "usr/bin" / script

@@ -7,10 +7,16 @@ netns ``/run/netns/cell-<name>``; the host has one VLAN interface per VLAN
 (``agbr0.<vid>``) holding the gateway address, so traffic between VLANs is
 routed (and filtered) by the host.
 
-Only the classic synchronous ``IPRoute`` / ``NetNS`` API is used, which
-pyroute2 0.7.x provides natively and 0.9.x keeps as a wrapper over its asyncio
-core.  Every function takes the netlink handle (for the "host" side) and the
-paths it touches, so tests can run the whole thing inside a namespace of their
+Only the classic synchronous ``IPRoute`` API is used, which pyroute2 0.7.x
+provides natively and 0.9.x keeps as a wrapper over its asyncio core.  Inside a
+cell's netns no pyroute2 ``NetNS`` (which forks a helper process per use) is
+used: a short-lived thread enters the netns (``unshare``/``setns`` of
+CLONE_NEWNET change only the calling thread), opens a netlink socket there (a
+socket stays in the netns it was made in) and ends; an ``IPRoute`` then runs
+over that socket from any thread (docs/performance.md).
+
+Every function takes the netlink handle (for the "host" side) and the paths it
+touches, so tests can run the whole thing inside a namespace of their
 own.  Every failure is a :class:`~agent.errors.KernelError` naming the netlink
 operation and the object.
 """
@@ -20,16 +26,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pyroute2 import NetNS, netns
+from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent import sys as ksys
 from agent.cgroup import check_cell_name
 from agent.errors import ConfigError, KernelError
 
@@ -56,6 +65,7 @@ __all__ = [
     "list_cell_veths",
     "list_vlan_gateways",
     "netns_path",
+    "open_netns",
     "remove_vlan_gateway",
     "veth_names",
 ]
@@ -67,6 +77,9 @@ ALIAS_PREFIX = "agent-cell:"
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "cell-"
 CELL_IFNAME = "eth0"
+LOOPBACK_INDEX = 1  # lo is ifindex 1 in every network namespace
+_NETLINK_ROUTE = 0
+_T = TypeVar("_T")
 
 # bridge VLAN info flags (include/uapi/linux/if_bridge.h)
 BRIDGE_VLAN_INFO_PVID = 0x2
@@ -260,29 +273,116 @@ def list_vlan_gateways(ipr: Any, bridge: str) -> dict[int, str]:
 # -- cells ---------------------------------------------------------------------
 
 
+def _in_thread(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` in a thread of its own and return its result (or raise its error).
+
+    The thread may change its network namespace: it ends with ``fn``, so no other
+    code ever runs in the namespace it was left in."""
+    out: list[_T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            err.append(exc)
+
+    t = threading.Thread(target=run, name="agent-netns", daemon=True)
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0]
+
+
+def _rtnl_fd() -> int:
+    """A new rtnetlink socket in the calling thread's netns, as a bare fd."""
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE).detach()
+
+
+def _share_dir(run_dir: Path) -> None:
+    """``run_dir`` becomes a shared mount point, so pins made in it show in every mount
+    namespace that has it (what ``ip netns add`` and pyroute2 do)."""
+    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        ksys.mount(None, str(run_dir), None, ksys.MS_SHARED | ksys.MS_REC)
+    except KernelError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: not a mount point yet
+            raise
+        ksys.mount(str(run_dir), str(run_dir), None, ksys.MS_BIND | ksys.MS_REC)
+        ksys.mount(None, str(run_dir), None, ksys.MS_SHARED | ksys.MS_REC)
+
+
+def _ipr_on(fd: int) -> Any:
+    try:
+        return IPRoute(fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_netns(netns_file: Path) -> Any:
+    """An ``IPRoute`` whose socket lives in the netns pinned at ``netns_file`` (no helper
+    process, unlike pyroute2's ``NetNS``).  The caller closes it."""
+
+    def enter() -> int:
+        nsfd = os.open(netns_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ksys.setns(nsfd, ksys.CLONE_NEWNET, str(netns_file))
+        finally:
+            os.close(nsfd)
+        return _rtnl_fd()
+
+    try:
+        fd = _in_thread(enter)
+    except KernelError as exc:
+        raise KernelError(f"netns open ({exc.op})", str(netns_file), exc.errno) from exc
+    except OSError as exc:
+        raise KernelError.from_oserror("netns open", str(netns_file), exc) from exc
+    return _ipr_on(fd)
+
+
 def create_cell_netns(cell: str, run_dir: Path = NETNS_DIR) -> Path:
     """Create the cell's network namespace, pinned at ``run_dir/cell-<name>``
-    (what ``ip netns add`` does), with lo up.  The agent, not the cell, owns it."""
+    (what ``ip netns add`` does), with lo up.  The agent, not the cell, owns it.
+
+    A thread unshares its netns, bind-mounts it on the pin and opens the netlink
+    socket that then sets lo up: no process is forked."""
     path = netns_path(cell, run_dir)
-    with _nl("netns create", str(path)):
-        netns.create(str(path))
+
+    def make() -> int:
+        _share_dir(run_dir)
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+        try:
+            ksys.unshare(ksys.CLONE_NEWNET)
+            ksys.mount("/proc/thread-self/ns/net", str(path), None, ksys.MS_BIND)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return _rtnl_fd()
+
     try:
-        _lo_up(path)
+        fd = _in_thread(make)
+    except KernelError as exc:
+        raise KernelError(f"netns create ({exc.op})", str(path), exc.errno) from exc
+    except OSError as exc:
+        raise KernelError.from_oserror("netns create", str(path), exc) from exc
+    try:
+        _lo_up(fd, path)
     except BaseException:
         destroy_cell_netns(cell, run_dir)
         raise
     return path
 
 
-def _lo_up(netns_file: Path) -> None:
+def _lo_up(fd: int, netns_file: Path) -> None:
     """Loopback up: a cell without a [network] link still has a working 127.0.0.1."""
     where = f"netns {netns_file}"
     with _nl("netns open", where):
-        ns = NetNS(str(netns_file), flags=0)
+        ns = _ipr_on(fd)
     try:
-        lo = _require(ns, "lo", f"loopback in {where}:")
         with _nl("link set", f"lo up in {where}"):
-            ns.link("set", index=lo, state="up")
+            ns.link("set", index=LOOPBACK_INDEX, state="up")
     finally:
         ns.close()
 
@@ -371,17 +471,14 @@ def create_cell_link(
 def _configure_inside(netns_file: Path, peer: str, addr: IPv4Interface,
                       gw: IPv4Address) -> None:
     where = f"netns {netns_file}"
-    with _nl("netns open", where):
-        ns = NetNS(str(netns_file), flags=0)
+    ns = open_netns(netns_file)
     try:
         idx = _require(ns, peer, f"veth in {where}:")
-        with _nl("link set", f"{peer} name {CELL_IFNAME} in {where}"):
-            ns.link("set", index=idx, ifname=CELL_IFNAME)
-        lo = _require(ns, "lo", f"loopback in {where}:")
+        # one request: the kernel renames before it changes the flags
+        with _nl("link set", f"{peer} name {CELL_IFNAME} up in {where}"):
+            ns.link("set", index=idx, ifname=CELL_IFNAME, state="up")
         with _nl("link set", f"lo up in {where}"):
-            ns.link("set", index=lo, state="up")
-        with _nl("link set", f"{CELL_IFNAME} up in {where}"):
-            ns.link("set", index=idx, state="up")
+            ns.link("set", index=LOOPBACK_INDEX, state="up")
         with _nl("addr add", f"{addr} on {CELL_IFNAME} in {where}", ignore=_EXISTS):
             ns.addr("add", index=idx, address=str(addr.ip), prefixlen=addr.network.prefixlen)
         with _nl("route add", f"default via {gw} in {where}", ignore=_EXISTS):
@@ -392,13 +489,18 @@ def _configure_inside(netns_file: Path, peer: str, addr: IPv4Interface,
 
 def destroy_cell_link(ipr: Any, cell: str) -> None:
     """Delete the cell's veth (the peer and the port's VLAN entries go with
-    it).  Missing is fine."""
+    it).  Missing is fine.  By name: one request when the veth is there (its
+    peer goes with it), two when only a stray temporary peer is left."""
     host, peer = veth_names(cell)
     for name in (host, peer):
-        idx = _index(ipr, name)
-        if idx is not None:
-            with _nl("link del", f"veth {name}", ignore=_GONE):
-                ipr.link("del", index=idx)
+        try:
+            ipr.link("del", ifname=name)
+            return
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise KernelError("netlink link del", f"veth {name}", exc.code) from exc
+        except OSError as exc:
+            raise KernelError.from_oserror("link del", f"veth {name}", exc) from exc
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ are in :func:`_child` and docs/sandbox.md.
 from __future__ import annotations
 
 import errno
+import gc
+import itertools
+import logging
 import os
 import resource
 import select
@@ -41,6 +44,10 @@ _HINTS = {
     ("execve", errno.EACCES): "not executable, or on a noexec mount",
 }
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
+# AGENT_SPAWN_TRACE=1 in agentd's environment: the child reports a CLOCK_MONOTONIC
+# timestamp per step over the status pipe and the parent logs them (docs/performance.md).
+_TRACE = os.environ.get("AGENT_SPAWN_TRACE", "") not in ("", "0")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -224,7 +231,8 @@ def _plan(spec: SpawnSpec) -> _Plan:
         dirs = env.get("PATH", _DEFAULT_PATH).split(":")
         paths = tuple(f"{d.rstrip('/')}/{spec.argv[0]}" for d in dirs if d.startswith("/"))
     flags = (ksys.CLONE_NEWNS | ksys.CLONE_NEWPID | ksys.CLONE_NEWUTS | ksys.CLONE_NEWIPC
-             | ksys.CLONE_NEWCGROUP | (0 if spec.netns_path else ksys.CLONE_NEWNET))  # fmt: skip
+             | (0 if spec.cgroup_path else ksys.CLONE_NEWCGROUP)  # see _child
+             | (0 if spec.netns_path else ksys.CLONE_NEWNET))  # fmt: skip
     mask = sum(1 << c for c in keep)
     last = ksys.cap_last_cap()
     return _Plan(spec, root, plan_mounts(root, spec.mounts, spec.uid, spec.gid,
@@ -247,6 +255,11 @@ def _high(fd: int) -> int:
 def _report(fd: int, op: str, target: str, err: int) -> None:
     clean = target.replace("\t", " ").replace("\n", " ")
     os.write(fd, f"F\t{op}\t{clean}\t{err}\n".encode())
+
+
+def _mark(fd: int, step: str) -> None:
+    """Trace point (AGENT_SPAWN_TRACE): ``T<tab>step<tab>monotonic ns`` on the status pipe."""
+    os.write(fd, f"T\t{step}\t{time.monotonic_ns()}\n".encode())
 
 
 def _run_mount(op: MountOp) -> None:
@@ -276,6 +289,8 @@ def _child(p: _Plan, status: int, sync: int, sock: socket.socket, parent: int) -
     s = p.spec
     step, target = "start", ""
     try:
+        if _TRACE:
+            _mark(status, "forked")
         # -- stage 1: intermediate, still in the host pid namespace --------------
         # Die with agentd: a half-made cell must not outlive its creator.
         step = "prctl(PR_SET_PDEATHSIG)"
@@ -293,13 +308,6 @@ def _child(p: _Plan, status: int, sync: int, sock: socket.socket, parent: int) -
             nsfd = os.open(s.netns_path, os.O_RDONLY | os.O_CLOEXEC)
             ksys.setns(nsfd, ksys.CLONE_NEWNET, s.netns_path)
             os.close(nsfd)
-        # Enter the cell's cgroup before unsharing the cgroup namespace, so the
-        # cell's view of the cgroup tree starts at its own leaf.
-        if s.cgroup_path:
-            step, target = "write cgroup.procs", s.cgroup_path
-            fd = os.open(f"{s.cgroup_path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
         if s.userns:
             # The parent (host root) writes uid_map/gid_map; we wait for it.
             step, target = "unshare(user)", ""
@@ -310,6 +318,8 @@ def _child(p: _Plan, status: int, sync: int, sock: socket.socket, parent: int) -
             step = "setresuid(0)"
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
+        if _TRACE:
+            _mark(status, "joined netns, userns")
         # New namespaces, owned by the cell's user namespace if there is one.
         step, target = "unshare", hex(p.unshare_flags)
         ksys.unshare(p.unshare_flags)
@@ -322,12 +332,16 @@ def _child(p: _Plan, status: int, sync: int, sock: socket.socket, parent: int) -
             os._exit(0)
         # -- stage 2: pid 1 of the new pid namespace ------------------------------
         os.setsid()
+        if _TRACE:
+            _mark(status, "unshared, pid 1 forked")
         # Mounts: / becomes rslave first, so nothing below propagates to the host.
         for op in p.mounts:
             step, target = f"{op.op}({op.fstype or 'bind'})", op.target
             _run_mount(op)
         # pivot_root(".", "."): the old root lands on top of "." and is detached
         # at once; the read-only image needs no put_old directory.
+        if _TRACE:
+            _mark(status, "mounts")
         step, target = "pivot_root", p.root
         os.chdir(p.root)
         ksys.pivot_root(".", ".")
@@ -335,6 +349,18 @@ def _child(p: _Plan, status: int, sync: int, sock: socket.socket, parent: int) -
         os.chdir("/")
         step, target = "sethostname", s.hostname
         ksys.sethostname(s.hostname)
+        # The cell's cgroup, as late as possible: the setup above is agentd's work and
+        # must not run under the cell's cpu.max (a 20% quota made it 5x slower).  The
+        # parent (host root) moves us; then the cgroup namespace is unshared, so the
+        # cell's view of the cgroup tree starts at its own leaf.  Nothing of the
+        # cell's own has run yet.
+        if s.cgroup_path:
+            step, target = "join cgroup", s.cgroup_path
+            os.write(status, b"C\n")
+            if os.read(sync, 1) != b"1":
+                os._exit(127)
+            step, target = "unshare(cgroup)", s.cgroup_path
+            ksys.unshare(ksys.CLONE_NEWCGROUP)
         # rlimits before dropping CAP_SYS_RESOURCE (raising a hard limit needs it).
         for res, soft, hard in p.rlimits:
             step, target = "setrlimit", str(res)
@@ -356,6 +382,8 @@ def _child(p: _Plan, status: int, sync: int, sock: socket.socket, parent: int) -
             for cap in p.keep_caps:
                 ksys.raise_ambient(cap)
             ksys.set_keepcaps(False)
+        if _TRACE:
+            _mark(status, "pivot_root, hostname, rlimits, caps")
         step, target = "chdir", s.cwd
         os.chdir(s.cwd)
         if s.no_new_privs:
@@ -374,12 +402,16 @@ def _child(p: _Plan, status: int, sync: int, sock: socket.socket, parent: int) -
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         # The filter goes last: from here on every syscall is filtered, and the
         # few left (sendmsg, close, write, execve) are allowed by every policy.
+        if _TRACE:
+            _mark(status, "no_new_privs, stdio, signals")
         if s.seccomp is not None:
             step, target = "seccomp", "filter"
             lfd = sc.install_filter(s.seccomp, new_listener=True)
             assert lfd is not None
             socket.send_fds(sock, [b"S"], [lfd])
             os.close(lfd)
+        if _TRACE:
+            _mark(status, "seccomp")
         os.write(status, b"X\n")
         err = errno.ENOENT
         for path in p.exec_paths:
@@ -399,6 +431,18 @@ def _child(p: _Plan, status: int, sync: int, sock: socket.socket, parent: int) -
         _report(status, step, target, errno.EIO)
     finally:
         os._exit(127)
+
+
+def _join_cgroup(path: str, pid: int) -> None:
+    procs = f"{path}/cgroup.procs"
+    try:
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise KernelError.from_oserror("write", procs, e, "does the cell's cgroup exist?") from None
 
 
 def _write_maps(pid: int, m: UidMap) -> None:
@@ -442,7 +486,18 @@ def spawn_cell(spec: SpawnSpec) -> Spawned:
             sk.close()
             raise KernelError("socketpair", "fd", errno.EBADF, "agentd must keep fds 0-2 open")
     parent = os.getpid()
-    inter = os.fork()
+    t_fork = time.monotonic_ns()
+    # No garbage collection in the child: a collection there walks (and so writes to)
+    # every object agentd has, copying agentd's whole heap page by page (copy-on-write);
+    # under emulation that alone took seconds.  The child execs soon, so it never needs
+    # one; the parent turns collection back on at once.
+    gc_on = gc.isenabled()
+    gc.disable()
+    try:
+        inter = os.fork()
+    finally:
+        if gc_on and os.getpid() == parent:
+            gc.enable()
     if inter == 0:
         os.close(status_r)
         os.close(sync_w)
@@ -455,6 +510,18 @@ def spawn_cell(spec: SpawnSpec) -> Spawned:
     pidfd: int | None = None
     listener: int | None = None
     inter_alive = True
+    trace: list[tuple[str, int]] = [("fork", t_fork)]
+    join_pending = False
+
+    def _move(pid: int) -> None:
+        assert spec.cgroup_path is not None
+        try:
+            _join_cgroup(spec.cgroup_path, pid)
+        except KernelError:
+            os.write(sync_w, b"0")
+            raise
+        os.write(sync_w, b"1")
+
     try:
         failure: tuple[str, str, int] | None = None
         deadline = time.monotonic() + spec.timeout
@@ -480,10 +547,25 @@ def spawn_cell(spec: SpawnSpec) -> Spawned:
                 elif kind == "P":
                     cell = int(rest[0])
                     pidfd = ksys.pidfd_open(cell)  # cell is our (grand)child: pid cannot recycle
+                    if join_pending:
+                        join_pending = False
+                        _move(cell)
+                elif kind == "C" and spec.cgroup_path:
+                    if cell is None:  # pid 1 asked before the intermediate said who it is
+                        join_pending = True
+                    else:
+                        _move(cell)
                 elif kind == "F" and failure is None:
                     failure = (rest[0], rest[1], int(rest[2]))
+                elif kind == "T" and len(rest) == 2:
+                    trace.append((rest[0], int(rest[1])))
         os.waitpid(inter, 0)
         inter_alive = False
+        if len(trace) > 1:
+            trace.append(("exec", time.monotonic_ns()))
+            log.info("spawn %s: %s", spec.hostname, " ".join(
+                f"{step}+{(ts - prev) / 1e6:.1f}ms"
+                for (_, prev), (step, ts) in itertools.pairwise(trace)))
         if failure:
             op, target, err = failure
             hint = _HINTS.get((op.split("(")[0], err))

@@ -27,7 +27,7 @@ __all__ = [
     "AUDIT_ARCH", "CAPS", "CLONE_NEWCGROUP", "CLONE_NEWIPC", "CLONE_NEWNET", "CLONE_NEWNS",
     "CLONE_NEWPID", "CLONE_NEWTIME", "CLONE_NEWUSER", "CLONE_NEWUTS", "HOST_ARCH", "MNT_DETACH",
     "MS_BIND", "MS_NODEV", "MS_NOEXEC", "MS_NOSUID", "MS_PRIVATE", "MS_RDONLY", "MS_REC",
-    "MS_REMOUNT", "MS_SLAVE", "NS_FLAGS", "SYSCALLS", "cap_last_cap", "cap_number",
+    "MS_REMOUNT", "MS_SHARED", "MS_SLAVE", "NS_FLAGS", "SYSCALLS", "cap_last_cap", "cap_number",
     "capbset_drop", "capget", "capset", "clear_ambient", "close_range_cloexec", "mount",
     "normalize_arch", "pidfd_open", "pidfd_send_signal", "pivot_root", "raise_ambient", "seccomp",
     "set_child_subreaper", "set_keepcaps", "set_no_new_privs", "set_pdeathsig", "sethostname",
@@ -116,6 +116,7 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
 _PR_SET_PDEATHSIG = 1

@@ -236,19 +236,26 @@ def _cmd_logs(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _cmd_checkconfig(argv: list[str]) -> int:
+PASSTHROUGH = {
+    "checkconfig": "agent.checkconfig",
+    "diag": "agent.diag",
+}
+
+
+def _cmd_passthrough(command: str, argv: list[str]) -> int:
+    """``checkconfig`` and ``diag`` parse their own arguments (``agentctl diag --help``)."""
+    module = PASSTHROUGH[command]
     try:
-        checkconfig = importlib.import_module("agent.checkconfig")
-        cli_main = checkconfig.cli_main
+        cli_main = importlib.import_module(module).cli_main
     except (ImportError, AttributeError) as exc:
-        print(f"agentctl: error[E_UNAVAILABLE]: checkconfig is not available: {exc}",
+        print(f"agentctl: error[E_UNAVAILABLE]: {command} is not available: {exc}",
               file=sys.stderr)
-        print("hint: this build lacks agent.checkconfig; reinstall the agent package",
+        print(f"hint: this build lacks {module}; reinstall the agent package",
               file=sys.stderr)
         return EXIT_ERROR
     try:
         return int(cli_main(argv))
-    except SystemExit as exc:  # an argparse inside checkconfig
+    except SystemExit as exc:  # an argparse inside the module
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
@@ -324,14 +331,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_logs)
     clitop.add_parsers(sub, common)  # top, pin, unpin
     sp = sub.add_parser("checkconfig", add_help=False,
-                        help="validate manifests and policy offline (see its --help)")
+                        help="kernel features the agent uses: present, degraded, missing")
+    sp.set_defaults(func=None)
+    sp = sub.add_parser("diag", add_help=False,
+                        help="one screen for a serial console; --bundle FILE for a report")
     sp.set_defaults(func=None)
     return p
 
 
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
-    """Split ``[globals] checkconfig [its args]``: everything after ``checkconfig`` goes
-    to agent.checkconfig untouched (argparse would try to parse its options)."""
+    """Split ``[globals] checkconfig|diag [its args]``: everything after the command goes
+    to its module untouched (argparse would try to parse its options)."""
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -341,7 +351,7 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
         if tok.startswith("-"):
             i += 1
             continue
-        if tok == "checkconfig":
+        if tok in PASSTHROUGH:
             return argv[: i + 1], argv[i + 1 :]
         break
     return argv, None
@@ -354,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parser.parse_args(args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if ns.command == "checkconfig":
-        return _cmd_checkconfig(passthrough or [])
+    if ns.command in PASSTHROUGH:
+        return _cmd_passthrough(ns.command, passthrough or [])
     func: Command = ns.func
     client = Client(ns.socket, timeout=5.0 if ns.timeout is None else ns.timeout)
     try:

@@ -206,10 +206,14 @@ def _kernel_lines(src: Sources, view: DaemonView) -> list[str]:
         mode = "unknown"
     report = check(src.root, release=uts.release)
     counts = {s: sum(1 for f in report.features if f.status is s) for s in Status}
-    out = [f"kernel   {uts.release} {uts.machine}, cgroup {mode}",
+    absent = [f.feature.name for f in report.features if f.status is Status.MISSING]
+    source = report.config_source or "not found"
+    if source.startswith(str(src.root).rstrip("/") + "/"):  # as seen on the box
+        source = "/" + str(Path(source).relative_to(src.root))
+    out = [f"kernel   {uts.release} {uts.machine}, cgroup {mode}, config {source}",
            f"features {counts[Status.PRESENT]} present, {counts[Status.DEGRADED]} degraded, "
-           f"{counts[Status.MISSING]} missing, {counts[Status.UNKNOWN]} unknown "
-           f"(config: {report.config_source or 'none'})"]
+           f"{counts[Status.MISSING]} missing, {counts[Status.UNKNOWN]} unknown"
+           + (f": no {', '.join(absent)}" if absent else "")]
     missing = [f.feature.name for f in report.features if f.fatal]
     if missing:
         out.append("  MISSING required: " + ", ".join(missing) + " (agentctl checkconfig)")

@@ -175,8 +175,8 @@ def test_screen_with_daemon_up(tmp_path: Path) -> None:
     text = "\n".join(lines)
     assert f"agent {__version__} diag on stb-7" in lines[0]
     assert "pid 4242 up 1h02m" in text
-    assert f"kernel   {RELEASE} aarch64, cgroup v2" in text
-    assert "1 missing" in text and "MISSING required" not in text  # only ikconfig
+    assert f"kernel   {RELEASE} aarch64, cgroup v2, config /boot/config-{RELEASE}" in text
+    assert "1 missing, 0 unknown: no ikconfig" in text and "MISSING required" not in text
     assert "cells    3: 1 failed, 2 running" in text
     assert "budget   free cpu 1.25 mem 700.0M pids 3000; used cpu 0.50 mem 128.0M" in text
     assert "journal  2.9K (max 2.0M)" in text
@@ -207,7 +207,7 @@ def test_screen_names_missing_required_features(tmp_path: Path) -> None:
     src, _ = sources(make_tree(tmp_path, config=config), up_answers())
     text = "\n".join(screen(src))
     assert "MISSING required: bridge_vlan" in text
-    assert "2 missing" in text  # bridge_vlan and ikconfig
+    assert "2 missing, 0 unknown: no bridge_vlan, ikconfig" in text
 
 
 def test_screen_survives_partial_answers(tmp_path: Path) -> None:

@@ -1,0 +1,358 @@
+"""Helpers for the guest tests that drive the live agentd with real cells.
+
+Shared by test_isolation.py, test_scale.py and test_control_fuzz.py (import the
+``clean`` fixture into a test module to use it).  Everything here runs in the box.
+
+* :func:`ctl` runs ``agentctl --json``; :func:`wait_for` polls; :func:`ps` lists cells.
+* :func:`leftovers` is everything a cell may leave behind in the box (cgroup leaves,
+  links, bridge VLAN entries, root-ns mount points, pinned netns, run dirs, the nftables
+  ruleset, cells, leases and open plans in the journal); the ``clean`` fixture checks
+  it is exactly as before.
+* :func:`write_manifest` writes a test manifest into /etc/agent/services (the root disk
+  is a throwaway snapshot); :func:`py_image` builds, once per boot, a cell image with
+  the box's own python3 (hard links of /usr, /lib, /bin) so probes inside a cell can
+  make exact syscalls through ctypes; :func:`probe` runs a python snippet as a oneshot
+  cell and returns what it printed as ``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = [
+    "CG",
+    "DEMO",
+    "NETNS",
+    "PROBE_LIB",
+    "RUN_CELLS",
+    "SERVICES",
+    "agentd_pid",
+    "call",
+    "clean",
+    "ctl",
+    "diff",
+    "ensure_agentd",
+    "journal_live",
+    "kill9_and_restart",
+    "leftovers",
+    "log_tail",
+    "logs",
+    "manifest_text",
+    "probe",
+    "ps",
+    "py_image",
+    "run_until_gone",
+    "sh",
+    "start",
+    "start_probe",
+    "stop_all",
+    "timed_status",
+    "wait_for",
+    "warm_up",
+    "write_manifest",
+]
+
+CG = Path("/sys/fs/cgroup/agent")
+NETNS = Path("/run/netns")
+RUN_CELLS = Path("/run/agent/cells")
+PIDFILE = Path("/var/run/agentd.pid")
+LOG = Path("/var/log/agentd.log")
+SERVICES = Path("/etc/agent/services")
+JOURNAL = Path("/var/lib/agent/agent.journal")
+DEMO = "/usr/share/agent/images/demo"
+PYIMG = Path("/var/lib/agent-tests/pyimage")
+
+# Imported by every probe (python3 -S inside the cell): exact syscalls, errno names.
+PROBE_LIB = r'''
+import ctypes, errno, json, os, socket, sys
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+def call(fn, *args):
+    """'ok' or the errno name of a libc call."""
+    ctypes.set_errno(0)
+    r = fn(*args)
+    if r == -1:
+        return errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+    return "ok"
+
+def oserr(f, *args):
+    try:
+        f(*args)
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+def result(d):
+    print("RESULT " + json.dumps(d), flush=True)
+'''
+
+
+def log_tail(n: int = 40) -> str:
+    try:
+        return "\n".join(LOG.read_text().splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=timeout)
+    if check and r.returncode:
+        raise AssertionError(f"{argv} exited {r.returncode}: {r.stdout}{r.stderr}\n"
+                             f"--- agentd log ---\n{log_tail()}")
+    return r
+
+
+def ctl(*args: str, timeout: float = 90) -> Any:
+    return json.loads(sh("agentctl", "--json", *args, timeout=timeout).stdout)
+
+
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20,
+             every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}\n--- agentd log ---\n{log_tail()}")
+
+
+def call(op: str, **args: Any) -> Any:
+    """One request through agent.client in this process (what agentctl sends, without
+    starting a python per poll: the box is slow at that)."""
+    from agent.client import Client
+
+    with Client() as c:
+        return c.call(op, **args)
+
+
+def ps() -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in call("ps")}
+
+
+def logs(name: str, n: int = 500) -> list[str]:
+    return [str(x["line"]) for x in call("logs", name=name, n=n)["lines"]]
+
+
+def timed_status(limit: float = 5.0) -> float:
+    """``agentctl status`` must answer within ``limit`` seconds; returns the time taken."""
+    t = time.monotonic()
+    sh("agentctl", "status", timeout=limit + 30)
+    took = time.monotonic() - t
+    assert took < limit, f"agentctl status took {took:.1f} s"
+    return took
+
+
+def agentd_pid() -> int:
+    return int(PIDFILE.read_text().strip())
+
+
+def ensure_agentd() -> None:
+    if sh("agentctl", "ping", check=False).returncode != 0:
+        sh("/etc/init.d/S50agentd", "start")
+        wait_for(lambda: sh("agentctl", "ping", check=False).returncode == 0, "agentd ping",
+                 timeout=60)
+
+
+def kill9_and_restart() -> None:
+    pid = agentd_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists()
+             or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], "agentd to die")
+    sh("/etc/init.d/S50agentd", "start")
+    wait_for(lambda: sh("agentctl", "ping", check=False).returncode == 0, "agentd restarted",
+             timeout=60)
+
+
+def journal_live() -> dict[str, list[str]]:
+    """Cells, leases and unfinished plans the journal still holds."""
+    from agent.cellstate import replay
+    from agent.journal import read_journal
+    from agent.plan import recover
+
+    if not JOURNAL.exists():
+        return {"cells": [], "leases": [], "open_plans": []}
+    recs = read_journal(JOURNAL).records
+    st = replay(recs)
+    return {"cells": sorted(st.cells), "leases": sorted(st.leases),
+            "open_plans": sorted(p.target for p in recover(recs))}
+
+
+def _mount_points() -> list[str]:
+    # mount point and fs type of every mount of the root mount namespace (ids vary)
+    out = []
+    for line in Path("/proc/1/mountinfo").read_text().splitlines():
+        f = line.split()
+        out.append(f"{f[4]} {f[f.index('-') + 1]}")
+    return sorted(out)
+
+
+def leftovers() -> dict[str, Any]:
+    """What cells may leave behind: everything here must be as before, VLAN gateways
+    (agbr0.N and the bridge's own `vid N self`) included."""
+    vlans = json.loads(sh("bridge", "-j", "vlan", "show", check=False).stdout or "[]")
+    nft = sh("nft", "-j", "list", "ruleset", check=False)
+    return {
+        "cgroups": sorted(p.name for p in CG.iterdir() if p.is_dir()) if CG.exists() else [],
+        "links": sorted(p.name for p in Path("/sys/class/net").iterdir()),
+        "vlans": vlans,
+        "mounts": _mount_points(),
+        "netns": sorted(p.name for p in NETNS.iterdir()) if NETNS.exists() else [],
+        "run": sorted(p.name for p in RUN_CELLS.iterdir()) if RUN_CELLS.exists() else [],
+        "nft": json.loads(nft.stdout) if nft.returncode == 0 and nft.stdout else nft.stderr,
+        "journal": journal_live(),
+    }
+
+
+def stop_all(parallel: int = 1) -> None:
+    """Stop every cell; ``parallel`` stops at once (see docs/isolation.md: stopping the
+    last cells of a VLAN concurrently leaks its gateway)."""
+    names = list(ps())
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(lambda n: sh("agentctl", "stop", n, check=False, timeout=120), names))
+
+
+def diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    return "\n".join(f"{k}: before {before.get(k)!r}\n{' ' * len(k)}  after  {after.get(k)!r}"
+                     for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k))
+
+
+def warm_up() -> None:
+    """The first cell of a boot mounts the tmpfs on /run/netns (as `ip netns add` does),
+    which stays: make it exist before a baseline is taken."""
+    if not NETNS.is_mount():
+        run_until_gone("demo-echo")
+
+
+@pytest.fixture
+def clean() -> Iterator[dict[str, Any]]:
+    ensure_agentd()
+    warm_up()
+    before = leftovers()
+    yield before
+    ensure_agentd()
+    stop_all()
+    after = leftovers()
+    assert after == before, "left behind:\n" + diff(before, after)
+
+
+def manifest_text(name: str, args: list[str], *, command: str = "/bin/busybox",
+                  image: str = DEMO, oneshot: bool = False, uid: int = 0,
+                  resources: Mapping[str, Any] | None = None,
+                  network: Mapping[str, Any] | None = None,
+                  extra: str = "") -> str:
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)  # JSON strings and numbers are valid TOML
+
+    lines = [f"name = {val(name)}", "[service]", f"command = {val(command)}",
+             f"args = {val(args)}", f"uid = {uid}", f"gid = {uid}",
+             "[image]", f"root = {val(image)}"]
+    if resources:
+        lines.append("[resources]")
+        lines += [f"{k} = {val(v)}" for k, v in resources.items()]
+    if network is not None:
+        lines.append("[network]")
+        lines += [f"{k} = {val(v)}" for k, v in network.items()]
+    lines += ["[lifecycle]", 'mode = "oneshot"' if oneshot else 'mode = "service"',
+              'restart = "no"']
+    return "\n".join(lines) + "\n" + extra
+
+
+def write_manifest(name: str, args: list[str], **kw: Any) -> Path:
+    path = SERVICES / f"{name}.toml"
+    path.write_text(manifest_text(name, args, **kw))
+    return path
+
+
+def py_image() -> str:
+    """A cell image holding the box's python3: hard links of /usr, /lib and /bin (same
+    file system, so instant), made once per boot.  Probes go to <image>/probes."""
+    if (PYIMG / "usr/bin/python3").exists():
+        return str(PYIMG)
+    tmp = PYIMG.with_name("pyimage.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, mode=0o755)
+    tmp.parent.chmod(0o755)
+    for d in ("usr", "lib", "bin"):
+        sh("cp", "-al", f"/{d}", str(tmp / d))
+    for d in ("proc", "dev", "tmp", "etc", "sys", "run", "probes", "data", "root"):
+        (tmp / d).mkdir(exist_ok=True, mode=0o755)
+    (tmp / "tmp").chmod(0o1777)
+    (tmp / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    (tmp / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (tmp / "etc/group").write_text("root:x:0:\n")
+    (tmp / "probes/probelib.py").write_text(PROBE_LIB)
+    tmp.rename(PYIMG)
+    return str(PYIMG)
+
+
+def run_until_gone(name: str, timeout: float = 60) -> list[str]:
+    """Run a oneshot cell and wait until agentd destroyed it; its output lines."""
+    ctl("run", name, timeout=timeout)
+    wait_for(lambda: name not in ps(), f"{name} to be destroyed", timeout=timeout)
+    return logs(name)
+
+
+def probe(name: str, code: str, *, oneshot: bool = True, **kw: Any) -> dict[str, Any]:
+    """Run ``code`` (python, after PROBE_LIB) as pid 1 of a fresh oneshot cell and return
+    the dict it passed to ``result()``."""
+    image = _probe_script(name, code)
+    write_manifest(name, ["-S", "-B", f"/probes/{name}.py"], command="/usr/bin/python3",
+                   image=image, oneshot=oneshot, **kw)
+    try:
+        lines = run_until_gone(name)
+    finally:
+        (SERVICES / f"{name}.toml").unlink(missing_ok=True)
+    found = [x for x in lines if x.startswith("RESULT ")]
+    assert found, f"probe {name} printed no RESULT:\n" + "\n".join(lines)
+    return dict(json.loads(found[-1].removeprefix("RESULT ")))
+
+
+def _probe_script(name: str, code: str) -> str:
+    image = py_image()
+    script = Path(image) / "probes" / f"{name}.py"
+    script.write_text("import sys\nsys.path.insert(0, '/probes')\nfrom probelib import *\n"
+                      + code)
+    return image
+
+
+def start(name: str, args: list[str], **kw: Any) -> dict[str, Any]:
+    """Write a service manifest, run it; its ``ps`` row (the manifest stays until the
+    test ends: the ``clean`` fixture stops the cell)."""
+    write_manifest(name, args, **kw)
+    ctl("run", name)
+    row = ps()[name]
+    assert row["state"] == "running", row
+    return row
+
+
+def start_probe(name: str, code: str, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run python ``code`` as pid 1 of a long-running cell; its ps row and the dict it
+    passed to ``result()`` (the code should then sleep)."""
+    image = _probe_script(name, code)
+    row = start(name, ["-S", "-B", f"/probes/{name}.py"], command="/usr/bin/python3",
+                image=image, **kw)
+
+    def got() -> str | None:
+        found = [x for x in logs(name) if x.startswith("RESULT ")]
+        return found[-1] if found else None
+
+    line = wait_for(got, f"{name} to print its RESULT", timeout=30)
+    return row, dict(json.loads(line.removeprefix("RESULT ")))

@@ -439,8 +439,6 @@ def create_cell_link(
     try:
         host_idx = _require(ipr, host, "veth")
         peer_idx = _require(ipr, peer, "veth")
-        with _nl("link set", f"veth {host} alias"):
-            ipr.link("set", index=host_idx, ifalias=ALIAS_PREFIX + cell)
         # A path, not an fd: with pyroute2 0.7 a NetNS handle encodes the
         # request in a helper process, where an fd of ours means nothing.
         if not netns_file.exists():
@@ -448,16 +446,17 @@ def create_cell_link(
                               errno.ENOENT, "create the cell's netns first")
         with _nl("link set", f"veth {peer} netns {netns_file}"):
             ipr.link("set", index=peer_idx, net_ns_fd=str(netns_file))
-        with _nl("link set", f"veth {host} master {bridge}"):
-            ipr.link("set", index=host_idx, master=br)
+        # alias, port of the bridge and up in one request; up before the VLAN entries
+        # is safe: a new port of a bridge made by ensure_bridge has no VLAN (PVID 0)
+        # and so carries nothing until the entries below exist
+        with _nl("link set", f"veth {host} alias, master {bridge}, up"):
+            ipr.link("set", index=host_idx, ifalias=ALIAS_PREFIX + cell, master=br, state="up")
         if vlan is not None:
             flags = BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED
             with _nl("vlan_filter add", f"port {host} vid {vlan} pvid untagged"):
                 ipr.vlan_filter("add", index=host_idx, vlan_info={"vid": vlan, "flags": flags})
             with _nl("vlan_filter del", f"port {host} vid 1", ignore=_GONE):
                 ipr.vlan_filter("del", index=host_idx, vlan_info={"vid": 1})
-        with _nl("link set", f"veth {host} up"):
-            ipr.link("set", index=host_idx, state="up")
         _configure_inside(netns_file, peer, addr, gw)
     except BaseException:
         try:

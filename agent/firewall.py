@@ -5,8 +5,10 @@ transaction, by agent.nft:
 
 * ``inet agent_cell`` in each networked cell's netns (channel 1).  ``input`` accepts new
   connections only from the cells whose manifests name this cell as a peer, to the ports
-  they name; ``output`` lets the cell open connections only to its own peers' addresses
-  and ports, plus what ``network.egress`` allows.  Both chains drop everything else, and
+  they name, and from the host itself (the cell's gateway address: agentd, operator
+  tools; a cell can never use that source, see ``output``); ``output`` lets the cell
+  open connections only to its own peers' addresses and ports, plus what
+  ``network.egress`` allows.  Both chains drop everything else, and
   ``output`` drops packets whose source is not the cell's own address (anti-spoofing).
 * ``inet agent_host`` in the host's netns (channel 3), for traffic routed between the
   VLAN gateways ``<bridge>.N``: each allowed pair (client -> server address:port/proto),
@@ -62,18 +64,22 @@ class CellFw:
     peers: tuple[Peer, ...] = ()
     egress_any: bool = False
     egress: tuple[EgressRule, ...] = ()
+    gateway: str = ""  # the host's address on the cell's VLAN ("": host gets no access)
 
     def __post_init__(self) -> None:
         IPv4Address(self.address)  # ValueError for anything else
+        if self.gateway:
+            IPv4Address(self.gateway)
 
     @classmethod
-    def of(cls, m: Manifest, vlan: int | None, address: str | None) -> CellFw | None:
+    def of(cls, m: Manifest, vlan: int | None, address: str | None,
+           gateway: str | None = None) -> CellFw | None:
         """``None`` for a loopback-only cell (no [network], or no lease)."""
         if m.network is None or vlan is None or not address:
             return None
         n = m.network
         return cls(m.name, vlan, str(IPv4Interface(address).ip), n.peers, n.egress_any,
-                   n.egress)
+                   n.egress, str(IPv4Interface(gateway).ip) if gateway else "")
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,8 @@ def cell_ruleset(me: CellFw, cells: Iterable[CellFw]) -> list[Json]:
         b.rule(chain, _meta(dev, "lo"), _ACCEPT, comment="loopback")
         b.rule(chain, _CT_OK, _ACCEPT, comment="replies")
         b.rule(chain, _CT_INVALID, _COUNTER, _DROP, comment="invalid")
+    if me.gateway:
+        b.rule("input", _ip("saddr", me.gateway), _ACCEPT, comment="from the host")
     for f in allowed_flows(everyone):
         if f.server == me.name:
             b.rule("input", _ip("saddr", f.client_addr), _ports(f.proto, f.ports), _ACCEPT,

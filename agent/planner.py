@@ -167,7 +167,7 @@ def start_service(m: Manifest, alloc: Allocation, config: AgentConfig) -> StartS
 
 def cell_firewall(m: Manifest, alloc: Allocation) -> firewall.CellFw | None:
     """What agent.firewall needs about the cell (None: loopback only)."""
-    return firewall.CellFw.of(m, alloc.vlan, alloc.address)
+    return firewall.CellFw.of(m, alloc.vlan, alloc.address, alloc.gateway)
 
 
 def plan_create(m: Manifest, alloc: Allocation, config: AgentConfig, *,

@@ -128,6 +128,23 @@ def write_manifest(name: str) -> None:
         '[lifecycle]\nmode = "service"\nrestart = "no"\n')
 
 
+def cell_fws(rows: dict[str, dict[str, Any]]) -> list[CellFw]:
+    """What agentd computes for the firewall, from the manifests and ``ps``."""
+    out = []
+    for n in MANIFESTS:
+        c = CellFw.of(load_manifest(str(SERVICES / f"{n}.toml")), rows[n]["vlan"],
+                      rows[n]["address"], rows[n]["address"].rsplit(".", 1)[0] + ".1")
+        assert c is not None
+        out.append(c)
+    return out
+
+
+def restore_table(rows: dict[str, dict[str, Any]], cell: str) -> None:
+    cfs = cell_fws(rows)
+    me = next(c for c in cfs if c.name == cell)
+    Nft().apply(fw.cell_ruleset(me, cfs), netns(cell))
+
+
 def table_in(cell: str) -> dict[str, Any] | None:
     return Nft().list_table(fw.CELL_TABLE, netns(cell))
 
@@ -150,9 +167,7 @@ def cells() -> Iterator[dict[str, Any]]:
         rows = ps()
         by_agentd = table_in("fw-web") is not None
         if not by_agentd:  # apply the tables as agentd would (see the module docstring)
-            fcs = [CellFw.of(load_manifest(str(SERVICES / f"{n}.toml")), rows[n]["vlan"],
-                             rows[n]["address"]) for n in MANIFESTS]
-            cfs = [c for c in fcs if c is not None]
+            cfs = cell_fws(rows)
             sync = FirewallSync(Nft(), "agbr0", netns)
             for c in cfs:
                 sync.apply_cell(c.name, fw.cell_ruleset(c, cfs))
@@ -183,6 +198,10 @@ def test_allowed_pair_connects(cells: dict[str, Any]) -> None:
     web = cells["addr"]["fw-web"]
     out = connect("fw-client", web, 8080)
     assert out.startswith("ok HTTP/"), f"{out}\n{sh('nft', 'list', 'ruleset').stdout}"
+    # the host itself (agentd, an operator) may connect into a cell, on any port
+    with socket.create_connection((web, 8081), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert s.recv(12).startswith(b"HTTP/")
 
 
 def test_not_allowed_is_dropped_and_counted(cells: dict[str, Any]) -> None:
@@ -213,12 +232,7 @@ def test_host_table_alone_blocks_unlisted_pairs(cells: dict[str, Any]) -> None:
         assert not fetch("fw-other", cells["addr"]["fw-web"], 8080)
         assert host_counter("drop cell to cell") > dropped
     finally:
-        rows = cells["rows"]
-        cfs = [c for n in MANIFESTS if (c := CellFw.of(
-            load_manifest(str(SERVICES / f"{n}.toml")), rows[n]["vlan"],
-            rows[n]["address"])) is not None]
-        me = next(c for c in cfs if c.name == "fw-other")
-        Nft().apply(fw.cell_ruleset(me, cfs), netns("fw-other"))
+        restore_table(cells["rows"], "fw-other")
 
 
 def _listen(port: int) -> tuple[socket.socket, threading.Event]:
@@ -258,12 +272,7 @@ def test_cell_cannot_reach_the_host(cells: dict[str, Any]) -> None:
         assert got.wait(3)
     finally:
         srv.close()
-        rows = cells["rows"]
-        cfs = [c for n in MANIFESTS if (c := CellFw.of(
-            load_manifest(str(SERVICES / f"{n}.toml")), rows[n]["vlan"],
-            rows[n]["address"])) is not None]
-        me = next(c for c in cfs if c.name == "fw-other")
-        Nft().apply(fw.cell_ruleset(me, cfs), netns("fw-other"))
+        restore_table(cells["rows"], "fw-other")
 
 
 def test_cell_netns_belongs_to_the_host_user_namespace(cells: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 The rules are checked by reading the generated nft JSON back (what each accept rule
 matches), never against hard-coded text, so the tests hold for any equivalent encoding.
 The same batches are applied by the kernel in tests/privileged/test_nft_host.py and
-tests/guest/test_firewall.py.
+tests/guest/test_firewall_box.py.
 """
 
 from __future__ import annotations
@@ -105,9 +105,14 @@ def _proto_ports(r: Rule) -> tuple[str, set[int]]:
 
 
 def meaningful_accepts(batch: Sequence[dict[str, Any]]) -> list[Rule]:
-    """Every accept that is neither loopback nor a reply."""
+    """Every accept that is neither loopback, a reply nor the host's way in."""
     return [r for r in rules(batch) if r.verdict == "accept" and "ct.state" not in r.m
-            and r.m.get("iifname") != ("==", "lo") and r.m.get("oifname") != ("==", "lo")]
+            and r.m.get("iifname") != ("==", "lo") and r.m.get("oifname") != ("==", "lo")
+            and r.comment != "from the host"]
+
+
+def host_way_in(batch: Sequence[dict[str, Any]]) -> list[Rule]:
+    return [r for r in rules(batch) if r.comment == "from the host"]
 
 
 # -- the demo manifests --------------------------------------------------------------------
@@ -146,6 +151,9 @@ def test_demo_cell_tables() -> None:
     assert out.m["ip.daddr"] == ("==", web.address) and _proto_ports(out) == ("tcp", {8080})
     assert [r for r in meaningful_accepts(cb) if r.chain == "input"] == []
     for b, me in ((wb, web), (cb, client)):
+        (h,) = host_way_in(b)  # the host (its address on the cell's VLAN) may connect in
+        assert h.chain == "input" and h.m == {"ip.saddr": ("==", me.gateway)}
+        assert me.gateway == me.address.rsplit(".", 1)[0] + ".1"
         chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in b
                   if "chain" in c.get("add", {})}
         assert {n: c["policy"] for n, c in chains.items()} == {"input": "drop", "output": "drop"}
@@ -231,7 +239,8 @@ def test_batches_replace_the_table_atomically() -> None:
 def test_cellfw_from_manifest() -> None:
     assert cell_firewall(demo("demo-echo"), Allocation(uid_base=1)) is None
     web = cell_firewall(demo("demo-web"), WEB_ALLOC)
-    assert web == CellFw("demo-web", 100, "10.77.0.2")
+    assert web == CellFw("demo-web", 100, "10.77.0.2", gateway="10.77.0.1")
+    assert host_way_in(fw.cell_ruleset(CellFw("x", 100, "10.77.0.3"), [])) == []
     with pytest.raises(ValueError):
         CellFw("x", 100, "not-an-address")
 
@@ -257,7 +266,8 @@ def cell_sets(draw: st.DrawFn) -> list[CellFw]:
             st.one_of(st.none(), st.integers(1, 65535)),
             st.sampled_from(["tcp", "udp", "any"])), max_size=2))
         cells.append(CellFw(name, vlan, f"10.77.{vlan - 100}.{i + 2}", tuple(peers),
-                            draw(st.booleans()), tuple(egress)))
+                            draw(st.booleans()), tuple(egress),
+                            draw(st.sampled_from(["", f"10.77.{vlan - 100}.1"]))))
     return cells
 
 
@@ -319,6 +329,10 @@ def test_property_accepts_match_manifests(cells: list[CellFw]) -> None:
     for me in cells:
         batch = fw.cell_ruleset(me, cells)
         json.loads(fw.batch_json(batch))
+        assert [r.m for r in host_way_in(batch)] == (
+            [{"ip.saddr": ("==", me.gateway)}] if me.gateway else [])
+        spoof = [r for r in rules(batch) if r.m.get("ip.saddr", ("",))[0] == "!="]
+        assert [r.m["ip.saddr"][1] for r in spoof] == [me.address]  # never the gateway
         for r in meaningful_accepts(batch):
             if r.chain == "input":
                 proto, ports = _proto_ports(r)

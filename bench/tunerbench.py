@@ -136,7 +136,12 @@ def main() -> None:
     p.add_argument("--bursts", type=int, default=5)
     p.add_argument("--only", choices=("idle", "bursts"))
     ns = p.parse_args()
-    ctl("ping")
+    subprocess.run(["/etc/init.d/S50agentd", "start"], capture_output=True)  # idempotent
+    deadline = time.monotonic() + 60
+    while subprocess.run(["agentctl", "ping"], capture_output=True).returncode:
+        if time.monotonic() > deadline:
+            raise SystemExit("agentd does not answer")
+        time.sleep(0.5)
     if ns.only in (None, "bursts"):
         bursts("cpu", ns.bursts)
         bursts("memory", ns.bursts)

@@ -4,7 +4,7 @@ Shown here: budget return after a settled lowering (and the admission it allows)
 orphan collection after the grace period and only of unjournaled objects, the
 escalation ladder's writes, cpu.weight by priority, events and journal records.
 The real scan and teardown (netlink, netns, cgroups) are shown in the box:
-tests/guest/test_reclaim.py.
+tests/guest/test_reclaim_box.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 What it shows: which files the tuner writes, in which order, what the budget holds, which
 events and journal records come out, and that lifecycle events start and stop tuning.
 The kernel side (PSI triggers, memory.events notifications, limits biting) is shown in the
-box: tests/guest/test_tuner.py.
+box: tests/guest/test_tuner_box.py.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from agent.errors import AgentError
 from agent.events import EventBus
 from agent.lifecycle import State
 from agent.master import CellManager
+from agent.nft import FirewallSync, Nft
 from agent.planner import cgroup_limits, filter_spec
 from agent.policy import Policy, load_policy
 from agent.spawner import CellSpawner, ExitCallback
@@ -127,8 +128,11 @@ async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
     def make_spawner(on_exit: ExitCallback) -> CellSpawner:
         return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes)
 
+    # Channels 1 and 3: each cell's own nftables table and the host's forwarding table
+    # (docs/firewall.md); a create plan refuses to start a cell unfiltered without it.
+    firewall = FirewallSync(Nft(), config.bridge, hostnet.netns_path)
     mgr = CellManager(config, bus, policy, cgroup=cg, net=hostnet, make_spawner=make_spawner,
-                      capacity=read_capacity(), pressure=read_host_pressure)
+                      capacity=read_capacity(), pressure=read_host_pressure, firewall=firewall)
     mgr.open_journal(loop)
     await mgr.start()
     return mgr

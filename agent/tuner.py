@@ -66,6 +66,7 @@ class TunerConfig:
     cooldown_s: float = 300.0            # no lowering after a rollback or abandon
     memory_floor: int = 8 * MiB          # lowest memory.max even when memory_min is 0
     cpu_floor: int = MIN_CPU_MAX         # lowest cpu.max (millicpu)
+    start: str = "max"                   # a new cell starts at its "max" (safe) or "low"
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ v1 to the memory controller's ``memory.pressure_level`` eventfd (docs/tuner.md).
 
 Tuning starts when the manager publishes a lifecycle event for a cell that is RUNNING
 and stops when the cell leaves RUNNING (a bus sink; no change to the manager).  At start
-the cell is brought to ``initial_size``: the lower bounds, or what it already uses plus
-headroom (an adopted cell), and admission is made to hold that commitment.
+the cell is brought to ``initial_size``: its maximum by default (``TunerConfig.start``;
+"low": the lower bounds or what it uses plus headroom), and admission is made to hold
+that commitment.
 """
 
 from __future__ import annotations
@@ -84,13 +85,23 @@ class Host(Protocol):
 
 
 def initial_size(bounds: Bounds, memory_current: int, config: TunerConfig) -> Size:
-    """Where tuning starts: the lower bounds, but never below what the cell uses plus the
-    tuner's headroom (an adopted cell keeps room for its working set)."""
+    """Where tuning starts.
+
+    By default (``config.start == "max"``) at the manifest's maximum, which the create
+    plan already wrote.  Starting low would set memory.max below a working set that is
+    still being built (a service allocates its start-up memory in milliseconds, faster
+    than any trigger window), and the kernel would OOM-kill a cell that fits its
+    maximum.  So a cell starts with all it may have and is lowered gradually, with
+    hysteresis, once it is seen idle (two-phase: memory.high first, memory.max after
+    the kernel reclaimed); the budget it frees goes back to admission once the lowering
+    has settled.  ``start == "low"``: the lower bounds, but never below what the cell
+    uses plus the tuner's headroom (for boxes that prefer packing to safety)."""
+    if config.start == "max":
+        return Size(bounds.cpu_hi, high_for(bounds.memory_hi, bounds, config), bounds.memory_hi)
     need = memory_current + max(int(memory_current * config.memory_headroom_ratio),
                                 config.memory_headroom_min)
     mem = min(bounds.memory_hi, max(bounds.memory_lo, need))
     return Size(bounds.cpu_lo, high_for(mem, bounds, config), mem)
-
 
 
 @dataclass(eq=False)

@@ -47,7 +47,8 @@ def env(tmp_path: Path) -> Any:
     host = Host(Budget.new(Amount(2000, 128 * MiB, 1000), Amount()))
     clock = Clock()
     backend = CgroupV2(root)
-    tuner = Tuner(host, backend, loop, config=TunerConfig(idle_samples=2, watch_s=10.0),
+    cfg = TunerConfig(idle_samples=2, watch_s=10.0, start="low")
+    tuner = Tuner(host, backend, loop, config=cfg,
                   clock=clock, triggers=False)
     pressure: list[float | None] = [None]
     objs = FakeObjects(backend)

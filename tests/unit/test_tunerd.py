@@ -103,7 +103,9 @@ def env(tmp_path: Path) -> Any:
     (root / "cgroup.subtree_control").write_text("cpu memory pids\n")
     host = Host(Budget.new(Amount(2000, 256 * MiB, 1000), Amount()))
     clock = Clock()
-    cfg = TunerConfig(idle_samples=2, watch_s=10.0, cooldown_s=30.0)
+    # Most tests follow a cell from its lower bounds up ("low"); the default start at
+    # the maximum has its own test below.
+    cfg = TunerConfig(idle_samples=2, watch_s=10.0, cooldown_s=30.0, start="low")
     tuner = Tuner(host, CgroupV2(root), loop, config=cfg, sample_s=5.0, clock=clock,
                   triggers=False)
     yield root, host, tuner, clock
@@ -280,7 +282,7 @@ def test_adopted_cell_keeps_room_for_its_use(env: Any) -> None:
 
 @given(lo=st.integers(8, 64), span=st.integers(0, 512), use=st.integers(0, 1024))
 def test_initial_size_is_within_bounds_and_fits_use(lo: int, span: int, use: int) -> None:
-    cfg = TunerConfig()
+    cfg = TunerConfig(start="low")
     b = Bounds(10, 1000, lo * MiB, (lo + span) * MiB)
     s = initial_size(b, use * MiB, cfg)
     assert b.memory_lo <= s.memory_high <= s.memory_max <= b.memory_hi
@@ -294,3 +296,13 @@ def test_memory_events_baseline_ignores_old_counts(env: Any) -> None:
     (leaf / "memory.events").write_text("low 0\nhigh 9\nmax 9\noom 1\noom_kill 1\n")
     tuner.attach()
     assert tuner.observe("a", MemoryEvents(9, 9, 1, 1, clock.now)) == []
+
+
+def test_default_start_is_the_manifest_maximum() -> None:
+    """A new cell is never started below its maximum: its start-up allocation would race
+    the trigger window and could be OOM-killed below the maximum."""
+    b = Bounds(100, 500, 8 * MiB, 48 * MiB)
+    for use in (0, 3 * MiB, 40 * MiB):
+        s = initial_size(b, use, TunerConfig())
+        assert (s.cpu, s.memory_max) == (500, 48 * MiB)
+        assert s.memory_high <= s.memory_max

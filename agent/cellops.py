@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "HOSTS_FILE",
+    "HOSTS_TARGET",
     "ApplyCellFirewall",
     "CellCgroups",
     "CellContext",
@@ -101,6 +103,10 @@ class Spawner(Protocol):
         """SIGKILL and reap pid 1 (``None``: whatever was started for ``cell``), close
         its fds.  Already gone is success."""
         ...
+
+
+HOSTS_FILE = "hosts"  # in the cell's run dir (PrepareDirs)
+HOSTS_TARGET = "/etc/hosts"  # where it is bind-mounted read-only in the cell
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,11 @@ def _same(path: str, expected: Path, what: str) -> Path:
 @register_op
 @dataclass(frozen=True)
 class PrepareDirs(DataOp):
-    """The cell's run dir (0700) and, if it has one, its persistent data dir."""
+    """The cell's run dir (0700) and, if it has one, its persistent data dir.
+
+    With ``hosts`` (the text of the cell's /etc/hosts) the run dir also holds the file
+    ``hosts`` (0644) and is 0711, so the cell's mapped root can reach the file for the
+    read-only bind mount over /etc/hosts; everything else in the dir stays 0600."""
 
     kind: ClassVar[str] = "prepare-dirs"
     cell: str
@@ -202,9 +212,13 @@ class PrepareDirs(DataOp):
     data_dir: str = ""  # "" = none; kept across runs, never deleted by destroy
     uid: int = 0  # host ids owning the data dir (the cell's mapped uid/gid)
     gid: int = 0
+    hosts: str = ""  # "" = no hosts file
 
     def describe(self) -> str:
         data = f", data dir {self.data_dir} owned by {self.uid}:{self.gid}" if self.data_dir else ""
+        if self.hosts:
+            names = [ln.split()[1] for ln in self.hosts.splitlines()[2:] if len(ln.split()) > 1]
+            data += f", {HOSTS_FILE} ({' '.join(names)})"
         return f"create run dir {self.run_dir}{data}"
 
     def _data(self, ctx: CellContext) -> Path | None:
@@ -219,6 +233,11 @@ class PrepareDirs(DataOp):
         made_data = False
         try:
             run.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.hosts:
+                run.chmod(0o711)
+                hosts = run / HOSTS_FILE
+                hosts.write_text(self.hosts)
+                hosts.chmod(0o644)
             if data is not None and not data.exists():
                 data.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 data.mkdir(mode=0o700)
@@ -396,16 +415,19 @@ def _argv_line(argv: tuple[str, ...]) -> str:
                     for a in argv)
 
 
-MountWire = tuple[str, str, int | None, tuple[str, ...], str | None, int]
+# (kind, target, size, flags, source, mode[, optional]): ``optional`` only when true, so
+# journals written before it existed still decode.
+MountWire = tuple[Any, ...]
 
 
 def mount_to_wire(m: Mount) -> MountWire:
-    return (m.kind, m.target, m.size, tuple(sorted(m.flags)), m.source, m.mode)
+    w = (m.kind, m.target, m.size, tuple(sorted(m.flags)), m.source, m.mode)
+    return (*w, True) if m.optional else w
 
 
 def mount_from_wire(w: MountWire) -> Mount:
-    kind, target, size, flags, source, mode = w
-    return Mount(kind, target, size, frozenset(flags), source, mode)  # type: ignore[arg-type]
+    kind, target, size, flags, source, mode, *rest = w
+    return Mount(kind, target, size, frozenset(flags), source, mode, bool(rest and rest[0]))
 
 
 @register_op
@@ -450,7 +472,10 @@ class StartService(DataOp):
         """The SpawnSpec, with every host path re-checked against ctx's roots."""
         mounts = tuple(mount_from_wire(m) for m in self.mounts)
         for m in mounts:
-            if m.kind == "bind":
+            if m.kind == "bind" and m.target == HOSTS_TARGET:
+                _same(m.source or "", ctx.paths.cell_run_dir(self.cell) / HOSTS_FILE,
+                      "hosts file")
+            elif m.kind == "bind":
                 src = Path(m.source or "")
                 _same(str(src), ctx.paths.data_dir(src.name), "bind source")
         prog = seccomp.compile_filter(self.filter_spec())

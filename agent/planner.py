@@ -2,7 +2,8 @@
 
 The order of a create plan, and why it is safe::
 
-    prepare-dirs     run dir; persistent data dir, owned by the cell's mapped ids
+    prepare-dirs     run dir (with the cell's /etc/hosts); persistent data dir, owned by
+                     the cell's mapped ids
     make-cgroup      the leaf and its limits exist before any process could join it
     make-netns       agent-owned netns: created outside the cell's user namespace
     ensure-gateway   the VLAN's gateway on the host (only with [network])
@@ -32,7 +33,7 @@ Derivations (docs/lifecycle.md has the rationale):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -40,6 +41,8 @@ from pathlib import Path
 from agent import firewall
 from agent.addrpool import Lease
 from agent.cellops import (
+    HOSTS_FILE,
+    HOSTS_TARGET,
     ApplyCellFirewall,
     EnsureGateway,
     KillCell,
@@ -72,6 +75,7 @@ __all__ = [
     "cgroup_limits",
     "cpu_weight",
     "filter_spec",
+    "hosts_file",
     "plan_create",
     "plan_destroy",
     "plan_restart",
@@ -135,7 +139,25 @@ def _mounts(m: Manifest, paths: Paths) -> tuple[Mount, ...]:
     if m.data is not None:
         out.append(Mount("bind", m.data.path, source=str(paths.data_dir(m.data.source)),
                          flags=frozenset({"nosuid", "nodev", "noexec"})))
+    # Last, so a writable area on /etc cannot hide it; skipped if the image has no
+    # /etc/hosts to mount over.
+    out.append(Mount("bind", HOSTS_TARGET, source=str(paths.cell_run_dir(m.name) / HOSTS_FILE),
+                     flags=frozenset({"ro", "nosuid", "nodev", "noexec"}), optional=True))
     return tuple(out)
+
+
+def hosts_file(m: Manifest, alloc: Allocation, peers: Mapping[str, str]) -> str:
+    """The cell's /etc/hosts: localhost, the cell's own name (its address, or 127.0.1.1
+    without a network) and each manifest peer found in ``peers`` (name -> address, as
+    leased when the cell is created; a peer started later is not added)."""
+    own = str(IPv4Interface(alloc.address).ip) if alloc.address else "127.0.1.1"
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost", f"{own}\t{m.name}"]
+    wanted = [] if m.network is None else [p.cell for p in m.network.peers]
+    for name in dict.fromkeys(wanted):
+        addr = peers.get(name)
+        if addr:
+            lines.append(f"{IPv4Interface(addr).ip}\t{name}")
+    return "\n".join(lines) + "\n"
 
 
 def _check(m: Manifest, alloc: Allocation, config: AgentConfig) -> None:
@@ -171,9 +193,14 @@ def cell_firewall(m: Manifest, alloc: Allocation) -> firewall.CellFw | None:
 
 
 def plan_create(m: Manifest, alloc: Allocation, config: AgentConfig, *,
-                peers: Iterable[firewall.CellFw] | None = None) -> Plan:
+                peers: Iterable[firewall.CellFw] | None = None,
+                hosts: Mapping[str, str] | None = None) -> Plan:
     """``peers``: the other networked cells, for the cell's firewall table; ``None`` plans
-    no firewall step (an agent without nftables)."""
+    no firewall step (an agent without nftables).  ``hosts``: cell name -> address of the
+    other cells for the cell's /etc/hosts; ``None`` takes them from ``peers``."""
+    peers = None if peers is None else list(peers)
+    if hosts is None:
+        hosts = {p.name: p.address for p in peers or ()}
     _check(m, alloc, config)
     paths = _paths(config)
     owner = (m.service.uid, m.service.gid)
@@ -181,7 +208,8 @@ def plan_create(m: Manifest, alloc: Allocation, config: AgentConfig, *,
         owner = (alloc.uid_base + owner[0], alloc.uid_base + owner[1])
     data = str(paths.data_dir(m.data.source)) if m.data is not None else ""
     ops: list[Operation] = [
-        PrepareDirs(m.name, str(paths.cell_run_dir(m.name)), data, *owner),
+        PrepareDirs(m.name, str(paths.cell_run_dir(m.name)), data, *owner,
+                    hosts=hosts_file(m, alloc, hosts)),
         MakeCgroup(m.name, cgroup_limits(m)),
         MakeNetns(m.name),
     ]

@@ -58,6 +58,7 @@ class Mount:
     flags: frozenset[str] = frozenset({"nosuid", "nodev", "noexec"})
     source: str | None = None  # host path, bind only
     mode: int = 0o755
+    optional: bool = False  # bind only: skipped if the image has no such mount point
 
 
 DEFAULT_MOUNTS = (Mount("proc", "/proc"), Mount("dev", "/dev"))
@@ -174,9 +175,10 @@ def plan_mounts(root: str, mounts: Sequence[Mount], uid: int, gid: int,
                                f"mode={m.mode:o},size={size},{ownership}"))  # fmt: skip
             tmp_targets.append(t)
         else:  # bind: only nosuid/nodev/ro/noexec may be added, never removed
-            ops.append(MountOp("mount", t, m.source, None, ksys.MS_BIND))
+            ops.append(MountOp("mount", t, m.source, None, ksys.MS_BIND, optional=m.optional))
             ops.append(MountOp("mount", t, None, None, ksys.MS_BIND | ksys.MS_REMOUNT
-                               | ksys.MS_NOSUID | ksys.MS_NODEV | _bits(m.flags)))  # fmt: skip
+                               | ksys.MS_NOSUID | ksys.MS_NODEV | _bits(m.flags),
+                               optional=m.optional))  # fmt: skip
     ops.append(MountOp("mount", root, None, None, ksys.MS_BIND | ksys.MS_REMOUNT | ksys.MS_RDONLY
                        | ksys.MS_NOSUID | ksys.MS_NODEV | _atime_flags(root_statvfs_flags)))
     return tuple(ops)

@@ -133,7 +133,7 @@ def call(op: str, **args: Any) -> Any:
     starting a python per poll: the box is slow at that)."""
     from agent.client import Client
 
-    with Client() as c:
+    with Client(timeout=120) as c:
         return c.call(op, **args)
 
 

@@ -419,11 +419,9 @@ def test_cells_on_different_vlans_are_separate_at_l2(three_cells: dict[str, str]
     assert ok.returncode == 0 and "hello" in ok.stdout, ok  # same VLAN: bridged directly
 
 
-@pytest.mark.xfail(strict=False, reason="routed inter-VLAN traffic is forwarded by the host "
-                   "until the channel-3 nftables policy (agent/firewall.py) lands; "
-                   "see docs/isolation.md, known gaps")
 def test_cell_cannot_reach_a_cell_on_another_vlan_through_the_host(
         three_cells: dict[str, str]) -> None:
+    # Closed by the channel-3 firewall (agent/firewall.py): no manifest allows it.
     r = probe("iso-routed", f"""
 def get(addr):
     s = socket.create_connection((addr, 8080), timeout=4)
@@ -432,3 +430,29 @@ def get(addr):
 result({{"b": oserr(get, "{three_cells['b']}")}})
 """, network={"vlan": 150})
     assert r["b"] != "ok", r
+
+
+def test_cell_reaches_its_manifest_peer_by_name_through_a_read_only_etc_hosts(
+        clean: dict[str, Any]) -> None:
+    start("iso-hosts-web", HTTPD, uid=1000, network={"vlan": 143})
+    web = ps()["iso-hosts-web"]["address"]
+    r = probe("iso-hosts", """
+import urllib.request
+def fetch():
+    return urllib.request.urlopen("http://iso-hosts-web:8080/", timeout=8).read().decode()
+def create(path):
+    open(path, 'a').close()
+try:
+    page = fetch()
+except OSError as e:
+    page = repr(e)
+result({"hosts": open('/etc/hosts').read(), "page": page,
+        "addr": socket.gethostbyname("iso-hosts-web"),
+        "write": oserr(create, '/etc/hosts'),
+        "umount": call(libc.umount2, b"/etc/hosts", 2)})
+""", network={"vlan": "auto",
+              "peers": [{"cell": "iso-hosts-web", "ports": [8080], "proto": "tcp"}]})
+    assert r["addr"] == web, r
+    assert "iso-hosts\n" in r["hosts"] and "127.0.0.1\tlocalhost" in r["hosts"], r
+    assert "hello" in r["page"], r
+    assert r["write"] in ("EROFS", "EACCES") and r["umount"] == "EPERM", r  # host-owned, ro

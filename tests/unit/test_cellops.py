@@ -25,6 +25,7 @@ from agent.cellops import (
     PrepareDirs,
     ReleaseDirs,
     StartService,
+    mount_from_wire,
     mount_to_wire,
 )
 from agent.cgroup import Limits
@@ -160,6 +161,7 @@ class Ctx:
     net: Fake
     spawner: Fake
     paths: Paths
+    firewall: None = None  # no nftables in these tests (ApplyCellFirewall refuses)
 
 
 def files(root: Path) -> set[str]:
@@ -322,6 +324,33 @@ def test_empty_undo_data_keeps_what_may_be_shared_or_precious(tmp_path: Path, ct
     d.undo(ctx, {"made_data": True})
     assert (ctx.paths.data_dir("x") / "db").read_text() == "precious"
     assert not ctx.paths.cell_run_dir("web").exists()
+
+
+def test_prepare_dirs_writes_the_hosts_file(ctx: Ctx) -> None:
+    run = ctx.paths.cell_run_dir("web")
+    text = "127.0.0.1\tlocalhost\n::1\tlocalhost\n10.77.0.3\tweb\n10.77.0.2\tdb\n"
+    d = PrepareDirs("web", str(run), hosts=text)
+    assert "hosts (web db)" in d.describe()
+    d.apply(ctx)
+    assert (run / "hosts").read_text() == text
+    assert (run / "hosts").stat().st_mode & 0o777 == 0o644
+    assert run.stat().st_mode & 0o777 == 0o711  # the mapped cell root may reach the file
+    d.undo(ctx, {})
+    assert not run.exists()
+    bare = PrepareDirs("web", str(run))
+    bare.apply(ctx)
+    assert not (run / "hosts").exists() and run.stat().st_mode & 0o777 == 0o700
+    bare.undo(ctx, {})
+
+
+def test_hosts_bind_source_is_checked_and_optional_survives_the_wire(ctx: Ctx) -> None:
+    hosts = Mount("bind", "/etc/hosts", source="/elsewhere/hosts", flags=frozenset({"ro"}),
+                  optional=True)
+    assert mount_from_wire(mount_to_wire(hosts)) == hosts
+    assert len(mount_to_wire(Mount("proc", "/proc"))) == 6  # old journals decode unchanged
+    evil = StartService("web", ("/bin/true",), "/img", mounts=(mount_to_wire(hosts),))
+    with pytest.raises(ConfigError):
+        evil.spawn_spec(ctx)
 
 
 def test_destroy_steps_do_not_undo(tmp_path: Path, ctx: Ctx, config: AgentConfig) -> None:

@@ -34,6 +34,7 @@ from agent.planner import (
     Allocation,
     cgroup_limits,
     cpu_weight,
+    hosts_file,
     plan_create,
     plan_destroy,
     plan_restart,
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "rootfs-overlay/etc/agent/services"
 CFG = AgentConfig(state_dir=Path("/var/lib/agent"), run_dir=Path("/run/agent"))
 NET = Allocation(100, "10.77.0.2/24", "10.77.0.1", 100_000)
+HOSTS_WEB = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n10.77.0.2\tdemo-web\n"
 
 
 def demo(name: str) -> Manifest:
@@ -55,7 +57,8 @@ def test_demo_web_plan_order_and_numbers() -> None:
                                              MakeLink, StartService]
     assert (plan.target, plan.purpose) == ("demo-web", "create")
     dirs, cg, ns, gw, link, start = plan.ops
-    assert dirs == PrepareDirs("demo-web", "/run/agent/cells/demo-web", "", 101_000, 101_000)
+    assert dirs == PrepareDirs("demo-web", "/run/agent/cells/demo-web", "", 101_000, 101_000,
+                               hosts=HOSTS_WEB)
     assert cg.to_wire()["limits"] == {
         "cpu_max_millicores": 500, "cpu_weight": 10, "memory_min": 8 << 20,
         "memory_high": 32 << 20, "memory_max": 32 << 20, "pids_max": 32, "io_weight": 100,
@@ -75,7 +78,10 @@ def test_demo_web_plan_order_and_numbers() -> None:
     assert (start.userns_base, start.userns_count) == (100_000, 65536)
     mounts = [mount_from_wire(m) for m in start.mounts]
     assert [(m.kind, m.target) for m in mounts] == [("proc", "/proc"), ("dev", "/dev"),
-                                                    ("tmpfs", "/tmp")]
+                                                    ("tmpfs", "/tmp"), ("bind", "/etc/hosts")]
+    hosts = mounts[3]
+    assert hosts.source == "/run/agent/cells/demo-web/hosts" and hosts.optional
+    assert hosts.flags == {"ro", "nosuid", "nodev", "noexec"}
     assert mounts[2].size == 4 << 20
     assert mounts[2].flags == {"nosuid", "nodev", "noexec"}
     assert start.caps_keep == () and start.rlimits == RLIMITS
@@ -126,7 +132,7 @@ def test_exec_tmpfs_data_area_and_capabilities() -> None:
     plan = plan_create(m, NET, CFG)
     dirs, start = plan.ops[0], plan.ops[-1]
     assert dirs == PrepareDirs("demo-web", "/run/agent/cells/demo-web",
-                               "/var/lib/agent/data/web-state", 101_000, 101_000)
+                               "/var/lib/agent/data/web-state", 101_000, 101_000, HOSTS_WEB)
     assert isinstance(start, StartService)
     mounts = {m.target: m for m in map(mount_from_wire, start.mounts)}
     assert mounts["/tmp"].flags == {"nosuid", "nodev"}
@@ -140,7 +146,8 @@ def test_exec_tmpfs_data_area_and_capabilities() -> None:
 def test_without_userns_the_service_ids_are_host_ids() -> None:
     cfg = replace(CFG, userns=False)
     plan = plan_create(demo("demo-web"), replace(NET, uid_base=None), cfg)
-    assert plan.ops[0] == PrepareDirs("demo-web", "/run/agent/cells/demo-web", "", 1000, 1000)
+    assert plan.ops[0] == PrepareDirs("demo-web", "/run/agent/cells/demo-web", "", 1000, 1000,
+                                      HOSTS_WEB)
     start = plan.ops[-1]
     assert isinstance(start, StartService) and start.userns_base is None
 
@@ -173,7 +180,7 @@ def test_explain_is_the_dry_run_text() -> None:
     assert lines[0].startswith("plan create-demo-web-") and lines[0].endswith(
         ": create demo-web, 6 operations")
     assert lines[1:6] == [
-        "1. create run dir /run/agent/cells/demo-web",
+        "1. create run dir /run/agent/cells/demo-web, hosts (demo-web)",
         "2. create cgroup demo-web: cpu.max 50000/100000 weight 10, memory min 8M high 32M "
         "max 32M, pids 32, io 100",
         "3. create network namespace cell-demo-web",
@@ -184,7 +191,35 @@ def test_explain_is_the_dry_run_text() -> None:
     assert lines[6].startswith("6. start `/bin/busybox httpd -f -p 8080 -h /www` as 1000:1000 "
                                "(host 101000:101000) in demo-web: image "
                                "/usr/share/agent/images/demo ro, mounts /proc /dev "
-                               "/tmp(nodev,noexec,nosuid), caps none, seccomp trap ")
+                               "/tmp(nodev,noexec,nosuid) /etc/hosts, caps none, seccomp trap ")
+
+
+def test_hosts_file_names_the_manifest_peers_known_at_creation() -> None:
+    client = demo("demo-client")  # peers = [demo-web]
+    alloc = Allocation(100, "10.77.0.3/24", "10.77.0.1", 100_000)
+    known = {"demo-web": "10.77.0.2", "other": "10.77.5.2"}
+    text = hosts_file(client, alloc, known)
+    assert text == ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+                    "10.77.0.3\tdemo-client\n10.77.0.2\tdemo-web\n")
+    assert "other" not in text  # not a peer of the manifest: not named
+    assert hosts_file(client, alloc, {}).splitlines()[-1] == "10.77.0.3\tdemo-client"
+    echo = hosts_file(demo("demo-echo"), Allocation(uid_base=0), known)
+    assert echo.splitlines()[-1] == "127.0.1.1\tdemo-echo"  # loopback-only cell
+
+
+def test_plan_create_takes_peer_addresses_from_hosts_or_firewall_peers() -> None:
+    from agent.firewall import CellFw
+
+    client = demo("demo-client")
+    alloc = Allocation(100, "10.77.0.3/24", "10.77.0.1", 100_000)
+    web = CellFw.of(demo("demo-web"), 100, "10.77.0.2/24")
+    assert web is not None
+    for plan in (plan_create(client, alloc, CFG, hosts={"demo-web": "10.77.0.2"}),
+                 plan_create(client, alloc, CFG, peers=[web])):
+        dirs = plan.ops[0]
+        assert isinstance(dirs, PrepareDirs) and "10.77.0.2\tdemo-web" in dirs.hosts
+    bare = plan_create(client, alloc, CFG).ops[0]
+    assert isinstance(bare, PrepareDirs) and "demo-web" not in bare.hosts
 
 
 def test_cpu_weight_formula() -> None:

@@ -80,6 +80,9 @@ class ManagedCgroups(CellCgroups, Protocol):
     def stats(self, cell: str) -> CellStats: ...
 
 
+# States of a cell that is being torn down (or is gone): it holds no VLAN for others.
+_LEAVING = frozenset({State.STOPPING, State.DESTROYING, State.DESTROYED})
+
 class CellManager:
     """Owns the cells of one agentd.  ``make_spawner(on_exit)`` builds the spawner."""
 
@@ -389,10 +392,13 @@ class CellManager:
         if eff.purpose == "destroy":
             # The last cell on a VLAN takes the VLAN's gateway with it (net.ensure_bridge
             # pins the bridge's MAC, so a later `vid N self` add works again).
+            # Cells on their way out do not keep the gateway: when the last two cells of a
+            # VLAN are stopped at once, each destroy plan would otherwise see the other and
+            # neither would remove it (removal is idempotent, so both may).
             plan = plan_destroy(e.manifest, self.config, e.alloc,
                                 last_on_vlan=self.remove_gateways and not any(
                                     x.alloc.vlan == e.alloc.vlan for x in self.cells.values()
-                                    if x is not e))
+                                    if x is not e and x.state not in _LEAVING))
         else:
             if eff.purpose == "create":
                 plan = plan_create(e.manifest, e.alloc, self.config,

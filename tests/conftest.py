@@ -13,6 +13,15 @@ import os
 
 import pytest
 
+try:
+    # Imported here, at a shallow import depth: Python 3.11.2 (Debian 12) raises
+    # "SystemError: AST constructor recursion depth mismatch" when pytest's assertion
+    # rewriter parses a module (hypothesis is a pytest plugin) deep inside a chain of
+    # imports, as test modules importing the daemon make it (CPython bug, fixed in 3.11.4).
+    import hypothesis  # noqa: F401
+except ImportError:  # the guest tier runs without it
+    pass
+
 IN_GUEST = os.environ.get("AGENT_IN_GUEST") == "1"
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from test_tuner import CG, ctl, fast, manifest, restart_agentd, sh, wait_for
+from test_tuner_box import CG, ctl, fast, manifest, restart_agentd, sh, wait_for
 
 NETNS = Path("/run/netns")
 PIDFILE = Path("/var/run/agentd.pid")

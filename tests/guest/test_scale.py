@@ -13,7 +13,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pytest
 from cellkit import CG, call, clean, diff, leftovers, ps, stop_all, write_manifest
 
 __all__ = ["clean"]
@@ -77,10 +76,6 @@ def test_200_create_destroy_cycles_leave_nothing_behind(clean: dict[str, Any]) -
     assert after == clean, "left behind:\n" + diff(clean, after)
 
 
-@pytest.mark.xfail(strict=False, reason="agent/master.py decides last_on_vlan when each "
-                   "destroy plan is made; two cells of one VLAN stopped at once both still "
-                   "see the other, so neither removes agbr0.N and its `vid N self` entry "
-                   "(docs/isolation.md, known gaps)")
 def test_concurrent_stops_on_one_vlan_leave_nothing_behind(clean: dict[str, Any]) -> None:
     for n in ("samevlan-a", "samevlan-b"):
         write_manifest(n, ["sleep", "100000"], network={"vlan": 160},

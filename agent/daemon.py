@@ -114,6 +114,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.server.bind()
         self._write_pidfile()
+        await self._log_kernel_features()
         for fn in self._startup:
             await fn()
         await self.server.start()
@@ -121,6 +122,23 @@ class Daemon:
         self.bus.emit("master", "started", severity="notice", version=__version__,
                       pid=os.getpid(), socket=str(self.config.socket_path))
         log.info("agentd %s listening on %s", __version__, self.config.socket_path)
+
+    async def _log_kernel_features(self) -> None:
+        """What `agentctl checkconfig` would say, in the log and as an event: agentd then
+        adapts (cgroup backend by detection, samples where PSI is missing, ...)."""
+        try:
+            from agent import checkconfig
+
+            report = await asyncio.to_thread(checkconfig.check)
+            lines = checkconfig.summarize(report)
+        except Exception as exc:  # never keep agentd from starting over a report
+            log.warning("kernel feature check failed: %s", exc)
+            return
+        for line in lines:
+            log.info("%s", line)
+        missing = [ln for ln in lines[1:] if "missing" in ln]
+        self.bus.emit("master", "kernel-features", severity="notice" if missing else "info",
+                      summary=lines[0], problems=lines[1:])
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -245,3 +245,21 @@ def test_agentctl_status_answers_from_started_agentd() -> None:
     assert status["pid"] > 1
     assert status["machine"] == "aarch64"
     assert status["cgroup"] == "v2"
+
+
+def test_agentd_logs_the_kernel_feature_report_at_start() -> None:
+    """agentd logs what `agentctl checkconfig` reports, and publishes it as an event."""
+    import time as _time
+
+    deadline = _time.monotonic() + 90
+    log = ""
+    while _time.monotonic() < deadline:
+        log = Path("/var/log/agentd.log").read_text(errors="replace")
+        if "features present" in log:
+            break
+        _time.sleep(0.5)
+    line = next(ln for ln in log.splitlines() if "features present" in ln)
+    assert f"kernel {os.uname().release}:" in line
+    assert " 0 missing" in line, line
+    events = json.loads(sh("agentctl", "--json", "events", "-k", "kernel-features").stdout)
+    assert events and events[-1]["attrs"]["summary"] in line

@@ -45,6 +45,16 @@ def test_boot_script_starts_the_configured_cells() -> None:
         for name in cells:
             assert rows[name]["state"] == "running", rows
         assert rows["demo-web"]["vlan"] == 100
+        # demo-client fetches demo-web's page by the name its /etc/hosts gives it, through
+        # the host's forwarding table that its manifest's peers opened (port 8080 only).
+        page = ""
+        for _ in range(120):
+            logs = ctl("logs", "demo-client")
+            page = json.dumps(logs)
+            if "hello from demo-web" in page:
+                break
+            time.sleep(0.5)
+        assert "hello from demo-web" in page, page
         # a second start (init re-run) leaves the running cells alone and says so
         again = subprocess.run(["sh", SCRIPT, "start"], capture_output=True, text=True,
                                cwd="/", timeout=300)

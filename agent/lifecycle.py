@@ -312,7 +312,10 @@ def _after_end(st: _Step, ex: Exit, now: float, ran: bool) -> State:
     """The restart policy: the service ended (``ran``) or its restart plan failed."""
     c, p = st.cell, st.cell.policy
     if p.restart == "always" or (p.restart == "on-failure" and ex.failed):
-        stable = ran and c.started_at is not None and (now - c.started_at) * 1000 >= p.stable_ms
+        # Milliseconds, rounded: a float difference of clock readings must not make a
+        # run of exactly stable_ms count as shorter (10.000 s - 1e-12).
+        stable = (ran and c.started_at is not None
+                  and round((now - c.started_at) * 1000) >= p.stable_ms)
         streak = 0 if stable else c.streak
         delay = backoff_delay_ms(p, streak)
         at = now + delay / 1000

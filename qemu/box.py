@@ -117,11 +117,12 @@ def run_in_box(
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").replace("\r", "")
             tail = [*tail, line][-40:]
-            if line.startswith(BEGIN):
+            # The sentinels may share a line with a kernel message printed meanwhile.
+            if BEGIN in line:
                 inside = True
                 boot_s = time.monotonic() - t0
                 continue
-            if line.startswith(END):
+            if END in line:
                 inside = False
                 continue
             if inside or verbose:

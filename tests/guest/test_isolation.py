@@ -393,9 +393,13 @@ def _mac(cell: str) -> str:
 
 @pytest.fixture
 def three_cells(clean: dict[str, Any]) -> dict[str, str]:
-    """a and c on VLAN 150, b on VLAN 151, each serving HTTP; their addresses."""
-    for name, vlan in (("iso-l2-a", 150), ("iso-l2-b", 151), ("iso-l2-c", 150)):
-        start(name, HTTPD, uid=1000, network={"vlan": vlan})
+    """a and c on VLAN 150, b on VLAN 151, each serving HTTP; their addresses.  a's
+    manifest may reach both b and c on 8080, so the firewalls allow a -> b as much as
+    a -> c: what keeps a's frames from b is the VLAN alone."""
+    peers = [{"cell": p, "ports": [8080], "proto": "tcp"} for p in ("iso-l2-b", "iso-l2-c")]
+    start("iso-l2-b", HTTPD, uid=1000, network={"vlan": 151})
+    start("iso-l2-c", HTTPD, uid=1000, network={"vlan": 150})
+    start("iso-l2-a", HTTPD, uid=1000, network={"vlan": 150, "peers": peers})
     return {k: ps()[f"iso-l2-{k}"]["address"] for k in "abc"}
 
 

@@ -463,7 +463,30 @@ class CellManager:
                     log.error("cell %s: budget not restored: %s", name, exc)
             self._adopt(e, name in repaired)
         self.journal.compact()
+        await self._drop_unheld_gateways()
         await self.refresh_firewall()
+
+    async def _drop_unheld_gateways(self) -> None:
+        """A create plan undone after a crash can leave its VLAN's gateway: its
+        ensure-gateway step was in flight, so its undo had no record that it made the
+        gateway (and a gateway may be shared, so undo never guesses).  At start every cell
+        is known, so a gateway on a VLAN no cell holds is removed here."""
+        lister = getattr(self.ctx.net, "gateway_vlans", None)
+        if not self.remove_gateways or lister is None:
+            return
+        try:
+            present: set[int] = await asyncio.to_thread(lister)
+        except AgentError as exc:
+            log.error("VLAN gateways not listed: %s", exc)
+            return
+        held = {e.alloc.vlan for e in self.cells.values()
+                if e.alloc.vlan is not None and e.state not in _LEAVING}
+        for vlan in sorted(present - held):
+            try:
+                await asyncio.to_thread(self.ctx.net.remove_gateway, vlan)
+                self.bus.emit("master", "gateway-collected", severity="notice", vlan=vlan)
+            except AgentError as exc:
+                log.error("VLAN %d gateway not removed: %s", vlan, exc)
 
     def _adopt(self, e: CellEntry, repaired: bool) -> None:
         procs: list[int] = []

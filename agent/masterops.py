@@ -93,6 +93,11 @@ class LockedNet:
         with self._net() as h:
             h.remove_gateway(vlan)
 
+    def gateway_vlans(self) -> set[int]:
+        """The VLANs that have a gateway on the bridge now."""
+        with self._net() as h:
+            return set(net.list_vlan_gateways(h.ipr, self.bridge))
+
     def create_link(self, cell: str, vlan: int, address: str, gateway: str) -> None:
         with self._net() as h:
             h.create_link(cell, vlan, address, gateway)

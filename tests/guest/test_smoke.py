@@ -248,7 +248,7 @@ def test_agentctl_status_answers_from_started_agentd() -> None:
 
 
 def test_agentd_logs_the_kernel_feature_report_at_start() -> None:
-    """agentd logs what `agentctl checkconfig` reports, and publishes it as an event."""
+    """agentd logs what `agentctl checkconfig` reports when it starts."""
     import time as _time
 
     deadline = _time.monotonic() + 90
@@ -262,5 +262,4 @@ def test_agentd_logs_the_kernel_feature_report_at_start() -> None:
     assert f"kernel {os.uname().release}:" in line
     assert "/boot/config-" in line  # the box's kernel config was found
     assert not [ln for ln in log.splitlines() if "required feature" in ln], log
-    events = json.loads(sh("agentctl", "--json", "events", "-k", "kernel-features").stdout)
-    assert events and events[-1]["attrs"]["summary"] in line
+    # (the same report is published as a master/kernel-features event: tests/unit)

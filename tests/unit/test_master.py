@@ -133,6 +133,9 @@ class Fake:
         self._call("remove_gateway", vlan)
         self.k.gateways.pop(vlan, None)
 
+    def gateway_vlans(self) -> set[int]:
+        return set(self.k.gateways)
+
     def create_link(self, cell: str, vlan: int, address: str, gateway: str) -> None:
         self._call("create_link", cell)
         self.k.links[cell] = vlan
@@ -369,5 +372,23 @@ def test_restart_adopts_running_and_destroys_dead_cells(env: dict[str, Any]) -> 
         assert "demo-client" not in env["kernel"].leaves
         await mgr2.stop("demo-web", 0, 0)
         assert env["kernel"].cells() == ({}, {}, set(), {})
+
+    arun(main)
+
+
+def test_gateway_no_cell_holds_is_removed_at_start(env: dict[str, Any]) -> None:
+    """A create plan undone after kill -9 may leave its VLAN's gateway (its step was in
+    flight: no undo data); at start the manager knows every cell and removes it."""
+    async def main() -> None:
+        mgr, _ = await manager(env)
+        await mgr.run("demo-web", 0, 0)
+        assert set(env["kernel"].gateways) == {100}
+        assert mgr.journal is not None
+        mgr.journal.journal.abandon()
+        env["kernel"].gateways[200] = "10.77.100.1/24"  # left by an undone plan
+        mgr2, _ = await manager(env)
+        assert set(env["kernel"].gateways) == {100}  # demo-web still holds VLAN 100
+        assert [e.attrs["vlan"] for e in env["bus"].recent(None, kind="gateway-collected")
+                ] == [200]
 
     arun(main)

@@ -386,7 +386,7 @@ def test_gateway_no_cell_holds_is_removed_at_start(env: dict[str, Any]) -> None:
         assert mgr.journal is not None
         mgr.journal.journal.abandon()
         env["kernel"].gateways[200] = "10.77.100.1/24"  # left by an undone plan
-        mgr2, _ = await manager(env)
+        await manager(env)
         assert set(env["kernel"].gateways) == {100}  # demo-web still holds VLAN 100
         assert [e.attrs["vlan"] for e in env["bus"].recent(None, kind="gateway-collected")
                 ] == [200]

@@ -114,7 +114,17 @@ def sh(*argv: str, check: bool = True, timeout: float = 90) -> subprocess.Comple
 
 
 def ctl(*args: str, timeout: float = 90) -> Any:
-    return json.loads(sh("agentctl", "--json", *args, timeout=timeout).stdout)
+    # A refusal for host pressure says "retry later": a test right after a memory hog
+    # waits for the box's PSI average to fall (up to a minute), as an operator would.
+    deadline = time.monotonic() + 60
+    while True:
+        r = sh("agentctl", "--json", *args, timeout=timeout, check=False)
+        if r.returncode == 0:
+            return json.loads(r.stdout)
+        if "E_ADMISSION_PRESSURE" not in r.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"agentctl {' '.join(args)} exited {r.returncode}: "
+                                 f"{r.stderr}\n--- agentd log ---\n{log_tail()}")
+        time.sleep(2)
 
 
 def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20,

@@ -80,7 +80,7 @@ def test_netns_and_link_fork_nothing(ipr: Any, monkeypatch: pytest.MonkeyPatch) 
 
 def test_cell_execs_in_its_throttled_cgroup(tmp_path: Path) -> None:
     if not IMAGE.is_dir():
-        pytest.skip(f"no demo image at {IMAGE}")
+        pytest.fail(f"no demo image at {IMAGE}")
     cg = Path(f"/sys/fs/cgroup/agtp-{secrets.token_hex(3)}")
     cg.mkdir()
     r, w = os.pipe()

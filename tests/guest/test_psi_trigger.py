@@ -64,7 +64,7 @@ def test_memory_trigger_fires_within_the_window(cg: CgroupV2) -> None:
     try:
         PsiTrigger(str(leaf / "memory.pressure"), 150_000, WINDOW_US).close()
     except KernelError as e:
-        pytest.skip(f"no PSI trigger on a cgroup here: {e}")
+        pytest.fail(f"no PSI trigger on a cgroup here: {e}")
     # The hog wants 32 MiB; memory.high at 16 MiB throttles it hard (no OOM: max is 96 MiB).
     cg.set_limits("hog", Limits(memory_high=16 * MiB, memory_max=96 * MiB))
 
@@ -110,7 +110,7 @@ def test_removed_cgroup_drops_its_trigger(cg: CgroupV2) -> None:
     try:
         PsiTrigger(str(leaf / "cpu.pressure"), 150_000, WINDOW_US).close()
     except KernelError as e:
-        pytest.skip(f"no PSI trigger on a cgroup here: {e}")
+        pytest.fail(f"no PSI trigger on a cgroup here: {e}")
 
     async def scenario() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         fired: list[tuple[str, str]] = []

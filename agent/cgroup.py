@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, KernelError
 
 __all__ = [
     "ALL_FEATURES",
@@ -32,6 +32,7 @@ __all__ = [
     "check_cell_name",
     "parse_flat_keyed",
     "parse_pressure",
+    "read_proc_cgroup",
 ]
 
 # What a backend may lack (cgroup v1 lacks most; see docs/cgroup-v1.md).
@@ -177,6 +178,17 @@ def parse_pressure(text: str) -> Pressure:
     if "some" not in lines:
         raise ValueError("pressure file has no 'some' line")
     return Pressure(lines["some"], lines.get("full"))
+
+
+def read_proc_cgroup(pid: int, proc_root: Path = Path("/proc")) -> str | None:
+    """``/proc/PID/cgroup`` (one small read), or None when the process is gone."""
+    path = proc_root / str(pid) / "cgroup"
+    try:
+        return path.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as exc:
+        raise KernelError.from_oserror("read", str(path), exc) from exc
 
 
 def cell_from_proc_cgroup(text: str, prefix: str) -> str | None:

@@ -42,7 +42,7 @@ from cgroupspy.controllers import (
 from cgroupspy.interfaces import BaseFileInterface, IntegerFile
 from cgroupspy.nodes import Node
 
-from agent.cgroup import ALL_FEATURES, CellStats, Limits, check_cell_name
+from agent.cgroup import ALL_FEATURES, CellStats, Limits, check_cell_name, read_proc_cgroup
 from agent.errors import ConfigError, KernelError
 
 __all__ = [
@@ -586,11 +586,5 @@ class CgroupV1:
 
     def pid_to_cell(self, pid: int, proc_root: Path = Path("/proc")) -> str | None:
         """The cell a pid belongs to, from its memory hierarchy line, or None."""
-        try:
-            text = (proc_root / str(pid) / "cgroup").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            return None
-        except OSError as exc:
-            raise KernelError.from_oserror("read", str(proc_root / str(pid) / "cgroup"),
-                                           exc) from exc
-        return cell_from_proc_cgroup_v1(text, self.prefix)
+        text = read_proc_cgroup(pid, proc_root)
+        return None if text is None else cell_from_proc_cgroup_v1(text, self.prefix)

@@ -37,6 +37,7 @@ from agent.cgroup import (
     check_cell_name,
     parse_flat_keyed,
     parse_pressure,
+    read_proc_cgroup,
 )
 from agent.errors import KernelError
 
@@ -315,11 +316,5 @@ class CgroupV2:
 
     def pid_to_cell(self, pid: int, proc_root: Path = Path("/proc")) -> str | None:
         """The cell a pid belongs to (one small read), or None (not a cell, gone)."""
-        try:
-            text = (proc_root / str(pid) / "cgroup").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            return None
-        except OSError as exc:
-            raise KernelError.from_oserror("read", str(proc_root / str(pid) / "cgroup"),
-                                           exc) from exc
-        return cell_from_proc_cgroup(text, self.prefix)
+        text = read_proc_cgroup(pid, proc_root)
+        return None if text is None else cell_from_proc_cgroup(text, self.prefix)

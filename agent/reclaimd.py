@@ -17,17 +17,17 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import net
 from agent.admission import Request, read_host_pressure
 from agent.cgroup import CgroupBackend
 from agent.errors import AgentError
 from agent.events import Severity
 from agent.lifecycle import Event
+from agent.orphans import KernelObjects
 from agent.reclaim import (
     Action,
     BoxView,
@@ -67,62 +67,6 @@ def box_memory_avg10(proc_root: str = "/proc") -> float | None:
     except AgentError:
         return None
     return p.some.avg10 if p is not None else None
-
-
-class KernelObjects:
-    """Scan and collect agent-owned kernel objects: cell cgroup leaves, pinned netns
-    files, cell veths on the agent's bridge and the bridge's VLAN gateways.  Called
-    from a worker thread.  (Mounts live in the cells' own mount namespaces and die with
-    them; nftables objects are not scanned yet.)"""
-
-    def __init__(self, backend: CgroupBackend, bridge: str,
-                 netns_dir: Path = net.NETNS_DIR) -> None:
-        self.backend = backend
-        self.bridge = bridge
-        self.netns_dir = netns_dir
-
-    @contextlib.contextmanager
-    def _ipr(self) -> Iterator[Any]:
-        from pyroute2 import IPRoute
-        from pyroute2 import config as pyroute2_config
-
-        pyroute2_config.disable_mp_signal = True  # see agent.masterops.LockedNet
-        ipr = IPRoute()
-        try:
-            yield ipr
-        finally:
-            ipr.close()
-
-    def scan(self, vlan_owner: Mapping[int, str]) -> list[tuple[str, str, str | None]]:
-        """``(kind, name, owning cell or None)``; ``vlan_owner`` maps VLAN ids to a
-        journaled cell using them (a gateway serves every cell of its VLAN)."""
-        out: list[tuple[str, str, str | None]] = [
-            ("cgroup", c, c) for c in self.backend.list_cells()]
-        out += [("netns", c, c) for c in net.list_cell_netns(self.netns_dir)]
-        with self._ipr() as ipr:
-            br = ipr.link_lookup(ifname=self.bridge)
-            if not br:
-                return out
-            for v in net.list_cell_veths(ipr):
-                if v.master in (None, br[0]):
-                    out.append(("veth", v.ifname, v.cell))
-            for vid in net.list_vlan_gateways(ipr, self.bridge):
-                out.append(("vlan", str(vid), vlan_owner.get(vid)))
-        return out
-
-    def collect(self, a: CollectOrphan) -> None:
-        if a.object_kind == "cgroup":
-            self.backend.kill(a.name)
-            self.backend.remove(a.name)
-        elif a.object_kind == "netns":
-            net.destroy_cell_netns(a.name, self.netns_dir)
-        elif a.object_kind in ("veth", "vlan"):
-            with self._ipr() as ipr:
-                if a.object_kind == "vlan":
-                    net.remove_vlan_gateway(ipr, self.bridge, int(a.name))
-                else:
-                    for idx in ipr.link_lookup(ifname=a.name):
-                        ipr.link("del", index=idx)
 
 
 def _has_memory_reclaim(backend: CgroupBackend) -> bool:

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 from agent.cgroup import CellStats
 from agent.control import Peer, arg, check_args
 from agent.errors import AgentError, ConfigError
+from agent.orphans import KernelObjects
 from agent.reclaim import ReclaimConfig
-from agent.reclaimd import KernelObjects, Reclaimer
+from agent.reclaimd import Reclaimer
 from agent.tuner import TunerConfig
 from agent.tunerd import Tuner
 from agent.units import UnitError, parse_cpu, parse_size

@@ -18,8 +18,9 @@ from test_tunerd import Clock, Host, MiB, make_cell, manifest, read
 
 from agent.admission import AdmissionRefused, Amount, Budget, Request
 from agent.cgroupv2 import CgroupV2
+from agent.orphans import KernelObjects
 from agent.reclaim import CollectOrphan, ReclaimConfig
-from agent.reclaimd import KernelObjects, Reclaimer
+from agent.reclaimd import Reclaimer
 from agent.tuner import PressureTriggered, TunerConfig
 from agent.tunerd import Tuner
 

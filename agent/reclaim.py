@@ -47,8 +47,8 @@ from agent.admission import Amount
 __all__ = [
     "ORPHAN_ORDER", "Action", "BoxView", "CellView", "CollectOrphan", "Freeze", "KernelObject",
     "Level", "MemoryReclaim", "ReclaimConfig", "ReclaimSummary", "ReturnBudget",
-    "SetCpuWeight", "Stop", "Thaw", "Throttle", "Unthrottle", "apply", "reclaim_pass",
-    "summarize", "weight_for",
+    "SetCpuWeight", "Stop", "Thaw", "Throttle", "Unthrottle", "apply", "next_pass_at",
+    "reclaim_pass", "summarize", "weight_for",
 ]
 
 MiB = 1 << 20
@@ -90,6 +90,7 @@ class CellView:
     level: Level = "none"
     level_since: float = 0.0
     last_reclaim_at: float = -math.inf
+    settle_at: float = -math.inf  # when an unsettled lowering settles (its watch ends)
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,35 @@ def reclaim_pass(cells: list[CellView], box: BoxView, now: float,
         if v.level != "stopped" and want != v.cpu_weight:
             out.append(SetCpuWeight(v.cell, f"priority {v.priority}", v.cpu_weight, want))
     return out
+
+
+def next_pass_at(cells: list[CellView], box: BoxView, now: float, period_s: float,
+                 config: ReclaimConfig = ReclaimConfig()) -> float | None:
+    """When a pass could next do something without being woken; None: only an event can
+    make one useful (a lifecycle change, a tuner resize, the box's pressure trigger).
+
+    * escalated cells, or box pressure not yet below ``pressure_off_avg10``: every
+      ``period_s`` (the ladder moves one rung per pass);
+    * a lowering whose budget is still held: when it settles (``settle_at``);
+    * an orphan candidate in its grace period: when the grace ends;
+    * an idle cell with memory worth reclaiming: when its reclaim interval ends.
+    """
+    due: list[float] = []
+    avg10 = box.memory_some_avg10
+    if any(v.level != "none" for v in cells) or (
+            avg10 is not None and avg10 >= config.pressure_off_avg10):
+        due.append(now + period_s)
+    for v in cells:
+        if not v.held.fits_in(v.grant) and not v.settled and v.settle_at > now:
+            due.append(v.settle_at)
+        if (box.has_memory_reclaim and v.idle and v.level == "none"
+                and int((v.memory_current - v.memory_lo) * config.reclaim_fraction)
+                >= config.reclaim_min):
+            due.append(max(now, v.last_reclaim_at + config.reclaim_interval_s))
+    for o in box.objects:
+        if o.cell is None or o.cell not in box.journaled:
+            due.append(max(now, o.seen_since + config.orphan_grace_s))
+    return min(due) if due else None
 
 
 def apply(v: CellView, a: Action, now: float) -> CellView:

@@ -1,13 +1,21 @@
-"""The host's reclaim loop as a service: agent/reclaim.py's passes on a timer.
+"""The host's reclaim loop as a service: agent/reclaim.py's passes, run when useful.
 
-Every ``period_s`` (10 s) it builds a :class:`~agent.reclaim.CellView` per tuned cell
-(from the tuner's state) and a :class:`~agent.reclaim.BoxView` (``/proc/pressure/memory``,
-the journaled cells, and every ``scan_s`` the agent-owned kernel objects found by
-:class:`KernelObjects`), runs :func:`~agent.reclaim.reclaim_pass` and carries out its
-actions in order, each a ``reclaim`` event and (except weights) a journal record; a pass
-that did anything ends with a ``reclaim``/``pass`` summary event.  Blocking work (the
-netlink scan, orphan teardown, freeze) runs in a worker thread; the loop never polls
-between passes.
+A pass builds a :class:`~agent.reclaim.CellView` per tuned cell (from the tuner's state)
+and a :class:`~agent.reclaim.BoxView` (``/proc/pressure/memory``, the journaled cells and,
+when a scan is due, the agent-owned kernel objects found by
+:class:`~agent.orphans.KernelObjects`), runs :func:`~agent.reclaim.reclaim_pass` and
+carries out its actions in order, each a ``reclaim`` event and (except weights) a journal
+record; a pass that did anything ends with a ``reclaim``/``pass`` summary event.
+Blocking work (the netlink scan, orphan teardown, freeze) runs in a worker thread.
+
+Passes are driven by events, not by a clock: one at start (weights, and the orphan scan
+that finds what a killed agentd left), one shortly after each lifecycle change (weights;
+a scan for what a teardown left) or tuner resize (budget), and one when the box's PSI
+trigger on ``/proc/pressure/memory`` fires (``some`` stalls of ``pressure_on_avg10`` % of
+a 1 s window).  After each pass :func:`~agent.reclaim.next_pass_at` says when the next
+one could do something by itself (a rung of the escalation ladder, a lowering settling,
+an orphan's grace ending, an idle cell's reclaim interval); with nothing pending, no
+timer is set.  Without PSI on the box the loop degrades to a pass every ``period_s``.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ from typing import Any, Protocol
 from agent.admission import Request, read_host_pressure
 from agent.cgroup import CgroupBackend
 from agent.errors import AgentError
+from agent.events import Event as BusEvent
 from agent.events import Severity
 from agent.lifecycle import Event
 from agent.orphans import KernelObjects
+from agent.psi import PsiWatcher
 from agent.reclaim import (
     Action,
     BoxView,
@@ -44,6 +54,7 @@ from agent.reclaim import (
     Thaw,
     Throttle,
     Unthrottle,
+    next_pass_at,
     reclaim_pass,
     summarize,
 )
@@ -86,7 +97,8 @@ class _Rung:
 
 @dataclass
 class Reclaimer:
-    """The loop.  ``objects`` None: no orphan scan (tests, or no bridge)."""
+    """The loop.  ``objects`` None: no orphan scan (tests, or no bridge).
+    ``box_trigger``: arm the PSI trigger on the box's memory pressure (False: tests)."""
 
     host: ManagerHost
     tuner: Tuner
@@ -98,33 +110,109 @@ class Reclaimer:
     scan_s: float = 30.0
     box_pressure: Callable[[], float | None] = box_memory_avg10
     clock: Callable[[], float] = time.monotonic
+    box_trigger: bool = True
+    pressure_path: str = "/proc/pressure/memory"
     rungs: dict[str, _Rung] = field(default_factory=dict)
     seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)
     passes: int = 0
     _timer: asyncio.TimerHandle | None = None
+    _timer_at: float = math.inf
     _task: asyncio.Task[None] | None = None
     _last_scan: float = -math.inf
+    _last_pass: float = -math.inf
+    _scan_wanted: bool = True
+    _candidates: tuple[KernelObject, ...] = ()
     _closed: bool = False
     _has_reclaim: bool | None = None
+    _psi: PsiWatcher | None = None
+    _polled: bool = False
 
     def start(self) -> None:
-        self._timer = self.loop.call_later(self.period_s, self._due)
+        """Arm the box trigger, subscribe to the bus, and run the first pass."""
+        self._polled = not self.box_trigger
+        if self.box_trigger:
+            self._psi = PsiWatcher(self.loop, lambda *_: self._pressure())
+            stall = int(self.config.pressure_on_avg10 / 100 * 1_000_000)
+            try:
+                self._psi.add("box", "memory", self.pressure_path, max(1, stall), 1_000_000)
+            except (AgentError, OSError) as exc:
+                log.info("no PSI trigger on %s (a reclaim pass every %gs instead): %s",
+                         self.pressure_path, self.period_s, exc)
+                self._psi.close()
+                self._psi = None
+                self._polled = True
+        self.attach()
+        self.poke(min(self.period_s, 1.0))
+
+    def attach(self) -> None:
+        """Be poked by lifecycle changes and tuner resizes."""
+        self.host.bus.add_sink(self._on_event, all_events=True)
+
+    @property
+    def polled(self) -> bool:
+        """No box trigger: passes every ``period_s`` (the documented degradation)."""
+        return self._polled
+
+    def _on_event(self, ev: BusEvent) -> None:
+        if ev.channel == "lifecycle":
+            self._scan_wanted = True
+            self.poke(0.5)
+        elif ev.channel == "tuner" and ev.kind in ("resize", "commit", "start", "stop"):
+            self.poke(0.5)
+
+    def _pressure(self) -> None:
+        self.poke(max(0.0, self._last_pass + self.period_s - self.clock()))
+
+    def poke(self, delay: float = 0.0) -> None:
+        """Run a pass in ``delay`` seconds at the latest."""
+        self._arm(self.clock() + delay)
+
+    def _arm(self, at: float) -> None:
+        if self._closed or at >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_later(max(0.0, at - self.clock()), self._due)
 
     def _due(self) -> None:
-        self._timer = None
+        self._timer, self._timer_at = None, math.inf
+        if self._task is not None and not self._task.done():
+            self.poke(0.2)  # a pass is running (blocking work in a thread): right after
+            return
         self._task = self.loop.create_task(self._run())
 
     async def _run(self) -> None:
+        nxt: float | None = None
         try:
             await self.run_pass()
+            nxt = self.next_pass()
         except Exception as exc:  # a failing pass is an event; the loop keeps going
             log.exception("reclaim pass failed")
             self.host.bus.emit("reclaim", "error", severity="notice", error=str(exc))
-        if not self._closed:
-            self._timer = self.loop.call_later(self.period_s, self._due)
+            nxt = self.clock() + self.period_s
+        if nxt is not None:
+            self._arm(nxt)
+
+    def next_pass(self) -> float | None:
+        """When the next pass is due by itself (None: only an event brings one)."""
+        now = self.clock()
+        box = BoxView(self.box_pressure(), bool(self._has_reclaim),
+                      frozenset(self.host.cells), self._candidates)
+        due = [next_pass_at(self.views(now), box, now, self.period_s, self.config)]
+        if self.polled:
+            due.append(now + self.period_s)
+        if self._scan_wanted and self.objects is not None:  # held back by scan_s
+            due.append(max(now, self._last_scan + self.scan_s))
+        return min((d for d in due if d is not None), default=None)
 
     async def close(self) -> None:
         self._closed = True
+        with contextlib.suppress(ValueError):
+            self.host.bus.remove_sink(self._on_event)
+        if self._psi is not None:
+            self._psi.close()
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None and not self._task.done():
@@ -133,25 +221,41 @@ class Reclaimer:
                 await self._task
 
     # ------------------------------------------------------------------ views
+    def _weight(self, cell: str) -> int:
+        w = self.weights.get(cell)
+        if w is None:  # read once; after that the loop knows what it wrote
+            w = self.weights[cell] = self.tuner.knobs.cpu_weight(cell) or 100
+        return w
+
     def views(self, now: float) -> list[CellView]:
         out = []
         for cell, t in sorted(self.tuner.cells.items()):
             s, smp = t.state, t.state.last_sample
             rung = self.rungs.setdefault(cell, _Rung())
-            weight = self.tuner.knobs.cpu_weight(cell) or 100
             out.append(CellView(
                 cell, t.priority, t.cpu_min, t.bounds.cpu_lo, t.bounds.memory_lo, s.held,
                 commitment(s.size, s.held.pids), settled(s, now), s.memory_idle >= 2,
-                smp.memory_current if smp else 0, s.size.cpu, s.size.memory_high, weight,
-                rung.level, rung.since, rung.last_reclaim_at))
+                smp.memory_current if smp else 0, s.size.cpu, s.size.memory_high,
+                self._weight(cell), rung.level, rung.since, rung.last_reclaim_at,
+                s.watch.until if s.watch is not None else -math.inf))
         for gone in set(self.rungs) - set(self.tuner.cells):
             del self.rungs[gone]
+        for gone in set(self.weights) - set(self.tuner.cells):
+            del self.weights[gone]
         return out
 
+    def _scan_due(self, now: float) -> bool:
+        if self.objects is None:
+            return False
+        grace_over = any(now >= o.seen_since + self.config.orphan_grace_s
+                         for o in self._candidates)
+        return grace_over or (self._scan_wanted and now - self._last_scan >= self.scan_s)
+
     async def _scan(self, now: float) -> tuple[KernelObject, ...]:
-        if self.objects is None or now - self._last_scan < self.scan_s:
+        if not self._scan_due(now):
             return ()
-        self._last_scan = now
+        assert self.objects is not None
+        self._last_scan, self._scan_wanted = now, False
         owners = {e.alloc.vlan: name for name, e in self.host.cells.items()
                   if getattr(e, "alloc", None) is not None and e.alloc.vlan is not None}
         found = await asyncio.to_thread(self.objects.scan, owners)
@@ -161,6 +265,8 @@ class Reclaimer:
         for kind, name, cell in found:
             since = self.seen.setdefault((kind, name), now)
             out.append(KernelObject(kind, name, cell, since))  # type: ignore[arg-type]
+        # what later passes must look at again: objects no journaled cell owns
+        self._candidates = tuple(o for o in out if o.cell is None or o.cell not in self.host.cells)
         return tuple(out)
 
     # ------------------------------------------------------------------ one pass
@@ -168,6 +274,7 @@ class Reclaimer:
         now = self.clock()
         self.passes += 1
         self.tuner.reconcile()  # a safety net for a missed lifecycle event
+        self._last_pass = now
         objects = await self._scan(now)
         if self._has_reclaim is None:
             self._has_reclaim = _has_memory_reclaim(self.backend)
@@ -191,6 +298,8 @@ class Reclaimer:
                 with contextlib.suppress(AgentError, OSError):
                     self.host.journal.append("reclaim", {"cell": a.cell, "kind": a.kind,
                                                          **attrs}, sync=False)
+        taken = {(a.object_kind, a.name) for a in done if isinstance(a, CollectOrphan)}
+        self._candidates = tuple(o for o in self._candidates if (o.kind, o.name) not in taken)
         if done:
             summary: dict[str, Any] = summarize(done).attrs()
             self.host.bus.emit("reclaim", "pass", severity="info", **summary)
@@ -216,6 +325,7 @@ class Reclaimer:
             await asyncio.to_thread(k.reclaim, cell, a.bytes)
         elif isinstance(a, SetCpuWeight):
             k.set_cpu_weight(cell, a.new)
+            self.weights[cell] = a.new
         elif isinstance(a, Throttle):
             k.set_cpu_max(cell, a.cpu_new)
             k.set_memory_high(cell, a.high_new)

@@ -40,8 +40,8 @@ __all__ = [
     "Action", "Bounds", "BudgetGate", "BudgetView", "Commit", "MemoryEvents", "Observation",
     "PendingLower", "PinRefused", "PressureTriggered", "RecordRefusal", "Sample",
     "SetCpuMax", "SetLimits", "SetMemoryHigh", "SetMemoryMax", "Size", "TunerConfig",
-    "TunerState", "Verdict", "Watch", "commitment", "decide", "high_for", "pin", "settled",
-    "start", "unpin",
+    "TunerState", "Verdict", "Watch", "commitment", "decide", "high_for", "next_interval",
+    "pin", "settled", "start", "unpin", "wants_samples",
 ]
 
 MiB = 1 << 20
@@ -288,6 +288,43 @@ def start(cell: str, bounds: Bounds, pids: int, config: TunerConfig = TunerConfi
 def settled(state: TunerState, now: float) -> bool:
     """No lowering in flight and none that may still roll back: freed budget may go."""
     return state.pending is None and (state.watch is None or now > state.watch.until)
+
+
+def wants_samples(state: TunerState, bounds: Bounds) -> bool:
+    """Whether a periodic sample can still change anything for this cell.
+
+    Samples serve only the lowering (idle counting, phase 2 of a memory lowering, and
+    the sample-pressure raise that backs up a missed trigger).  A cell at its lower
+    bounds with no lowering in flight, or a pinned one, has nothing a sample could
+    lower: it is quiet, and only its PSI triggers and ``memory.events`` (raises) wake
+    the tuner for it.  (A kernel without triggers samples every cell: agent.tunerd.)"""
+    if state.pinned:
+        return False
+    if state.pending is not None:
+        return True
+    return state.size.cpu > bounds.cpu_lo or state.size.memory_max > bounds.memory_lo
+
+
+def _memory_room(state: TunerState, bounds: Bounds, config: TunerConfig) -> bool:
+    """Could an idle memory lowering go anywhere, given the last sample's use?"""
+    cur = state.last_sample.memory_current if state.last_sample is not None else 0
+    floor = cur + max(int(cur * config.memory_headroom_ratio), config.memory_headroom_min)
+    return state.size.memory_max > max(bounds.memory_lo, floor)
+
+
+def next_interval(interval: float, before: TunerState, after: TunerState, acted: bool,
+                  bounds: Bounds, base: float, ceiling: float,
+                  config: TunerConfig = TunerConfig()) -> float:
+    """The wait before a cell's next sample: ``base`` while samples make progress (an
+    action, a lowering in flight, idle counts going up towards a lowering that has room
+    to happen), doubled up to ``ceiling`` while they do not (a busy cell above its
+    floor, or an idle one whose use keeps it where it is).  Any trigger or memory event
+    brings the cell back to ``base`` (agent.tunerd)."""
+    progress = (acted or after.pending is not None
+                or (after.cpu_idle > before.cpu_idle and after.size.cpu > bounds.cpu_lo)
+                or (after.memory_idle > before.memory_idle
+                    and _memory_room(after, bounds, config)))
+    return base if progress else min(ceiling, max(base, interval * 2))
 
 
 # -- decisions ------------------------------------------------------------------------------

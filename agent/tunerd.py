@@ -1,10 +1,17 @@
 """The tuner service: agent/tuner.py's decisions wired to the kernel and the loop.
 
-For every RUNNING cell it waits on three sources, all on the asyncio loop and none
-polled: PSI triggers on the cell's ``cpu.pressure`` and ``memory.pressure``
+For every RUNNING cell it waits on three sources, all on the asyncio loop: PSI
+triggers on the cell's ``cpu.pressure`` and ``memory.pressure``
 (:class:`agent.psi.PsiWatcher`), ``memory.events`` (a kernfs file that signals
 ``EPOLLPRI`` when a counter moves; one small epoll per file, like the PSI triggers),
-and one periodic sample timer for all cells (``loop.call_later``).  Each observation
+and samples, on one timer for all cells (``loop.call_later``) set to the earliest
+cell's due time.  Samples serve the lowering only (:func:`agent.tuner.wants_samples`):
+a cell at its lower bounds, or pinned, is not sampled at all while its triggers are
+armed, and a cell whose samples change nothing is sampled less and less often
+(:func:`agent.tuner.next_interval`: ``sample_s`` doubling up to ``sample_max_s``).
+So with every cell settled, nothing polls: the tuner sleeps until a trigger or a
+memory event fires.  A sample is four ``pread`` calls on files kept open
+(:class:`agent.tunerio.SampleReader`).  Each observation
 goes through :func:`agent.tuner.decide`; its actions are carried out in list order:
 cgroup writes through :class:`agent.knobs.Knobs`, ``Budget.replace`` on the manager's
 budget, and for each one a ``tuner`` event and a ``tuner`` journal record.
@@ -56,10 +63,12 @@ from agent.tuner import (
     commitment,
     decide,
     high_for,
+    next_interval,
     pin,
     unpin,
+    wants_samples,
 )
-from agent.tunerio import Knobs, PriWatch
+from agent.tunerio import Knobs, PriWatch, SampleReader
 
 __all__ = ["Host", "Journal", "Tuned", "Tuner", "initial_size"]
 
@@ -118,6 +127,15 @@ class Tuned:
     events_watch: PriWatch | None = None
     v1_fd: int | None = None
     prev_sample: Sample | None = None
+    reader: SampleReader | None = None
+    interval: float = 5.0           # the wait before the next sample
+    due: float | None = None        # when it is next sampled; None: quiet
+
+    @property
+    def triggered(self) -> bool:
+        """Both resources wake the tuner by themselves (else: sampled always)."""
+        return "psi:cpu" in self.sources and (
+            "psi:memory" in self.sources or "v1:pressure" in self.sources)
 
 
 def _events_of(stats: Mapping[str, int], at: float) -> MemoryEvents:
@@ -139,6 +157,7 @@ class Tuner:
     def __init__(self, host: Host, backend: CgroupBackend, loop: asyncio.AbstractEventLoop,
                  *, config: TunerConfig = DEFAULT_CONFIG, sample_s: float = 5.0,
                  stall_us: int = 150_000, window_us: int = 1_000_000, triggers: bool = True,
+                 sample_max_s: float = 60.0, quiet: bool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
         self.backend = backend
@@ -146,12 +165,15 @@ class Tuner:
         self.loop = loop
         self.config = config
         self.sample_s = sample_s
+        self.sample_max_s = max(sample_s, sample_max_s)
+        self.quiet = quiet  # None: a cell goes quiet only if its triggers are armed
         self.stall_us, self.window_us = stall_us, window_us
         self.triggers = triggers  # False: samples only (a fake cgroupfs has no PSI)
         self.clock = clock
         self.cells: dict[str, Tuned] = {}
         self.psi = PsiWatcher(loop, self._on_psi, self._on_psi_gone)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
         self.wakeups = 0   # observations handled (for the benchmark)
         self.samples = 0
 
@@ -195,15 +217,19 @@ class Tuner:
             self._emit(cell, "refused", "notice", reason="start", error=str(exc))
         state = TunerState(cell, size, held, events=_events_of(st.memory_events, now),
                            last_sample=_sample_of(st, now))
-        t = Tuned(cell, bounds, state, r.priority, r.cpu_min, [])
+        t = Tuned(cell, bounds, state, r.priority, r.cpu_min, [], interval=self.sample_s)
         self.knobs.set_memory(cell, size.memory_high, size.memory_max)
         self.knobs.set_cpu_max(cell, size.cpu)
         self.cells[cell] = t
         self._arm(t)
+        try:
+            t.reader = self.knobs.sample_reader(cell)
+        except AgentError as exc:
+            log.info("cell %s: samples through the backend: %s", cell, exc)
         self._emit(cell, "start", "info", size=_size(size), held=_amount(held),
                    bounds=_bounds(bounds), sources=list(t.sources))
         self._record(cell, "start", {"size": _size(size), "held": _amount(held)})
-        self._schedule()
+        self._plan(t)
         return t
 
     def _arm(self, t: Tuned) -> None:
@@ -242,10 +268,10 @@ class Tuner:
         if t.v1_fd is not None:
             self.loop.remove_reader(t.v1_fd)
             os.close(t.v1_fd)
+        if t.reader is not None:
+            t.reader.close()
         self._emit(cell, "stop", "info")
-        if not self.cells and self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._schedule()
 
     def close(self) -> None:
         with contextlib.suppress(ValueError):
@@ -278,29 +304,75 @@ class Tuner:
                 counts[k] = int(v)
         self.observe(cell, _events_of(counts, self.clock()))
 
+    # ------------------------------------------------------------------ samples
+    def wants_samples(self, t: Tuned) -> bool:
+        quiet = t.triggered if self.quiet is None else self.quiet
+        return not quiet or wants_samples(t.state, t.bounds)
+
+    def _plan(self, t: Tuned, *, soon: bool = False) -> None:
+        """(Re)decide when the cell is next sampled; ``soon``: back to ``sample_s``."""
+        if soon:
+            t.interval = self.sample_s
+        if not self.wants_samples(t):
+            t.due = None
+        elif t.due is None or soon:
+            due = self.clock() + t.interval
+            t.due = due if t.due is None else min(t.due, due)
+        self._schedule()
+
     def _schedule(self) -> None:
-        if self._timer is None and self.cells:
-            self._timer = self.loop.call_later(self.sample_s, self._tick)
+        """One timer, at the earliest due sample; none while every cell is quiet."""
+        due = min((t.due for t in self.cells.values() if t.due is not None),
+                  default=float("inf"))
+        if due == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = due
+        if due != float("inf"):
+            self._timer = self.loop.call_later(max(0.0, due - self.clock()), self._tick)
 
     def _tick(self) -> None:
-        self._timer = None
-        self.sample_all()
+        self._timer, self._timer_at = None, float("inf")
+        now = self.clock()
+        for t in [t for t in self.cells.values() if t.due is not None and t.due <= now + 0.05]:
+            self.sample(t.cell)
         self._schedule()
 
     def sample_all(self) -> None:
-        """One periodic sample of every tuned cell (memory.events read too where it is
-        not watched)."""
-        for cell, t in list(self.cells.items()):
-            now = self.clock()
-            try:
+        """Sample every tuned cell now (tests; the timer samples only the due ones)."""
+        for cell in list(self.cells):
+            self.sample(cell)
+        self._schedule()
+
+    def sample(self, cell: str) -> None:
+        """One sample of the cell (memory.events read too where it is not watched); then
+        the cell's next due time (:func:`agent.tuner.next_interval`)."""
+        t = self.cells.get(cell)
+        if t is None:
+            return
+        now = self.clock()
+        try:
+            if t.reader is not None and t.events_watch is not None:
+                smp = t.reader.read(now)
+            else:
                 st = self.backend.stats(cell)
-            except (AgentError, OSError) as exc:
-                log.debug("cell %s: no sample: %s", cell, exc)
-                continue
-            self.samples += 1
-            if t.events_watch is None:
-                self.observe(cell, _events_of(st.memory_events, now))
-            self.observe(cell, _sample_of(st, now))
+                if t.events_watch is None:
+                    self.observe(cell, _events_of(st.memory_events, now))
+                smp = _sample_of(st, now)
+        except (AgentError, OSError) as exc:
+            log.debug("cell %s: no sample: %s", cell, exc)
+            t.due = now + self.sample_max_s  # gone, or about to be: the lifecycle says
+            return
+        self.samples += 1
+        before = t.state
+        acted = bool(self.observe(cell, smp))
+        if self.cells.get(cell) is not t:
+            return
+        t.interval = next_interval(t.interval, before, t.state, acted, t.bounds,
+                                   self.sample_s, self.sample_max_s, self.config)
+        t.due = now + t.interval if self.wants_samples(t) else None
 
     def observe(self, cell: str, obs: Observation) -> list[Action]:
         """Feed one observation to ``decide`` and carry out its actions."""
@@ -320,6 +392,8 @@ class Tuner:
                                 self.clock(), self.config)
         t.state = state
         self.apply(cell, actions)
+        if not isinstance(obs, Sample) and cell in self.cells:
+            self._plan(t, soon=bool(actions))  # a raise: lowering may follow, sample again
         return actions
 
     # ------------------------------------------------------------------ effects
@@ -388,6 +462,7 @@ class Tuner:
         state, actions = pin(t.state, size, t.bounds, BudgetGate(self.host.budget))
         t.state = state
         self.apply(cell, actions)
+        self._plan(t)
         return state.size
 
     def unpin(self, cell: str) -> None:
@@ -395,6 +470,7 @@ class Tuner:
         t.state = unpin(t.state)
         self._emit(cell, "unpin", "info")
         self._record(cell, "unpin", {})
+        self._plan(t, soon=True)
 
     def set_held(self, cell: str, held: Amount) -> None:
         t = self.cells.get(cell)
@@ -409,7 +485,8 @@ class Tuner:
         s = t.state.size
         return {"tuned": True, "cpu_max": s.cpu, "memory_high": s.memory_high,
                 "memory_max": s.memory_max, "pinned": t.state.pinned, "level": t.level,
-                "held": _amount(t.state.held), "sources": list(t.sources)}
+                "held": _amount(t.state.held), "sources": list(t.sources),
+                "sampled_every_s": None if t.due is None else t.interval}
 
 
 def _size(s: Size) -> dict[str, int]:

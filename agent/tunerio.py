@@ -1,7 +1,10 @@
 """Kernel adapters of the tuner and the reclaim loop (agent.tunerd, agent.reclaimd).
 
 :class:`Knobs` writes single cgroup files (``cpu.max``, ``memory.high``, ...) for the v2
-or the v1 backend; :class:`PriWatch` wakes the loop when ``memory.events`` changes.
+or the v1 backend; :class:`PriWatch` wakes the loop when ``memory.events`` changes;
+:class:`SampleReader` keeps a cell's sample files open and re-reads each with one
+``pread`` (kernfs regenerates the text at offset 0), so a sample costs four system calls,
+not four opens, reads and closes through pathlib.
 Paths come from the backend, so a fake cgroupfs stands in for tests.
 """
 
@@ -17,8 +20,9 @@ from pathlib import Path
 
 from agent.cgroup import CgroupBackend
 from agent.errors import KernelError
+from agent.tuner import Sample
 
-__all__ = ["Knobs", "PriWatch"]
+__all__ = ["Knobs", "PriWatch", "SampleReader"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,12 @@ class Knobs:
         path = self._path(cell, f"{resource}.pressure", None)
         return path if path is not None and path.exists() else None
 
+    def sample_reader(self, cell: str) -> SampleReader | None:
+        """A reader of the cell's samples (v2 only; v1 samples through the backend)."""
+        if self.v1:
+            return None
+        return SampleReader(Path(self.backend.leaf(cell)))  # type: ignore[attr-defined]
+
     def events_path(self, cell: str) -> Path | None:
         path = self._path(cell, "memory.events", None)
         return path if path is not None and path.exists() else None
@@ -177,3 +187,57 @@ class PriWatch:
             self._ep.close()
             os.close(self._fd)
             self._fd = -1
+
+
+def _avg10(text: str) -> float:
+    """``some avg10=`` of a PSI file (its first line)."""
+    i = text.find("avg10=")
+    return float(text[i + 6:text.index(" ", i)]) if i >= 0 else 0.0
+
+
+class SampleReader:
+    """A v2 cell's ``cpu.stat``, ``memory.current`` and PSI files, kept open.
+
+    ``read()`` raises :class:`~agent.errors.KernelError` once the cgroup is gone.  A
+    missing PSI file (``psi=0``) reads as no pressure."""
+
+    def __init__(self, leaf: Path) -> None:
+        self.leaf = leaf
+        self._fds: dict[str, int] = {}
+        try:
+            for name in ("cpu.stat", "memory.current", "memory.pressure", "cpu.pressure"):
+                try:
+                    self._fds[name] = os.open(leaf / name, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    if not name.endswith(".pressure"):
+                        raise
+        except OSError as exc:
+            self.close()
+            raise KernelError.from_oserror("open", str(leaf), exc) from None
+
+    def _text(self, name: str) -> str:
+        fd = self._fds.get(name)
+        if fd is None:
+            return ""
+        try:
+            return os.pread(fd, 4096, 0).decode()
+        except OSError as exc:
+            raise KernelError.from_oserror("read", str(self.leaf / name), exc) from None
+
+    def read(self, at: float) -> Sample:
+        cpu = self._text("cpu.stat")
+        if not cpu.startswith("usage_usec "):
+            raise KernelError("parse", str(self.leaf / "cpu.stat"), errno.EINVAL,
+                              "cpu.stat has no usage_usec first: is this cgroup v2?")
+        try:
+            usage = int(cpu[11:cpu.index("\n")])
+            current = int(self._text("memory.current"))
+            mem, cpu_p = _avg10(self._text("memory.pressure")), _avg10(self._text("cpu.pressure"))
+        except ValueError as exc:
+            raise KernelError("parse", str(self.leaf), errno.EINVAL, str(exc)) from None
+        return Sample(usage, current, mem, cpu_p, at)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -3,18 +3,19 @@
 
 :func:`attach` is called by agent.masterops after the cell manager's own hooks: once
 the manager is built, the :class:`~agent.tunerd.Tuner` subscribes to its lifecycle events
-and the :class:`~agent.reclaimd.Reclaimer` starts its timer.  Without a manager these
+and the :class:`~agent.reclaimd.Reclaimer` runs its first pass.  Without a manager these
 ops answer ``E_UNAVAILABLE``.
 
 Settings: ``tuner.toml`` beside the policy (``/etc/agent/tuner.toml``), optional::
 
     [tuner]                     # agent.tuner.TunerConfig fields, plus:
-    sample_s = 5.0              # the periodic sample
+    sample_s = 5.0              # the sample of a cell that can still be lowered ...
+    sample_max_s = 60.0         # ... backing off to this while samples change nothing
     stall_us = 150000           # PSI trigger: stalled time ...
     window_us = 1000000         # ... within this window
     [reclaim]                   # agent.reclaim.ReclaimConfig fields, plus:
-    period_s = 10.0
-    scan_s = 30.0               # orphan scan
+    period_s = 10.0             # passes while escalated (or always, without box PSI)
+    scan_s = 30.0               # orphan scans at most this often (more: grace ending)
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Settings:
     tuner: TunerConfig = dataclasses.field(default_factory=TunerConfig)
     reclaim: ReclaimConfig = dataclasses.field(default_factory=ReclaimConfig)
     sample_s: float = 5.0
+    sample_max_s: float = 60.0
     stall_us: int = 150_000
     window_us: int = 1_000_000
     period_s: float = 10.0
@@ -83,7 +85,7 @@ def load_settings(path: Path) -> Settings:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError("E_CONFIG", f"{path}: {exc}") from None
     tc, t_extra = _section(doc.get("tuner", {}), TunerConfig,
-                           ("sample_s", "stall_us", "window_us"), f"{path} [tuner]")
+                           ("sample_s", "sample_max_s", "stall_us", "window_us"), f"{path} [tuner]")
     rc, r_extra = _section(doc.get("reclaim", {}), ReclaimConfig, ("period_s", "scan_s"),
                            f"{path} [reclaim]")
     return Settings(tc, rc, **t_extra, **r_extra)
@@ -135,13 +137,18 @@ class TunerOps:
             s = Settings()
         loop = asyncio.get_running_loop()
         self.tuner = Tuner(mgr, mgr.cgroup, loop, config=s.tuner,  # type: ignore[arg-type]
-                           sample_s=s.sample_s, stall_us=s.stall_us, window_us=s.window_us)
+                           sample_s=s.sample_s, sample_max_s=s.sample_max_s,
+                           stall_us=s.stall_us, window_us=s.window_us)
         self.tuner.attach()
-        objects = KernelObjects(mgr.cgroup, self.daemon.config.bridge)  # type: ignore[arg-type]
+        objects = KernelObjects(mgr.cgroup, self.daemon.config.bridge,  # type: ignore[arg-type]
+                                run_dir=self.daemon.config.run_dir)
         self.reclaimer = Reclaimer(mgr, self.tuner, mgr.cgroup, loop,  # type: ignore[arg-type]
                                    objects, s.reclaim, s.period_s, s.scan_s)
         self.reclaimer.start()
-        log.info("tuner: %d cells tuned; reclaim every %gs", len(self.tuner.cells), s.period_s)
+        log.info("tuner: %d cells tuned; samples every %gs (up to %gs, none for settled cells); "
+                 "reclaim passes on events%s", len(self.tuner.cells), s.sample_s,
+                 self.tuner.sample_max_s,
+                 f" and every {s.period_s:g}s (no box PSI)" if self.reclaimer.polled else "")
 
     async def close(self) -> None:
         if self.reclaimer is not None:

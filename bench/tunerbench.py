@@ -3,7 +3,8 @@
 
 * idle cost: agentd's own CPU time (utime + stime from /proc/PID/stat) over ``--idle-s``
   (60) seconds with ``--cells`` (16) idle cells, tuner and reclaim loop at their default
-  settings (5 s samples, 10 s passes), as a percentage of one core;
+  settings, as a percentage of one core: while the tuner lowers the cells, and once they
+  are settled at their minimum (see :func:`idle_cost`);
 * burst latency: from the onset of a burst to the tuner's resize event, median and range
   over ``--bursts`` (5) bursts each of CPU (a busy loop under cpu.max at the minimum: the
   PSI trigger on cpu.pressure) and of memory (16 MiB written at once into the cell's
@@ -30,7 +31,7 @@ IMAGE = "/usr/share/agent/images/demo"
 
 
 def ctl(*args: str, check: bool = True) -> Any:
-    r = subprocess.run(["agentctl", "--json", *args], capture_output=True, text=True)
+    r = subprocess.run(["agentctl", "--json", *args], capture_output=True, text=True, timeout=120)
     if check and r.returncode:
         raise SystemExit(f"agentctl {' '.join(args)}: {r.stderr.strip()}")
     return json.loads(r.stdout) if r.stdout.strip() else None
@@ -52,7 +53,24 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
 
 
+def _agentd_cpu(seconds: float) -> tuple[float, float, int]:
+    """agentd's CPU seconds over ``seconds`` of wall time, and the events it published."""
+    pid = int(PIDFILE.read_text())
+    hz = os.sysconf("SC_CLK_TCK")
+    ev0 = ctl("status")["events"]
+    before, t0 = cpu_ticks(pid), time.monotonic()
+    time.sleep(seconds)
+    used = (cpu_ticks(pid) - before) / hz
+    wall = time.monotonic() - t0
+    return used, wall, ctl("status")["events"] - ev0
+
+
 def idle_cost(n: int, seconds: float) -> None:
+    """Two phases, both with ``n`` idle cells: *settling*, right after start, while the
+    tuner lowers them from their maximum (5 s samples, as it does for a cell that just
+    started); *settled*, once every cell is at its lower bounds, the state the tuner
+    reaches by itself after some minutes (each memory step waits out a 60 s rollback
+    watch), reached here at once by pinning each cell to its minimum and unpinning it."""
     names = [f"tb-idle{i:02d}" for i in range(n)]
     for name in names:
         manifest(name, "while :; do sleep 3600; done", cpu="10m", cpu_max="200m",
@@ -62,17 +80,19 @@ def idle_cost(n: int, seconds: float) -> None:
         ctl("run", name)
     print(f"started {n} idle cells in {time.monotonic() - t:.1f} s")
     time.sleep(12)  # the first reclaim pass (weights) and tuner start-up are not idle
-    pid = int(PIDFILE.read_text())
-    hz = os.sysconf("SC_CLK_TCK")
-    before, t0 = cpu_ticks(pid), time.monotonic()
-    ev0 = ctl("status")["events"]
-    time.sleep(seconds)
-    used = (cpu_ticks(pid) - before) / hz
-    wall = time.monotonic() - t0
-    ev1 = ctl("status")["events"]
-    print(f"idle cost: agentd used {used:.2f} s CPU in {wall:.1f} s with {n} idle cells = "
-          f"{100 * used / wall:.2f} % of one core (target < 1 %); "
-          f"{ev1 - ev0 - 2} events published meanwhile")
+    used, wall, evs = _agentd_cpu(seconds)
+    print(f"idle cost, settling: agentd used {used:.2f} s CPU in {wall:.1f} s with {n} idle "
+          f"cells being lowered = {100 * used / wall:.2f} % of one core; {evs} events")
+    for name in names:
+        ctl("pin", name, "--cpu", "10m", "--memory", "8M")
+        ctl("unpin", name)
+    time.sleep(12)
+    rows = ctl("top", "--once")["cells"]
+    quiet = sum(1 for r in rows if r["name"] in names and r.get("sampled_every_s") is None)
+    used, wall, evs = _agentd_cpu(seconds)
+    print(f"idle cost, settled: agentd used {used:.2f} s CPU in {wall:.1f} s with {n} idle "
+          f"cells at their minimum ({quiet} not sampled) = {100 * used / wall:.2f} % of one "
+          f"core (target < 1 %); {evs} events")
     for name in names:
         ctl("stop", name, check=False)
         (SERVICES / f"{name}.toml").unlink()

@@ -27,6 +27,7 @@ from agent.reclaim import (
     Throttle,
     Unthrottle,
     apply,
+    next_pass_at,
     reclaim_pass,
     summarize,
     weight_for,
@@ -269,3 +270,36 @@ def test_actions_and_summary_encode() -> None:
     s = summarize(acts)
     assert s.orphans == (("veth", 1),) and s.weights == 1
     assert cbor2.loads(cbor2.dumps(s.attrs()))["returned"]["memory"] == 54 * MiB
+
+
+# -- when the next pass is due by itself ---------------------------------------------------
+
+def test_nothing_pending_means_no_next_pass() -> None:
+    assert next_pass_at([view("a"), view("b")], QUIET, 100.0, 10.0) is None
+    assert next_pass_at([], BoxView(None, True, frozenset()), 100.0, 10.0) is None
+
+
+def test_each_pending_thing_sets_its_own_due_time() -> None:
+    unsettled = view("a", grant=Amount(500, 32 * MiB, 32), settled=False, settle_at=130.0)
+    assert next_pass_at([unsettled], QUIET, 100.0, 10.0) == 130.0
+    escalated = view("a", level="throttled", level_since=95.0)
+    assert next_pass_at([escalated], QUIET, 100.0, 10.0) == 110.0
+    pressed = BoxView(CFG.pressure_off_avg10, False, frozenset())
+    assert next_pass_at([view("a")], pressed, 100.0, 10.0) == 110.0
+    ghost = BoxView(0.0, False, frozenset({"a"}), (KernelObject("cgroup", "g", "g", 90.0),
+                                                    KernelObject("cgroup", "a", "a", 0.0)))
+    assert next_pass_at([view("a")], ghost, 100.0, 10.0) == 90.0 + CFG.orphan_grace_s
+    idle = view("a", idle=True, memory_current=30 * MiB, last_reclaim_at=80.0)
+    reclaiming = BoxView(0.0, True, frozenset())
+    assert next_pass_at([idle], reclaiming, 100.0, 10.0) == 80.0 + CFG.reclaim_interval_s
+    assert next_pass_at([idle], QUIET, 100.0, 10.0) is None  # no memory.reclaim
+    at_floor = replace(idle, memory_current=8 * MiB)
+    assert next_pass_at([at_floor], reclaiming, 100.0, 10.0) is None
+
+
+@given(st.floats(0.0, 1000.0), st.floats(0.0, 100.0))
+def test_a_due_pass_is_never_in_the_past(now: float, seen: float) -> None:
+    box = BoxView(50.0, True, frozenset(), (KernelObject("veth", "v", None, seen),))
+    cells = [view("a", idle=True, last_reclaim_at=seen, level="frozen")]
+    due = next_pass_at(cells, box, now, 10.0)
+    assert due is not None and due >= now

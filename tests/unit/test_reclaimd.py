@@ -179,3 +179,38 @@ def test_a_failing_action_is_an_event_and_the_pass_goes_on(env: Any) -> None:
     assert names(done) == ["SetCpuWeight"] and done[0].cell == "b"
     assert [e.cell for e in host.bus.recent(None, channel="reclaim") if e.kind == "error"] == [
         "a"]
+
+
+def test_passes_come_from_events_and_stop_when_nothing_is_pending(env: Any) -> None:
+    """No clock drives the loop: after its first pass (weights), it sleeps until a
+    lifecycle event or a tuner resize pokes it; an orphan in its grace period, a
+    lowering still settling or an escalated cell each set the one timer that is due."""
+    root, host, tuner, rec, clock, pressure, objs = env
+    make_cell(root, host, manifest("a", priority="high"))
+    tuner.attach()
+    rec.attach()
+    assert names(run(rec)) == ["SetCpuWeight"]
+    assert rec.next_pass() is None
+    objs.found = [("cgroup", "ghost", "ghost")]
+    host.bus.emit("lifecycle", "state", cell="a", severity="info")  # a scan is wanted
+    assert rec._timer is not None and rec._timer_at == clock.now + 0.5
+    assert names(run(rec)) == []             # no scan yet: one was done < scan_s ago
+    assert rec.next_pass() == clock.now + rec.scan_s
+    clock.now += rec.scan_s
+    assert names(run(rec)) == []             # ghost first seen now
+    assert rec.next_pass() == clock.now + ReclaimConfig().orphan_grace_s
+    clock.now += ReclaimConfig().orphan_grace_s
+    assert names(run(rec)) == ["CollectOrphan"]
+    assert rec.next_pass() is None
+    pressure[0] = 30.0                       # box pressure: one rung per period
+    assert names(run(rec)) == ["Throttle"]
+    assert rec.next_pass() == clock.now + rec.period_s
+
+
+def test_without_a_box_trigger_the_loop_degrades_to_a_period(env: Any) -> None:
+    _, _, _, rec, clock, _, _ = env
+    rec.pressure_path = "/nonexistent/pressure/memory"
+    rec.start()
+    assert rec.polled
+    run(rec)
+    assert rec.next_pass() == clock.now + rec.period_s

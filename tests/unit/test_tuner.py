@@ -18,6 +18,7 @@ from agent.tuner import (
     BudgetGate,
     Commit,
     MemoryEvents,
+    PendingLower,
     PinRefused,
     PressureTriggered,
     RecordRefusal,
@@ -33,10 +34,12 @@ from agent.tuner import (
     commitment,
     decide,
     high_for,
+    next_interval,
     pin,
     settled,
     start,
     unpin,
+    wants_samples,
 )
 
 MiB = 1 << 20
@@ -428,3 +431,45 @@ def test_invariants_over_random_observations(
         assert (s.size.cpu, s.size.memory_high, s.size.memory_max) == (
             kernel["cpu"], kernel["high"], kernel["max"])
         assert s.held == held and commitment(s.size, 32).fits_in(held)
+
+
+# -- when samples are worth taking ------------------------------------------------------------
+
+def test_a_cell_at_its_lower_bounds_or_pinned_wants_no_samples() -> None:
+    low = start("web", B, 64)
+    assert not wants_samples(low, B)
+    assert wants_samples(big(), B)  # memory above its floor: a lowering may come
+    assert wants_samples(replace(low, size=replace(low.size, cpu=B.cpu_lo + 1)), B)
+    assert not wants_samples(replace(big(), pinned=True), B)
+    # a lowering in flight needs its phase-2 sample even at the bounds
+    pending = PendingLower(low.size.memory_high, low.size.memory_max, low.size.memory_max)
+    assert wants_samples(replace(low, pending=pending), B)
+
+
+def test_a_raise_makes_a_quiet_cell_want_samples_again() -> None:
+    low = start("web", B, 64)
+    raised, acts = decide(low, PressureTriggered("memory", 1.0), B, Gate(), 1.0)
+    assert acts and wants_samples(raised, B)
+
+
+@given(st.integers(0, 40), st.floats(1.0, 10.0), st.floats(10.0, 120.0))
+def test_samples_back_off_while_they_change_nothing(n: int, base: float, ceiling: float
+                                                   ) -> None:
+    """A busy cell above its floor: each sample resets the idle counts and changes
+    nothing, so the interval doubles from ``base`` up to ``ceiling`` and stays there."""
+    busy = replace(big(), last_sample=sample(0.0, 190 * MiB))
+    interval = base
+    for _ in range(n):
+        interval = next_interval(interval, busy, busy, False, B, base, ceiling)
+    assert interval == min(ceiling, max(base, base * 2 ** n))
+
+
+def test_progress_keeps_the_base_interval() -> None:
+    s = replace(big(), last_sample=sample(0.0, 2 * MiB))
+    counting = replace(s, memory_idle=s.memory_idle + 1)
+    assert next_interval(40.0, s, counting, False, B, 5.0, 60.0) == 5.0  # idle, room to lower
+    assert next_interval(40.0, s, s, True, B, 5.0, 60.0) == 5.0           # it acted
+    # idle, but its use keeps memory where it is and cpu is at its floor: no progress
+    full = replace(s, last_sample=sample(0.0, 195 * MiB))
+    assert next_interval(5.0, full, replace(full, memory_idle=1, cpu_idle=1), False, B,
+                         5.0, 60.0) == 10.0

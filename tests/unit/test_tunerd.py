@@ -306,3 +306,64 @@ def test_default_start_is_the_manifest_maximum() -> None:
         s = initial_size(b, use, TunerConfig())
         assert (s.cpu, s.memory_max) == (500, 48 * MiB)
         assert s.memory_high <= s.memory_max
+
+
+def armed(tuner: Tuner) -> bool:
+    return tuner._timer is not None
+
+
+def test_a_settled_cell_is_not_sampled_until_a_trigger_raises_it(tmp_path: Path) -> None:
+    """With triggers armed (``quiet=True`` stands in for them on a fake cgroupfs), a cell
+    at its lower bounds gets no sample timer at all; a pressure raise makes it a
+    candidate for lowering again, so it is sampled until it is back at its floor."""
+    loop = asyncio.new_event_loop()
+    root = tmp_path / "agent"
+    root.mkdir()
+    host = Host(Budget.new(Amount(2000, 256 * MiB, 1000), Amount()))
+    clock = Clock()
+    cfg = TunerConfig(idle_samples=1, watch_s=0.0, cooldown_s=0.0, start="low",
+                      lower_span_fraction=1.0)
+    tuner = Tuner(host, CgroupV2(root), loop, config=cfg, sample_s=5.0, clock=clock,
+                  triggers=False, quiet=True)
+    try:
+        make_cell(root, host, manifest("a"))
+        tuner.attach()
+        t = tuner.cells["a"]
+        assert t.due is None and not armed(tuner)
+        tuner.observe("a", PressureTriggered("cpu", clock.now))
+        assert tuner.cells["a"].due == clock.now + 5.0 and armed(tuner)
+        for _ in range(10):  # idle samples lower it back to its floor
+            clock.now += 5
+            tuner.sample("a")
+            if t.due is None:
+                break
+        assert t.state.size.cpu == t.bounds.cpu_lo and t.due is None
+        tuner._schedule()
+        assert not armed(tuner)
+        assert tuner.row("a")["sampled_every_s"] is None
+        tuner.pin("a", cpu=200)  # pinned: no automatic change, no samples
+        assert t.due is None
+        tuner.unpin("a")         # unpinned above its floor: sampled again, soon
+        assert tuner.cells["a"].due == clock.now + 5.0
+    finally:
+        tuner.close()
+        loop.close()
+
+
+def test_sample_reader_matches_the_backend_stats(env: Any) -> None:
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    (leaf / "memory.pressure").write_text(
+        "some avg10=1.50 avg60=0.00 avg300=0.00 total=9\nfull avg10=0.00 avg60=0.00 "
+        "avg300=0.00 total=0\n")
+    (leaf / "cpu.stat").write_text("usage_usec 77\nuser_usec 70\nsystem_usec 7\n")
+    reader = tuner.knobs.sample_reader("a")
+    assert reader is not None
+    try:
+        smp = reader.read(clock.now)
+        assert (smp.cpu_usage_usec, smp.memory_current, smp.memory_some_avg10,
+                smp.cpu_some_avg10) == (77, 2 * MiB, 1.5, 0.0)
+        (leaf / "memory.current").write_text(f"{5 * MiB}\n")  # re-read, same fd
+        assert reader.read(clock.now).memory_current == 5 * MiB
+    finally:
+        reader.close()

@@ -3,7 +3,8 @@
 Journal records written by agent.master (beside the executor's ``plan-*``/``op-*``)::
 
     cell        {"name", "cell": Cell.to_wire(), "manifest": Manifest.to_dict(),
-                 "alloc": {vlan, address, gateway, uid_base}, "slot", "pid", "owner"}
+                 "alloc": {vlan, address, gateway, uid_base}, "slot", "pid", "owner",
+                 "pin": {cpu, memory_high, memory_max} or None (an operator's pin)}
                 every change of a cell's record (an upsert: the last one wins)
     cell-gone   {"name"}                      the cell is destroyed and forgotten
     lease       {"cell", "vlan", "address"}   an address lease was taken
@@ -33,10 +34,23 @@ from agent.lifecycle import Cell, Event, Exit, State
 from agent.manifest import Manifest, manifest_from_dict
 from agent.planner import Allocation
 
-__all__ = ["CellEntry", "JournalState", "LockedJournal", "QueuedEvent", "alloc_from_wire",
-           "replay", "reserve_amount", "sigterm_caught"]
+__all__ = ["PIN_KEYS", "CellEntry", "JournalState", "LockedJournal", "QueuedEvent",
+           "alloc_from_wire", "pin_from_wire", "replay", "reserve_amount", "sigterm_caught"]
 
 QueuedEvent = tuple[Event | Exit, str | None, int | None]  # event, error text, pid
+
+
+PIN_KEYS = ("cpu", "memory_high", "memory_max")
+
+
+def pin_from_wire(v: Any) -> dict[str, int] | None:
+    """A journaled pin, or None if absent or malformed (a bad pin is dropped, not fatal)."""
+    if not isinstance(v, Mapping) or set(v) != set(PIN_KEYS):
+        return None
+    if not all(isinstance(v[k], int) and not isinstance(v[k], bool) and v[k] > 0
+               for k in PIN_KEYS):
+        return None
+    return {k: int(v[k]) for k in PIN_KEYS}
 
 
 def alloc_from_wire(d: Mapping[str, Any]) -> Allocation:
@@ -62,6 +76,7 @@ class CellEntry:
     restart_timer: asyncio.TimerHandle | None = None
     kill_timer: asyncio.TimerHandle | None = None
     cpu_sample: tuple[int, float] | None = None  # (usage_usec, monotonic)
+    pin: dict[str, int] | None = None  # agentctl pin: the tuner's fixed size, kept over restarts
 
     @property
     def name(self) -> str:
@@ -74,7 +89,7 @@ class CellEntry:
     def to_record(self) -> dict[str, Any]:
         return {"name": self.name, "cell": self.cell.to_wire(),
                 "manifest": self.manifest.to_dict(), "alloc": dataclasses.asdict(self.alloc),
-                "slot": self.slot, "pid": self.pid, "owner": self.owner}
+                "slot": self.slot, "pid": self.pid, "owner": self.owner, "pin": self.pin}
 
     @classmethod
     def from_record(cls, d: Mapping[str, Any]) -> CellEntry:
@@ -85,7 +100,8 @@ class CellEntry:
         slot = d.get("slot")
         return cls(m, Cell.from_wire(d["cell"]), alloc_from_wire(d["alloc"]),
                    slot if isinstance(slot, int) else None,
-                   pid if isinstance(pid, int) else None, int(d.get("owner") or 0))
+                   pid if isinstance(pid, int) else None, int(d.get("owner") or 0),
+                   pin=pin_from_wire(d.get("pin")))
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state.value, "pid": self.pid,

@@ -154,6 +154,15 @@ class CellManager:
         assert self.journal is not None
         self.journal.append(t, data, sync=True)
 
+    def keep_pin(self, name: str, pin: Mapping[str, int] | None) -> None:
+        """Journal an operator's pin (None: unpinned) with the cell, so that the tuner
+        restores it after an agentd restart (agent.tunerd.Tuner.start)."""
+        e = self.cells.get(name)
+        if e is None:
+            return
+        e.pin = None if pin is None else dict(pin)
+        self._record("cell", e.to_record())
+
     # ------------------------------------------------------------------ requests
     def load(self, name: str) -> Manifest:
         check_cell_name(name)

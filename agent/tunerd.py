@@ -91,6 +91,7 @@ class Host(Protocol):
     def cells(self) -> Mapping[str, Any]: ...  # name -> CellEntry (manifest, state)
     @property
     def journal(self) -> Journal | None: ...
+    def keep_pin(self, cell: str, pin: Mapping[str, int] | None) -> None: ...
 
 
 def initial_size(bounds: Bounds, memory_current: int, config: TunerConfig) -> Size:
@@ -207,7 +208,8 @@ class Tuner:
         bounds = Bounds.from_resources(r, self.config)
         st = self.backend.stats(cell)
         now = self.clock()
-        size = initial_size(bounds, st.memory_current, self.config)
+        kept = self._kept_pin(cell, e, bounds, st.memory_current)
+        size = kept or initial_size(bounds, st.memory_current, self.config)
         held = self.host.budget.get(cell) or Amount(r.cpu_min, r.memory_min, r.pids_max)
         want = commitment(size, held.pids)
         try:
@@ -215,7 +217,8 @@ class Tuner:
             held = want
         except AgentError as exc:  # not admitted (adopted) or no room: hold what it has
             self._emit(cell, "refused", "notice", reason="start", error=str(exc))
-        state = TunerState(cell, size, held, events=_events_of(st.memory_events, now),
+        state = TunerState(cell, size, held, pinned=kept is not None,
+                           events=_events_of(st.memory_events, now),
                            last_sample=_sample_of(st, now))
         t = Tuned(cell, bounds, state, r.priority, r.cpu_min, [], interval=self.sample_s)
         self.knobs.set_memory(cell, size.memory_high, size.memory_max)
@@ -227,10 +230,25 @@ class Tuner:
         except AgentError as exc:
             log.info("cell %s: samples through the backend: %s", cell, exc)
         self._emit(cell, "start", "info", size=_size(size), held=_amount(held),
-                   bounds=_bounds(bounds), sources=list(t.sources))
+                   bounds=_bounds(bounds), sources=list(t.sources), pinned=kept is not None)
         self._record(cell, "start", {"size": _size(size), "held": _amount(held)})
         self._plan(t)
         return t
+
+    def _kept_pin(self, cell: str, e: Any, bounds: Bounds, in_use: int) -> Size | None:
+        """The operator's pin journaled with the cell (agent.master.CellManager.keep_pin),
+        if it still fits the manifest's bounds and the cell's use; else it is dropped."""
+        p = getattr(e, "pin", None)
+        if not p:
+            return None
+        size = Size(p["cpu"], p["memory_high"], p["memory_max"])
+        if (bounds.cpu_lo <= size.cpu <= bounds.cpu_hi and in_use <= size.memory_max
+                and bounds.memory_lo <= size.memory_high <= size.memory_max <= bounds.memory_hi):
+            return size
+        self._emit(cell, "unpin", "notice", reason=f"the kept pin {p} no longer fits: bounds "
+                   f"{_bounds(bounds)}, {in_use} B in use")
+        self.host.keep_pin(cell, None)
+        return None
 
     def _arm(self, t: Tuned) -> None:
         cell = t.cell
@@ -462,12 +480,14 @@ class Tuner:
         state, actions = pin(t.state, size, t.bounds, BudgetGate(self.host.budget))
         t.state = state
         self.apply(cell, actions)
+        self.host.keep_pin(cell, _size(state.size))
         self._plan(t)
         return state.size
 
     def unpin(self, cell: str) -> None:
         t = self.get(cell)
         t.state = unpin(t.state)
+        self.host.keep_pin(cell, None)
         self._emit(cell, "unpin", "info")
         self._record(cell, "unpin", {})
         self._plan(t, soon=True)

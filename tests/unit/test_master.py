@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from agent.admission import Amount
+from agent.cellstate import pin_from_wire
 from agent.cgroup import CellStats, Limits
 from agent.config import AgentConfig
 from agent.errors import AgentError, KernelError
@@ -392,3 +393,33 @@ def test_gateway_no_cell_holds_is_removed_at_start(env: dict[str, Any]) -> None:
                 ] == [200]
 
     arun(main)
+
+
+def test_a_kept_pin_survives_kill_9_and_compaction(env: dict[str, Any]) -> None:
+    """keep_pin journals the pin with the cell: a restarted manager (after kill -9, and
+    after a compaction that rewrote the journal from the snapshot) has it again; a
+    malformed journaled pin is dropped, not fatal."""
+    async def main() -> None:
+        mgr, _ = await manager(env)
+        await mgr.run("demo-web", 0, 0)
+        pin = {"cpu": 120, "memory_high": 14 << 20, "memory_max": 16 << 20}
+        mgr.keep_pin("demo-web", pin)
+        assert mgr.journal is not None
+        mgr.journal.journal.abandon()
+        mgr2, _ = await manager(env)
+        assert mgr2.cells["demo-web"].pin == pin
+        assert mgr2.journal is not None
+        mgr2.journal.compact()
+        mgr2.journal.journal.abandon()
+        mgr3, _ = await manager(env)
+        assert mgr3.cells["demo-web"].pin == pin
+        mgr3.keep_pin("demo-web", None)
+        unpinned = mgr3.cells["demo-web"]
+        assert unpinned.pin is None
+        await mgr3.stop("demo-web", 0, 0)
+
+    arun(main)
+    assert pin_from_wire({"cpu": 1, "memory_high": 2}) is None
+    assert pin_from_wire({"cpu": True, "memory_high": 2, "memory_max": 3}) is None
+    assert pin_from_wire({"cpu": 1, "memory_high": 2, "memory_max": -3}) is None
+    assert pin_from_wire("x") is None

@@ -51,6 +51,7 @@ class Entry:
     manifest: Manifest
     state: State = State.RUNNING
     pid: int | None = 42
+    pin: dict[str, int] | None = None
 
 
 class Journal:
@@ -71,6 +72,9 @@ class Host:
 
     def post(self, e: Entry, ev: Any) -> None:
         self.posted.append((e.manifest.name, ev))
+
+    def keep_pin(self, cell: str, pin: Mapping[str, int] | None) -> None:
+        self.cells[cell].pin = None if pin is None else dict(pin)
 
 
 class Clock:
@@ -367,3 +371,36 @@ def test_sample_reader_matches_the_backend_stats(env: Any) -> None:
         assert reader.read(clock.now).memory_current == 5 * MiB
     finally:
         reader.close()
+
+
+def test_a_pin_is_kept_with_the_cell_and_restored_by_a_new_tuner(env: Any) -> None:
+    """agentd restarts: a new Tuner finds the pin the manager journaled with the cell and
+    starts the cell pinned at that size, not at its default start."""
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()
+    tuner.pin("a", cpu=300, memory=40 * MiB)
+    kept = host.cells["a"].pin
+    assert kept is not None and kept["memory_max"] == 40 * MiB and kept["cpu"] == 300
+    tuner.close()
+    again = Tuner(host, CgroupV2(root), tuner.loop, config=tuner.config, clock=clock,
+                  triggers=False)
+    try:
+        again.attach()
+        t = again.cells["a"]
+        assert t.state.pinned and t.state.size.memory_max == 40 * MiB
+        assert read(leaf, "memory.max") == str(40 * MiB)
+        assert read(leaf, "cpu.max") == "30000 100000"
+        again.unpin("a")
+        assert host.cells["a"].pin is None
+    finally:
+        again.close()
+
+
+def test_a_kept_pin_that_no_longer_fits_is_dropped(env: Any) -> None:
+    root, host, tuner, _ = env
+    make_cell(root, host, manifest("a"))
+    host.cells["a"].pin = {"cpu": 300, "memory_high": 500 * MiB, "memory_max": 600 * MiB}
+    tuner.attach()
+    assert not tuner.cells["a"].state.pinned and host.cells["a"].pin is None
+    assert [e for e in tuner_events(host, "unpin") if "no longer fits" in e.attrs["reason"]]

@@ -64,11 +64,40 @@ def format_status(st: dict[str, Any]) -> list[str]:
         f"events    {st.get('events', '?')}",
     ]
     known = {"version", "pid", "uptime_s", "kernel", "machine", "cgroup", "cells", "events"}
+    budget = st.get("budget")
+    if isinstance(budget, dict) and all(isinstance(budget.get(k), dict) for k in
+                                        ("capacity", "reserve", "committed", "free")):
+        known.add("budget")
+        lines += format_budget(budget)
     for key in sorted(k for k in st if k not in known):
         value = st[key]
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         lines.append(f"{key:<9} {text}")
     return [_clip(line) for line in lines]
+
+
+def format_budget(b: dict[str, Any]) -> list[str]:
+    """The budget block of ``status``: per resource what is free of the capacity, what
+    the host keeps and what cells hold; then cells by state and address leases."""
+    fmt: dict[str, Callable[[int], str]] = {
+        "cpu_m": lambda n: f"{n}m", "memory": lambda n: f"{n / (1 << 20):.1f} MiB",
+        "pids": str}
+    lines = []
+    for key, label in (("cpu_m", "cpu"), ("memory", "memory"), ("pids", "pids")):
+        try:
+            f = fmt[key]
+            lines.append(f"  {label:<7} free {f(int(b['free'][key]))} of "
+                         f"{f(int(b['capacity'][key]))} (host keeps "
+                         f"{f(int(b['reserve'][key]))}, cells hold "
+                         f"{f(int(b['committed'][key]))})")
+        except (KeyError, TypeError, ValueError):
+            continue
+    states = b.get("states")
+    if isinstance(states, dict) and states:
+        lines.append("  cells   " + ", ".join(f"{v} {k}" for k, v in sorted(states.items())))
+    if "leases" in b:
+        lines.append(f"  leases  {b['leases']}")
+    return ["budget", *lines]
 
 
 def format_event(ev: dict[str, Any]) -> str:

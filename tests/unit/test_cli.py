@@ -258,3 +258,21 @@ def test_formatters_fit_80_columns() -> None:
                            "tuner": {"enabled": True}})
     assert lines[0] == "agentd 1  pid 2  up 1h02m05s"
     assert all(len(x) <= 80 for x in lines) and lines[-1].startswith("tuner")
+
+
+def test_status_budget_is_formatted_not_raw_json() -> None:
+    mib = 1 << 20
+    st = {"version": "0.1", "pid": 1, "uptime_s": 5, "budget": {
+        "capacity": {"cpu_m": 1750, "memory": 900 * mib, "pids": 4000},
+        "reserve": {"cpu_m": 250, "memory": 96 * mib, "pids": 256},
+        "committed": {"cpu_m": 500, "memory": 64 * mib, "pids": 32},
+        "free": {"cpu_m": 1000, "memory": 740 * mib, "pids": 3712},
+        "states": {"running": 2, "stopped": 1}, "leases": 2}}
+    lines = format_status(st)
+    assert "  cpu     free 1000m of 1750m (host keeps 250m, cells hold 500m)" in lines
+    assert "  memory  free 740.0 MiB of 900.0 MiB (host keeps 96.0 MiB, cells hold 64.0 MiB)" \
+        in lines
+    assert "  cells   2 running, 1 stopped" in lines and "  leases  2" in lines
+    assert not any("{" in line for line in lines)
+    # an unexpected shape is still shown, raw
+    assert any(line.startswith("budget    ") for line in format_status({"budget": "n/a"}))

@@ -1,0 +1,182 @@
+"""One agentd per state directory, with real agentd processes (``python -m agent.daemon``).
+
+A second agentd started while the first runs must exit 1 with E_BUSY naming the lock file
+and the first's pid, and leave everything of the first's byte-for-byte alone: the journal
+(seeded with records, a torn tail and a left-over compaction file, each of which opening
+the journal would repair), the lock file, the pid file and the socket.  A lock left by a
+kill -9'd agentd is free at once.
+
+The first agentd runs with ``--no-cells``: on the host, the cell manager would set up the
+host's cgroups and a bridge.  The second runs as the boot does (cells on) against the same
+socket, so that if the lock failed, the socket check would still stop it before the
+manager: the test then fails on the message, never by touching the host.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.client import Client, ConnectError
+from agent.daemon import LOCK_NAME
+from agent.journal import Journal, read_journal
+
+Snapshot = dict[str, tuple[bytes | None, int, int]]
+
+
+class Agentd:
+    """One real agentd process; stopped (SIGTERM, then SIGKILL) by :meth:`stop`."""
+
+    def __init__(self, tmp: Path, name: str, state: Path, socket: Path, pidfile: Path,
+                 *extra: str) -> None:
+        self.socket = socket
+        self.log = tmp / f"{name}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.daemon", "--config", str(tmp / "none.toml"),
+                 "--socket", str(socket), "--pidfile", str(pidfile),
+                 "--state-dir", str(state), "--log-level", "debug", *extra],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_serving(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with Client(self.socket, 2) as c:
+                    status = c.call("status")
+                assert status["pid"] == self.pid, status
+                return
+            except ConnectError:
+                assert self.proc.poll() is None, f"agentd exited:\n{self.log.read_text()}"
+                assert time.monotonic() < deadline, f"agentd not up:\n{self.log.read_text()}"
+                time.sleep(0.05)
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"agentd {self.pid} kept running:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[list[Agentd]]:
+    procs: list[Agentd] = []
+    try:
+        yield procs
+    finally:
+        for d in procs:
+            d.stop()
+
+
+def _snapshot(*dirs: Path) -> Snapshot:
+    """Every entry below ``dirs``: content (files), inode and mtime."""
+    out: Snapshot = {}
+    for top in dirs:
+        for root, subdirs, files in os.walk(top):
+            for name in subdirs + files:
+                p = Path(root) / name
+                st = p.lstat()
+                data = p.read_bytes() if p.is_file() and not p.is_symlink() else None
+                out[str(p)] = (data, st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def _seed_journal(state: Path) -> Path:
+    state.mkdir(mode=0o700)
+    path = state / "agent.journal"
+    with Journal(path) as j:
+        for i in range(5):
+            j.append("cell", {"name": f"c{i}", "state": "running"}, sync=True)
+    with path.open("ab") as f:
+        f.write(b"\x00torn")  # a torn tail: opening the journal truncates it
+    (state / "agent.journal.tmp").write_bytes(b"half a compaction")  # opening removes it
+    scan = read_journal(path)
+    assert len(scan.records) == 5 and scan.torn_bytes > 0
+    return path
+
+
+def test_second_agentd_exits_busy_and_leaves_the_first_alone(
+        tmp_path: Path, started: list[Agentd]) -> None:
+    state, run = tmp_path / "state", tmp_path / "run"
+    journal = _seed_journal(state)
+    sock, pidfile = run / "agentd.sock", run / "agentd.pid"
+    first = Agentd(tmp_path, "first", state, sock, pidfile, "--no-cells")
+    started.append(first)
+    first.wait_serving()
+    lock = state / LOCK_NAME
+    assert lock.read_text() == f"{first.pid}\n"
+    assert pidfile.read_text() == f"{first.pid}\n"
+    before = _snapshot(state, run)
+    assert str(journal) in before and str(sock) in before
+
+    # as the boot starts it: cells on, same socket and pid file
+    second = Agentd(tmp_path, "second", state, sock, pidfile)
+    started.append(second)
+    assert second.wait_exit() == 1
+    err = second.log.read_text()
+    assert "error[E_BUSY]" in err and f"`{lock}`" in err and f"pid {first.pid}" in err, err
+    assert "hint:" in err
+    assert "listening" not in err and "journal" not in err and "cell manager" not in err
+    assert _snapshot(state, run) == before
+
+    # its own socket and pid file, same state dir: only the lock stands in the way
+    other_sock, other_pid = tmp_path / "other" / "agentd.sock", tmp_path / "other" / "agentd.pid"
+    third = Agentd(tmp_path, "third", state, other_sock, other_pid, "--no-cells")
+    started.append(third)
+    assert third.wait_exit() == 1
+    assert f"pid {first.pid}" in third.log.read_text()
+    assert not other_sock.exists() and not other_pid.exists()
+    assert _snapshot(state, run) == before
+
+    with Client(sock, 2) as c:  # the first one never noticed
+        assert c.call("status")["pid"] == first.pid
+    first.stop()
+    assert first.proc.returncode == 0
+    assert read_journal(journal).torn_bytes > 0  # nobody opened it
+
+
+def test_lock_of_a_killed_agentd_is_free(tmp_path: Path, started: list[Agentd]) -> None:
+    state, run = tmp_path / "state", tmp_path / "run"
+    sock, pidfile = run / "agentd.sock", run / "agentd.pid"
+    first = Agentd(tmp_path, "first", state, sock, pidfile, "--no-cells")
+    started.append(first)
+    first.wait_serving()
+    first.proc.send_signal(signal.SIGKILL)
+    assert first.wait_exit() == -signal.SIGKILL
+    # it left everything behind: lock file with its pid, pid file, socket file
+    assert (state / LOCK_NAME).read_text() == f"{first.pid}\n"
+    assert pidfile.read_text() == f"{first.pid}\n" and sock.exists()
+
+    again = Agentd(tmp_path, "again", state, sock, pidfile, "--no-cells")
+    started.append(again)
+    again.wait_serving()
+    assert (state / LOCK_NAME).read_text() == f"{again.pid}\n"
+    assert pidfile.read_text() == f"{again.pid}\n"
+    # and it holds the lock in turn
+    late = Agentd(tmp_path, "late", state, tmp_path / "late.sock", tmp_path / "late.pid",
+                  "--no-cells")
+    started.append(late)
+    assert late.wait_exit() == 1
+    assert f"pid {again.pid}" in late.log.read_text()
+    again.stop()
+    assert again.proc.returncode == 0 and not pidfile.exists() and not sock.exists()

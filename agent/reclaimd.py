@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,14 +55,16 @@ from agent.reclaim import (
     Thaw,
     Throttle,
     Unthrottle,
+    apply,
     next_pass_at,
     reclaim_pass,
     summarize,
 )
 from agent.tuner import commitment, settled
 from agent.tunerd import Host, Tuner
+from agent.tunerio import avg10_of
 
-__all__ = ["KernelObjects", "ManagerHost", "Reclaimer", "box_memory_avg10"]
+__all__ = ["BoxMemoryPressure", "KernelObjects", "ManagerHost", "Reclaimer", "box_memory_avg10"]
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = ReclaimConfig()
@@ -78,6 +81,28 @@ def box_memory_avg10(proc_root: str = "/proc") -> float | None:
     except AgentError:
         return None
     return p.some.avg10 if p is not None else None
+
+
+class BoxMemoryPressure:
+    """:func:`box_memory_avg10` through an fd kept open (one ``pread`` a reading)."""
+
+    def __init__(self, path: str = "/proc/pressure/memory") -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def __call__(self) -> float | None:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            text = os.pread(self._fd, 4096, 0).decode()
+            return avg10_of(text)
+        except (OSError, ValueError):  # no PSI (absent, psi=0: EOPNOTSUPP)
+            return None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _has_memory_reclaim(backend: CgroupBackend) -> bool:
@@ -108,7 +133,7 @@ class Reclaimer:
     config: ReclaimConfig = DEFAULT_CONFIG
     period_s: float = 10.0
     scan_s: float = 30.0
-    box_pressure: Callable[[], float | None] = box_memory_avg10
+    box_pressure: Callable[[], float | None] = field(default_factory=BoxMemoryPressure)
     clock: Callable[[], float] = time.monotonic
     box_trigger: bool = True
     pressure_path: str = "/proc/pressure/memory"
@@ -127,6 +152,7 @@ class Reclaimer:
     _has_reclaim: bool | None = None
     _psi: PsiWatcher | None = None
     _polled: bool = False
+    _after: tuple[float, list[CellView], float | None] | None = None  # the last pass's end
 
     def start(self) -> None:
         """Arm the box trigger, subscribe to the bus, and run the first pass."""
@@ -158,8 +184,10 @@ class Reclaimer:
         if ev.channel == "lifecycle":
             self._scan_wanted = True
             self.poke(0.5)
-        elif ev.channel == "tuner" and ev.kind in ("resize", "commit", "start", "stop"):
-            self.poke(0.5)
+        elif (ev.channel == "tuner" and ev.kind == "resize"
+              and isinstance(ev.attrs.get("new"), int) and isinstance(ev.attrs.get("old"), int)
+              and ev.attrs["new"] < ev.attrs["old"]):
+            self.poke(1.0)  # a lowering: budget may be returned (the only thing it changes)
 
     def _pressure(self) -> None:
         self.poke(max(0.0, self._last_pass + self.period_s - self.clock()))
@@ -198,9 +226,13 @@ class Reclaimer:
     def next_pass(self) -> float | None:
         """When the next pass is due by itself (None: only an event brings one)."""
         now = self.clock()
-        box = BoxView(self.box_pressure(), bool(self._has_reclaim),
-                      frozenset(self.host.cells), self._candidates)
-        due = [next_pass_at(self.views(now), box, now, self.period_s, self.config)]
+        if self._after is not None and self._after[0] == now:  # what the pass left
+            views, avg10 = self._after[1], self._after[2]
+        else:
+            views, avg10 = self.views(now), self.box_pressure()
+        box = BoxView(avg10, bool(self._has_reclaim), frozenset(self.host.cells),
+                      self._candidates)
+        due = [next_pass_at(views, box, now, self.period_s, self.config)]
         if self.polled:
             due.append(now + self.period_s)
         if self._scan_wanted and self.objects is not None:  # held back by scan_s
@@ -213,6 +245,8 @@ class Reclaimer:
             self.host.bus.remove_sink(self._on_event)
         if self._psi is not None:
             self._psi.close()
+        if isinstance(self.box_pressure, BoxMemoryPressure):
+            self.box_pressure.close()
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None and not self._task.done():
@@ -279,7 +313,8 @@ class Reclaimer:
         if self._has_reclaim is None:
             self._has_reclaim = _has_memory_reclaim(self.backend)
         box = BoxView(self.box_pressure(), self._has_reclaim, frozenset(self.host.cells), objects)
-        actions = reclaim_pass(self.views(now), box, now, self.config)
+        views = self.views(now)
+        actions = reclaim_pass(views, box, now, self.config)
         done: list[Action] = []
         for a in actions:
             try:
@@ -298,6 +333,9 @@ class Reclaimer:
                 with contextlib.suppress(AgentError, OSError):
                     self.host.journal.append("reclaim", {"cell": a.cell, "kind": a.kind,
                                                          **attrs}, sync=False)
+        for a in done:
+            views = [apply(v, a, now) for v in views]
+        self._after = (now, views, box.memory_some_avg10)
         taken = {(a.object_kind, a.name) for a in done if isinstance(a, CollectOrphan)}
         self._candidates = tuple(o for o in self._candidates if (o.kind, o.name) not in taken)
         if done:

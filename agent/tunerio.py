@@ -22,7 +22,7 @@ from agent.cgroup import CgroupBackend
 from agent.errors import KernelError
 from agent.tuner import Sample
 
-__all__ = ["Knobs", "PriWatch", "SampleReader"]
+__all__ = ["Knobs", "PriWatch", "SampleReader", "avg10_of"]
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,8 @@ class PriWatch:
             self._fd = -1
 
 
-def _avg10(text: str) -> float:
-    """``some avg10=`` of a PSI file (its first line)."""
+def avg10_of(text: str) -> float:
+    """``some avg10=`` of a PSI file (its first line); ValueError if malformed."""
     i = text.find("avg10=")
     return float(text[i + 6:text.index(" ", i)]) if i >= 0 else 0.0
 
@@ -232,7 +232,8 @@ class SampleReader:
         try:
             usage = int(cpu[11:cpu.index("\n")])
             current = int(self._text("memory.current"))
-            mem, cpu_p = _avg10(self._text("memory.pressure")), _avg10(self._text("cpu.pressure"))
+            mem = avg10_of(self._text("memory.pressure"))
+            cpu_p = avg10_of(self._text("cpu.pressure"))
         except ValueError as exc:
             raise KernelError("parse", str(self.leaf), errno.EINVAL, str(exc)) from None
         return Sample(usage, current, mem, cpu_p, at)

@@ -10,6 +10,7 @@ tests/guest/test_reclaim_box.py.
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from agent.admission import AdmissionRefused, Amount, Budget, Request
 from agent.cgroupv2 import CgroupV2
 from agent.orphans import KernelObjects
 from agent.reclaim import CollectOrphan, ReclaimConfig
-from agent.reclaimd import Reclaimer
+from agent.reclaimd import BoxMemoryPressure, Reclaimer
 from agent.tuner import PressureTriggered, TunerConfig
 from agent.tunerd import Tuner
 
@@ -214,3 +215,29 @@ def test_without_a_box_trigger_the_loop_degrades_to_a_period(env: Any) -> None:
     assert rec.polled
     run(rec)
     assert rec.next_pass() == clock.now + rec.period_s
+
+
+def test_only_a_lowering_pokes_the_loop(env: Any) -> None:
+    _, host, _, rec, clock, _, _ = env
+    rec.attach()
+    host.bus.emit("tuner", "resize", cell="a", severity="info", action="SetCpuMax",
+                  old=100, new=200, reason="pressure")
+    assert rec._timer_at == math.inf  # a raise frees nothing
+    host.bus.emit("tuner", "resize", cell="a", severity="info", action="SetCpuMax",
+                  old=200, new=100, reason="idle")
+    assert rec._timer_at == clock.now + 1.0
+
+
+def test_box_pressure_reader_rereads_one_fd(tmp_path: Path) -> None:
+    path = tmp_path / "memory"
+    path.write_text("some avg10=12.50 avg60=1.00 avg300=0.00 total=5\n"
+                    "full avg10=3.00 avg60=0.00 avg300=0.00 total=1\n")
+    box = BoxMemoryPressure(str(path))
+    try:
+        assert box() == 12.5
+        with path.open("r+") as f:  # same inode: the kept fd sees the new text
+            f.write("some avg10=02.25")
+        assert box() == 2.25
+    finally:
+        box.close()
+    assert BoxMemoryPressure(str(tmp_path / "absent"))() is None

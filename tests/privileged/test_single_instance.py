@@ -14,7 +14,9 @@ manager: the test then fails on the message, never by touching the host.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from agent.client import Client, ConnectError
 from agent.daemon import LOCK_NAME
 from agent.journal import Journal, read_journal
 
+REPO = Path(__file__).resolve().parents[2]
 Snapshot = dict[str, tuple[bytes | None, int, int]]
 
 
@@ -180,3 +183,135 @@ def test_lock_of_a_killed_agentd_is_free(tmp_path: Path, started: list[Agentd]) 
     assert f"pid {again.pid}" in late.log.read_text()
     again.stop()
     assert again.proc.returncode == 0 and not pidfile.exists() and not sock.exists()
+
+
+# ------------------------------------------------- the init script, run for real with busybox
+
+AGENTD_SCRIPT = ("#!{python}\nimport sys\nsys.path.insert(0, {repo!r})\n"
+                 "from agent.daemon import main\nsys.exit(main())\n")
+
+
+@pytest.fixture
+def initbox(tmp_path: Path) -> Iterator[Path]:
+    """rootfs-overlay's S50agentd with its paths under ``tmp_path``, starting a real agentd
+    (--no-cells) through a /usr/bin/agentd written as the image writes it."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.fail("busybox is not installed (the box's init is busybox)")
+    for d in ("bin", "sbin", "run", "log", "default"):
+        (tmp_path / d).mkdir()
+    os.symlink(busybox, tmp_path / "sbin/start-stop-daemon")
+    agentd = tmp_path / "bin/agentd"
+    agentd.write_text(AGENTD_SCRIPT.format(python=sys.executable, repo=str(REPO)))
+    agentd.chmod(0o755)
+    (tmp_path / "default/agentd").write_text(
+        f'STATEDIR="{tmp_path}/state"\n'
+        f'AGENTD_ARGS="--config {tmp_path}/none.toml --socket {tmp_path}/run/agentd.sock '
+        f'--state-dir {tmp_path}/state --no-cells"\n')
+    script = (REPO / "rootfs-overlay/etc/init.d/S50agentd").read_text()
+    for real, fake in (("/usr/bin/", "bin/"), ("/var/run/", "run/"), ("/var/log/", "log/"),
+                       ("/etc/default/", "default/")):
+        script = script.replace(real, f"{tmp_path}/{fake}")
+    assert "/var/lib/agent" in script  # STATEDIR: the default, overridden above
+    (tmp_path / "S50agentd").write_text(script)
+    try:
+        yield tmp_path
+    finally:
+        for pid in _agentds(tmp_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _init(box: Path, action: str) -> subprocess.Popen[str]:
+    env = {"PATH": f"{box}/sbin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    return subprocess.Popen(["busybox", "sh", str(box / "S50agentd"), action], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _out(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=90)
+    return proc.returncode, out
+
+
+def _agentds(box: Path) -> list[int]:
+    """Live agentd processes of this box (zombies have an empty cmdline)."""
+    out = []
+    me = str(box / "bin/agentd").encode()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if me in (p / "cmdline").read_bytes().split(b"\0"):
+                    out.append(int(p.name))
+    return out
+
+
+def test_init_script_starts_are_idempotent_under_a_race(initbox: Path) -> None:
+    box = initbox
+    pidfile, lock = box / "run/agentd.pid", box / "state" / LOCK_NAME
+    for _round in range(3):
+        starts = [_init(box, "start") for _ in range(3)]  # all at once
+        results = [_out(p) for p in starts]
+        for rc, out in results:
+            assert rc == 0 and out.startswith("Starting agentd: OK"), (results, _log(box))
+        live = _one_agentd(box)
+        assert pidfile.read_text() == f"{live[0]}\n" and lock.read_text() == f"{live[0]}\n"
+        with Client(box / "run/agentd.sock", 5) as c:
+            assert c.call("status")["pid"] == live[0]
+        rc, out = _out(_init(box, "stop"))
+        assert (rc, out) == (0, "Stopping agentd: OK\n")
+        assert _agentds(box) == [] and not pidfile.exists()
+
+
+def test_init_script_start_while_agentd_is_starting(initbox: Path) -> None:
+    box = initbox
+    first = _init(box, "start")
+    launch = box / "run/agentd.launch"
+    deadline = time.monotonic() + 30
+    while not _launched(launch):  # agentd exec'd, and far from serving: Python starts up
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.002)
+    assert not (box / "run/agentd.pid").exists()
+    second = _init(box, "start")
+    (rc1, out1), (rc2, out2) = _out(first), _out(second)
+    assert (rc1, rc2) == (0, 0) and out1 == out2 == "Starting agentd: OK\n", (out1, out2)
+    live = _one_agentd(box)
+    assert (box / "run/agentd.pid").read_text() == f"{live[0]}\n"
+    assert "E_BUSY" not in _log(box)  # the second start did not even launch one
+    rc, out = _out(_init(box, "start"))
+    assert (rc, out) == (0, "Starting agentd: OK (already running)\n")
+    # killed hard: the next start is not fooled by the lock file or pid file left behind
+    os.kill(live[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _agentds(box):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rc, out = _out(_init(box, "start"))
+    assert (rc, out) == (0, "Starting agentd: OK\n"), _log(box)
+    again = _one_agentd(box)
+    assert again != live
+    rc, out = _out(_init(box, "stop"))
+    assert rc == 0 and _agentds(box) == []
+
+
+def _one_agentd(box: Path) -> list[int]:
+    """The one agentd left once the losers of a race (E_BUSY) have finished exiting."""
+    deadline = time.monotonic() + 20
+    while len(live := _agentds(box)) != 1:
+        assert time.monotonic() < deadline, (live, _log(box))
+        time.sleep(0.05)
+    return live
+
+
+def _launched(launch: Path) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(launch.read_text())
+        return str(launch.parent.parent / "bin/agentd").encode() in (
+            Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))
+    return False
+
+
+def _log(box: Path) -> str:
+    try:
+        return (box / "log/agentd.log").read_text()
+    except OSError:
+        return ""

@@ -93,7 +93,7 @@ def load_settings(path: Path) -> Settings:
 
 def top_row(mgr: CellManager, tuner: Tuner | None, name: str, now: float) -> dict[str, Any]:
     """One ``top`` row: fresh stats, the tuner's limits; CPU % over the time since the
-    tuner's last sample of the cell (None before the first)."""
+    latest reading of the cell (the last ps/top row or the tuner's last sample)."""
     e = mgr.cells[name]
     row: dict[str, Any] = {"name": name, "state": e.state.value, "cpu_pct": None,
                            "memory_current": None, "pids": None, "cpu_pressure": None,
@@ -108,10 +108,15 @@ def top_row(mgr: CellManager, tuner: Tuner | None, name: str, now: float) -> dic
     for res in ("cpu", "memory"):
         p = st.pressure.get(res)
         row[f"{res}_pressure"] = p.some.avg10 if p is not None else None
+    # CPU % since the latest reading: this cell's last ps/top row or the tuner's last sample
+    # (a quiet cell is not sampled: without the former, a long average would show).
     smp = t.state.last_sample if t is not None else None
-    if smp is not None and now > smp.at:
-        row["cpu_pct"] = round((st.cpu_usage_usec - smp.cpu_usage_usec) / 1e4 / (now - smp.at),
-                               1)
+    seen = [p for p in (e.cpu_sample, (smp.cpu_usage_usec, smp.at) if smp else None)
+            if p is not None and now > p[1] and st.cpu_usage_usec >= p[0]]
+    if seen:
+        usage, at = max(seen, key=lambda p: p[1])
+        row["cpu_pct"] = round((st.cpu_usage_usec - usage) / 1e4 / (now - at), 1)
+    e.cpu_sample = (st.cpu_usage_usec, now)
     return row
 
 

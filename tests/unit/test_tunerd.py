@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from agent.lifecycle import State
 from agent.manifest import Manifest, manifest_from_dict
 from agent.tuner import Bounds, MemoryEvents, PinRefused, PressureTriggered, TunerConfig
 from agent.tunerd import Tuner, initial_size
+from agent.tunerops import top_row
 
 MiB = 1 << 20
 LEAF = {
@@ -52,6 +54,7 @@ class Entry:
     state: State = State.RUNNING
     pid: int | None = 42
     pin: dict[str, int] | None = None
+    cpu_sample: tuple[int, float] | None = None
 
 
 class Journal:
@@ -404,3 +407,18 @@ def test_a_kept_pin_that_no_longer_fits_is_dropped(env: Any) -> None:
     tuner.attach()
     assert not tuner.cells["a"].state.pinned and host.cells["a"].pin is None
     assert [e for e in tuner_events(host, "unpin") if "no longer fits" in e.attrs["reason"]]
+
+
+def test_top_cpu_percent_is_since_the_latest_reading(env: Any) -> None:
+    """A quiet cell's last tuner sample may be minutes old: top measures CPU % since the
+    previous top row when that is more recent."""
+    root, host, tuner, clock = env
+    leaf = make_cell(root, host, manifest("a"))
+    tuner.attach()
+    tuner.sample("a")  # usage 1000 us at clock.now
+    mgr: Any = SimpleNamespace(cells=host.cells, cgroup=tuner.backend)  # what top_row reads
+    (leaf / "cpu.stat").write_text("usage_usec 1001000\n")   # 1 s of CPU ...
+    first = top_row(mgr, tuner, "a", clock.now + 100)          # ... over 100 s since it
+    assert first["cpu_pct"] == 1.0
+    (leaf / "cpu.stat").write_text("usage_usec 2001000\n")   # 1 s more in 2 s
+    assert top_row(mgr, tuner, "a", clock.now + 102)["cpu_pct"] == 50.0

@@ -1,9 +1,15 @@
-"""Helpers for the guest tests that drive the live agentd with real cells.
+"""The one home of the guest tests' helpers for the live agentd and real cells.
 
-Shared by test_isolation.py, test_scale.py and test_control_fuzz.py (import the
-``clean`` fixture into a test module to use it).  Everything here runs in the box.
+Every guest test module imports what it needs from here, fixtures too: import ``clean``
+or ``cgroup_v2_subtree`` (the fixture ``cg``) into a test module to use it.  Everything
+runs in the box.
 
-* :func:`ctl` runs ``agentctl --json``; :func:`wait_for` polls; :func:`ps` lists cells.
+* :func:`sh` runs a command (cwd "/", the agentd log tail in its failure);
+  :func:`ctl` runs ``agentctl --json`` and waits out refusals for host pressure,
+  :func:`refused` wants a refusal at once and returns its text; :func:`wait_for`
+  polls; :func:`ps` lists cells, :func:`top_rows` the tuner's view of them.
+* :func:`ensure_agentd`, :func:`restart_agentd`, :func:`kill9_agentd` and
+  :func:`kill9_and_restart` manage the box's agentd through /etc/init.d/S50agentd.
 * :func:`leftovers` is everything a cell may leave behind in the box (cgroup leaves,
   links, bridge VLAN entries, root-ns mount points, pinned netns, run dirs, the nftables
   ruleset, cells, leases and open plans in the journal); the ``clean`` fixture checks
@@ -19,51 +25,69 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from agent.cgroupv2 import CgroupV2
+
 __all__ = [
     "CG",
+    "CGROOT",
     "DEMO",
+    "JOURNAL",
     "NETNS",
     "PROBE_LIB",
     "RUN_CELLS",
     "SERVICES",
     "agentd_pid",
     "call",
+    "cgroup_v2_subtree",
     "clean",
     "ctl",
     "diff",
     "ensure_agentd",
+    "http_get",
     "journal_live",
+    "kill9_agentd",
     "kill9_and_restart",
+    "knob",
     "leftovers",
     "log_tail",
+    "logged",
     "logs",
     "manifest_text",
+    "mem_events",
     "probe",
     "ps",
     "py_image",
+    "refused",
+    "restart_agentd",
     "run_until_gone",
     "sh",
     "start",
     "start_probe",
     "stop_all",
     "timed_status",
+    "top_rows",
+    "up",
     "wait_for",
     "warm_up",
     "write_manifest",
 ]
 
-CG = Path("/sys/fs/cgroup/agent")
+CGROOT = Path("/sys/fs/cgroup")
+CG = CGROOT / "agent"
 NETNS = Path("/run/netns")
 RUN_CELLS = Path("/run/agent/cells")
 PIDFILE = Path("/var/run/agentd.pid")
@@ -113,18 +137,28 @@ def sh(*argv: str, check: bool = True, timeout: float = 90) -> subprocess.Comple
     return r
 
 
-def ctl(*args: str, timeout: float = 90) -> Any:
-    # A refusal for host pressure says "retry later": a test right after a memory hog
-    # waits for the box's PSI average to fall (up to a minute), as an operator would.
-    deadline = time.monotonic() + 60
+def ctl(*args: str, timeout: float = 90, pressure_wait: float = 60) -> Any:
+    """``agentctl --json ARGS``, its reply decoded.  A refusal for host pressure says
+    "retry later": right after a memory hog this waits (up to ``pressure_wait`` s) for the
+    box's PSI average to fall, as an operator would; ``pressure_wait=0`` fails at once."""
+    deadline = time.monotonic() + pressure_wait
     while True:
         r = sh("agentctl", "--json", *args, timeout=timeout, check=False)
         if r.returncode == 0:
             return json.loads(r.stdout)
-        if "E_ADMISSION_PRESSURE" not in r.stderr or time.monotonic() > deadline:
+        if "E_ADMISSION_PRESSURE" not in r.stderr or time.monotonic() >= deadline:
             raise AssertionError(f"agentctl {' '.join(args)} exited {r.returncode}: "
                                  f"{r.stderr}\n--- agentd log ---\n{log_tail()}")
         time.sleep(2)
+
+
+def refused(*args: str, timeout: float = 90) -> str:
+    """``agentctl ARGS`` must be refused at once (exit 1, no retry for pressure); the
+    error it printed."""
+    r = sh("agentctl", *args, timeout=timeout, check=False)
+    assert r.returncode == 1, (f"agentctl {' '.join(args)} exited {r.returncode}, not 1: "
+                               f"{r.stdout}{r.stderr}\n--- agentd log ---\n{log_tail()}")
+    return r.stderr
 
 
 def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20,
@@ -168,21 +202,89 @@ def agentd_pid() -> int:
     return int(PIDFILE.read_text().strip())
 
 
+def up() -> bool:
+    """agentd answers a ping."""
+    return sh("agentctl", "ping", check=False).returncode == 0
+
+
 def ensure_agentd() -> None:
-    if sh("agentctl", "ping", check=False).returncode != 0:
+    if not up():
         sh("/etc/init.d/S50agentd", "start")
-        wait_for(lambda: sh("agentctl", "ping", check=False).returncode == 0, "agentd ping",
-                 timeout=60)
+        wait_for(up, "agentd ping", timeout=60)
 
 
-def kill9_and_restart() -> None:
+def _stopped() -> bool:
+    if not up():
+        return True
+    sh("/etc/init.d/S50agentd", "stop", check=False)
+    return not up()
+
+
+def restart_agentd() -> None:
+    """Stop agentd (asked again until it is down), start it, and wait until it answers
+    and its cell manager is up (``status`` has a budget): it reads its config anew."""
+    wait_for(_stopped, "agentd to stop", timeout=60, every=1)
+    sh("/etc/init.d/S50agentd", "start")
+    wait_for(up, "agentd ping", timeout=60)
+    wait_for(lambda: isinstance(call("status").get("budget"), dict), "the cell manager",
+             timeout=60)
+
+
+def kill9_agentd() -> int:
+    """SIGKILL agentd and wait until it is dead; its pid."""
     pid = agentd_pid()
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not Path(f"/proc/{pid}").exists()
-             or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], "agentd to die")
+             or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], "agentd to die",
+             timeout=30)
+    return pid
+
+
+def kill9_and_restart() -> None:
+    kill9_agentd()
     sh("/etc/init.d/S50agentd", "start")
-    wait_for(lambda: sh("agentctl", "ping", check=False).returncode == 0, "agentd restarted",
-             timeout=60)
+    wait_for(up, "agentd restarted", timeout=60)
+
+
+def top_rows() -> dict[str, dict[str, Any]]:
+    """The tuner's rows (``agentctl top``) by cell name."""
+    return {r["name"]: r for r in call("top")["cells"]}
+
+
+def knob(cell: str, name: str) -> int:
+    """A cell's cgroup limit file in bytes or units; ``max`` as 2**62."""
+    text = (CG / cell / name).read_text().split()[0]
+    return 1 << 62 if text == "max" else int(text)
+
+
+def mem_events(cell: str) -> dict[str, int]:
+    lines = (CG / cell / "memory.events").read_text().splitlines()
+    return {k: int(v) for k, v in (ln.split() for ln in lines)}
+
+
+def logged(cell: str, text: str) -> bool:
+    """The cell printed the line ``text`` (among its last 500)."""
+    return text in logs(cell)
+
+
+def http_get(address: str, port: int = 8080) -> str:
+    with urllib.request.urlopen(f"http://{address}:{port}/", timeout=10) as r:
+        return str(r.read().decode())
+
+
+@pytest.fixture(name="cg")
+def cgroup_v2_subtree() -> Iterator[CgroupV2]:
+    """The fixture ``cg``: a cgroup v2 backend on a subtree of its own
+    (``/sys/fs/cgroup/agt-<hex>``), set up; its cells are killed and it is removed after."""
+    from agent.cgroupv2 import CgroupV2
+
+    backend = CgroupV2(CGROOT / f"agt-{secrets.token_hex(3)}")
+    backend.setup()
+    yield backend
+    for cell in backend.list_cells():
+        backend.kill(cell)
+        backend.remove(cell)
+    backend.root.rmdir()
 
 
 def journal_live() -> dict[str, list[str]]:
@@ -261,7 +363,12 @@ def manifest_text(name: str, args: list[str], *, command: str = "/bin/busybox",
                   image: str = DEMO, oneshot: bool = False, uid: int = 0,
                   resources: Mapping[str, Any] | None = None,
                   network: Mapping[str, Any] | None = None,
+                  service: Mapping[str, Any] | None = None,
+                  lifecycle: Mapping[str, Any] | None = None,
                   extra: str = "") -> str:
+    """A manifest's TOML: ``service`` adds keys to [service] (``workdir``...),
+    ``lifecycle`` to or over [lifecycle] (``destroy_on_exit``...); ``extra`` is
+    appended (``[[writable]]`` tables...)."""
     def val(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -272,16 +379,17 @@ def manifest_text(name: str, args: list[str], *, command: str = "/bin/busybox",
         return json.dumps(v)  # JSON strings and numbers are valid TOML
 
     lines = [f"name = {val(name)}", "[service]", f"command = {val(command)}",
-             f"args = {val(args)}", f"uid = {uid}", f"gid = {uid}",
-             "[image]", f"root = {val(image)}"]
+             f"args = {val(args)}", f"uid = {uid}", f"gid = {uid}"]
+    lines += [f"{k} = {val(v)}" for k, v in (service or {}).items()]
+    lines += ["[image]", f"root = {val(image)}"]
     if resources:
         lines.append("[resources]")
         lines += [f"{k} = {val(v)}" for k, v in resources.items()]
     if network is not None:
         lines.append("[network]")
         lines += [f"{k} = {val(v)}" for k, v in network.items()]
-    lines += ["[lifecycle]", 'mode = "oneshot"' if oneshot else 'mode = "service"',
-              'restart = "no"']
+    life = {"mode": "oneshot" if oneshot else "service", "restart": "no", **(lifecycle or {})}
+    lines += ["[lifecycle]", *(f"{k} = {val(v)}" for k, v in life.items())]
     return "\n".join(lines) + "\n" + extra
 
 

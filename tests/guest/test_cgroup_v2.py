@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cellkit import cgroup_v2_subtree
 
 from agent.cgroup import Limits
 from agent.cgroupv2 import CgroupV2
 from agent.errors import KernelError
+
+__all__ = ["cgroup_v2_subtree"]  # the fixture ``cg``, imported for use here
 
 MOUNT = Path("/sys/fs/cgroup")
 MiB = 1 << 20
@@ -34,17 +37,6 @@ def hierarchy_unchanged() -> Iterator[None]:
     before = top_level()
     yield
     assert top_level() == before
-
-
-@pytest.fixture
-def cg() -> Iterator[CgroupV2]:
-    backend = CgroupV2(MOUNT / f"agt-{secrets.token_hex(3)}")
-    backend.setup()
-    yield backend
-    for cell in backend.list_cells():
-        backend.kill(cell)
-        backend.remove(cell)
-    backend.root.rmdir()
 
 
 def spawn_in(cg: CgroupV2, cell: str, code: str) -> subprocess.Popen[str]:

@@ -9,55 +9,36 @@ import re
 import shutil
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from cellkit import ctl, sh, up, wait_for
 
 INIT = "/etc/init.d/S50agentd"
 RELEASE = os.uname().release
-
-
-def sh(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    # cwd "/": never import the work tree (/mnt/src) instead of the installed agent.
-    r = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=timeout)
-    if check and r.returncode:
-        raise AssertionError(f"{argv} exited {r.returncode}: {r.stdout}{r.stderr}")
-    return r
+SLOW = 120  # s: agentctl diag and init scripts on the emulated box
 
 
 def diag(*args: str) -> subprocess.CompletedProcess[str]:
     """``agentctl diag`` once agentctl dispatches it, ``python3 -m agent.diag`` until then."""
     if re.search(r"^\s+diag\s", sh("agentctl", "--help").stdout, re.M):  # a subcommand
-        return sh("agentctl", "diag", *args)
-    return sh("python3", "-m", "agent.diag", *args)
+        return sh("agentctl", "diag", *args, timeout=SLOW)
+    return sh("python3", "-m", "agent.diag", *args, timeout=SLOW)
 
 
-def ctl(*args: str) -> Any:
-    return json.loads(sh("agentctl", "--json", *args).stdout)
-
-
-def pings() -> bool:
-    return sh("agentctl", "ping", check=False, timeout=20).returncode == 0
-
-
-def wait_for_ping(up: bool = True, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while pings() != up:
-        assert time.monotonic() < deadline, f"agentd {'up' if up else 'down'}: timed out"
-        time.sleep(0.2)
+def wait_for_ping(want: bool = True) -> None:
+    wait_for(lambda: up() == want, f"agentd {'up' if want else 'down'}", timeout=90)
 
 
 @pytest.fixture
 def agentd() -> Iterator[None]:
-    if not pings():
-        sh(INIT, "start")
+    if not up():
+        sh(INIT, "start", timeout=SLOW)
     wait_for_ping()
     yield
-    if not pings():
-        sh(INIT, "start")
+    if not up():
+        sh(INIT, "start", timeout=SLOW)
         wait_for_ping()
 
 
@@ -92,8 +73,8 @@ def test_screen_with_agentd_up(agentd: None) -> None:
 
 
 def test_screen_with_agentd_stopped(agentd: None) -> None:
-    sh(INIT, "stop")
-    wait_for_ping(up=False)
+    sh(INIT, "stop", timeout=SLOW)
+    wait_for_ping(want=False)
     try:
         r = diag()
         lines = check_screen(r.stdout)
@@ -105,7 +86,7 @@ def test_screen_with_agentd_stopped(agentd: None) -> None:
             line(lines, head)
         assert not any(x.startswith(("cells ", "budget ")) for x in lines)
     finally:
-        sh(INIT, "start")
+        sh(INIT, "start", timeout=SLOW)
         wait_for_ping()
 
 

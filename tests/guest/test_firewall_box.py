@@ -21,55 +21,28 @@ import os
 import socket
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cellkit import (
+    NETNS,
+    SERVICES,
+    ctl,
+    ensure_agentd,
+    ps,
+    sh,
+    wait_for,
+    write_manifest,
+)
 
 from agent import firewall as fw
 from agent.firewall import CellFw
 from agent.manifest import load_manifest
 from agent.nft import FirewallSync, Nft
 
-NETNS = Path("/run/netns")
-SERVICES = Path("/etc/agent/services")
-DEMO = "/usr/share/agent/images/demo"
 NS_GET_USERNS = 0xB701
-
-
-def sh(*argv: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=timeout)
-    if check and r.returncode:
-        raise AssertionError(f"{argv} exited {r.returncode}: {r.stdout}{r.stderr}\n"
-                             f"--- agentd log ---\n{log_tail()}")
-    return r
-
-
-def ctl(*args: str) -> Any:
-    return json.loads(sh("agentctl", "--json", *args).stdout)
-
-
-def ps() -> dict[str, dict[str, Any]]:
-    return {r["name"]: r for r in ctl("ps")}
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n--- agentd log ---\n{log_tail()}")
-
-
-def log_tail(n: int = 30) -> str:
-    try:
-        return "\n".join(Path("/var/log/agentd.log").read_text().splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 def ruleset() -> Any:
@@ -110,22 +83,14 @@ def fetch(cell: str, addr: str, port: int) -> bool:
     return out.startswith("ok HTTP/")
 
 
-MANIFESTS: dict[str, tuple[list[str], int, str]] = {
+PEER = {"cell": "fw-web", "ports": [8080], "proto": "tcp"}
+MANIFESTS: dict[str, tuple[list[str], dict[str, Any]]] = {
     "fw-web": (["sh", "-c", "/bin/busybox httpd -p 8081 -h /www; exec /bin/busybox httpd -f "
-                "-p 8080 -h /www"], 160, ""),
-    "fw-client": (["httpd", "-f", "-p", "9000", "-h", "/www"], 161,
-                  'peers = [{ cell = "fw-web", ports = [8080], proto = "tcp" }]\n'),
-    "fw-other": (["httpd", "-f", "-p", "8080", "-h", "/www"], 162, ""),
+                "-p 8080 -h /www"], {"vlan": 160, "egress": False}),
+    "fw-client": (["httpd", "-f", "-p", "9000", "-h", "/www"],
+                  {"vlan": 161, "egress": False, "peers": [PEER]}),
+    "fw-other": (["httpd", "-f", "-p", "8080", "-h", "/www"], {"vlan": 162, "egress": False}),
 }
-
-
-def write_manifest(name: str) -> None:
-    argv, vlan, extra = MANIFESTS[name]
-    (SERVICES / f"{name}.toml").write_text(
-        f'name = "{name}"\n[service]\ncommand = "/bin/busybox"\nargs = {json.dumps(argv)}\n'
-        f'uid = 1000\ngid = 1000\nworkdir = "/www"\n[image]\nroot = "{DEMO}"\n'
-        f"[network]\nvlan = {vlan}\negress = false\n{extra}"
-        '[lifecycle]\nmode = "service"\nrestart = "no"\n')
 
 
 def cell_fws(rows: dict[str, dict[str, Any]]) -> list[CellFw]:
@@ -151,15 +116,12 @@ def table_in(cell: str) -> dict[str, Any] | None:
 
 @pytest.fixture(scope="module")
 def cells() -> Iterator[dict[str, Any]]:
-    if sh("agentctl", "ping", check=False).returncode != 0:
-        sh("/etc/init.d/S50agentd", "start")
-        wait_for(lambda: sh("agentctl", "ping", check=False).returncode == 0, "agentd",
-                 timeout=60)
+    ensure_agentd()
     for name in list(ps()):
         sh("agentctl", "stop", name, check=False)
     before = ruleset()
-    for name in MANIFESTS:
-        write_manifest(name)
+    for name, (argv, network) in MANIFESTS.items():
+        write_manifest(name, argv, uid=1000, service={"workdir": "/www"}, network=network)
     sync: FirewallSync | None = None
     try:
         for name in MANIFESTS:
@@ -297,11 +259,8 @@ def test_root_in_a_cell_cannot_change_its_network(cells: dict[str, Any]) -> None
               "busybox ip addr add 10.9.9.9/32 dev lo; echo addr=$?; "
               "busybox ip route add 10.9.0.0/16 dev eth0; echo route=$?; "
               "busybox unshare -r busybox ip link set lo down; echo nested=$?")
-    (SERVICES / f"{name}.toml").write_text(
-        f'name = "{name}"\n[service]\ncommand = "/bin/busybox"\n'
-        f'args = ["sh", "-c", {json.dumps(script)}]\nuid = 0\ngid = 0\n'
-        f'[image]\nroot = "{DEMO}"\n[network]\nvlan = 163\n'
-        '[lifecycle]\nmode = "oneshot"\nrestart = "no"\ndestroy_on_exit = false\n')
+    write_manifest(name, ["sh", "-c", script], network={"vlan": 163}, oneshot=True,
+                   lifecycle={"destroy_on_exit": False})
     try:
         ctl("run", name)
         wait_for(lambda: ps().get(name, {}).get("state") != "running", f"{name} to exit")

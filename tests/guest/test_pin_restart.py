@@ -3,18 +3,8 @@ pinned at the same size (the pin is journaled with the cell: agent.master.keep_p
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
-from cellkit import clean, ctl, kill9_and_restart, start, wait_for
-
-CG = Path("/sys/fs/cgroup/agent")
-
-
-def _row(name: str) -> dict[str, Any] | None:
-    rows: dict[str, dict[str, Any]] = {r["name"]: r for r in ctl("top", "--once")["cells"]}
-    return rows.get(name)
+from cellkit import CG, clean, ctl, kill9_and_restart, start, top_rows, wait_for
 
 
 @pytest.mark.usefixtures(clean.__name__)
@@ -25,13 +15,13 @@ def test_a_pin_survives_a_killed_agentd() -> None:
                      "memory_max": "48M", "pids_max": 8})
     ctl("pin", name, "--cpu", "120m", "--memory", "20M")
     kill9_and_restart()
-    row = wait_for(lambda: (r := _row(name)) is not None and r.get("tuned") and r,
+    row = wait_for(lambda: (r := top_rows().get(name)) is not None and r.get("tuned") and r,
                    "the adopted cell to be tuned again", timeout=90)
     assert row["pinned"] and row["memory_max"] == 20 << 20 and row["cpu_max"] == 120, row
     assert (CG / name / "memory.max").read_text().strip() == str(20 << 20)
     assert (CG / name / "cpu.max").read_text().split()[0] == "12000"
     ctl("unpin", name)
     kill9_and_restart()
-    row = wait_for(lambda: (r := _row(name)) is not None and r.get("tuned") and r,
+    row = wait_for(lambda: (r := top_rows().get(name)) is not None and r.get("tuned") and r,
                    "the adopted cell to be tuned again", timeout=90)
     assert not row["pinned"], row

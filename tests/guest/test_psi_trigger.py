@@ -1,29 +1,30 @@
 """PSI triggers on a real cgroup v2 leaf in the box: a memory hog squeezed by a tight
 memory.high stalls, and the trigger wakes the loop within its window.
 
-Works in ``/sys/fs/cgroup/agt-psi-<hex>`` and removes it; skipped with the kernel's
-reason where PSI is off (``psi=1`` missing on a CONFIG_PSI_DEFAULT_DISABLED kernel).
+Works in a cgroup subtree of its own (cellkit's ``cg``: ``/sys/fs/cgroup/agt-<hex>``) and
+removes it; fails with the kernel's reason where PSI is off (``psi=1`` missing on a
+CONFIG_PSI_DEFAULT_DISABLED kernel).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cellkit import cgroup_v2_subtree
 
 from agent.cgroup import Limits
 from agent.cgroupv2 import CgroupV2
 from agent.errors import KernelError
 from agent.psi import PsiTrigger, PsiWatcher
 
-MOUNT = Path("/sys/fs/cgroup")
+__all__ = ["cgroup_v2_subtree"]  # the fixture ``cg``, imported for use here
+
 MiB = 1 << 20
 WINDOW_US = 1_000_000
 HOG = """
@@ -48,23 +49,18 @@ while True:
             said = True
 """
 
-@pytest.fixture
-def cg() -> Iterator[CgroupV2]:
-    backend = CgroupV2(MOUNT / f"agt-psi-{secrets.token_hex(3)}")
-    backend.setup()
-    yield backend
-    for cell in backend.list_cells():
-        backend.kill(cell)
-        backend.remove(cell)
-    backend.root.rmdir()
+
+def need_trigger(pressure: Path) -> None:
+    """A PSI trigger can be armed on ``pressure`` here, or the test fails saying why."""
+    try:
+        PsiTrigger(str(pressure), 150_000, WINDOW_US).close()
+    except KernelError as e:
+        pytest.fail(f"no PSI trigger on a cgroup here: {e}")
 
 
 def test_memory_trigger_fires_within_the_window(cg: CgroupV2) -> None:
     leaf = cg.create("hog")
-    try:
-        PsiTrigger(str(leaf / "memory.pressure"), 150_000, WINDOW_US).close()
-    except KernelError as e:
-        pytest.fail(f"no PSI trigger on a cgroup here: {e}")
+    need_trigger(leaf / "memory.pressure")
     # The hog wants 32 MiB; memory.high at 16 MiB throttles it hard (no OOM: max is 96 MiB).
     cg.set_limits("hog", Limits(memory_high=16 * MiB, memory_max=96 * MiB))
 
@@ -107,10 +103,7 @@ def test_memory_trigger_fires_within_the_window(cg: CgroupV2) -> None:
 
 def test_removed_cgroup_drops_its_trigger(cg: CgroupV2) -> None:
     leaf = cg.create("short")
-    try:
-        PsiTrigger(str(leaf / "cpu.pressure"), 150_000, WINDOW_US).close()
-    except KernelError as e:
-        pytest.fail(f"no PSI trigger on a cgroup here: {e}")
+    need_trigger(leaf / "cpu.pressure")
 
     async def scenario() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         fired: list[tuple[str, str]] = []

@@ -8,51 +8,40 @@ netns, veth on the bridge and VLAN gateway are orphans.  The reclaim loop (fast 
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from test_tuner_box import CG, ctl, fast, manifest, restart_agentd, sh, wait_for
-
-NETNS = Path("/run/netns")
-PIDFILE = Path("/var/run/agentd.pid")
-JOURNAL = Path("/var/lib/agent/agent.journal")
+from cellkit import JOURNAL, ctl, kill9_agentd, leftovers, restart_agentd, sh, wait_for
+from test_tuner_box import fast, manifest
 
 __all__ = ["fast"]  # the fixture, imported for use here
 
+# What the orphans of a cell are made of (cellkit.leftovers has more: the journal, removed
+# here on purpose, and the run dir and mounts, which this scenario does not check).
+KERNEL_OBJECTS = ("cgroups", "links", "vlans", "netns")
 
-def leftovers() -> dict[str, Any]:
-    vlans = json.loads(subprocess.run(["bridge", "-j", "vlan", "show"], capture_output=True,
-                                      text=True).stdout or "[]")
-    return {"cgroups": sorted(p.name for p in CG.iterdir() if p.is_dir()),
-            "links": sorted(p.name for p in Path("/sys/class/net").iterdir()),
-            "vlans": vlans,
-            "netns": sorted(p.name for p in NETNS.iterdir()) if NETNS.exists() else []}
+
+def kernel_objects() -> dict[str, Any]:
+    return {k: v for k, v in leftovers().items() if k in KERNEL_OBJECTS}
 
 
 def test_orphans_of_a_killed_agentd_are_collected(fast: list[str]) -> None:
-    before = leftovers()
+    before = kernel_objects()
     manifest("rec-orphan", "while :; do sleep 1; done", mem=("8M", "16M"), tmpfs="1M",
              network=True)
     fast.append("rec-orphan")
     pid = ctl("run", "rec-orphan")["pid"]
-    during = leftovers()
+    during = kernel_objects()
     assert "rec-orphan" in during["cgroups"] and "cell-rec-orphan" in during["netns"]
     assert len(during["links"]) > len(before["links"])  # the veth and the VLAN gateway
-    daemon = int(PIDFILE.read_text().strip())
-    os.kill(daemon, signal.SIGKILL)
-    wait_for(lambda: not Path(f"/proc/{daemon}").exists()
-             or "Z" in Path(f"/proc/{daemon}/stat").read_text().split()[2], "agentd to die")
+    kill9_agentd()
     JOURNAL.unlink()
     t0 = time.monotonic()
     restart_agentd()
     assert ctl("ps") == []  # the new agentd knows nothing of the cell
-    wait_for(lambda: leftovers() == before, "the orphans to be collected", timeout=60,
-             step=0.5)
+    wait_for(lambda: kernel_objects() == before, "the orphans to be collected", timeout=60,
+             every=0.5)
     took = time.monotonic() - t0
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(
         f"/proc/{pid}/stat").read_text().split()[2]  # the cell's processes were killed

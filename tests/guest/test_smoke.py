@@ -22,16 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-CGROOT = Path("/sys/fs/cgroup")
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    # cwd "/": never import the work tree (/mnt/src) instead of the installed agent.
-    r = subprocess.run(argv, capture_output=True, text=True, cwd="/")
-    if check and r.returncode:
-        raise AssertionError(f"{argv} exited {r.returncode}: {r.stderr.strip()}")
-    return r
+from cellkit import CGROOT, sh
 
 
 def test_machine_is_aarch64() -> None:

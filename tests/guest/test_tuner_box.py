@@ -9,21 +9,30 @@ the working set grows deterministically.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cellkit import (
+    CG,
+    SERVICES,
+    ctl,
+    knob,
+    logged,
+    mem_events,
+    ps,
+    refused,
+    restart_agentd,
+    sh,
+    wait_for,
+    write_manifest,
+)
 
-CG = Path("/sys/fs/cgroup/agent")
-SERVICES = Path("/etc/agent/services")
 SETTINGS = Path("/etc/agent/tuner.toml")
-LOG = Path("/var/log/agentd.log")
 MiB = 1 << 20
 FAST = """
 [tuner]
@@ -42,58 +51,15 @@ orphan_grace_s = 3.0
 """
 
 
-def sh(*argv: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=timeout)
-    if check and r.returncode:
-        raise AssertionError(f"{argv} exited {r.returncode}: {r.stdout}{r.stderr}\n"
-                             f"--- agentd log ---\n{log_tail()}")
-    return r
-
-
-def log_tail(n: int = 30) -> str:
-    try:
-        return "\n".join(LOG.read_text().splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-def ctl(*args: str) -> Any:
-    return json.loads(sh("agentctl", "--json", *args).stdout)
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 30, step: float = 0.2
-             ) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}\n--- agentd log ---\n{log_tail()}")
-
-
-def restart_agentd() -> None:
-    sh("/etc/init.d/S50agentd", "stop", check=False)
-    wait_for(lambda: sh("agentctl", "ping", check=False).returncode != 0, "agentd to stop")
-    sh("/etc/init.d/S50agentd", "start")
-    wait_for(lambda: sh("agentctl", "ping", check=False).returncode == 0, "agentd ping")
-
-
-def cells() -> dict[str, Any]:
-    return {r["name"]: r for r in ctl("ps")}
-
-
 def manifest(name: str, script: str, *, cpu: tuple[str, str] = ("100m", "500m"),
              mem: tuple[str, str] = ("8M", "48M"), tmpfs: str = "64M",
              network: bool = False) -> None:
-    net = '[network]\nvlan = 100\negress = false\n' if network else ""
-    (SERVICES / f"{name}.toml").write_text(
-        f'name = "{name}"\n[service]\ncommand = "/bin/sh"\nargs = ["-c", {json.dumps(script)}]\n'
-        '[image]\nroot = "/usr/share/agent/images/demo"\n'
-        f'[[writable]]\nkind = "tmpfs"\npath = "/tmp"\nsize = "{tmpfs}"\n'
-        f'[resources]\ncpu_min = "{cpu[0]}"\ncpu_max = "{cpu[1]}"\n'
-        f'memory_min = "{mem[0]}"\nmemory_max = "{mem[1]}"\npids_max = 32\n{net}'
-        '[lifecycle]\nmode = "service"\nrestart = "no"\n')
+    """A busybox shell cell with its own tmpfs /tmp (pages charged to the cell)."""
+    write_manifest(name, ["-c", script], command="/bin/sh",
+                   resources={"cpu_min": cpu[0], "cpu_max": cpu[1], "memory_min": mem[0],
+                              "memory_max": mem[1], "pids_max": 32},
+                   network={"vlan": 100, "egress": False} if network else None,
+                   extra=f'[[writable]]\nkind = "tmpfs"\npath = "/tmp"\nsize = "{tmpfs}"\n')
 
 
 def grow(files: int, pause_us: int, then: str = "") -> str:
@@ -102,23 +68,9 @@ def grow(files: int, pause_us: int, then: str = "") -> str:
             "while :; do sleep 1; done")
 
 
-def knob(cell: str, name: str) -> int:
-    text = (CG / cell / name).read_text().split()[0]
-    return 1 << 62 if text == "max" else int(text)
-
-
-def mem_events(cell: str) -> dict[str, int]:
-    return {k: int(v) for k, v in (ln.split() for ln in
-                                   (CG / cell / "memory.events").read_text().splitlines())}
-
-
 def tuner_events(cell: str, kind: str | None = None) -> list[dict[str, Any]]:
     evs = ctl("events", "-n", "1000", "--channel", "tuner", "--cell", cell)
     return [e for e in evs if kind in (None, e["kind"])]
-
-
-def logged(cell: str, text: str) -> bool:
-    return any(x["line"] == text for x in ctl("logs", cell)["lines"])
 
 
 @pytest.fixture
@@ -149,7 +101,7 @@ def test_growing_cell_is_raised_to_its_maximum_and_no_further(fast: list[str]) -
         seen.append((knob("tun-grow", "memory.max"), mem_events("tun-grow")["oom_kill"]))
         return logged("tun-grow", "grown")
 
-    wait_for(done, "the workload to grow to 40 MiB", timeout=120, step=0.1)
+    wait_for(done, "the workload to grow to 40 MiB", timeout=120, every=0.1)
     time.sleep(3)  # a few samples more: still no further
     maxes = [m for m, _ in seen] + [knob("tun-grow", "memory.max")]
     assert maxes == sorted(maxes), "memory.max only went up"
@@ -158,7 +110,7 @@ def test_growing_cell_is_raised_to_its_maximum_and_no_further(fast: list[str]) -
     resizes = tuner_events("tun-grow", "resize")
     assert resizes and all(e["attrs"]["new"] <= 48 * MiB for e in resizes
                            if e["attrs"]["action"] == "SetMemoryMax")
-    assert cells()["tun-grow"]["state"] == "running"
+    assert ps()["tun-grow"]["state"] == "running"
     top = sh("agentctl", "top", "--once").stdout.splitlines()
     assert all(len(x) <= 80 for x in top) and any(x.startswith("tun-grow") for x in top)
     print(f"memory.max steps: {sorted(set(m // MiB for m in maxes))} MiB; "
@@ -200,8 +152,7 @@ def test_pin_and_unpin_from_agentctl(fast: list[str]) -> None:
     assert (CG / "tun-pin" / "cpu.max").read_text().split()[0] == "30000"
     time.sleep(4)  # idle samples: a pinned cell is not lowered
     assert knob("tun-pin", "memory.max") == 40 * MiB
-    r = sh("agentctl", "pin", "tun-pin", "--memory", "1G", check=False)
-    assert r.returncode == 1 and "E_PIN_BOUNDS" in r.stderr
+    assert "E_PIN_BOUNDS" in refused("pin", "tun-pin", "--memory", "1G")
     sh("agentctl", "unpin", "tun-pin")
     wait_for(lambda: knob("tun-pin", "memory.max") < 40 * MiB, "the unpinned cell to shrink",
              timeout=30)

@@ -14,19 +14,15 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
-from typing import Any
 
 import pytest
-from cellkit import clean, ctl, start, wait_for
+from cellkit import CGROOT, clean, ctl, start, top_rows, wait_for
 
 from agent.tunerio import SampleReader
 
-CG = Path("/sys/fs/cgroup")
-
 
 def test_sample_reader_rereads_a_real_cgroup() -> None:
-    leaf = CG / f"agent-test-reader-{os.getpid()}"
+    leaf = CGROOT / f"agent-test-reader-{os.getpid()}"
     leaf.mkdir()
     proc = None
     reader = None
@@ -52,11 +48,6 @@ def test_sample_reader_rereads_a_real_cgroup() -> None:
         leaf.rmdir()
 
 
-def _row(name: str) -> dict[str, Any]:
-    rows: dict[str, dict[str, Any]] = {r["name"]: r for r in ctl("top", "--once")["cells"]}
-    return rows[name]
-
-
 @pytest.mark.usefixtures(clean.__name__)
 def test_a_cell_at_its_minimum_is_quiet_until_a_burst_raises_it() -> None:
     name = "tq-burst"
@@ -66,10 +57,10 @@ def test_a_cell_at_its_minimum_is_quiet_until_a_burst_raises_it() -> None:
                      "memory_max": "32M", "pids_max": 8})
     ctl("pin", name, "--cpu", "10m", "--memory", "8M")
     ctl("unpin", name)
-    row = _row(name)
+    row = top_rows()[name]
     assert row["tuned"] and row["cpu_max"] == 10 and row["memory_max"] == 8 << 20, row
     assert row["sampled_every_s"] is None, row  # at its lower bounds: no samples
-    raised = wait_for(lambda: (r := _row(name))["cpu_max"] > 10 and r, "a raise", timeout=90)
+    raised = wait_for(lambda: (r := top_rows()[name])["cpu_max"] > 10 and r, "a raise", timeout=90)
     assert raised["sampled_every_s"] is not None, raised  # sampled again: it may be lowered
     evs = ctl("events", "-n", "50", "--channel", "tuner", "--cell", name, "--kind", "resize")
     reasons = {e["attrs"]["reason"] for e in evs if e["attrs"]["action"] == "SetCpuMax"}

@@ -214,12 +214,40 @@ def initbox(tmp_path: Path) -> Iterator[Path]:
         script = script.replace(real, f"{tmp_path}/{fake}")
     assert "/var/lib/agent" in script  # STATEDIR: the default, overridden above
     (tmp_path / "S50agentd").write_text(script)
+    before = _children()
     try:
         yield tmp_path
     finally:
         for pid in _agentds(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        _reap(_children() - before)
+
+
+def _children() -> set[int]:
+    """This process's children.  agentd code run earlier in the session may have made the
+    test process a child subreaper, so daemonized agentds (start-stop-daemon
+    --background) are reparented to it when their launcher exits."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out |= {int(x) for x in (task / "children").read_text().split()}
+    return out
+
+
+def _reap(pids: set[int], timeout: float = 10.0) -> None:
+    """Wait for the processes this test left as our children (the next tests check that
+    the test process has none)."""
+    deadline = time.monotonic() + timeout
+    for pid in sorted(pids):
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
 
 
 def _init(box: Path, action: str) -> subprocess.Popen[str]:

@@ -120,4 +120,5 @@ def test_kill9_during_creation_is_repaired(clean: dict[str, Any], delay: float) 
         ctl("stop", "demo-web")
     # An undone plan's VLAN gateway is dropped by the restarted agentd on its own (at start
     # or by its reclaim loop), not by a request: allow it a bounded time, then be exact.
-    wait_for(lambda: leftovers() == clean, "the box to be as before", timeout=30, every=1)
+    # (the reclaim loop: a scan at start, then the 30 s orphan grace)
+    wait_for(lambda: leftovers() == clean, "the box to be as before", timeout=75, every=1)

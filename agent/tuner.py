@@ -270,7 +270,15 @@ class TunerState:
 
 
 def high_for(memory_max: int, bounds: Bounds, config: TunerConfig) -> int:
-    return max(bounds.memory_lo, memory_max - int(memory_max * config.high_gap_ratio))
+    """``memory.high`` for a ``memory.max``: ``high_gap_ratio`` below it, so that the
+    kernel throttles and reports ``high`` events before the hard limit bites and the
+    tuner can raise in time.  That early warning matters most at the floor: with
+    ``high == max`` a working set growing past the minimum meets the OOM killer within
+    milliseconds, before any notification reaches the tuner (seen in the box).  So below
+    the maximum the gap is kept even under ``memory_lo``; only at the maximum, where no
+    raise can follow, ``high`` stays at or above ``memory_lo``."""
+    high = memory_max - int(memory_max * config.high_gap_ratio)
+    return high if memory_max < bounds.memory_hi else max(bounds.memory_lo, high)
 
 
 def commitment(size: Size, pids: int) -> Amount:
@@ -507,7 +515,8 @@ def pin(state: TunerState, size: Size, bounds: Bounds, budget: BudgetView
     """Fix the cell's size (``agentctl pin``); raises :class:`PinRefused` if it cannot be."""
     cell = state.cell
     if not (bounds.cpu_lo <= size.cpu <= bounds.cpu_hi
-            and bounds.memory_lo <= size.memory_high <= size.memory_max <= bounds.memory_hi):
+            and 0 < size.memory_high <= size.memory_max
+            and bounds.memory_lo <= size.memory_max <= bounds.memory_hi):
         raise PinRefused("E_PIN_BOUNDS", f"cell {cell}: pin {size} is outside the manifest's "
                          f"bounds {bounds} or has memory_high above memory_max",
                          "pin a size between the manifest's minimum and maximum")

@@ -243,7 +243,8 @@ class Tuner:
             return None
         size = Size(p["cpu"], p["memory_high"], p["memory_max"])
         if (bounds.cpu_lo <= size.cpu <= bounds.cpu_hi and in_use <= size.memory_max
-                and bounds.memory_lo <= size.memory_high <= size.memory_max <= bounds.memory_hi):
+                and 0 < size.memory_high <= size.memory_max
+                and bounds.memory_lo <= size.memory_max <= bounds.memory_hi):
             return size
         self._emit(cell, "unpin", "notice", reason=f"the kept pin {p} no longer fits: bounds "
                    f"{_bounds(bounds)}, {in_use} B in use")

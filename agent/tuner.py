@@ -40,7 +40,8 @@ __all__ = [
     "Action", "Bounds", "BudgetGate", "BudgetView", "Commit", "MemoryEvents", "Observation",
     "PendingLower", "PinRefused", "PressureTriggered", "RecordRefusal", "Sample",
     "SetCpuMax", "SetLimits", "SetMemoryHigh", "SetMemoryMax", "Size", "TunerConfig",
-    "TunerState", "Verdict", "Watch", "commitment", "decide", "high_for", "next_interval",
+    "TunerState", "Verdict", "Watch", "check_pin", "commitment", "decide", "high_for",
+    "next_interval",
     "pin", "settled", "start", "unpin", "wants_samples",
 ]
 
@@ -510,21 +511,27 @@ def decide(state: TunerState, obs: Observation, bounds: Bounds, budget: BudgetVi
 
 # -- operator -------------------------------------------------------------------------------
 
-def pin(state: TunerState, size: Size, bounds: Bounds, budget: BudgetView
-        ) -> tuple[TunerState, list[Action]]:
-    """Fix the cell's size (``agentctl pin``); raises :class:`PinRefused` if it cannot be."""
-    cell = state.cell
+def check_pin(cell: str, size: Size, bounds: Bounds, in_use: int) -> None:
+    """A pinned size must lie within the bounds (``memory_high <= memory_max``) and not
+    below what the cell uses; else :class:`PinRefused`.  (The budget is :func:`pin`'s.)"""
     if not (bounds.cpu_lo <= size.cpu <= bounds.cpu_hi
             and 0 < size.memory_high <= size.memory_max
             and bounds.memory_lo <= size.memory_max <= bounds.memory_hi):
         raise PinRefused("E_PIN_BOUNDS", f"cell {cell}: pin {size} is outside the manifest's "
                          f"bounds {bounds} or has memory_high above memory_max",
                          "pin a size between the manifest's minimum and maximum")
-    in_use = state.last_sample.memory_current if state.last_sample else 0
     if size.memory_max < in_use:
         raise PinRefused("E_PIN_BELOW_USE", f"cell {cell}: pin memory_max {size.memory_max} "
                          f"is below the cell's current use {in_use}",
                          "a lower memory_max would OOM-kill the cell; pin a larger size")
+
+
+def pin(state: TunerState, size: Size, bounds: Bounds, budget: BudgetView
+        ) -> tuple[TunerState, list[Action]]:
+    """Fix the cell's size (``agentctl pin``); raises :class:`PinRefused` if it cannot be."""
+    cell = state.cell
+    in_use = state.last_sample.memory_current if state.last_sample else 0
+    check_pin(cell, size, bounds, in_use)
     want = commitment(size, state.held.pids)
     need = Amount(max(0, want.cpu - state.held.cpu), max(0, want.memory - state.held.memory), 0)
     actions: list[Action] = []

@@ -50,6 +50,7 @@ from agent.tuner import (
     Commit,
     MemoryEvents,
     Observation,
+    PinRefused,
     PressureTriggered,
     RecordRefusal,
     Sample,
@@ -60,6 +61,7 @@ from agent.tuner import (
     Size,
     TunerConfig,
     TunerState,
+    check_pin,
     commitment,
     decide,
     high_for,
@@ -242,14 +244,14 @@ class Tuner:
         if not p:
             return None
         size = Size(p["cpu"], p["memory_high"], p["memory_max"])
-        if (bounds.cpu_lo <= size.cpu <= bounds.cpu_hi and in_use <= size.memory_max
-                and 0 < size.memory_high <= size.memory_max
-                and bounds.memory_lo <= size.memory_max <= bounds.memory_hi):
-            return size
-        self._emit(cell, "unpin", "notice", reason=f"the kept pin {p} no longer fits: bounds "
-                   f"{_bounds(bounds)}, {in_use} B in use")
-        self.host.keep_pin(cell, None)
-        return None
+        try:
+            check_pin(cell, size, bounds, in_use)
+        except PinRefused as exc:
+            self._emit(cell, "unpin", "notice",
+                       reason=f"the kept pin no longer fits: {exc.message}")
+            self.host.keep_pin(cell, None)
+            return None
+        return size
 
     def _arm(self, t: Tuned) -> None:
         cell = t.cell

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.admission import Request, read_host_pressure
+from agent.admission import Request
 from agent.cgroup import CgroupBackend
 from agent.errors import AgentError
 from agent.events import Event as BusEvent
@@ -64,7 +64,8 @@ from agent.tuner import commitment, settled
 from agent.tunerd import Host, Tuner
 from agent.tunerio import avg10_of
 
-__all__ = ["BoxMemoryPressure", "KernelObjects", "ManagerHost", "Reclaimer", "box_memory_avg10"]
+__all__ = ["BOX_MEMORY_PRESSURE", "BoxMemoryPressure", "KernelObjects", "ManagerHost",
+           "Reclaimer"]
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = ReclaimConfig()
@@ -74,19 +75,14 @@ class ManagerHost(Host, Protocol):
     def post(self, e: Any, ev: Event) -> None: ...
 
 
-def box_memory_avg10(proc_root: str = "/proc") -> float | None:
-    """``/proc/pressure/memory`` some avg10, or None without PSI."""
-    try:
-        p = read_host_pressure(proc_root).memory
-    except AgentError:
-        return None
-    return p.some.avg10 if p is not None else None
+BOX_MEMORY_PRESSURE = "/proc/pressure/memory"
 
 
 class BoxMemoryPressure:
-    """:func:`box_memory_avg10` through an fd kept open (one ``pread`` a reading)."""
+    """The box's memory ``some avg10`` (None without PSI), through an fd kept open: one
+    ``pread`` a reading."""
 
-    def __init__(self, path: str = "/proc/pressure/memory") -> None:
+    def __init__(self, path: str = BOX_MEMORY_PRESSURE) -> None:
         self.path = path
         self._fd: int | None = None
 
@@ -136,7 +132,7 @@ class Reclaimer:
     box_pressure: Callable[[], float | None] = field(default_factory=BoxMemoryPressure)
     clock: Callable[[], float] = time.monotonic
     box_trigger: bool = True
-    pressure_path: str = "/proc/pressure/memory"
+    pressure_path: str = BOX_MEMORY_PRESSURE
     rungs: dict[str, _Rung] = field(default_factory=dict)
     seen: dict[tuple[str, str], float] = field(default_factory=dict)
     weights: dict[str, int] = field(default_factory=dict)
@@ -152,7 +148,8 @@ class Reclaimer:
     _has_reclaim: bool | None = None
     _psi: PsiWatcher | None = None
     _polled: bool = False
-    _after: tuple[float, list[CellView], float | None] | None = None  # the last pass's end
+    _after: tuple[float, list[CellView], float | None] | None = None  # the last pass's end:
+    # (its time, the views with its actions applied, the box pressure it read)
 
     def start(self) -> None:
         """Arm the box trigger, subscribe to the bus, and run the first pass."""
@@ -224,11 +221,12 @@ class Reclaimer:
             self._arm(nxt)
 
     def next_pass(self) -> float | None:
-        """When the next pass is due by itself (None: only an event brings one)."""
-        now = self.clock()
-        if self._after is not None and self._after[0] == now:  # what the pass left
-            views, avg10 = self._after[1], self._after[2]
+        """When the next pass is due by itself (None: only an event brings one), from
+        what the last pass left (nothing is read again); before any pass, from now."""
+        if self._after is not None:
+            now, views, avg10 = self._after
         else:
+            now = self.clock()
             views, avg10 = self.views(now), self.box_pressure()
         box = BoxView(avg10, bool(self._has_reclaim), frozenset(self.host.cells),
                       self._candidates)

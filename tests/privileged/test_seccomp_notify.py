@@ -79,7 +79,7 @@ def test_unshare_with_namespace_flag_is_refused() -> None:
 def rootfs() -> Iterator[Path]:
     bb = shutil.which("busybox")
     if bb is None:
-        pytest.skip("needs busybox-static")
+        pytest.fail("busybox is not installed: ./dev test installs it (busybox-static)")
     root = Path(tempfile.mkdtemp(prefix="agent-cell-"))
     root.chmod(0o755)
     for d in ("bin", "proc", "dev", "tmp"):

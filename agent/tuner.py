@@ -11,7 +11,9 @@ Rules (numbers in :class:`TunerConfig`, reasons in docs/tuner.md):
 * raise at once under pressure, by ``max(25 % of the span, 50 % of the current
   limit)``, capped at the manifest maximum; raising memory writes ``memory.max``
   before ``memory.high`` so that ``high <= max`` holds after every write;
-* lower only after ``idle_samples`` consecutive idle samples, by at most 1/8 of
+* lower only after ``idle_samples`` consecutive idle samples (memory: use below half of
+  ``memory.high``, no pressure, and not growing: a working set still being built is not
+  idle, however far below its limit), by at most 1/8 of
   the span, never below the minimum nor below use plus headroom;
 * lower memory in two phases: ``memory.high`` first; ``memory.max`` only after a
   sample shows ``memory.current <= memory.high``; give up (restore) if the kernel
@@ -56,7 +58,8 @@ class TunerConfig:
     lower_span_fraction: float = 0.125   # a lowering is at most this share of the span
     idle_samples: int = 6                # consecutive idle samples before a lowering
     idle_usage_ratio: float = 0.5        # idle: use below this share of the limit ...
-    idle_pressure_avg10: float = 0.5     # ... and some avg10 (percent) at most this
+    idle_pressure_avg10: float = 0.5     # ... and some avg10 (percent) at most this ...
+    idle_growth_max: int = 256 * 1024    # ... and memory use grown at most this since the last
     sample_raise_avg10: float = 10.0     # a sample above this avg10 raises (no trigger)
     memory_headroom_ratio: float = 0.25  # never lower memory.max below current * 1.25 ...
     memory_headroom_min: int = 4 * MiB   # ... nor below current + 4 MiB
@@ -471,7 +474,9 @@ def _on_sample(state: TunerState, smp: Sample, bounds: Bounds, budget: BudgetVie
             actions += more
     # Idle counting and gradual lowering.
     s = state.size
-    mem_idle = ("memory" not in busy and cur < s.memory_high * config.idle_usage_ratio
+    growing = prev is not None and cur > prev.memory_current + config.idle_growth_max
+    mem_idle = ("memory" not in busy and not growing
+                and cur < s.memory_high * config.idle_usage_ratio
                 and smp.memory_some_avg10 <= config.idle_pressure_avg10)
     state = replace(state, memory_idle=state.memory_idle + 1 if mem_idle else 0)
     rate: float | None = None

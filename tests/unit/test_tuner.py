@@ -476,3 +476,21 @@ def test_progress_keeps_the_base_interval() -> None:
     full = replace(s, last_sample=sample(0.0, 195 * MiB))
     assert next_interval(5.0, full, replace(full, memory_idle=1, cpu_idle=1), False, B,
                          5.0, 60.0) == 10.0
+
+
+def test_a_growing_working_set_is_not_idle_however_far_below_its_limit() -> None:
+    """Use well under half of memory.high, but growing 1 MiB a sample: no lowering (it
+    would cut under a working set still being built); once it stops growing, it is."""
+    mem = 10 * MiB
+    s, gate = replace(big(), last_sample=sample(-1.0, mem)), Gate()
+    for i in range(CFG.idle_samples * 3):
+        mem += MiB
+        s, acts = decide(s, sample(float(i), mem), B, gate, float(i))
+        assert acts == [] and s.memory_idle == 0
+    t = float(CFG.idle_samples * 3)
+    for _ in range(CFG.idle_samples + 1):
+        s, acts = decide(s, sample(t, mem), B, gate, t)
+        t += 1.0
+        if acts:
+            break
+    assert any(isinstance(a, SetMemoryHigh) and a.reason == "idle" for a in acts)

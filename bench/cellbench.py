@@ -115,7 +115,7 @@ class AgentRuntime:
     """agentd, through its control socket, as an operator or a service manager would."""
 
     def __init__(self) -> None:
-        from agent.client import Client
+        from agent.cli.client import Client
 
         self.client = Client("/run/agent/agentd.sock", timeout=60)
         deadline = time.monotonic() + 60  # agentd may still be starting after boot
@@ -164,7 +164,7 @@ class CrunRuntime:
     def __init__(self, work: Path) -> None:
         from pyroute2 import IPRoute
 
-        from agent import net
+        from agent.kernel import net
 
         self.net = net
         self.ipr = IPRoute()

@@ -537,7 +537,7 @@ def install_wheel(whl: Path, root: Path) -> None:
     target = root / "usr/lib/python3/dist-packages"
     pip_install(target, str(whl))
     shutil.rmtree(target / "bin", ignore_errors=True)
-    for script, func in (("agentd", "agent.daemon"), ("agentctl", "agent.cli")):
+    for script, func in (("agentd", "agent.daemon.main"), ("agentctl", "agent.cli.main")):
         p = root / "usr/bin" / script
         p.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {func} import main\nsys.exit(main())\n")
         p.chmod(0o755)

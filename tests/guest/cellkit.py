@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from agent.cgroupv2 import CgroupV2
+    from agent.kernel.cgroupv2 import CgroupV2
 
 __all__ = [
     "CG",
@@ -175,7 +175,7 @@ def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20,
 def call(op: str, **args: Any) -> Any:
     """One request through agent.client in this process (what agentctl sends, without
     starting a python per poll: the box is slow at that)."""
-    from agent.client import Client
+    from agent.cli.client import Client
 
     with Client(timeout=120) as c:
         return c.call(op, **args)
@@ -276,7 +276,7 @@ def http_get(address: str, port: int = 8080) -> str:
 def cgroup_v2_subtree() -> Iterator[CgroupV2]:
     """The fixture ``cg``: a cgroup v2 backend on a subtree of its own
     (``/sys/fs/cgroup/agt-<hex>``), set up; its cells are killed and it is removed after."""
-    from agent.cgroupv2 import CgroupV2
+    from agent.kernel.cgroupv2 import CgroupV2
 
     backend = CgroupV2(CGROOT / f"agt-{secrets.token_hex(3)}")
     backend.setup()
@@ -289,9 +289,9 @@ def cgroup_v2_subtree() -> Iterator[CgroupV2]:
 
 def journal_live() -> dict[str, list[str]]:
     """Cells, leases and unfinished plans the journal still holds."""
-    from agent.cellstate import replay
-    from agent.journal import read_journal
-    from agent.plan import recover
+    from agent.core.cellrecord import replay
+    from agent.core.plan import recover
+    from agent.kernel.journal import read_journal
 
     if not JOURNAL.exists():
         return {"cells": [], "leases": [], "open_plans": []}

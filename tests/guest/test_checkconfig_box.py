@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from agent.checkconfig import load_config
-from agent.kconfig import FEATURES, render_fragment
+from agent.core.kconfig import FEATURES, render_fragment
+from agent.kernel.probes import load_config
 
 RELEASE = os.uname().release
 DROP = ("PSI", "BRIDGE_VLAN_FILTERING", "CGROUP_PIDS")

@@ -16,7 +16,7 @@ import cbor2
 import pytest
 from cellkit import SERVICES, agentd_pid, clean, ps, sh, start, timed_status
 
-from agent.protocol import MAX_FRAME, decode_reply, encode_request
+from agent.core.protocol import MAX_FRAME, decode_reply, encode_request
 
 __all__ = ["clean"]
 

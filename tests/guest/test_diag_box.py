@@ -21,10 +21,10 @@ SLOW = 120  # s: agentctl diag and init scripts on the emulated box
 
 
 def diag(*args: str) -> subprocess.CompletedProcess[str]:
-    """``agentctl diag`` once agentctl dispatches it, ``python3 -m agent.diag`` until then."""
+    """``agentctl diag`` once agentctl dispatches it, ``python3 -m agent.cli.diag`` until then."""
     if re.search(r"^\s+diag\s", sh("agentctl", "--help").stdout, re.M):  # a subcommand
         return sh("agentctl", "diag", *args, timeout=SLOW)
-    return sh("python3", "-m", "agent.diag", *args, timeout=SLOW)
+    return sh("python3", "-m", "agent.cli.diag", *args, timeout=SLOW)
 
 
 def wait_for_ping(want: bool = True) -> None:

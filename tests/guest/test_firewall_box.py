@@ -37,10 +37,10 @@ from cellkit import (
     write_manifest,
 )
 
-from agent import firewall as fw
-from agent.firewall import CellFw
-from agent.manifest import load_manifest
-from agent.nft import FirewallSync, Nft
+from agent.core import firewall as fw
+from agent.core.firewall import CellFw
+from agent.core.manifest import load_manifest
+from agent.kernel.nft import FirewallSync, Nft
 
 NS_GET_USERNS = 0xB701
 

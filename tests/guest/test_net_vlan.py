@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute, NetNS
 
-from agent import net
-from agent.addrpool import AddrPool, PoolConfig
+from agent.core.addrpool import AddrPool, PoolConfig
+from agent.kernel import net
 
 BRIDGE = "agtbr0"
 BRIDGE_CMD = shutil.which("bridge") or "/sbin/bridge"

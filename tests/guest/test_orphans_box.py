@@ -23,8 +23,8 @@ from pathlib import Path
 from cellkit import RUN_CELLS, ctl, diff, leftovers, ps, sh, wait_for, warm_up
 from test_tuner_box import fast, manifest
 
-from agent.nft import Nft
-from agent.orphans import host_cell_table
+from agent.kernel.nft import Nft
+from agent.kernel.orphans import host_cell_table
 
 __all__ = ["fast"]  # the fixture, imported for use here
 

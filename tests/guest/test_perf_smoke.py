@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from agent import net
-from agent.spawn import SpawnSpec, spawn_cell
+from agent.core.sandbox import SpawnSpec
+from agent.kernel import net
+from agent.kernel.spawn import spawn_cell
 
 BRIDGE = "agtpbr0"
 IMAGE = Path("/usr/share/agent/images/demo")

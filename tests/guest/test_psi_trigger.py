@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from cellkit import cgroup_v2_subtree
 
-from agent.cgroup import Limits
-from agent.cgroupv2 import CgroupV2
-from agent.errors import KernelError
-from agent.psi import PsiTrigger, PsiWatcher
+from agent.core.cgroup import Limits
+from agent.core.errors import KernelError
+from agent.kernel.cgroupv2 import CgroupV2
+from agent.kernel.psi import PsiTrigger, PsiWatcher
 
 __all__ = ["cgroup_v2_subtree"]  # the fixture ``cg``, imported for use here
 

@@ -18,7 +18,7 @@ import time
 import pytest
 from cellkit import CGROOT, clean, ctl, start, top_rows, wait_for
 
-from agent.tunerio import SampleReader
+from agent.kernel.knobs import SampleReader
 
 
 def test_sample_reader_rereads_a_real_cgroup() -> None:

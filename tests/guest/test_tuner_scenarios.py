@@ -44,7 +44,7 @@ from cellkit import (
     write_manifest,
 )
 
-from agent.tuner import Bounds, TunerConfig, high_for
+from agent.core.tuner import Bounds, TunerConfig, high_for
 
 MiB = 1 << 20
 AGENTD_TOML = Path("/etc/agent/agentd.toml")

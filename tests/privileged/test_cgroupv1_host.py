@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.cgroup import CgroupBackend, Limits
-from agent.cgroupdetect import detect
-from agent.cgroupv1 import CONTROLLERS, REQUIRED_CONTROLLERS, CgroupV1
-from agent.errors import KernelError
+from agent.core.cgroup import Limits
+from agent.core.errors import KernelError
+from agent.kernel.cgroup import CgroupBackend
+from agent.kernel.cgroupdetect import detect
+from agent.kernel.cgroupv1 import CONTROLLERS, REQUIRED_CONTROLLERS, CgroupV1
 
 MiB = 1 << 20
 

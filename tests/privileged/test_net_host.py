@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from pyroute2 import NetNS, netns
 
-from agent import net
-from agent.errors import KernelError
+from agent.core.errors import KernelError
+from agent.kernel import net
 
 RUN = Path("/run/netns")
 
@@ -107,7 +107,7 @@ def test_two_cells_routed_through_the_box(box: tuple[Any, Path]) -> None:
 
         # a cell reaches its gateway only once the box forwards: a TCP
         # connect from cell a to cell b crosses the box's routing
-        r = in_ns(box_path, "from agent.net import enable_ip_forward; enable_ip_forward();"
+        r = in_ns(box_path, "from agent.kernel.net import enable_ip_forward; enable_ip_forward();"
                   "print(open('/proc/sys/net/ipv4/ip_forward').read().strip())")
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "1"

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from agent import firewall as fw
-from agent.firewall import CellFw
-from agent.manifest import Peer
-from agent.nft import FirewallSync, Nft
+from agent.core import firewall as fw
+from agent.core.firewall import CellFw
+from agent.core.manifest import Peer
+from agent.kernel.nft import FirewallSync, Nft
 
 
 @pytest.fixture(autouse=True)

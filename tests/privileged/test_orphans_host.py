@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from agent import net
-from agent import sys as ksys
-from agent.cgroupv2 import CgroupV2
-from agent.errors import KernelError, RefusedError
-from agent.nft import Nft
-from agent.orphans import KernelObjects, host_cell_table, parse_mountinfo
-from agent.reclaim import BoxView, CollectOrphan, KernelObject, ReclaimConfig, reclaim_pass
+from agent.core import syscalls as abi
+from agent.core.errors import KernelError, RefusedError
+from agent.core.reclaim import BoxView, CollectOrphan, KernelObject, ReclaimConfig, reclaim_pass
+from agent.kernel import libc as ksys
+from agent.kernel import net
+from agent.kernel.cgroupv2 import CgroupV2
+from agent.kernel.nft import Nft
+from agent.kernel.orphans import KernelObjects, host_cell_table, parse_mountinfo
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +66,7 @@ class Env:
 def _umount_all(path: Path) -> None:
     for _ in range(8):
         try:
-            ksys.umount2(str(path), ksys.MNT_DETACH)
+            ksys.umount2(str(path), abi.MNT_DETACH)
         except KernelError as exc:
             if exc.errno in (errno.EINVAL, errno.ENOENT):
                 return
@@ -174,7 +175,7 @@ def test_nested_netns_dir_pins_are_not_mounts(env: Env) -> None:
                          nft=Nft(nft="/nonexistent/nft"))
     point = cells / "ghost" / (net.NETNS_PREFIX + "x")
     point.touch()
-    ksys.mount(str(env.pin), str(point), None, ksys.MS_BIND)
+    ksys.mount(str(env.pin), str(point), None, abi.MS_BIND)
     env.mounts.append(point)
     found = objs.scan({})
     assert ("netns", "x", "x") in found
@@ -186,7 +187,7 @@ def test_no_nft_or_mountinfo_means_not_scanned(env: Env, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     not_a_netns = tmp_path / "plainfile"
     not_a_netns.touch()
-    caplog.set_level(logging.INFO, logger="agent.orphans")
+    caplog.set_level(logging.INFO, logger="agent.kernel.orphans")
     for nft, netns in ((Nft(nft="/nonexistent/nft"), None), (Nft(), not_a_netns)):
         objs = KernelObjects(env.objs.backend, "orphnobr0", env.netns_dir, run_dir=env.run,
                              mountinfo=tmp_path / "no-mountinfo", nft=nft, nft_netns=netns)

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.errors import ConfigError, KernelError
-from agent.psi import UNPRIVILEGED_WINDOW_US, PsiTrigger, PsiWatcher
+from agent.core.errors import ConfigError, KernelError
+from agent.kernel.psi import UNPRIVILEGED_WINDOW_US, PsiTrigger, PsiWatcher
 
 CPU = "/proc/pressure/cpu"
 

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import seccomp as sc
-from agent import sys as ksys
-from agent.spawn import DEFAULT_MOUNTS, SpawnSpec, UidMap, spawn_cell
+from agent.core import seccomp as sc
+from agent.core import syscalls as abi
+from agent.core.sandbox import DEFAULT_MOUNTS, SpawnSpec, UidMap
+from agent.kernel import libc as ksys
+from agent.kernel import seccomp as notify
+from agent.kernel.spawn import spawn_cell
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -29,7 +32,7 @@ _libc.syscall.restype = ctypes.c_long
 
 def _raw(name: str, *args: int) -> int:
     """errno of a raw syscall (0 on success)."""
-    nr = ksys.syscall_nr(name)
+    nr = abi.syscall_nr(name)
     assert nr is not None
     ret = _libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
     return ctypes.get_errno() if ret < 0 else 0
@@ -44,7 +47,7 @@ def _in_filtered_child(names: list[tuple[str, tuple[int, ...]]]) -> dict[str, in
         try:
             os.close(r)
             ksys.set_no_new_privs()
-            sc.install_filter(prog, new_listener=False)
+            notify.install_filter(prog, new_listener=False)
             out = ",".join(f"{n}={_raw(n, *a)}" for n, a in names)
             os.write(w, out.encode())
         finally:
@@ -71,7 +74,7 @@ def test_deny_enosys_and_namespace_flags_on_the_real_kernel() -> None:
 
 
 def test_unshare_with_namespace_flag_is_refused() -> None:
-    got = _in_filtered_child([("unshare", (ksys.CLONE_NEWNS,))])
+    got = _in_filtered_child([("unshare", (abi.CLONE_NEWNS,))])
     assert got["unshare"] == errno.EPERM  # root could, the filter says no
 
 
@@ -115,9 +118,9 @@ def test_trapped_syscalls_reach_the_master_via_asyncio(rootfs: Path) -> None:
         done = loop.create_future()
 
         def on_notif() -> None:
-            n = sc.recv_notif(lfd)
+            n = notify.recv_notif(lfd)
             if n is None:
-                if sc.listener_dead(lfd):
+                if notify.listener_dead(lfd):
                     loop.remove_reader(lfd)
                 return
             # n.pid is in the reader's (host) pid namespace: a process of the cell
@@ -126,7 +129,7 @@ def test_trapped_syscalls_reach_the_master_via_asyncio(rootfs: Path) -> None:
             seen.append((n.syscall(), n.args[1]))
             # Let the second sethostname run as the cell would have (its own UTS ns).
             allow = n.syscall() == "sethostname" and n.args[1] == len("allowed")
-            sc.send_resp(lfd, n.id, cont=allow, error=0 if allow else errno.EPERM)
+            notify.send_resp(lfd, n.id, cont=allow, error=0 if allow else errno.EPERM)
 
         loop.add_reader(lfd, on_notif)
         def on_exit() -> None:
@@ -160,14 +163,14 @@ def test_dead_process_is_a_verdict_not_an_error(rootfs: Path) -> None:
     os.close(r)
     try:
         assert select.select([lfd], [], [], 20)[0]
-        n = sc.recv_notif(lfd)
+        n = notify.recv_notif(lfd)
         assert n is not None and n.syscall() == "mount"
-        assert sc.id_valid(lfd, n.id)
+        assert notify.id_valid(lfd, n.id)
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         os.waitpid(pid, 0)
-        assert not sc.id_valid(lfd, n.id)
-        assert sc.send_resp(lfd, n.id, error=errno.EPERM) is sc.Verdict.GONE
-        assert sc.listener_dead(lfd)
+        assert not notify.id_valid(lfd, n.id)
+        assert notify.send_resp(lfd, n.id, error=errno.EPERM) is notify.Verdict.GONE
+        assert notify.listener_dead(lfd)
     finally:
         os.close(pidfd)
         os.close(lfd)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import Client, ConnectError
-from agent.daemon import LOCK_NAME
-from agent.journal import Journal, read_journal
+from agent.cli.client import Client, ConnectError
+from agent.kernel.journal import Journal, read_journal
+from agent.kernel.lock import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 Snapshot = dict[str, tuple[bytes | None, int, int]]
@@ -188,7 +188,7 @@ def test_lock_of_a_killed_agentd_is_free(tmp_path: Path, started: list[Agentd]) 
 # ------------------------------------------------- the init script, run for real with busybox
 
 AGENTD_SCRIPT = ("#!{python}\nimport sys\nsys.path.insert(0, {repo!r})\n"
-                 "from agent.daemon import main\nsys.exit(main())\n")
+                 "from agent.daemon.main import main\nsys.exit(main())\n")
 
 
 @pytest.fixture

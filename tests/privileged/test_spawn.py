@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
-from agent import seccomp as sc
-from agent.errors import KernelError
-from agent.spawn import DEFAULT_MOUNTS, Mount, SpawnSpec, UidMap, spawn_cell
+from agent.core import seccomp as sc
+from agent.core.errors import KernelError
+from agent.core.sandbox import DEFAULT_MOUNTS, Mount, SpawnSpec, UidMap
+from agent.kernel import seccomp as notify
+from agent.kernel.spawn import spawn_cell
 
 BUSYBOX = shutil.which("busybox")
 
@@ -77,9 +79,9 @@ def run_cell(root: Path, script: str, **kw: Any) -> tuple[int, str]:
         watch = [cell.pidfd] + ([cell.seccomp_fd] if cell.seccomp_fd is not None else [])
         while cell.pidfd not in select.select(watch, [], [], 20)[0]:
             assert cell.seccomp_fd is not None, "cell hung"
-            n = sc.recv_notif(cell.seccomp_fd)
+            n = notify.recv_notif(cell.seccomp_fd)
             if n is not None:
-                sc.send_resp(cell.seccomp_fd, n.id, error=errno.EPERM)
+                notify.send_resp(cell.seccomp_fd, n.id, error=errno.EPERM)
         _, status = os.waitpid(cell.pid, 0)
         with os.fdopen(r, "rb") as f:
             out = f.read().decode()

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.addrpool import AddrPool, PoolConfig, PoolError
-from agent.errors import ConfigError, NotFoundError, StateError
+from agent.core.addrpool import AddrPool, PoolConfig, PoolError
+from agent.core.errors import ConfigError, NotFoundError, StateError
 
 
 def small() -> PoolConfig:

@@ -7,24 +7,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.admission import (
+from agent.core.budget import (
     AdmissionRefused,
     Amount,
     Budget,
     HostPressure,
     Request,
     Thresholds,
-    check_image,
     check_pressure,
     default_reserve,
     parse_cpu_list,
     parse_meminfo_total,
-    read_capacity,
-    read_host_pressure,
 )
-from agent.cgroup import Pressure, parse_pressure
-from agent.errors import ConfigError, KernelError, NotFoundError, StateError
-from agent.manifest import Manifest, ManifestError, manifest_from_dict
+from agent.core.cgroup import Pressure, parse_pressure
+from agent.core.errors import ConfigError, KernelError, NotFoundError, StateError
+from agent.core.manifest import Manifest, ManifestError, manifest_from_dict
+from agent.kernel.host import read_capacity, read_host_pressure
+from agent.kernel.image import check_image
 
 CAP = Amount(cpu=4000, memory=1 << 30, pids=4096)
 RSV = Amount(cpu=200, memory=64 << 20, pids=256)

@@ -16,8 +16,8 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent import seccomp
-from agent.cellops import (
+from agent.core import seccomp
+from agent.core.cellops import (
     EnsureGateway,
     KillCell,
     MakeCgroup,
@@ -28,14 +28,14 @@ from agent.cellops import (
     mount_from_wire,
     mount_to_wire,
 )
-from agent.cgroup import Limits
-from agent.config import AgentConfig
-from agent.errors import ConfigError, KernelError
-from agent.journal import Journal
-from agent.manifest import DataDir, load_manifest
-from agent.plan import Executor, Operation, PlanError, op_from_wire, op_to_wire
-from agent.planner import Allocation, plan_create, plan_destroy
-from agent.spawn import Mount, SpawnSpec
+from agent.core.cgroup import Limits
+from agent.core.config import AgentConfig
+from agent.core.errors import ConfigError, KernelError
+from agent.core.manifest import DataDir, load_manifest
+from agent.core.plan import Executor, Operation, PlanError, op_from_wire, op_to_wire
+from agent.core.planner import Allocation, plan_create, plan_destroy
+from agent.core.sandbox import Mount, SpawnSpec
+from agent.kernel.journal import Journal
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "rootfs-overlay/etc/agent/services"

@@ -15,16 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.cgroup import (
-    CgroupBackend,
-    Limits,
-    cell_from_proc_cgroup,
-    check_cell_name,
-    parse_flat_keyed,
-    parse_pressure,
-)
-from agent.cgroupv2 import CgroupV2
-from agent.errors import ConfigError, KernelError
+from agent.core.cgroup import Limits, cell_from_proc_cgroup, parse_flat_keyed, parse_pressure
+from agent.core.errors import ConfigError, KernelError
+from agent.core.names import check_cell_name
+from agent.kernel.cgroup import CgroupBackend
+from agent.kernel.cgroupv2 import CgroupV2
 
 LEAF_FILES = {
     "cgroup.procs": "",

@@ -8,19 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.cgroupdetect import (
-    FEATURE_LOSS,
-    classify,
-    describe,
-    detect,
-    features,
-    open_backend,
-    parse_filesystems,
-    parse_mounts,
-)
-from agent.cgroupv1 import ALL_FEATURES, CgroupV1
-from agent.cgroupv2 import CgroupV2
-from agent.errors import KernelError
+from agent.core.cgroup import ALL_FEATURES
+from agent.core.cgroupmode import classify, parse_filesystems, parse_mounts
+from agent.core.errors import KernelError
+from agent.kernel.cgroupdetect import FEATURE_LOSS, describe, detect, features, open_backend
+from agent.kernel.cgroupv1 import CgroupV1
+from agent.kernel.cgroupv2 import CgroupV2
 
 # This development host's /proc/self/mounts (a hybrid: v1 controllers, and a cgroup2
 # mount at /sys/fs/cgroup/unified whose cgroup.controllers holds only hugetlb).

@@ -17,8 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.cgroup import CgroupBackend, Limits
-from agent.cgroupv1 import (
+from agent.core.cgroup import Limits
+from agent.core.errors import ConfigError, KernelError
+from agent.kernel.cgroup import CgroupBackend
+from agent.kernel.cgroupv1 import (
     CONTROLLERS,
     CgroupV1,
     bfq_weight,
@@ -29,7 +31,6 @@ from agent.cgroupv1 import (
     degraded_limits,
     v1_files,
 )
-from agent.errors import ConfigError, KernelError
 
 UNLIMITED = "9223372036854771712\n"
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.checkconfig import check, cli_main, render, summarize, to_json
-from agent.kconfig import FEATURES, Status, render_fragment
+from agent.cli.checkconfig import cli_main, render
+from agent.core.features import summarize, to_json
+from agent.core.kconfig import FEATURES, Status, render_fragment
+from agent.kernel.probes import check
 
 RELEASE = "6.1.0-test"
 
@@ -36,8 +38,12 @@ def make_box(root: Path, *, v2: bool = True, psi: bool = True,
         for res in ("cpu", "memory", "io"):
             put(f"proc/pressure/{res}", "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
     if v2:
+        put("proc/self/mounts", "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec 0 0\n")
         put("sys/fs/cgroup/cgroup.controllers", "cpuset cpu io memory hugetlb pids rdma misc\n")
     else:
+        put("proc/self/mounts", "".join(
+            f"cgroup /sys/fs/cgroup/{d} cgroup rw,nosuid,{d} 0 0\n"
+            for d in ("memory", "cpu", "pids", "blkio", "cpuset")))
         for d in ("memory", "cpu", "pids", "blkio", "cpuset"):
             (root / "sys/fs/cgroup" / d).mkdir(parents=True)
     put("proc/modules", "bridge 311296 0 - Live 0x0\nveth 40960 0 - Live 0x0\n")

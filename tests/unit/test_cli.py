@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from agent import __version__
-from agent.cli import format_event, format_status, main
-from agent.client import Client, ConnectError
-from agent.control import ControlServer, Dispatcher, Peer
-from agent.errors import NotFoundError
+from agent.cli.client import Client, ConnectError
+from agent.cli.main import format_event, format_status, main
+from agent.core.errors import NotFoundError
+from agent.daemon.control import ControlServer, Dispatcher, Peer
 
 
 class Agentd:
@@ -96,7 +96,7 @@ def test_ping_and_events(agentd: Agentd, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_whoami_reports_the_calling_process(agentd: Agentd) -> None:
-    code = ("from agent.client import Client; import sys, os, json; "
+    code = ("from agent.cli.client import Client; import sys, os, json; "
             "print(json.dumps([Client(sys.argv[1]).call('whoami'), os.getpid()]))")
     out = subprocess.run([sys.executable, "-c", code, str(agentd.socket)], check=True,
                          capture_output=True, text=True).stdout
@@ -140,7 +140,7 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_checkconfig_delegates_or_explains(capsys: pytest.CaptureFixture[str]) -> None:
     try:
-        import agent.checkconfig  # noqa: F401
+        import agent.cli.checkconfig  # noqa: F401
     except ImportError:
         rc, _, err = run(capsys, "checkconfig", "--anything")
         assert rc == 1 and "error[E_UNAVAILABLE]" in err and "hint:" in err

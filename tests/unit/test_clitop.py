@@ -6,8 +6,8 @@ import argparse
 import io
 from typing import Any
 
-from agent.cli import _parser
-from agent.clitop import CLEAR, cmd_top, format_top
+from agent.cli.main import _parser
+from agent.cli.top import CLEAR, cmd_top, format_top
 
 ROW = {"name": "a-very-long-cell-name-indeed", "state": "running", "cpu_pct": 123.4,
        "cpu_max": 10000, "memory_current": 123 << 20, "memory_high": 7 << 30,

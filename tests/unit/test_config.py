@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig, HostReserve, load_config, parse_config, parse_size
-from agent.errors import ConfigError
+from agent.core.config import AgentConfig, HostReserve, load_config, parse_config, parse_size
+from agent.core.errors import ConfigError
 
 OVERLAY = Path(__file__).resolve().parents[2] / "rootfs-overlay" / "etc" / "agent" / "agentd.toml"
 

@@ -17,12 +17,12 @@ import cbor2
 import pytest
 
 from agent import __version__
-from agent.client import Client, ConnectError, RemoteError, TransportError
-from agent.config import AgentConfig
-from agent.control import Handler, Peer, arg, check_args
-from agent.daemon import Daemon, cgroup_mode, detect_cgroup_mode
-from agent.errors import AgentError, NotFoundError
-from agent.protocol import MAX_FRAME, decode_reply, encode_request
+from agent.cli.client import Client, ConnectError, RemoteError, TransportError
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError, NotFoundError
+from agent.core.protocol import MAX_FRAME, decode_reply, encode_request
+from agent.daemon.control import Handler, Peer, arg, check_args
+from agent.daemon.server import Daemon, cgroup_mode
 
 
 class Running:
@@ -147,7 +147,7 @@ def test_ping_status_and_files(agentd: Running) -> None:
     uts = os.uname()
     assert st["version"] == __version__ and st["pid"] == os.getpid()
     assert st["kernel"] == uts.release and st["machine"] == uts.machine
-    assert st["cgroup"] == detect_cgroup_mode() and st["cgroup"] in ("v1", "v2", "none")
+    assert st["cgroup"] == cgroup_mode() and st["cgroup"] in ("v1", "v2", "none")
     assert st["cells"] == 0 and st["events"] >= 1 and 0 <= st["uptime_s"] < 60
     mode = agentd.path.stat().st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
@@ -192,12 +192,11 @@ def test_events_reply_is_trimmed_to_fit(agentd: Running) -> None:
 
 
 def test_status_providers_and_cgroup_mode(tmp_path: Path) -> None:
-    proc = tmp_path / "proc" / "self"
-    proc.mkdir(parents=True)
-    (proc / "mounts").write_text("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n")
+    fake = tmp_path / "fake"
+    _tree(fake, "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n", {"/sys/fs/cgroup": "cpu memory pids"})
 
     def configure(d: Daemon) -> None:
-        d.proc_root = tmp_path / "proc"
+        d.proc_root, d.fs_root = fake / "proc", fake
         d.add_status("cells", lambda: 3)
         d.add_status("broken", lambda: 1 // 0)
 
@@ -209,17 +208,39 @@ def test_status_providers_and_cgroup_mode(tmp_path: Path) -> None:
         r.stop()
 
 
-@pytest.mark.parametrize(("mounts", "mode"), [
-    ("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n", "v2"),
-    ("tmpfs /sys/fs/cgroup tmpfs ro 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n", "v1"),
-    ("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"
-     "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n", "v1"),
-    ("cgroup2 /mnt/cg cgroup2 rw 0 0\n", "v2"),
-    ("proc /proc proc rw 0 0\n", "none"),
-    ("", "none"),
+def _tree(root: Path, mounts: str, controllers: dict[str, str]) -> None:
+    """A fake /proc (mounts, filesystems) and each cgroup2 mount's cgroup.controllers."""
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "proc" / "self" / "mounts").write_text(mounts)
+    (root / "proc" / "filesystems").write_text("nodev\tcgroup\nnodev\tcgroup2\n")
+    for mount, names in controllers.items():
+        d = root / mount.lstrip("/")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cgroup.controllers").write_text(names + "\n")
+
+
+# The status field comes from the one layout detector (agent.kernel.cgroupdetect): a
+# cgroup2 mount is v2 only with the controllers cells need (an empty unified mount
+# beside v1 hierarchies, the hybrid hosts, is v1; with nothing else it is unusable).
+@pytest.mark.parametrize(("mounts", "controllers", "mode"), [
+    ("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n", {"/sys/fs/cgroup": "cpu io memory pids"}, "v2"),
+    ("tmpfs /sys/fs/cgroup tmpfs ro 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n", {},
+     "v1"),
+    ("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"
+     "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n", {"/sys/fs/cgroup/unified": ""}, "v1"),
+    ("cgroup2 /mnt/cg cgroup2 rw 0 0\n", {"/mnt/cg": "cpu memory pids"}, "v2"),
+    ("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n", {"/sys/fs/cgroup": ""}, "none"),
+    ("proc /proc proc rw 0 0\n", {}, "none"),
+    ("", {}, "none"),
 ])
-def test_cgroup_mode(mounts: str, mode: str) -> None:
-    assert cgroup_mode(mounts) == mode
+def test_cgroup_mode(tmp_path: Path, mounts: str, controllers: dict[str, str], mode: str
+                     ) -> None:
+    _tree(tmp_path, mounts, controllers)
+    assert cgroup_mode(tmp_path / "proc", tmp_path) == mode
+
+
+def test_cgroup_mode_without_proc(tmp_path: Path) -> None:
+    assert cgroup_mode(tmp_path / "no-proc", tmp_path) == "none"
 
 
 def test_peer_identity_from_kernel(agentd: Running) -> None:

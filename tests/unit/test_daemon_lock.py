@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import LOCK_NAME, InstanceBusyError, InstanceLock
-from agent.errors import KernelError
+from agent.core.errors import KernelError
+from agent.kernel.lock import LOCK_NAME, InstanceBusyError, InstanceLock
 
 HOLDER = """
 import fcntl, os, sys, time

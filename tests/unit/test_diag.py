@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import __version__
-from agent.client import Client, ConnectError
-from agent.diag import (
+from agent.cli.client import Client, ConnectError
+from agent.cli.diag import (
     HEIGHT,
     SECTIONS,
     WIDTH,
@@ -34,8 +34,8 @@ from agent.diag import (
     screen,
     write_bundle,
 )
-from agent.errors import NotFoundError
-from agent.kconfig import render_fragment
+from agent.core.errors import NotFoundError
+from agent.core.kconfig import render_fragment
 
 RELEASE = "6.1.0-test"
 UNAME = os.uname_result(("Linux", "stb-7", RELEASE, "#1 SMP", "aarch64"))

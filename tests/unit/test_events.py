@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import ProtocolError
-from agent.events import Event, EventBus
+from agent.core.errors import ProtocolError
+from agent.core.events import Event
+from agent.daemon.bus import EventBus
 
 
 class FakeClock:
@@ -79,7 +80,7 @@ def test_failing_sink_is_logged_and_does_not_break_publish(
 
     bus.add_sink(broken)
     bus.add_sink(lambda e: seen.append(e.kind))
-    with caplog.at_level(logging.ERROR, logger="agent.events"):
+    with caplog.at_level(logging.ERROR, logger="agent.daemon.bus"):
         bus.publish(ev("boom", "alert"))
     assert seen == ["boom"] and bus.sink_errors == 1 and len(bus) == 1
     assert "disk full" in caplog.text

@@ -18,15 +18,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import firewall as fw
-from agent.cellops import ApplyCellFirewall, Context, MakeLink, StartService
-from agent.config import AgentConfig
-from agent.errors import AgentError, ConfigError
-from agent.firewall import CellFw
-from agent.manifest import EgressRule, Manifest, Peer, load_manifest, parse_manifest
-from agent.nft import FirewallSync
-from agent.plan import op_from_wire, op_to_wire
-from agent.planner import Allocation, cell_firewall, plan_create
+from agent.core import firewall as fw
+from agent.core.cellops import ApplyCellFirewall, Context, MakeLink, StartService
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError, ConfigError
+from agent.core.firewall import CellFw
+from agent.core.manifest import EgressRule, Manifest, Peer, load_manifest, parse_manifest
+from agent.core.plan import op_from_wire, op_to_wire
+from agent.core.planner import Allocation, cell_firewall, plan_create
+from agent.kernel.nft import FirewallSync
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "rootfs-overlay/etc/agent/services"

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import journal as jmod
-from agent.errors import KernelError
-from agent.journal import (
+from agent.core.errors import KernelError
+from agent.kernel import journal as jmod
+from agent.kernel.journal import (
     HEADER,
     MAGIC,
     Journal,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import ConfigError
-from agent.kconfig import (
+from agent.core.errors import ConfigError
+from agent.core.kconfig import (
     EXTRA_SYMBOLS,
     FEATURES,
     Status,
@@ -132,7 +132,8 @@ def test_render_fragment_covers_table() -> None:
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: p.name)
 def test_checked_in_fragments_are_generated(path: Path) -> None:
     assert path.read_text() == render_fragment(), (
-        f"{path} is stale: regenerate with `python -m agent.kconfig > {path.relative_to(REPO)}`")
+        f"{path} is stale: regenerate with "
+        f"`python -m agent.core.kconfig > {path.relative_to(REPO)}`")
 
 
 def test_fragments_agree() -> None:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import StateError
-from agent.lifecycle import (
+from agent.core.errors import StateError
+from agent.core.lifecycle import (
     TRANSITIONS,
     CancelRestart,
     Cell,
@@ -34,7 +34,7 @@ from agent.lifecycle import (
     render_mermaid,
     transition,
 )
-from agent.manifest import load_manifest
+from agent.core.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "rootfs-overlay/etc/agent/services"
@@ -353,4 +353,4 @@ def test_doc_embeds_the_current_diagram() -> None:
     m = re.search(r"```mermaid\n(.*?)```", doc, re.S)
     assert m is not None, "docs/lifecycle.md lost its mermaid block"
     assert m.group(1) == render_mermaid(), (
-        "docs/lifecycle.md is stale: paste the output of `python -m agent.lifecycle`")
+        "docs/lifecycle.md is stale: paste the output of `python -m agent.core.lifecycle`")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.logbuf import LINE_OVERHEAD, LogBuffer
+from agent.core.logbuf import LINE_OVERHEAD, LogBuffer
 
 
 def test_lines_split_per_stream_and_partial_waits() -> None:

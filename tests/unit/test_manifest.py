@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ConfigError
-from agent.manifest import (
+from agent.core.errors import ConfigError
+from agent.core.manifest import (
     CAPABILITIES,
     PRIVILEGED_OPS,
     REFUSED_CAPABILITIES,

@@ -15,19 +15,19 @@ from typing import Any
 
 import pytest
 
-from agent.admission import Amount
-from agent.cellstate import pin_from_wire
-from agent.cgroup import CellStats, Limits
-from agent.config import AgentConfig
-from agent.errors import AgentError, KernelError
-from agent.events import EventBus
-from agent.lifecycle import Exit, State
-from agent.logbuf import LogBuffer
-from agent.master import CellManager
-from agent.masterops import inspect_cell, ps_row
-from agent.policy import load_policy
-from agent.spawn import SpawnSpec
-from agent.spawner import ExitCallback
+from agent.core.budget import Amount
+from agent.core.cellrecord import pin_from_wire
+from agent.core.cgroup import CellStats, Limits
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError, KernelError
+from agent.core.lifecycle import Exit, State
+from agent.core.logbuf import LogBuffer
+from agent.core.policy import load_policy
+from agent.core.sandbox import SpawnSpec
+from agent.daemon.bus import EventBus
+from agent.daemon.cellapi import inspect_cell, ps_row
+from agent.daemon.manager import CellManager
+from agent.daemon.spawner import ExitCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAY = ROOT / "rootfs-overlay/etc/agent"

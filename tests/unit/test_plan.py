@@ -8,8 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from agent.journal import Journal, read_journal
-from agent.plan import (
+from agent.core.plan import (
     DataOp,
     Executor,
     Plan,
@@ -20,6 +19,7 @@ from agent.plan import (
     recover,
     register_op,
 )
+from agent.kernel.journal import Journal, read_journal
 
 
 @dataclass

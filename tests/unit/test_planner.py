@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import seccomp
-from agent.addrpool import AddrPool, PoolConfig
-from agent.cellops import (
+from agent.core import seccomp
+from agent.core.addrpool import AddrPool, PoolConfig
+from agent.core.cellops import (
     EnsureGateway,
     KillCell,
     MakeCgroup,
@@ -26,10 +26,10 @@ from agent.cellops import (
     StartService,
     mount_from_wire,
 )
-from agent.config import AgentConfig
-from agent.errors import ConfigError
-from agent.manifest import PRIVILEGED_OPS, DataDir, Manifest, Resources, Tmpfs, load_manifest
-from agent.planner import (
+from agent.core.config import AgentConfig
+from agent.core.errors import ConfigError
+from agent.core.manifest import PRIVILEGED_OPS, DataDir, Manifest, Resources, Tmpfs, load_manifest
+from agent.core.planner import (
     RLIMITS,
     Allocation,
     cgroup_limits,
@@ -208,7 +208,7 @@ def test_hosts_file_names_the_manifest_peers_known_at_creation() -> None:
 
 
 def test_plan_create_takes_peer_addresses_from_hosts_or_firewall_peers() -> None:
-    from agent.firewall import CellFw
+    from agent.core.firewall import CellFw
 
     client = demo("demo-client")
     alloc = Allocation(100, "10.77.0.3/24", "10.77.0.1", 100_000)

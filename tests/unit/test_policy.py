@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from agent.errors import RefusedError
-from agent.manifest import manifest_from_dict
-from agent.policy import (
+from agent.core.errors import RefusedError
+from agent.core.manifest import manifest_from_dict
+from agent.core.policy import (
     OPS,
     Policy,
     PolicyError,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import AgentError, ProtocolError
-from agent.protocol import (
+from agent.core.errors import AgentError, ProtocolError
+from agent.core.protocol import (
     MAX_DEPTH,
     MAX_FRAME,
     MAX_ITEMS,

@@ -9,8 +9,8 @@ import cbor2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.admission import AdmissionRefused, Amount, Budget, Request
-from agent.reclaim import (
+from agent.core.budget import AdmissionRefused, Amount, Budget, Request
+from agent.core.reclaim import (
     ORPHAN_ORDER,
     Action,
     BoxView,
@@ -32,7 +32,7 @@ from agent.reclaim import (
     summarize,
     weight_for,
 )
-from agent.tuner import (
+from agent.core.tuner import (
     Bounds,
     BudgetGate,
     Commit,

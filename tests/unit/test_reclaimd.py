@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 from test_tunerd import Clock, Host, MiB, make_cell, manifest, read
 
-from agent.admission import AdmissionRefused, Amount, Budget, Request
-from agent.cgroupv2 import CgroupV2
-from agent.orphans import KernelObjects
-from agent.reclaim import CollectOrphan, ReclaimConfig
-from agent.reclaimd import BoxMemoryPressure, Reclaimer
-from agent.tuner import PressureTriggered, TunerConfig
-from agent.tunerd import Tuner
+from agent.core.budget import AdmissionRefused, Amount, Budget, Request
+from agent.core.reclaim import CollectOrphan, ReclaimConfig
+from agent.core.tuner import PressureTriggered, TunerConfig
+from agent.daemon.reclaim import Reclaimer
+from agent.daemon.tuner import Tuner
+from agent.kernel.cgroupv2 import CgroupV2
+from agent.kernel.orphans import KernelObjects
+from agent.kernel.psi import BoxMemoryPressure
 
 
 class FakeObjects(KernelObjects):

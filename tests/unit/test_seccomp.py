@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import seccomp as sc
-from agent import sys as ksys
-from agent.errors import ConfigError
+from agent.core import seccomp as sc
+from agent.core import syscalls as ksys
+from agent.core.errors import ConfigError
 
 ARCHES = sorted(ksys.AUDIT_ARCH)
 NAMES = sorted(ksys.SYSCALLS)

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.admission import Amount, Budget, Request
-from agent.errors import ConfigError
-from agent.manifest import Resources
-from agent.tuner import (
+from agent.core.budget import Amount, Budget, Request
+from agent.core.errors import ConfigError
+from agent.core.manifest import Resources
+from agent.core.tuner import (
     Action,
     Bounds,
     BudgetGate,

@@ -19,14 +19,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.admission import Amount, Budget, Request
-from agent.cgroupv2 import CgroupV2
-from agent.events import EventBus
-from agent.lifecycle import State
-from agent.manifest import Manifest, manifest_from_dict
-from agent.tuner import Bounds, MemoryEvents, PinRefused, PressureTriggered, TunerConfig
-from agent.tunerd import Tuner, initial_size
-from agent.tunerops import top_row
+from agent.core.budget import Amount, Budget, Request
+from agent.core.lifecycle import State
+from agent.core.manifest import Manifest, manifest_from_dict
+from agent.core.tuner import Bounds, MemoryEvents, PinRefused, PressureTriggered, TunerConfig
+from agent.daemon.bus import EventBus
+from agent.daemon.tuner import Tuner, initial_size
+from agent.daemon.tunerapi import top_row
+from agent.kernel.cgroupv2 import CgroupV2
 
 MiB = 1 << 20
 LEAF = {

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import ConfigError
-from agent.units import (
+from agent.core.errors import ConfigError
+from agent.core.units import (
     MAX_CPU,
     MAX_DURATION_MS,
     MAX_SIZE,

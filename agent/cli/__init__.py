@@ -1,0 +1,6 @@
+"""agentctl: the operator CLI, its views (top, diag, checkconfig's report) and the client.
+
+May import :mod:`agent.core` and, for what it reads without the daemon (``checkconfig``,
+``diag``), the kernel probes :mod:`agent.kernel.probes`.  Everything else it learns from
+agentd over the control socket.
+"""

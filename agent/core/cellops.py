@@ -1,0 +1,572 @@
+"""The operations cell plans are made of (see agent.plan for the contract).
+
+Each is a frozen dataclass whose fields are the journaled arguments; ``apply`` and
+``undo`` delegate to the adapters on the executor's context (:class:`CellContext`), so
+the same op runs against the kernel in agentd and against a recording fake in tests.
+
+Create steps undo themselves, tolerating partial application and empty undo data (the
+executor's repair after a crash).  Destroy steps (``Kill*``/``Remove*``/``Release*``)
+have a no-op undo: putting back what a failed destroy already removed would resurrect
+half a cell.  Every destroy step is idempotent instead, so a failed destroy plan is
+simply run again (the lifecycle's FAILED -> STOP_REQUESTED -> DESTROYING) or its
+leftovers are collected by the reclaim loop.
+
+Paths and syscall sets are planned by pure code (agent.planner) and journaled with the
+op; the privileged side re-checks each path against its own roots before touching it
+(bubblewrap's habit), so a tampered journal cannot make agentd delete or mount elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from agent.core import seccomp, units
+from agent.core.cgroup import Limits
+from agent.core.errors import ConfigError, KernelError
+from agent.core.names import check_cell_name
+from agent.core.plan import DataOp, register_op
+from agent.core.sandbox import Mount, SpawnSpec, UidMap
+from agent.kernel import net
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = [
+    "HOSTS_FILE",
+    "HOSTS_TARGET",
+    "ApplyCellFirewall",
+    "CellCgroups",
+    "CellContext",
+    "CellFirewall",
+    "CellNet",
+    "Context",
+    "EnsureGateway",
+    "KillCell",
+    "MakeCgroup",
+    "MakeLink",
+    "MakeNetns",
+    "MountWire",
+    "Paths",
+    "PrepareDirs",
+    "ReleaseDirs",
+    "RemoveCgroup",
+    "RemoveGateway",
+    "RemoveLink",
+    "RemoveNetns",
+    "Spawner",
+    "StartService",
+    "mount_from_wire",
+    "mount_to_wire",
+]
+
+# -- what the ops need from the executor's ctx ---------------------------------------------
+
+
+class CellCgroups(Protocol):
+    """agent.cgroup.CgroupBackend plus ``leaf`` (agent.cgroupv2.CgroupV2 has both)."""
+
+    def create(self, cell: str) -> Path: ...
+    def set_limits(self, cell: str, limits: Limits) -> None: ...
+    def kill(self, cell: str, timeout: float = 5.0) -> None: ...
+    def remove(self, cell: str, timeout: float = 5.0) -> None: ...
+    def leaf(self, cell: str) -> Path: ...
+
+
+class CellNet(Protocol):
+    """agent.net's functions bound to a netlink handle, bridge and netns dir (HostNet)."""
+
+    def create_netns(self, cell: str) -> Path: ...
+    def destroy_netns(self, cell: str) -> None: ...
+    def netns_path(self, cell: str) -> Path: ...
+    def ensure_gateway(self, vlan: int, gateway: str) -> bool: ...
+    def remove_gateway(self, vlan: int) -> None: ...
+    def create_link(self, cell: str, vlan: int, address: str, gateway: str) -> None: ...
+    def destroy_link(self, cell: str) -> None: ...
+
+
+class Spawner(Protocol):
+    """Starts a cell's pid 1 and owns what comes back (pidfd, seccomp listener, stdio:
+    it registers them with the loop and wires stdout/stderr to the cell's log buffer)."""
+
+    def start(self, cell: str, spec: SpawnSpec) -> int:
+        """spawn_cell(spec) with stdio filled in; returns the host pid of pid 1."""
+        ...
+
+    def stop(self, cell: str, pid: int | None) -> None:
+        """SIGKILL and reap pid 1 (``None``: whatever was started for ``cell``), close
+        its fds.  Already gone is success."""
+        ...
+
+
+HOSTS_FILE = "hosts"  # in the cell's run dir (PrepareDirs)
+HOSTS_TARGET = "/etc/hosts"  # where it is bind-mounted read-only in the cell
+
+
+@dataclass(frozen=True)
+class Paths:
+    state_dir: Path
+    run_dir: Path
+
+    def cell_run_dir(self, cell: str) -> Path:
+        return self.run_dir / "cells" / check_cell_name(cell)
+
+    def data_dir(self, source: str) -> Path:
+        if not source or "/" in source or source.startswith("."):
+            raise ConfigError("E_PATH", f"data source {source!r} is not a plain name")
+        return self.state_dir / "data" / source
+
+
+class CellFirewall(Protocol):
+    """agent.nft.FirewallSync: nft batches applied in a cell's netns."""
+
+    def apply_cell(self, cell: str, batch: Sequence[dict[str, Any]]) -> None: ...
+    def remove_cell(self, cell: str) -> None: ...
+
+
+class CellContext(Protocol):
+    @property
+    def cgroup(self) -> CellCgroups: ...
+    @property
+    def net(self) -> CellNet: ...
+    @property
+    def spawner(self) -> Spawner: ...
+    @property
+    def paths(self) -> Paths: ...
+    @property
+    def firewall(self) -> CellFirewall | None: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    """The executor ctx agentd builds (any object with these attributes will do)."""
+
+    cgroup: CellCgroups
+    net: CellNet
+    spawner: Spawner
+    paths: Paths
+    firewall: CellFirewall | None = None  # None: ApplyCellFirewall refuses (fail closed)
+
+
+# -- create steps --------------------------------------------------------------------------
+
+
+def _same(path: str, expected: Path, what: str) -> Path:
+    if Path(path) != expected:
+        raise ConfigError("E_PATH", f"{what} {path!r} is not {str(expected)!r}",
+                          "the plan was made for another state_dir/run_dir")
+    return expected
+
+
+@register_op
+@dataclass(frozen=True)
+class PrepareDirs(DataOp):
+    """The cell's run dir (0700) and, if it has one, its persistent data dir.
+
+    With ``hosts`` (the text of the cell's /etc/hosts) the run dir also holds the file
+    ``hosts`` (0644) and is 0711, so the cell's mapped root can reach the file for the
+    read-only bind mount over /etc/hosts; everything else in the dir stays 0600."""
+
+    kind: ClassVar[str] = "prepare-dirs"
+    cell: str
+    run_dir: str
+    data_dir: str = ""  # "" = none; kept across runs, never deleted by destroy
+    uid: int = 0  # host ids owning the data dir (the cell's mapped uid/gid)
+    gid: int = 0
+    hosts: str = ""  # "" = no hosts file
+
+    def describe(self) -> str:
+        data = f", data dir {self.data_dir} owned by {self.uid}:{self.gid}" if self.data_dir else ""
+        if self.hosts:
+            names = [ln.split()[1] for ln in self.hosts.splitlines()[2:] if len(ln.split()) > 1]
+            data += f", {HOSTS_FILE} ({' '.join(names)})"
+        return f"create run dir {self.run_dir}{data}"
+
+    def _data(self, ctx: CellContext) -> Path | None:
+        if not self.data_dir:
+            return None
+        path = Path(self.data_dir)
+        return _same(self.data_dir, ctx.paths.data_dir(path.name), "data dir")
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        run = _same(self.run_dir, ctx.paths.cell_run_dir(self.cell), "run dir")
+        data = self._data(ctx)
+        made_data = False
+        try:
+            run.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.hosts:
+                run.chmod(0o711)
+                hosts = run / HOSTS_FILE
+                hosts.write_text(self.hosts)
+                hosts.chmod(0o644)
+            if data is not None and not data.exists():
+                data.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                data.mkdir(mode=0o700)
+                made_data = True
+                os.chown(data, self.uid, self.gid)
+        except OSError as exc:
+            self.undo(ctx, {"made_data": made_data})
+            raise KernelError.from_oserror("mkdir", exc.filename or self.run_dir, exc) from exc
+        return {"made_data": made_data}
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        shutil.rmtree(_same(self.run_dir, ctx.paths.cell_run_dir(self.cell), "run dir"),
+                      ignore_errors=True)
+        data = self._data(ctx)
+        if data is not None and undo_data.get("made_data") is True:
+            try:
+                data.rmdir()  # only if still empty: persistent data is never thrown away
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                    raise KernelError.from_oserror("rmdir", str(data), exc) from exc
+
+
+@register_op
+@dataclass(frozen=True)
+class MakeCgroup(DataOp):
+    """The cell's cgroup leaf with its limits."""
+
+    kind: ClassVar[str] = "make-cgroup"
+    cell: str
+    limits: Limits
+
+    def describe(self) -> str:
+        lim = self.limits
+
+        def size(v: int | None) -> str:
+            return "max" if v is None else units.format_size(v)
+
+        return (f"create cgroup {self.cell}: cpu.max {lim.cpu_max_line().replace(' ', '/')} "
+                f"weight {lim.cpu_weight}, memory min {size(lim.memory_min)} high "
+                f"{size(lim.memory_high)} max {size(lim.memory_max)}, pids "
+                f"{lim.pids_max if lim.pids_max is not None else 'max'}, io {lim.io_weight}")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"cell": self.cell, "limits": dataclasses.asdict(self.limits)}
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> MakeCgroup:
+        return cls(args["cell"], Limits(**args["limits"]))
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        path = ctx.cgroup.create(self.cell)
+        try:
+            ctx.cgroup.set_limits(self.cell, self.limits)
+        except BaseException:
+            ctx.cgroup.remove(self.cell)
+            raise
+        return {"path": str(path)}
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        ctx.cgroup.kill(self.cell)  # a cgroup with processes cannot be removed
+        ctx.cgroup.remove(self.cell)
+
+
+@register_op
+@dataclass(frozen=True)
+class MakeNetns(DataOp):
+    """The cell's network namespace, pinned and owned by the agent."""
+
+    kind: ClassVar[str] = "make-netns"
+    cell: str
+
+    def describe(self) -> str:
+        return f"create network namespace {net.NETNS_PREFIX}{self.cell}"
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        return {"path": str(ctx.net.create_netns(self.cell))}
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        ctx.net.destroy_netns(self.cell)
+
+
+@register_op
+@dataclass(frozen=True)
+class EnsureGateway(DataOp):
+    """The host's gateway on the cell's VLAN; shared by the VLAN's cells, so undo removes
+    it only if this step created it."""
+
+    kind: ClassVar[str] = "ensure-gateway"
+    vlan: int
+    gateway: str  # with prefix, e.g. 10.77.0.1/24
+
+    def describe(self) -> str:
+        return f"ensure gateway {self.gateway} on VLAN {self.vlan}"
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        return {"created": ctx.net.ensure_gateway(self.vlan, self.gateway)}
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        if undo_data.get("created") is True:  # unknown (crash): leave it to reclaim
+            ctx.net.remove_gateway(self.vlan)
+
+
+@register_op
+@dataclass(frozen=True)
+class MakeLink(DataOp):
+    """The cell's veth: host side an untagged port of its VLAN, eth0 inside."""
+
+    kind: ClassVar[str] = "make-link"
+    cell: str
+    vlan: int
+    address: str  # with prefix
+    gateway: str  # address only
+
+    def describe(self) -> str:
+        host, _ = net.veth_names(self.cell)
+        return (f"connect {self.cell}: veth {host} untagged on VLAN {self.vlan}, "
+                f"eth0 {self.address} via {self.gateway}")
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        ctx.net.create_link(self.cell, self.vlan, self.address, self.gateway)
+        return {}
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        ctx.net.destroy_link(self.cell)
+
+
+@register_op
+@dataclass(frozen=True)
+class ApplyCellFirewall(DataOp):
+    """The cell's ``inet agent_cell`` table (agent.firewall), applied in its netns before
+    its service starts.  The netns belongs to the host's user namespace, so the cell's
+    root cannot change the table; undo deletes it (the netns usually goes next anyway)."""
+
+    kind: ClassVar[str] = "apply-cell-firewall"
+    cell: str
+    batch: str  # agent.firewall.batch_json(cell_ruleset(...))
+
+    def _cmds(self) -> list[dict[str, Any]]:
+        return [c for c in json.loads(self.batch)["nftables"] if "metainfo" not in c]
+
+    def describe(self) -> str:
+        counts = {"input": 0, "output": 0}
+        accepts: list[str] = []
+        for c in self._cmds():
+            rule = c.get("add", {}).get("rule")
+            if rule is None:
+                continue
+            counts[rule["chain"]] = counts.get(rule["chain"], 0) + 1
+            note = str(rule.get("comment", ""))
+            if note.startswith(("peer ", "egress ")):
+                accepts.append(f"{rule['chain']} {note}")
+        allowed = "; ".join(accepts) or "nothing but replies and loopback"
+        return (f"apply firewall inet agent_cell in {net.NETNS_PREFIX}{self.cell} "
+                f"({counts['input']} input, {counts['output']} output rules): {allowed}")
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        fw = getattr(ctx, "firewall", None)
+        if fw is None:
+            raise ConfigError("E_FIREWALL", f"no firewall adapter: cell {self.cell} would run "
+                              "unfiltered", "give the executor's context a firewall "
+                              "(agent.nft.FirewallSync)")
+        fw.apply_cell(self.cell, self._cmds())
+        return {}
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        fw = getattr(ctx, "firewall", None)
+        if fw is not None:
+            fw.remove_cell(self.cell)
+
+
+def _argv_line(argv: tuple[str, ...]) -> str:
+    """argv for a human: words with spaces or quotes are shown quoted (no shlex: it would
+    pull python3-shell into the firmware for one log line)."""
+    return " ".join(a if a and not any(c in a for c in " '\"\\\t\n") else repr(a)
+                    for a in argv)
+
+
+# (kind, target, size, flags, source, mode[, optional]): ``optional`` only when true, so
+# journals written before it existed still decode.
+MountWire = tuple[Any, ...]
+
+
+def mount_to_wire(m: Mount) -> MountWire:
+    w = (m.kind, m.target, m.size, tuple(sorted(m.flags)), m.source, m.mode)
+    return (*w, True) if m.optional else w
+
+
+def mount_from_wire(w: MountWire) -> Mount:
+    kind, target, size, flags, source, mode, *rest = w
+    return Mount(kind, target, size, frozenset(flags), source, mode, bool(rest and rest[0]))
+
+
+@register_op
+@dataclass(frozen=True)
+class StartService(DataOp):
+    """Spawn the cell's pid 1 (agent.spawn) in its netns and cgroup."""
+
+    kind: ClassVar[str] = "start-service"
+    cell: str
+    argv: tuple[str, ...]
+    rootfs: str
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str = "/"
+    uid: int = 0  # inside the cell
+    gid: int = 0
+    userns_base: int | None = None  # None: no user namespace
+    userns_count: int = 65536
+    mounts: tuple[MountWire, ...] = ()
+    caps_keep: tuple[str, ...] = ()
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+    seccomp_trap: tuple[str, ...] = ()
+    seccomp_deny: tuple[str, ...] = ()
+    seccomp_enosys: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        ids = f"{self.uid}:{self.gid}"
+        if self.userns_base is not None:
+            ids += f" (host {self.userns_base + self.uid}:{self.userns_base + self.gid})"
+        areas = " ".join(m[1] if m[0] != "tmpfs" else f"{m[1]}({','.join(m[3])})"
+                         for m in self.mounts)
+        caps = ",".join(c.removeprefix("CAP_").lower() for c in self.caps_keep) or "none"
+        return (f"start `{_argv_line(self.argv)}` as {ids} in {self.cell}: image {self.rootfs} "
+                f"ro, mounts {areas}, caps {caps}, seccomp trap {len(self.seccomp_trap)} "
+                f"deny {len(self.seccomp_deny)} enosys {len(self.seccomp_enosys)}")
+
+    def filter_spec(self) -> seccomp.FilterSpec:
+        return seccomp.FilterSpec(trap=frozenset(self.seccomp_trap),
+                                  deny=frozenset(self.seccomp_deny),
+                                  enosys=frozenset(self.seccomp_enosys))
+
+    def spawn_spec(self, ctx: CellContext) -> SpawnSpec:
+        """The SpawnSpec, with every host path re-checked against ctx's roots."""
+        mounts = tuple(mount_from_wire(m) for m in self.mounts)
+        for m in mounts:
+            if m.kind == "bind" and m.target == HOSTS_TARGET:
+                _same(m.source or "", ctx.paths.cell_run_dir(self.cell) / HOSTS_FILE,
+                      "hosts file")
+            elif m.kind == "bind":
+                src = Path(m.source or "")
+                _same(str(src), ctx.paths.data_dir(src.name), "bind source")
+        prog = seccomp.compile_filter(self.filter_spec())
+        return SpawnSpec(
+            argv=self.argv, rootfs=self.rootfs, env=self.env, cwd=self.cwd,
+            hostname=self.cell, mounts=mounts,
+            userns=None if self.userns_base is None else UidMap(self.userns_base,
+                                                                self.userns_count),
+            netns_path=str(ctx.net.netns_path(self.cell)),
+            cgroup_path=str(ctx.cgroup.leaf(self.cell)),
+            caps_keep=frozenset(self.caps_keep), rlimits=self.rlimits, no_new_privs=True,
+            seccomp=seccomp.pack(prog), uid=self.uid, gid=self.gid)
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        return {"pid": ctx.spawner.start(self.cell, self.spawn_spec(ctx))}
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        pid = undo_data.get("pid")
+        ctx.spawner.stop(self.cell, pid if isinstance(pid, int) else None)
+        ctx.cgroup.kill(self.cell)  # and anything pid 1 left behind
+
+
+# -- destroy steps (undo is a no-op: see the module docstring) -----------------------------
+
+
+class _DestroyStep(DataOp):
+    cell: str
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        return None
+
+
+@register_op
+@dataclass(frozen=True)
+class KillCell(_DestroyStep):
+    kind: ClassVar[str] = "kill-cell"
+    cell: str
+
+    def describe(self) -> str:
+        return f"kill every process of {self.cell} (cgroup.kill) and reap pid 1"
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        ctx.spawner.stop(self.cell, None)
+        ctx.cgroup.kill(self.cell)
+        return {}
+
+
+@register_op
+@dataclass(frozen=True)
+class RemoveLink(_DestroyStep):
+    kind: ClassVar[str] = "remove-link"
+    cell: str
+
+    def describe(self) -> str:
+        return f"delete veth {net.veth_names(self.cell)[0]} of {self.cell} (and its VLAN entry)"
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        ctx.net.destroy_link(self.cell)
+        return {}
+
+
+@register_op
+@dataclass(frozen=True)
+class RemoveNetns(_DestroyStep):
+    kind: ClassVar[str] = "remove-netns"
+    cell: str
+
+    def describe(self) -> str:
+        return f"remove network namespace {net.NETNS_PREFIX}{self.cell}"
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        ctx.net.destroy_netns(self.cell)
+        return {}
+
+
+@register_op
+@dataclass(frozen=True)
+class RemoveCgroup(_DestroyStep):
+    kind: ClassVar[str] = "remove-cgroup"
+    cell: str
+
+    def describe(self) -> str:
+        return f"remove cgroup {self.cell}"
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        ctx.cgroup.kill(self.cell)
+        ctx.cgroup.remove(self.cell)
+        return {}
+
+
+@register_op
+@dataclass(frozen=True)
+class ReleaseDirs(_DestroyStep):
+    kind: ClassVar[str] = "release-dirs"
+    cell: str
+    run_dir: str
+
+    def describe(self) -> str:
+        return f"remove run dir {self.run_dir} (persistent data is kept)"
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        path = _same(self.run_dir, ctx.paths.cell_run_dir(self.cell), "run dir")
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise KernelError.from_oserror("rmtree", str(path), exc) from exc
+        return {}
+
+
+@register_op
+@dataclass(frozen=True)
+class RemoveGateway(_DestroyStep):
+    """The VLAN's gateway, planned when the cell was the VLAN's last."""
+
+    kind: ClassVar[str] = "remove-gateway"
+    cell: str
+    vlan: int
+
+    def describe(self) -> str:
+        return f"remove the gateway of VLAN {self.vlan} (no cell left on it)"
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        ctx.net.remove_gateway(self.vlan)
+        return {}

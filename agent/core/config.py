@@ -1,0 +1,301 @@
+"""The daemon's own configuration, ``/etc/agent/agentd.toml``.
+
+Every key is optional; a missing file means all defaults.  Unknown keys and wrong types
+are refused with a :class:`ConfigError` naming the key and saying how to fix it, so a
+typo never silently falls back to a default.  Layout (see rootfs-overlay/etc/agent/agentd.toml)::
+
+    socket_path, state_dir, run_dir, services_dir, policy_path, cgroup_root, log_level
+    [network]      bridge, address_pool, vlan_min, vlan_max
+    [userns]       enabled, uid_base, uid_size
+    [host_reserve] cpu, memory, pids
+    [logs]         cell_buffer, journal_max
+
+Sizes are integers (bytes) or strings such as "96M", "64K", "1G" (binary multiples).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.core.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "LOG_LEVELS",
+    "AgentConfig",
+    "HostReserve",
+    "load_config",
+    "parse_config",
+    "parse_size",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/agent/agentd.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+_DEFAULT_POOL = ipaddress.IPv4Network("10.77.0.0/16")
+_MULT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: int | str, key: str = "size") -> int:
+    """Bytes from an integer or a string like "96M" (K, M, G, T are powers of 1024;
+    an optional "B"/"iB" suffix is accepted)."""
+    if isinstance(value, bool):
+        raise ConfigError("E_CONFIG", f"`{key}` must be a size, got a boolean",
+                          f'write e.g. {key} = "96M"')
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError("E_CONFIG", f"`{key}` must not be negative",
+                              f'write e.g. {key.split(".")[-1]} = "96M"')
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value)
+        if m:
+            return int(m.group(1)) * _MULT[m.group(2).lower()]
+    raise ConfigError("E_CONFIG", f"`{key}` is not a size: {value!r}",
+                      'write bytes as an integer or a string such as "64K", "96M", "1G"')
+
+
+@dataclass(frozen=True)
+class HostReserve:
+    """What cells may never take from the host: CPUs, memory bytes, pids."""
+
+    cpu: float = 0.25
+    memory: int = 96 << 20
+    pids: int = 256
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    socket_path: Path = Path("/run/agent/agentd.sock")
+    state_dir: Path = Path("/var/lib/agent")
+    run_dir: Path = Path("/run/agent")
+    services_dir: Path = Path("/etc/agent/services")
+    policy_path: Path = Path("/etc/agent/policy.toml")
+    cgroup_root: Path = Path("/sys/fs/cgroup/agent")
+    log_level: str = "info"
+    bridge: str = "agbr0"
+    address_pool: ipaddress.IPv4Network = _DEFAULT_POOL
+    vlan_min: int = 100
+    vlan_max: int = 4000
+    userns: bool = True
+    uid_base: int = 100000
+    uid_size: int = 65536
+    host_reserve: HostReserve = field(default_factory=HostReserve)
+    log_buffer_bytes: int = 64 << 10
+    journal_max_bytes: int = 1 << 20
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "agentd.pid"
+
+    @property
+    def subnet_count(self) -> int:
+        """How many /24 cell subnets the address pool holds."""
+        return 1 << (24 - self.address_pool.prefixlen)
+
+    def subnet_for_vlan(self, vlan: int) -> ipaddress.IPv4Network:
+        """The /24 of VLAN ``vlan``: the (vlan - vlan_min)-th /24 of the pool."""
+        index = vlan - self.vlan_min
+        if not self.vlan_min <= vlan <= self.vlan_max or index >= self.subnet_count:
+            raise ConfigError("E_CONFIG", f"VLAN {vlan} has no subnet in {self.address_pool}",
+                              "use a VLAN in range or a larger network.address_pool")
+        base = int(self.address_pool.network_address) + (index << 8)
+        return ipaddress.IPv4Network((base, 24))
+
+    def gateway_for_vlan(self, vlan: int) -> ipaddress.IPv4Address:
+        """The host's address (.1) in the VLAN's /24."""
+        return self.subnet_for_vlan(vlan).network_address + 1
+
+    def uid_range(self, slot: int) -> tuple[int, int]:
+        """(first host uid, count) mapped into the cell in user-namespace slot ``slot``."""
+        return self.uid_base + slot * self.uid_size, self.uid_size
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "socket_path": str(self.socket_path), "state_dir": str(self.state_dir),
+            "run_dir": str(self.run_dir), "services_dir": str(self.services_dir),
+            "policy_path": str(self.policy_path), "cgroup_root": str(self.cgroup_root),
+            "log_level": self.log_level,
+            "network": {"bridge": self.bridge, "address_pool": str(self.address_pool),
+                        "vlan_min": self.vlan_min, "vlan_max": self.vlan_max},
+            "userns": {"enabled": self.userns, "uid_base": self.uid_base,
+                       "uid_size": self.uid_size},
+            "host_reserve": {"cpu": self.host_reserve.cpu, "memory": self.host_reserve.memory,
+                             "pids": self.host_reserve.pids},
+            "logs": {"cell_buffer": self.log_buffer_bytes,
+                     "journal_max": self.journal_max_bytes},
+        }
+
+
+# ------------------------------------------------------------------------------ parsing
+
+Conv = Callable[[Any, str], Any]
+
+
+def _err(key: str, message: str, hint: str) -> ConfigError:
+    return ConfigError("E_CONFIG", f"`{key}` {message}", hint)
+
+
+def _path(v: Any, key: str) -> Path:
+    if not isinstance(v, str) or not v.startswith("/"):
+        raise _err(key, "must be an absolute path string",
+                   f'write e.g. {key.split(".")[-1]} = "/..."')
+    return Path(v)
+
+
+def _int(lo: int, hi: int) -> Conv:
+    def conv(v: Any, key: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _err(key, f"must be an integer, got {type(v).__name__}",
+                       f"write e.g. {key.split('.')[-1]} = {lo}")
+        if not lo <= v <= hi:
+            raise _err(key, f"must be between {lo} and {hi}, got {v}", "pick a value in range")
+        return v
+    return conv
+
+
+def _bool(v: Any, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise _err(key, f"must be true or false, got {type(v).__name__}",
+                   f"write {key.split('.')[-1]} = true (no quotes)")
+    return v
+
+
+def _name(v: Any, key: str) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", v):
+        raise _err(key, "must be an interface name of 1-15 letters, digits, '_', '.', '-'",
+                   f'write e.g. {key.split(".")[-1]} = "agbr0"')
+    return v
+
+
+def _level(v: Any, key: str) -> str:
+    if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
+        raise _err(key, f"must be one of {', '.join(LOG_LEVELS)}", 'write log_level = "info"')
+    return v.lower()
+
+
+def _pool(v: Any, key: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(v) if isinstance(v, str) else None
+    except ValueError:
+        net = None
+    if net is None or net.prefixlen > 24:
+        raise _err(key, f"must be an IPv4 network of /24 or larger, got {v!r}",
+                   'write e.g. address_pool = "10.77.0.0/16" (host bits zero)')
+    return net
+
+
+def _cpu(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1024:
+        raise _err(key, "must be a number of CPUs between 0 and 1024", "write e.g. cpu = 0.25")
+    return float(v)
+
+
+def _size(v: Any, key: str) -> int:
+    return parse_size(v, key)
+
+
+# section -> {toml key: (AgentConfig field or "host_reserve.<f>", converter)}
+_SCHEMA: dict[str, dict[str, tuple[str, Conv]]] = {
+    "": {
+        "socket_path": ("socket_path", _path), "state_dir": ("state_dir", _path),
+        "run_dir": ("run_dir", _path), "services_dir": ("services_dir", _path),
+        "policy_path": ("policy_path", _path), "cgroup_root": ("cgroup_root", _path),
+        "log_level": ("log_level", _level),
+    },
+    "network": {
+        "bridge": ("bridge", _name), "address_pool": ("address_pool", _pool),
+        "vlan_min": ("vlan_min", _int(2, 4094)), "vlan_max": ("vlan_max", _int(2, 4094)),
+    },
+    "userns": {
+        "enabled": ("userns", _bool), "uid_base": ("uid_base", _int(1, 2**32 - 2)),
+        "uid_size": ("uid_size", _int(1, 2**32 - 2)),
+    },
+    "host_reserve": {
+        "cpu": ("host_reserve.cpu", _cpu), "memory": ("host_reserve.memory", _size),
+        "pids": ("host_reserve.pids", _int(0, 2**22)),
+    },
+    "logs": {
+        "cell_buffer": ("log_buffer_bytes", _size), "journal_max": ("journal_max_bytes", _size),
+    },
+}
+
+
+def _unknown(key: str, choices: list[str], source: str) -> ConfigError:
+    leaf = key.split(".")[-1]
+    close = difflib.get_close_matches(leaf, choices, n=1)
+    if close:
+        hint = f"did you mean `{close[0]}`?"
+    else:
+        hint = f"known keys here: {', '.join(sorted(choices))}"
+        for section, keys in _SCHEMA.items():
+            near = difflib.get_close_matches(leaf, list(keys), n=1)
+            if near:
+                where = f"the [{section}] section" if section else "the top level"
+                hint = f"did you mean `{near[0]}` in {where}?"
+                break
+    return ConfigError("E_CONFIG", f"unknown key `{key}` in {source}", hint)
+
+
+def parse_config(data: Mapping[str, Any], source: str = "agentd.toml") -> AgentConfig:
+    """Validate a parsed TOML document into an :class:`AgentConfig`."""
+    values: dict[str, Any] = {}
+    reserve: dict[str, Any] = {}
+    top_choices = list(_SCHEMA[""]) + [s for s in _SCHEMA if s]
+    for key, value in data.items():
+        if key in _SCHEMA and key:
+            if not isinstance(value, dict):
+                raise ConfigError("E_CONFIG", f"`{key}` must be a table in {source}",
+                                  f"write it as a [{key}] section")
+            section = _SCHEMA[key]
+            for sub, subvalue in value.items():
+                if sub not in section:
+                    raise _unknown(f"{key}.{sub}", list(section), source)
+                target, conv = section[sub]
+                dest = reserve if target.startswith("host_reserve.") else values
+                dest[target.removeprefix("host_reserve.")] = conv(subvalue, f"{key}.{sub}")
+        elif key in _SCHEMA[""]:
+            target, conv = _SCHEMA[""][key]
+            values[target] = conv(value, key)
+        else:
+            raise _unknown(key, top_choices, source)
+    cfg = AgentConfig(host_reserve=HostReserve(**reserve), **values)
+    if cfg.vlan_min > cfg.vlan_max:
+        raise ConfigError("E_CONFIG",
+                          f"`network.vlan_min` ({cfg.vlan_min}) exceeds `network.vlan_max` "
+                          f"({cfg.vlan_max}) in {source}", "swap the two values")
+    if cfg.uid_base + cfg.uid_size > 2**32 - 1:
+        raise ConfigError("E_CONFIG", f"`userns.uid_base` + `userns.uid_size` overflow 32 bits "
+                          f"in {source}", "lower uid_base or uid_size")
+    return cfg
+
+
+def load_config(path: Path | str | None = DEFAULT_CONFIG_PATH, *,
+                missing_ok: bool = True) -> AgentConfig:
+    """Read and validate ``path``.  A missing file gives the defaults when ``missing_ok``."""
+    if path is None:
+        return AgentConfig()
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return AgentConfig()
+        raise ConfigError("E_CONFIG", f"config file `{path}` does not exist",
+                          "create it or pass another --config") from None
+    except OSError as exc:
+        raise ConfigError("E_CONFIG", f"cannot read `{path}`: {exc.strerror}",
+                          "check the file's permissions") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("E_CONFIG", f"`{path}` is not valid TOML: {exc}",
+                          "fix the syntax at the position shown") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,188 @@
+"""The cell manager on the control socket: ops run, stop, ps, inspect, logs, and the
+kernel adapters agentd builds for it (cgroup v2, the bridge, the spawner).
+
+:func:`attach` wires a :class:`~agent.master.CellManager` into a
+:class:`~agent.daemon.Daemon`: it is built at start (before the socket serves), and when
+it cannot be (no cgroup v2, not root) agentd still serves and these ops answer
+``E_UNAVAILABLE`` with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from agent.core import seccomp
+from agent.core.errors import AgentError
+from agent.core.lifecycle import State
+from agent.core.planner import cgroup_limits, filter_spec
+from agent.daemon import tunerapi as tunerops
+from agent.daemon.cells import CellEntry
+from agent.daemon.control import Peer, arg, check_args
+from agent.daemon.main import build_manager
+from agent.daemon.manager import CellManager
+
+if TYPE_CHECKING:
+    from agent.daemon.server import Daemon
+
+__all__ = ["MasterOps", "attach", "inspect_cell", "ps_row"]
+
+log = logging.getLogger(__name__)
+
+
+def ps_row(mgr: CellManager, e: CellEntry) -> dict[str, Any]:
+    """One ``ps`` entry; ``cpu_pct`` is the cgroup's usage since the previous ``ps`` (or
+    since the service started), in percent of one CPU."""
+    now = time.monotonic()
+    row: dict[str, Any] = {
+        "name": e.name, "state": e.state.value, "vlan": e.alloc.vlan,
+        "address": e.alloc.address.split("/")[0] if e.alloc.address else None,
+        "pid": e.pid, "cpu_pct": None, "memory_current": None,
+        "memory_max": e.manifest.resources.memory_max, "pids": None,
+        "uptime_s": (round(mgr.clock() - e.cell.started_at, 1)
+                     if e.state is State.RUNNING and e.cell.started_at else None),
+        "restarts": e.cell.restarts}
+    try:
+        st = mgr.cgroup.stats(e.name)
+    except (AgentError, OSError):
+        return row
+    prev = e.cpu_sample
+    if prev is None and e.cell.started_at is not None:
+        prev = (0, now - max(0.001, mgr.clock() - e.cell.started_at))
+    if prev is not None and now > prev[1]:
+        row["cpu_pct"] = round((st.cpu_usage_usec - prev[0]) / 1e4 / (now - prev[1]), 1)
+    e.cpu_sample = (st.cpu_usage_usec, now)
+    row.update(memory_current=st.memory_current, pids=st.pids_current)
+    return row
+
+
+def inspect_cell(mgr: CellManager, e: CellEntry) -> dict[str, Any]:
+    m = e.manifest
+    leaf = mgr.cgroup.leaf(e.name)
+    return {
+        "name": e.name, "state": e.state.value, "pid": e.pid, "record": e.cell.to_wire(),
+        "manifest": m.to_dict(), "allocation": dataclasses.asdict(e.alloc),
+        "plan": e.plan_lines, "cgroup": str(leaf),
+        "limits": dataclasses.asdict(cgroup_limits(m)),
+        "seccomp": [list(r) for r in seccomp.describe(filter_spec(m))],
+        "error": e.cell.error,
+        "events": [ev.to_wire() for ev in mgr.bus.recent(15, cell=e.name)],
+    }
+
+
+class MasterOps:
+    """Control-socket handlers over the manager (None until built, or if it failed)."""
+
+    def __init__(self) -> None:
+        self.manager: CellManager | None = None
+        self.problem = "the cell manager is starting"
+
+    def _mgr(self) -> CellManager:
+        if self.manager is None:
+            raise AgentError("E_UNAVAILABLE", f"cells are unavailable: {self.problem}",
+                             "see the agentd log; `agentctl checkconfig` checks the kernel")
+        return self.manager
+
+    async def op_run(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, Any]:
+        check_args(args, ("name", "dry_run"))
+        name = arg(args, "name", str, required=True)
+        dry = arg(args, "dry_run", bool, False)
+        assert name is not None
+        return await self._mgr().run(name, peer.uid, peer.gid, dry_run=bool(dry))
+
+    async def op_stop(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, Any]:
+        check_args(args, ("name",))
+        name = arg(args, "name", str, required=True)
+        assert name is not None
+        return await self._mgr().stop(name, peer.uid, peer.gid)
+
+    async def op_ps(self, peer: Peer, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+        check_args(args, ())
+        mgr = self._mgr()
+        d = mgr.policy.authorize(peer.uid, peer.gid, "ps", None, None, 0)
+        return [ps_row(mgr, e) for name, e in sorted(mgr.cells.items()) if d.may_see(name)]
+
+    def _cell(self, peer: Peer, op: str, args: Mapping[str, Any]) -> tuple[CellManager, str]:
+        name = arg(args, "name", str, required=True)
+        assert name is not None
+        mgr = self._mgr()
+        mgr.policy.authorize(peer.uid, peer.gid, op, name, None, 0)
+        return mgr, name
+
+    async def op_inspect(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, Any]:
+        check_args(args, ("name",))
+        mgr, name = self._cell(peer, "inspect", args)
+        return inspect_cell(mgr, mgr.entry(name))
+
+    async def op_logs(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, Any]:
+        check_args(args, ("name", "n", "stream"))
+        mgr, name = self._cell(peer, "logs", args)
+        n = arg(args, "n", int, 50)
+        stream = arg(args, "stream", str)
+        if n is None or n < 0 or n > 10_000:
+            raise AgentError("E_ARGS", "argument `n` must be 0..10000")
+        if stream not in (None, "stdout", "stderr"):
+            raise AgentError("E_ARGS", f"unknown stream `{stream}`", "stdout or stderr")
+        buf = mgr.spawner.logs(name)
+        if buf is None:
+            if name not in mgr.cells:
+                mgr.entry(name)  # E_NOT_FOUND
+            return {"name": name, "lines": [], "dropped": 0}
+        lines = buf.tail(n, stream)  # type: ignore[arg-type]
+        out = [x.to_wire() for x in lines]
+        while out and sum(len(x["line"]) + 40 for x in out) > 56 * 1024:
+            out.pop(0)  # keep the reply within one frame
+        return {"name": name, "lines": out, "dropped": buf.dropped}
+
+    def status_cells(self) -> int:
+        return 0 if self.manager is None else len(self.manager.cells)
+
+    def status_budget(self) -> Any:
+        if self.manager is None:
+            return f"cells unavailable: {self.problem}"
+        b = self.manager.budget
+
+        def amt(a: Any) -> dict[str, int]:
+            return {"cpu_m": a.cpu, "memory": a.memory, "pids": a.pids}
+
+        states: dict[str, int] = {}
+        for e in self.manager.cells.values():
+            states[e.state.value] = states.get(e.state.value, 0) + 1
+        return {"capacity": amt(b.capacity), "reserve": amt(b.reserve),
+                "committed": amt(b.committed), "free": amt(b.free), "states": states,
+                "leases": len(self.manager.pool.leases())}
+
+    async def close(self) -> None:
+        if self.manager is not None:
+            await self.manager.close()
+
+
+def attach(daemon: Daemon) -> MasterOps:
+    """Register the cell ops and the start/stop hooks on ``daemon``."""
+    ops = MasterOps()
+
+    async def startup() -> None:
+        try:
+            ops.manager = await build_manager(daemon.config, daemon.bus)
+        except (AgentError, OSError) as exc:
+            ops.problem = str(exc)
+            log.error("cell manager not started: %s", exc)
+            return
+        n = len(ops.manager.cells)
+        running = sum(1 for e in ops.manager.cells.values() if e.state is State.RUNNING)
+        log.info("cell manager ready: %d cells from the journal (%d running)", n, running)
+
+    daemon.on_startup(startup)
+    daemon.on_shutdown(ops.close)
+    daemon.register("run", ops.op_run)
+    daemon.register("stop", ops.op_stop)
+    daemon.register("ps", ops.op_ps)
+    daemon.register("inspect", ops.op_inspect)
+    daemon.register("logs", ops.op_logs)
+    daemon.add_status("cells", ops.status_cells)
+    daemon.add_status("budget", ops.status_budget)
+    tunerops.attach(daemon, ops)  # tuner + reclaim loop, after the manager is built
+    return ops

@@ -1,0 +1,142 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, cast
+
+from agent import __version__
+from agent.core.cellops import Paths
+from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
+from agent.core.errors import AgentError
+from agent.core.policy import Policy, load_policy
+from agent.daemon.bus import EventBus
+from agent.daemon.manager import CellManager
+from agent.daemon.server import Daemon
+from agent.daemon.spawner import CellSpawner, ExitCallback
+from agent.kernel.cgroupv2 import CgroupV2
+from agent.kernel.host import read_capacity, read_host_pressure
+from agent.kernel.lock import InstanceLock
+from agent.kernel.net import HostNet
+from agent.kernel.nft import FirewallSync, Nft
+
+__all__ = ["build_manager", "main", "setup_logging"]
+
+log = logging.getLogger("agentd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentd", description="agentd: the cell isolation agent.")
+    p.add_argument("--version", action="version", version=f"agentd {__version__}")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="PATH",
+                   help=f"configuration file (default {DEFAULT_CONFIG_PATH}; missing = defaults)")
+    p.add_argument("--socket", type=Path, metavar="PATH", help="control socket path override")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help="state directory override")
+    p.add_argument("--pidfile", type=Path, metavar="PATH",
+                   help="pid file (default <run_dir>/agentd.pid)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="override the configured log level")
+    p.add_argument("--no-cells", action="store_true",
+                   help="serve the control socket without the cell manager (diagnostics)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the configuration, print it as JSON and exit")
+    return p
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s.%(msecs)03d agentd[%(process)d] %(levelname).1s %(name)s: %(message)s",
+        "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        ns = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        config = load_config(ns.config, missing_ok=True)
+        overrides: dict[str, Any] = {}
+        if ns.socket is not None:
+            overrides["socket_path"] = ns.socket.absolute()
+        if ns.state_dir is not None:
+            overrides["state_dir"] = ns.state_dir.absolute()
+        if ns.log_level is not None:
+            overrides["log_level"] = ns.log_level
+        config = replace(config, **overrides)
+    except AgentError as exc:
+        print(f"agentd: {exc.to_wire()['message']}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 2
+    if ns.check:
+        print(json.dumps(config.to_wire(), indent=2))
+        return 0
+    setup_logging(config.log_level)
+    # The lock first: nothing (journal, socket, pid file, start-up hooks) before it.
+    # --no-cells takes it too: it serves the same socket and writes the same pid file.
+    lock = InstanceLock(config.state_dir)
+    try:
+        lock.acquire()
+    except AgentError as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None)
+        if not ns.no_cells:
+            from agent.daemon.cellapi import attach
+
+            attach(daemon)
+        asyncio.run(daemon.run())
+    except AgentError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        lock.release()
+    return 0
+
+
+async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
+    """The real thing: cgroup v2 subtree (agentd moved to ``agent-master``), the bridge,
+    the policy, capacity and PSI readers, the spawner; then journal replay and adoption."""
+    loop = asyncio.get_running_loop()
+    try:  # v2, or v1 on legacy BSP kernels (the v1 backend needs cgroupspy)
+        from agent.kernel.cgroupdetect import open_backend
+    except ImportError:
+        backend: object = CgroupV2(config.cgroup_root)
+    else:
+        backend = open_backend(config.cgroup_root)
+    if isinstance(backend, CgroupV2):
+        backend.master = "agent-master"
+    cg = cast(CgroupV2, backend)  # the v1 backend has the same cell interface
+    await asyncio.to_thread(cg.setup)
+    hostnet = HostNet(config.bridge)
+    await asyncio.to_thread(hostnet.setup)
+    try:
+        policy = load_policy(str(config.policy_path))
+    except (AgentError, OSError) as exc:
+        log.error("policy %s not loaded, every request is refused: %s", config.policy_path, exc)
+        policy = Policy(source=str(config.policy_path))
+    paths = Paths(config.state_dir, config.run_dir)
+
+    def make_spawner(on_exit: ExitCallback) -> CellSpawner:
+        return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes)
+
+    # Channels 1 and 3: each cell's own nftables table and the host's forwarding table
+    # (docs/firewall.md); a create plan refuses to start a cell unfiltered without it.
+    firewall = FirewallSync(Nft(), config.bridge, hostnet.netns_path)
+    mgr = CellManager(config, bus, policy, cgroup=cg, net=hostnet, make_spawner=make_spawner,
+                      capacity=read_capacity(), pressure=read_host_pressure, firewall=firewall)
+    mgr.open_journal(loop)
+    await mgr.start()
+    return mgr

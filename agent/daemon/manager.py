@@ -1,0 +1,542 @@
+"""The master's cell manager: control ops -> checks -> lifecycle -> journaled plans.
+
+``run NAME``: manifest ``<services_dir>/NAME.toml`` -> policy (the peer's kernel uid/gid)
+-> image check -> admission (budget, host PSI) -> address lease -> ADMIT -> the create
+plan in a worker thread (journaled by the executor) -> RUNNING.  Every lifecycle effect
+(agent.lifecycle) is carried out here; every record change is journaled (agent.cellstate)
+and published on the bus (channel ``lifecycle``).  State lives on the loop: plans run in
+``asyncio.to_thread`` and only their outcome comes back to the loop.  Events of one cell
+are processed one at a time by that cell's driver task; different cells run concurrently.
+docs/master.md has the request flow, the journal records and the adoption rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, cast
+
+from agent.core import cellrecord as cellstate
+from agent.core.addrpool import AddrPool, PoolConfig
+from agent.core.budget import Amount, Budget, HostPressure, Request
+from agent.core.cellops import CellCgroups, CellNet, Context, Paths
+from agent.core.cellrecord import reserve_amount
+from agent.core.cgroup import CellStats
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError, NotFoundError, StateError
+from agent.core.firewall import CellFw
+from agent.core.lifecycle import (
+    CancelRestart,
+    Cell,
+    CellPolicy,
+    Event,
+    Exit,
+    LifecycleError,
+    Publish,
+    Release,
+    RunPlan,
+    ScheduleRestart,
+    State,
+    StopService,
+    transition,
+)
+from agent.core.logbuf import LogBuffer
+from agent.core.manifest import Manifest, load_manifest
+from agent.core.names import check_cell_name
+from agent.core.plan import Executor, PlanError, PlanEvent
+from agent.core.planner import Allocation, cell_firewall, plan_create, plan_destroy, plan_restart
+from agent.core.policy import Policy
+from agent.daemon.bus import EventBus
+from agent.daemon.cells import CellEntry
+from agent.daemon.spawner import ExitCallback
+from agent.kernel.host import sigterm_caught as default_sigterm_caught
+from agent.kernel.image import check_image
+from agent.kernel.journal import Journal, LockedJournal, Record
+from agent.kernel.nft import FirewallSync
+
+__all__ = ["CellManager", "ManagedCgroups", "ManagedSpawner"]
+
+log = logging.getLogger(__name__)
+_BUSY = (State.REQUESTED, State.ADMITTED, State.CREATING)
+_STATE_KINDS = (*(s.value for s in State), "adopted", "refused")
+# firewall: cells whose address is in the rules, and those whose netns holds their table
+_FW_CELLS = (State.ADMITTED, State.CREATING, State.RUNNING, State.EXITED, State.BACKOFF,
+             State.STOPPING)
+_FW_TABLES = (State.RUNNING, State.EXITED, State.BACKOFF, State.STOPPING)
+
+
+class ManagedSpawner(Protocol):
+    def start(self, cell: str, spec: Any) -> int: ...
+    def stop(self, cell: str, pid: int | None) -> None: ...
+    def adopt(self, cell: str, pid: int) -> None: ...
+    def signal(self, cell: str, sig: int) -> bool: ...
+    def logs(self, cell: str) -> LogBuffer | None: ...
+    def close(self) -> None: ...
+
+
+class ManagedCgroups(CellCgroups, Protocol):
+    def procs(self, cell: str) -> list[int]: ...
+    def stats(self, cell: str) -> CellStats: ...
+
+
+# States of a cell that is being torn down (or is gone): it holds no VLAN for others.
+_LEAVING = frozenset({State.STOPPING, State.DESTROYING, State.DESTROYED})
+
+class CellManager:
+    """Owns the cells of one agentd.  ``make_spawner(on_exit)`` builds the spawner."""
+
+    def __init__(self, config: AgentConfig, bus: EventBus, policy: Policy, *,
+                 cgroup: ManagedCgroups, net: CellNet,
+                 make_spawner: Callable[[ExitCallback], ManagedSpawner],
+                 capacity: Amount, pressure: Callable[[], HostPressure | None] = lambda: None,
+                 fs_root: str = "/", clock: Callable[[], float] = time.time,
+                 stop_grace_ms: int | None = None,
+                 sigterm_caught: Callable[[int], bool] | None = None,
+                 remove_gateways: bool = True, firewall: FirewallSync | None = None) -> None:
+        self.config = config
+        self.bus = bus
+        self.policy = policy
+        self.cgroup = cgroup
+        self.spawner = make_spawner(self.service_exited)
+        self.paths = Paths(config.state_dir, config.run_dir)
+        self.firewall = firewall  # None: no nftables tables (docs/firewall.md)
+        self._fw_lock = asyncio.Lock()
+        self.ctx = Context(cgroup, net, self.spawner, self.paths, firewall)
+        self.budget = Budget.new(capacity, reserve_amount(config))
+        vmax = min(config.vlan_max, config.vlan_min + config.subnet_count - 1)
+        self.pool = AddrPool(PoolConfig.make(str(config.address_pool), 24, config.vlan_min,
+                                             vmax))
+        self.pressure = pressure
+        self.fs_root = fs_root
+        self.clock = clock
+        self.grace_ms = stop_grace_ms
+        self.sigterm_caught = sigterm_caught or default_sigterm_caught
+        self.cells: dict[str, CellEntry] = {}
+        self.remove_gateways = remove_gateways
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.journal: LockedJournal | None = None
+        self.executor: Executor | None = None
+        bus.mark_state_change(*_STATE_KINDS)
+
+    # ------------------------------------------------------------------ journal
+    def open_journal(self, loop: asyncio.AbstractEventLoop) -> list[Record]:
+        self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        j = Journal(self.config.state_dir / "agent.journal",
+                    max_bytes=max(4096, self.config.journal_max_bytes), snapshot=self._snapshot)
+        self.journal = LockedJournal(j)
+
+        def hook(ev: PlanEvent) -> None:
+            bad = ev.kind in ("plan-abort", "op-undo-failed")
+            loop.call_soon_threadsafe(lambda: self.bus.emit(
+                "master", ev.kind, cell=ev.target, severity="notice" if bad else "info",
+                **ev.attrs()))
+
+        # the executor only appends and replays: the locked wrapper is a Journal for it
+        self.executor = Executor(cast(Journal, self.journal), self.ctx, on_op_applied=hook,
+                                 on_op_undone=hook, on_plan_done=hook)
+        return list(self.journal.replay())
+
+    def _snapshot(self) -> list[tuple[str, Mapping[str, Any]]]:
+        for _ in range(5):  # a worker thread may change a dict while we copy it
+            try:
+                cells = list(self.cells.values())
+                plans = self.executor.snapshot_records() if self.executor else []
+                break
+            except RuntimeError:
+                continue
+        out: list[tuple[str, Mapping[str, Any]]] = [("cell", e.to_record()) for e in cells]
+        out += [("lease", lease.to_wire()) for lease in self.pool.leases()]
+        return out + plans
+
+    def _record(self, t: str, data: Mapping[str, Any]) -> None:
+        assert self.journal is not None
+        self.journal.append(t, data, sync=True)
+
+    def keep_pin(self, name: str, pin: Mapping[str, int] | None) -> None:
+        """Journal an operator's pin (None: unpinned) with the cell, so that the tuner
+        restores it after an agentd restart (agent.tunerd.Tuner.start)."""
+        e = self.cells.get(name)
+        if e is None:
+            return
+        e.pin = None if pin is None else dict(pin)
+        self._record("cell", e.to_record())
+
+    # ------------------------------------------------------------------ requests
+    def load(self, name: str) -> Manifest:
+        check_cell_name(name)
+        path = self.config.services_dir / f"{name}.toml"
+        if not path.is_file():
+            raise NotFoundError("E_NOT_FOUND", f"no service `{name}`: {path} does not exist",
+                                f"install its manifest in {self.config.services_dir}")
+        m = load_manifest(str(path))
+        if m.name != name:
+            raise AgentError("E_MANIFEST", f"{path} names the service `{m.name}`, not `{name}`",
+                             "the file name must be the service name")
+        return m
+
+    def _owned(self, uid: int) -> int:
+        return sum(1 for e in self.cells.values() if e.owner == uid)
+
+    def _slot(self) -> int | None:
+        if not self.config.userns:
+            return None
+        used = {e.slot for e in self.cells.values()}
+        return next(i for i in range(len(used) + 1) if i not in used)
+
+    def _preview(self, m: Manifest) -> tuple[Budget, Allocation]:
+        """Admission and allocation on copies: raises a refusal, changes nothing."""
+        budget = self.budget.admit(Request.from_manifest(m), self.pressure())
+        pool = AddrPool.restore(self.pool.config, self.pool.snapshot())
+        lease = None
+        if m.network is not None:
+            vlan = None if m.network.vlan == "auto" else m.network.vlan
+            lease = pool.allocate(m.name, vlan)
+        slot = self._slot()
+        base = self.config.uid_range(slot)[0] if slot is not None else None
+        return budget, Allocation.from_lease(lease, base)
+
+    def _refused(self, name: str, exc: AgentError) -> AgentError:
+        self.bus.emit("lifecycle", "refused", cell=name, severity="notice", code=exc.code,
+                      error=exc.message)
+        return exc
+
+    async def run(self, name: str, uid: int, gid: int, *, dry_run: bool = False
+                  ) -> dict[str, Any]:
+        m = self.load(name)
+        try:
+            self.policy.authorize(uid, gid, "run", name, m, self._owned(uid))
+            check_image(m, self.fs_root)
+            if dry_run:
+                _, alloc = self._preview(m)
+                return {"name": name, "dry_run": True,
+                        "plan": plan_create(m, alloc, self.config,
+                                            peers=self._fw_peers(name)).explain()}
+        except AgentError as exc:
+            raise self._refused(name, exc) from None
+        async with self._lock(name):
+            old = self.cells.get(name)
+            if old is not None:
+                raise StateError("E_EXISTS", f"cell {name} exists ({old.state.value})",
+                                 f"agentctl stop {name} first")
+            try:
+                budget, alloc = self._preview(m)
+                if m.network is not None:
+                    lease = self.pool.allocate(name, alloc.vlan)
+                    assert str(lease.address) == alloc.address
+            except AgentError as exc:
+                raise self._refused(name, exc) from None
+            self.budget = budget
+            slot = None if alloc.uid_base is None else self._slot()
+            pol = CellPolicy.from_manifest(m, **({} if self.grace_ms is None
+                                                 else {"stop_grace_ms": self.grace_ms}))
+            e = CellEntry(m, Cell.new(name, pol, self.clock()), alloc, slot, owner=uid)
+            self.cells[name] = e
+            if m.network is not None:
+                self._record("lease", self.pool.lease(name).to_wire())  # type: ignore[union-attr]
+            self.post(e, Event.ADMIT)
+            await self._wait(e, lambda c: c.state not in _BUSY)
+            if e.state is State.FAILED or e.state is State.DESTROYED:
+                raise e.last_error or StateError("E_STATE", f"cell {name} {e.state.value}")
+            return e.summary()
+
+    async def stop(self, name: str, uid: int, gid: int) -> dict[str, Any]:
+        check_cell_name(name)
+        self.policy.authorize(uid, gid, "stop", name, None, self._owned(uid))
+        async with self._lock(name):
+            e = self.entry(name)
+            self.post(e, Event.STOP_REQUESTED)
+            await self._wait(e, lambda c: c.state in (State.DESTROYED, State.FAILED))
+            if e.state is State.FAILED:
+                raise e.last_error or StateError("E_STATE", f"cell {name}: {e.cell.error}")
+            return {"name": name, "state": e.state.value}
+
+    def entry(self, name: str) -> CellEntry:
+        e = self.cells.get(name)
+        if e is None:
+            raise NotFoundError("E_NOT_FOUND", f"no cell `{name}`", "agentctl ps lists them")
+        return e
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _wait(self, e: CellEntry, pred: Callable[[Cell], bool]) -> None:
+        if pred(e.cell):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        e.waiters.append((pred, fut))
+        await fut
+
+    # ------------------------------------------------------------------ the driver
+    def post(self, e: CellEntry, ev: Event | Exit, error: str | None = None,
+             pid: int | None = None) -> None:
+        """Queue an event for the cell's driver (one event at a time per cell)."""
+        e.queue.append((ev, error, pid))
+        if e.driver is None or e.driver.done():
+            e.driver = self._spawn_task(self._drive(e))
+
+    def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _drive(self, e: CellEntry) -> None:
+        while e.queue:
+            ev, error, pid = e.queue.popleft()
+            if isinstance(ev, Exit) and pid is not None and pid != e.pid:
+                continue  # an earlier run's pid 1
+            try:
+                await self._apply(e, ev, error)
+            except LifecycleError as exc:
+                log.debug("%s", exc)
+            except Exception:
+                log.exception("cell %s: event %s failed", e.name, ev)
+
+    async def _apply(self, e: CellEntry, ev: Event | Exit, error: str | None = None) -> None:
+        for plan in self._step(e, ev, error):
+            await self._run_plan(e, plan)
+
+    def _step(self, e: CellEntry, ev: Event | Exit, error: str | None) -> list[RunPlan]:
+        """One transition: journal the record, carry out the effects on the loop, return
+        the plans to run."""
+        before = e.state
+        new, effects = transition(e.cell, ev, self.clock(), error=error)
+        e.cell = new
+        if isinstance(ev, Exit):
+            e.pid = None
+        gone = new.state is State.DESTROYED or (
+            new.state is State.FAILED and not new.provisioned and not new.holds_budget)
+        self._record("cell-gone" if gone else "cell",
+                     {"name": e.name} if gone else e.to_record())
+        plans: list[RunPlan] = []
+        for eff in effects:
+            if isinstance(eff, Publish):
+                self.bus.emit("lifecycle", eff.kind, cell=e.name, severity=eff.severity,
+                              **eff.attrs_dict())
+            elif isinstance(eff, Release):
+                self._release(e)
+            elif isinstance(eff, CancelRestart):
+                _cancel(e.restart_timer)
+                e.restart_timer = None
+            elif isinstance(eff, ScheduleRestart):
+                self._schedule_restart(e, eff)
+            elif isinstance(eff, StopService):
+                self._stop_service(e, eff.grace)
+            elif isinstance(eff, RunPlan):
+                plans.append(eff)
+        if before is State.STOPPING and new.state is not State.STOPPING:
+            _cancel(e.kill_timer)
+            e.kill_timer = None
+        if gone:
+            self.cells.pop(e.name, None)
+            _cancel(e.restart_timer)
+        e.resolve_waiters()
+        return plans
+
+    def _release(self, e: CellEntry) -> None:
+        with contextlib.suppress(AgentError):
+            self.budget = self.budget.release(e.name)
+        if self.pool.lease(e.name) is not None:
+            self.pool.release(e.name)
+            self._record("lease-free", {"cell": e.name})
+
+    def _schedule_restart(self, e: CellEntry, eff: ScheduleRestart) -> None:
+        loop = asyncio.get_running_loop()
+        _cancel(e.restart_timer)
+
+        def due() -> None:
+            e.restart_timer = None
+            if e.state is State.BACKOFF and e.cell.generation == eff.generation:
+                self.post(e, Event.RESTART_DUE)
+
+        e.restart_timer = loop.call_at(loop.time() + max(0.0, eff.at - self.clock()), due)
+
+    def _stop_service(self, e: CellEntry, grace: float) -> None:
+        """SIGTERM pid 1, then the cgroup's kill after ``grace`` (at once if pid 1 has no
+        SIGTERM handler: as a pid namespace's init it would ignore the signal)."""
+        pid = e.pid
+        if pid is None or not self.spawner.signal(e.name, signal.SIGTERM):
+            self.post(e, Exit(), pid=None)  # nothing runs: the service is gone already
+            return
+        if not self.sigterm_caught(pid):
+            grace = 0.0
+        loop = asyncio.get_running_loop()
+        _cancel(e.kill_timer)
+        e.kill_timer = loop.call_later(grace, lambda: self._spawn_task(self._kill(e)))
+
+    async def _kill(self, e: CellEntry) -> None:
+        e.kill_timer = None
+        try:
+            await asyncio.to_thread(self.cgroup.kill, e.name)
+        except AgentError as exc:
+            log.error("cell %s: %s", e.name, exc)
+
+    def _fw_peers(self, exclude: str) -> list[CellFw] | None:
+        """The networked cells the firewall rules are made for (None: no firewall)."""
+        if self.firewall is None:
+            return None
+        return [fw for x in self.cells.values() if x.name != exclude and x.state in _FW_CELLS
+                and (fw := cell_firewall(x.manifest, x.alloc)) is not None]
+
+    async def refresh_firewall(self) -> None:
+        """Rewrite the host table and the changed cell tables for the cells there are now."""
+        if self.firewall is None:
+            return
+        async with self._fw_lock:
+            cells = self._fw_peers("") or []
+            tables = [x.name for x in self.cells.values() if x.state in _FW_TABLES]
+            try:
+                errors = await asyncio.to_thread(self.firewall.refresh, cells, tables)
+            except AgentError as exc:
+                errors = [exc.message]
+            for err in errors:
+                log.error("firewall: %s", err)
+                self.bus.emit("master", "firewall-failed", severity="alert", error=err)
+
+    async def _run_plan(self, e: CellEntry, eff: RunPlan) -> None:
+        assert self.executor is not None
+        await self.refresh_firewall()  # a cell being destroyed is no longer in the rules
+        if eff.purpose == "destroy":
+            # The last cell on a VLAN takes the VLAN's gateway with it (net.ensure_bridge
+            # pins the bridge's MAC, so a later `vid N self` add works again).
+            # Cells on their way out do not keep the gateway: when the last two cells of a
+            # VLAN are stopped at once, each destroy plan would otherwise see the other and
+            # neither would remove it (removal is idempotent, so both may).
+            plan = plan_destroy(e.manifest, self.config, e.alloc,
+                                last_on_vlan=self.remove_gateways and not any(
+                                    x.alloc.vlan == e.alloc.vlan for x in self.cells.values()
+                                    if x is not e and x.state not in _LEAVING))
+        else:
+            if eff.purpose == "create":
+                plan = plan_create(e.manifest, e.alloc, self.config,
+                                   peers=self._fw_peers(e.name))
+                e.plan_lines = plan.explain()
+            else:
+                plan = plan_restart(e.manifest, e.alloc, self.config)
+            await self._apply(e, Event.PLAN_START)
+        try:
+            undo = await asyncio.to_thread(self.executor.run, plan)
+        except PlanError as exc:
+            e.last_error = exc
+            failed = Event.DESTROY_FAILED if eff.purpose == "destroy" else Event.PLAN_FAILED
+            await self._apply(e, failed, exc.message)
+            await self.refresh_firewall()
+            return
+        if eff.purpose == "destroy":
+            await self._apply(e, Event.DESTROY_DONE)
+            await self.refresh_firewall()
+            return
+        pid = undo[-1].get("pid") if undo else None
+        e.pid = pid if isinstance(pid, int) else None
+        await self._apply(e, Event.PLAN_DONE)
+        await self.refresh_firewall()  # peers' tables and the host table learn the cell
+
+    def service_exited(self, cell: str, pid: int, ex: Exit) -> None:
+        """The spawner saw pid 1 of ``cell`` end (loop thread)."""
+        e = self.cells.get(cell)
+        if e is not None:
+            self.post(e, ex, pid=pid)
+
+    # ------------------------------------------------------------------ start and adoption
+    async def start(self) -> None:
+        """Replay the journal, repair half-made plans, re-adopt or clean up cells."""
+        assert self.executor is not None and self.journal is not None
+        state = cellstate.replay(self.journal.replay())
+        plans = self.executor.recover()
+        reports = await asyncio.to_thread(self.executor.repair, plans)
+        repaired = {r.target for r in reports}
+        for r in reports:
+            self.bus.emit("master", "repaired", cell=r.target, severity="notice",
+                          plan=r.plan_id, undone=list(r.undone), errors=list(r.errors))
+        snap = {"version": 1, "network": str(self.pool.config.network),
+                "subnet_prefix": self.pool.config.subnet_prefix,
+                "leases": [[d["cell"], d["vlan"], str(d["address"]).split("/")[0]]
+                           for d in state.leases.values()]}
+        try:
+            self.pool = AddrPool.restore(self.pool.config, snap)
+        except AgentError as exc:
+            log.error("address leases not restored: %s", exc)
+        for name, rec in state.cells.items():
+            try:
+                e = CellEntry.from_record(rec)
+            except Exception as exc:
+                log.error("journaled cell %s unreadable, skipped: %s", name, exc)
+                continue
+            self.cells[name] = e
+            if e.cell.holds_budget:
+                try:
+                    self.budget = self.budget.admit(Request.from_manifest(e.manifest))
+                except AgentError as exc:
+                    log.error("cell %s: budget not restored: %s", name, exc)
+            self._adopt(e, name in repaired)
+        self.journal.compact()
+        await self._drop_unheld_gateways()
+        await self.refresh_firewall()
+
+    async def _drop_unheld_gateways(self) -> None:
+        """A create plan undone after a crash can leave its VLAN's gateway: its
+        ensure-gateway step was in flight, so its undo had no record that it made the
+        gateway (and a gateway may be shared, so undo never guesses).  At start every cell
+        is known, so a gateway on a VLAN no cell holds is removed here."""
+        lister = getattr(self.ctx.net, "gateway_vlans", None)
+        if not self.remove_gateways or lister is None:
+            return
+        try:
+            present: set[int] = await asyncio.to_thread(lister)
+        except AgentError as exc:
+            log.error("VLAN gateways not listed: %s", exc)
+            return
+        held = {e.alloc.vlan for e in self.cells.values()
+                if e.alloc.vlan is not None and e.state not in _LEAVING}
+        for vlan in sorted(present - held):
+            try:
+                await asyncio.to_thread(self.ctx.net.remove_gateway, vlan)
+                self.bus.emit("master", "gateway-collected", severity="notice", vlan=vlan)
+            except AgentError as exc:
+                log.error("VLAN %d gateway not removed: %s", vlan, exc)
+
+    def _adopt(self, e: CellEntry, repaired: bool) -> None:
+        procs: list[int] = []
+        with contextlib.suppress(AgentError, OSError):
+            procs = self.cgroup.procs(e.name)
+        live = e.state in (State.RUNNING, State.STOPPING, State.CREATING)
+        if live and procs:
+            pid = e.pid if e.pid in procs else min(procs)
+            try:
+                self.spawner.adopt(e.name, pid)
+                e.pid = pid
+            except OSError as exc:
+                log.error("cell %s: pid %d not adopted: %s", e.name, pid, exc)
+                procs = []
+        if e.state is State.CREATING and repaired and not procs:
+            self.post(e, Event.PLAN_FAILED, "agentd restarted during the plan; it was undone")
+            return
+        if live and not procs:
+            e.pid = None
+        self.post(e, Event.ADOPTED)
+        if live and not procs and e.state is not State.STOPPING:
+            self.post(e, Event.STOP_REQUESTED)  # its processes are gone: destroy it
+
+    async def close(self) -> None:
+        """agentd stops: cells keep running (the next agentd adopts them)."""
+        for e in self.cells.values():
+            _cancel(e.restart_timer)
+            _cancel(e.kill_timer)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.spawner.close()
+        if self.journal is not None:
+            with self.journal.lock:
+                self.journal.journal.close()
+
+
+def _cancel(handle: asyncio.TimerHandle | None) -> None:
+    if handle is not None:
+        handle.cancel()

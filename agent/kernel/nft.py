@@ -1,0 +1,172 @@
+"""nftables adapter: apply agent.firewall's batches with ``nft -j -f -``, in a netns or not.
+
+Every batch is one ``nft`` invocation and so one kernel transaction: a table is replaced
+whole or not at all.  Inside a cell's netns ``nft`` runs under ``nsenter --net=PATH``
+(util-linux or busybox); without nsenter the child enters the netns itself with setns(2)
+between fork and exec.  The netns belongs to the host's user namespace, so only the
+agent (CAP_NET_ADMIN there) can change the cell's table: root in the cell cannot.
+
+:class:`FirewallSync` keeps the host table and the cells' tables in step with the set of
+cells (the master calls :meth:`FirewallSync.refresh` whenever cells come and go) and is
+the ``firewall`` of the executor's context (agent.cellops.ApplyCellFirewall).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.core import firewall
+from agent.core import syscalls as abi
+from agent.core.errors import AgentError, KernelError
+from agent.core.firewall import CellFw
+from agent.kernel import libc as ksys
+
+__all__ = ["FirewallSync", "Nft", "NftError"]
+
+_TIMEOUT = 30.0
+
+
+class NftError(AgentError):
+    """``nft`` refused a batch (``E_NFT``); the message carries nft's own words."""
+
+
+class Nft:
+    """Runs ``nft``; ``netns`` arguments are paths such as ``/run/netns/cell-web``."""
+
+    def __init__(self, nft: str | None = None, nsenter: str | None = None) -> None:
+        self.nft = nft or shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:/bin") or "nft"
+        self.nsenter = nsenter if nsenter is not None else shutil.which(
+            "nsenter", path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+    def _run(self, args: Sequence[str], stdin: str | None, netns: Path | None,
+             what: str) -> str:
+        argv = [self.nft, *args]
+        preexec: Callable[[], None] | None = None
+        if netns is not None:
+            if not netns.exists():
+                raise KernelError("open", str(netns), errno.ENOENT,
+                                  "the cell's netns is gone (was the cell destroyed?)")
+            if self.nsenter:
+                argv = [self.nsenter, f"--net={netns}", "--", *argv]
+            else:
+                fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+
+                def preexec() -> None:  # only async-signal-safe work: one syscall
+                    ksys.setns(fd, abi.CLONE_NEWNET, str(netns))
+        try:
+            r = subprocess.run(argv, input=stdin, capture_output=True, text=True,
+                               timeout=_TIMEOUT, preexec_fn=preexec, check=False)
+        except FileNotFoundError as exc:
+            raise KernelError.from_oserror("exec", argv[0], exc,
+                                           "install nftables (the nft tool)") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise KernelError("nft", what, errno.ETIMEDOUT) from exc
+        finally:
+            if preexec is not None:
+                os.close(fd)
+        if r.returncode != 0:
+            where = f" in {netns}" if netns is not None else ""
+            msg = " ".join(r.stderr.split())[:400] or f"exit status {r.returncode}"
+            raise NftError("E_NFT", f"nft {what}{where}: {msg}",
+                           "is the kernel built with nf_tables/conntrack (agentd --check)?")
+        return r.stdout
+
+    def apply(self, batch: Sequence[dict[str, Any]], netns: Path | None = None) -> None:
+        """Apply an agent.firewall batch atomically."""
+        self._run(["-j", "-f", "-"], firewall.batch_json(batch), netns, "apply batch")
+
+    def delete_table(self, table: str, netns: Path | None = None) -> None:
+        """Remove ``inet <table>``; absent is success."""
+        self._run(["-j", "-f", "-"], firewall.batch_json(firewall.delete_table(table)), netns,
+                  f"delete table inet {table}")
+
+    def list_table(self, table: str, netns: Path | None = None) -> dict[str, Any] | None:
+        """``nft -j list table inet <table>`` parsed, or ``None`` when there is none."""
+        try:
+            out = self._run(["-j", "list", "table", firewall.FAMILY, table], None, netns,
+                            f"list table inet {table}")
+        except NftError as exc:
+            if "No such file" in exc.message:
+                return None
+            raise
+        data: dict[str, Any] = json.loads(out)
+        return data
+
+
+class FirewallSync:
+    """The agent's tables, kept in step with the cells.  Thread-safe (plans run in threads).
+
+    * :meth:`apply_cell` makes a new cell's table (the create plan's step);
+    * :meth:`refresh` rewrites the host table (removes it when there is no cell) and
+      re-applies the tables of the given cells whose rules changed (a peer came or went);
+      cells not given are forgotten.  What was applied is remembered as text, so a refresh
+      that changes nothing runs no ``nft`` at all.
+    """
+
+    def __init__(self, nft: Nft, bridge: str, netns_path: Callable[[str], Path],
+                 host_netns: Path | None = None) -> None:
+        self.nft = nft
+        self.bridge = bridge
+        self.netns_path = netns_path
+        self.host_netns = host_netns  # None: agentd's own netns (tests pass one of theirs)
+        self._lock = threading.Lock()
+        self._applied: dict[str, str] = {}  # cell -> batch text its netns holds
+        self._host: str | None = None
+
+    def apply_cell(self, cell: str, batch: Sequence[dict[str, Any]]) -> None:
+        text = firewall.batch_json(batch)
+        with self._lock:
+            self.nft.apply(batch, self.netns_path(cell))
+            self._applied[cell] = text
+
+    def remove_cell(self, cell: str) -> None:
+        """Delete the cell's table if its netns is still there (undo of apply_cell)."""
+        with self._lock:
+            self._applied.pop(cell, None)
+            path = self.netns_path(cell)
+            if path.exists():
+                self.nft.delete_table(firewall.CELL_TABLE, path)
+
+    def refresh(self, cells: Iterable[CellFw], tables_of: Iterable[str] = ()) -> list[str]:
+        """Rewrite the host table for ``cells``; re-apply the cell tables of the cells in
+        ``tables_of`` (cells whose netns holds a table: running ones) when they changed.
+
+        A failing cell table is reported in the returned list, not raised: one cell's
+        netns going away must not stop the others.  A failing host table raises."""
+        cells = list(cells)
+        want = set(tables_of)
+        errors: list[str] = []
+        with self._lock:
+            # no cell, no table: the host's ruleset is then exactly as without the agent
+            host = (firewall.host_ruleset(cells, self.bridge) if cells
+                    else firewall.delete_table(firewall.HOST_TABLE))
+            text = firewall.batch_json(host)
+            if text != self._host:
+                self.nft.apply(host, self.host_netns)
+                self._host = text
+            for cell in list(self._applied):
+                if cell not in want:
+                    del self._applied[cell]
+            for c in cells:
+                if c.name not in want:
+                    continue
+                batch = firewall.cell_ruleset(c, cells)
+                ctext = firewall.batch_json(batch)
+                if self._applied.get(c.name) == ctext:
+                    continue
+                try:
+                    self.nft.apply(batch, self.netns_path(c.name))
+                    self._applied[c.name] = ctext
+                except AgentError as exc:
+                    self._applied.pop(c.name, None)
+                    errors.append(f"cell {c.name}: {exc.message}")
+        return errors
+

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from agent.core.cgroup import Pressure
 from agent.core.errors import ConfigError, NotFoundError, RefusedError, StateError
@@ -29,6 +29,7 @@ __all__ = [
     "Amount",
     "Budget",
     "HostPressure",
+    "Ledger",
     "Request",
     "Thresholds",
     "check_pressure",
@@ -105,7 +106,6 @@ def _mem(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-T = TypeVar("T")
 _FMT: dict[str, Callable[[int], str]] = {"cpu": format_cpu, "memory": _mem, "pids": str}
 _HINTS = {
     "cpu": "lower resources.cpu_min, or stop a cell with a guaranteed CPU share",
@@ -182,6 +182,45 @@ class Budget:
                 thresholds: Thresholds | None = None) -> Budget:
         """Re-admit an admitted cell with a new request (a resize); all or nothing."""
         return self.release(req.cell).admit(req, pressure, thresholds)
+
+
+class Ledger:
+    """The one owner of the admission budget.
+
+    Every change of what the cells hold goes through one of these methods: the cell
+    manager admits and releases, the tuner commits a raise, the reclaim loop returns
+    what a settled lowering freed, adoption restores what a journaled cell held.  The
+    :class:`Budget` value itself stays immutable: a refused change raises and leaves the
+    ledger as it was.  Readers (status, ``top``, the tuner's gate) see :attr:`budget`.
+    """
+
+    def __init__(self, budget: Budget) -> None:
+        self._budget = budget
+
+    @property
+    def budget(self) -> Budget:
+        return self._budget
+
+    def get(self, cell: str) -> Amount | None:
+        return self._budget.get(cell)
+
+    def preview(self, req: Request, pressure: HostPressure | None = None) -> Budget:
+        """The budget ``req`` would leave, changing nothing (raises a refusal)."""
+        return self._budget.admit(req, pressure)
+
+    def admit(self, req: Request, pressure: HostPressure | None = None) -> None:
+        self._budget = self._budget.admit(req, pressure)
+
+    def release(self, cell: str) -> bool:
+        """Give back what ``cell`` holds; False if it held nothing."""
+        if self._budget.get(cell) is None:
+            return False
+        self._budget = self._budget.release(cell)
+        return True
+
+    def replace(self, cell: str, amount: Amount) -> None:
+        """The cell now holds ``amount`` (a raise committed, or budget returned)."""
+        self._budget = self._budget.replace(Request(cell, amount))
 
 
 def check_pressure(p: HostPressure, t: Thresholds, cell: str = "") -> None:

@@ -19,10 +19,7 @@ op; the privileged side re-checks each path against its own roots before touchin
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,21 +27,19 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from agent.core import seccomp, units
 from agent.core.cgroup import Limits
-from agent.core.errors import ConfigError, KernelError
-from agent.core.names import check_cell_name
+from agent.core.errors import ConfigError
+from agent.core.names import HOSTS_FILE, HOSTS_TARGET, NETNS_PREFIX, check_cell_name, veth_names
 from agent.core.plan import DataOp, register_op
 from agent.core.sandbox import Mount, SpawnSpec, UidMap
-from agent.kernel import net
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
-    "HOSTS_FILE",
-    "HOSTS_TARGET",
     "ApplyCellFirewall",
     "CellCgroups",
     "CellContext",
+    "CellDirs",
     "CellFirewall",
     "CellNet",
     "Context",
@@ -106,8 +101,6 @@ class Spawner(Protocol):
         ...
 
 
-HOSTS_FILE = "hosts"  # in the cell's run dir (PrepareDirs)
-HOSTS_TARGET = "/etc/hosts"  # where it is bind-mounted read-only in the cell
 
 
 @dataclass(frozen=True)
@@ -131,6 +124,16 @@ class CellFirewall(Protocol):
     def remove_cell(self, cell: str) -> None: ...
 
 
+class CellDirs(Protocol):
+    """agent.kernel.dirs.CellDirs: the cell's run dir and data dir on the host."""
+
+    def make_run_dir(self, run: Path, hosts: str) -> None: ...
+    def discard_run_dir(self, run: Path) -> None: ...
+    def remove_run_dir(self, run: Path) -> None: ...
+    def make_data_dir(self, data: Path, uid: int, gid: int) -> bool: ...
+    def remove_data_dir_if_empty(self, data: Path) -> None: ...
+
+
 class CellContext(Protocol):
     @property
     def cgroup(self) -> CellCgroups: ...
@@ -140,6 +143,8 @@ class CellContext(Protocol):
     def spawner(self) -> Spawner: ...
     @property
     def paths(self) -> Paths: ...
+    @property
+    def dirs(self) -> CellDirs: ...
     @property
     def firewall(self) -> CellFirewall | None: ...
 
@@ -152,6 +157,7 @@ class Context:
     net: CellNet
     spawner: Spawner
     paths: Paths
+    dirs: CellDirs
     firewall: CellFirewall | None = None  # None: ApplyCellFirewall refuses (fail closed)
 
 
@@ -198,34 +204,20 @@ class PrepareDirs(DataOp):
     def apply(self, ctx: CellContext) -> Mapping[str, Any]:
         run = _same(self.run_dir, ctx.paths.cell_run_dir(self.cell), "run dir")
         data = self._data(ctx)
-        made_data = False
         try:
-            run.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if self.hosts:
-                run.chmod(0o711)
-                hosts = run / HOSTS_FILE
-                hosts.write_text(self.hosts)
-                hosts.chmod(0o644)
-            if data is not None and not data.exists():
-                data.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                data.mkdir(mode=0o700)
-                made_data = True
-                os.chown(data, self.uid, self.gid)
-        except OSError as exc:
-            self.undo(ctx, {"made_data": made_data})
-            raise KernelError.from_oserror("mkdir", exc.filename or self.run_dir, exc) from exc
+            ctx.dirs.make_run_dir(run, self.hosts)
+            made_data = data is not None and ctx.dirs.make_data_dir(data, self.uid, self.gid)
+        except BaseException:
+            self.undo(ctx, {})
+            raise
         return {"made_data": made_data}
 
     def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
-        shutil.rmtree(_same(self.run_dir, ctx.paths.cell_run_dir(self.cell), "run dir"),
-                      ignore_errors=True)
+        ctx.dirs.discard_run_dir(_same(self.run_dir, ctx.paths.cell_run_dir(self.cell),
+                                       "run dir"))
         data = self._data(ctx)
         if data is not None and undo_data.get("made_data") is True:
-            try:
-                data.rmdir()  # only if still empty: persistent data is never thrown away
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
-                    raise KernelError.from_oserror("rmdir", str(data), exc) from exc
+            ctx.dirs.remove_data_dir_if_empty(data)
 
 
 @register_op
@@ -278,7 +270,7 @@ class MakeNetns(DataOp):
     cell: str
 
     def describe(self) -> str:
-        return f"create network namespace {net.NETNS_PREFIX}{self.cell}"
+        return f"create network namespace {NETNS_PREFIX}{self.cell}"
 
     def apply(self, ctx: CellContext) -> Mapping[str, Any]:
         return {"path": str(ctx.net.create_netns(self.cell))}
@@ -320,7 +312,7 @@ class MakeLink(DataOp):
     gateway: str  # address only
 
     def describe(self) -> str:
-        host, _ = net.veth_names(self.cell)
+        host, _ = veth_names(self.cell)
         return (f"connect {self.cell}: veth {host} untagged on VLAN {self.vlan}, "
                 f"eth0 {self.address} via {self.gateway}")
 
@@ -358,7 +350,7 @@ class ApplyCellFirewall(DataOp):
             if note.startswith(("peer ", "egress ")):
                 accepts.append(f"{rule['chain']} {note}")
         allowed = "; ".join(accepts) or "nothing but replies and loopback"
-        return (f"apply firewall inet agent_cell in {net.NETNS_PREFIX}{self.cell} "
+        return (f"apply firewall inet agent_cell in {NETNS_PREFIX}{self.cell} "
                 f"({counts['input']} input, {counts['output']} output rules): {allowed}")
 
     def apply(self, ctx: CellContext) -> Mapping[str, Any]:
@@ -498,7 +490,7 @@ class RemoveLink(_DestroyStep):
     cell: str
 
     def describe(self) -> str:
-        return f"delete veth {net.veth_names(self.cell)[0]} of {self.cell} (and its VLAN entry)"
+        return f"delete veth {veth_names(self.cell)[0]} of {self.cell} (and its VLAN entry)"
 
     def apply(self, ctx: CellContext) -> Mapping[str, Any]:
         ctx.net.destroy_link(self.cell)
@@ -512,7 +504,7 @@ class RemoveNetns(_DestroyStep):
     cell: str
 
     def describe(self) -> str:
-        return f"remove network namespace {net.NETNS_PREFIX}{self.cell}"
+        return f"remove network namespace {NETNS_PREFIX}{self.cell}"
 
     def apply(self, ctx: CellContext) -> Mapping[str, Any]:
         ctx.net.destroy_netns(self.cell)
@@ -545,13 +537,8 @@ class ReleaseDirs(_DestroyStep):
         return f"remove run dir {self.run_dir} (persistent data is kept)"
 
     def apply(self, ctx: CellContext) -> Mapping[str, Any]:
-        path = _same(self.run_dir, ctx.paths.cell_run_dir(self.cell), "run dir")
-        try:
-            shutil.rmtree(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise KernelError.from_oserror("rmtree", str(path), exc) from exc
+        ctx.dirs.remove_run_dir(_same(self.run_dir, ctx.paths.cell_run_dir(self.cell),
+                                      "run dir"))
         return {}
 
 

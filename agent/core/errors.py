@@ -9,8 +9,8 @@ and ``hint: ...`` on one or two lines; a traceback only with ``--debug``.
 from __future__ import annotations
 
 import errno as _errno
-import os
 from dataclasses import dataclass
+from os import strerror
 from typing import Any
 
 __all__ = [
@@ -75,7 +75,7 @@ class KernelError(AgentError):
         self.errno = err
         name = _errno.errorcode.get(err, str(err))
         super().__init__(
-            "E_KERNEL", f"{op} `{target}`: {os.strerror(err)} ({name})", hint
+            "E_KERNEL", f"{op} `{target}`: {strerror(err)} ({name})", hint
         )
 
     @classmethod

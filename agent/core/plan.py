@@ -31,24 +31,42 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from agent.core.errors import AgentError
-from agent.kernel.journal import Journal, Record
 
 __all__ = [
     "OP_REGISTRY",
     "DataOp",
     "Executor",
     "IncompletePlan",
+    "Journal",
     "Operation",
     "Plan",
     "PlanError",
     "PlanEvent",
     "PlanHook",
+    "Record",
     "RepairReport",
     "op_from_wire",
     "op_to_wire",
     "recover",
     "register_op",
 ]
+
+class Record(Protocol):
+    """A journal record as the executor reads it (agent.kernel.journal.Record is one)."""
+
+    @property
+    def t(self) -> str: ...
+    @property
+    def data(self) -> Mapping[str, Any]: ...
+
+
+class Journal(Protocol):
+    """The journal the executor appends to and replays (agent.kernel.journal.Journal,
+    or the cell manager's locked wrapper of it)."""
+
+    def append(self, t: str, data: Mapping[str, Any] | None = None, *, sync: bool) -> Any: ...
+    def replay(self) -> Iterable[Record]: ...
+
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 

@@ -41,8 +41,6 @@ from pathlib import Path
 from agent.core import firewall
 from agent.core.addrpool import Lease
 from agent.core.cellops import (
-    HOSTS_FILE,
-    HOSTS_TARGET,
     ApplyCellFirewall,
     EnsureGateway,
     KillCell,
@@ -63,6 +61,7 @@ from agent.core.cgroup import Limits
 from agent.core.config import AgentConfig
 from agent.core.errors import ConfigError
 from agent.core.manifest import Manifest
+from agent.core.names import HOSTS_FILE, HOSTS_TARGET
 from agent.core.plan import Operation, Plan
 from agent.core.sandbox import DEFAULT_MOUNTS, Mount
 from agent.core.seccomp import FilterSpec

@@ -26,10 +26,10 @@ import dataclasses
 import enum
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
 import cbor2
 
@@ -41,9 +41,13 @@ __all__ = [
     "MAX_ITEMS",
     "OP_RE",
     "VERSION",
+    "Handler",
+    "Peer",
     "Reply",
     "Request",
     "RequestError",
+    "arg",
+    "check_args",
     "decode_reply",
     "decode_request",
     "encode_error",
@@ -329,3 +333,51 @@ def plain(obj: Any, _depth: int = 0) -> Any:
 def _kind(obj: Any) -> str:
     return {dict: "map", list: "array", str: "string", bytes: "bytes", bool: "boolean",
             int: "integer", float: "float", type(None): "null"}.get(type(obj), type(obj).__name__)
+
+
+# ---------------------------------------------------------------------- handler arguments
+
+T = TypeVar("T")
+# An op handler: (peer, args) -> a result, or an async iterator of results (streamed ops).
+Handler = Callable[["Peer", Mapping[str, Any]], Awaitable[Any] | AsyncIterator[Any]]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process on the other end of a connection, as the kernel saw it at connect()."""
+
+    uid: int
+    gid: int
+    pid: int
+
+    def to_wire(self) -> dict[str, int]:
+        return {"uid": self.uid, "gid": self.gid, "pid": self.pid}
+
+
+def _args_error(message: str, hint: str | None = None) -> ProtocolError:
+    return ProtocolError("E_ARGS", message, hint)
+
+
+def check_args(args: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    """Refuse arguments a handler does not know (E_ARGS)."""
+    allowed = set(allowed)
+    for name in args:
+        if name not in allowed:
+            raise _args_error(f"unknown argument `{name}`",
+                              f"accepted: {', '.join(sorted(allowed)) or 'none'}")
+
+
+def arg(args: Mapping[str, Any], name: str, kind: type[T], default: T | None = None, *,
+        required: bool = False) -> T | None:
+    """``args[name]`` checked to be a ``kind`` (bool is not an int); E_ARGS otherwise."""
+    if name not in args or args[name] is None:
+        if required:
+            raise _args_error(f"missing argument `{name}`")
+        return default
+    value = args[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _args_error(f"argument `{name}` must be {kind.__name__}, "
+                          f"got {type(value).__name__}")
+    return value

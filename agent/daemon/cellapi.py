@@ -1,10 +1,9 @@
-"""The cell manager on the control socket: ops run, stop, ps, inspect, logs, and the
-kernel adapters agentd builds for it (cgroup v2, the bridge, the spawner).
+"""The cell manager's control ops: run, stop, ps, inspect, logs, and two status fields.
 
-:func:`attach` wires a :class:`~agent.master.CellManager` into a
-:class:`~agent.daemon.Daemon`: it is built at start (before the socket serves), and when
-it cannot be (no cgroup v2, not root) agentd still serves and these ops answer
-``E_UNAVAILABLE`` with the reason.
+:class:`CellOps` holds the manager that :mod:`agent.daemon.main` builds at start
+(before the socket serves); when it cannot be built (no usable cgroups, not root)
+agentd still serves and these ops answer ``E_UNAVAILABLE`` with the reason.
+:meth:`CellOps.handlers` and :meth:`CellOps.status_fields` are what main registers.
 """
 
 from __future__ import annotations
@@ -12,25 +11,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from agent.core import seccomp
 from agent.core.errors import AgentError
 from agent.core.lifecycle import State
+from agent.core.logbuf import Stream
 from agent.core.planner import cgroup_limits, filter_spec
-from agent.daemon import tunerapi as tunerops
+from agent.core.protocol import Handler, Peer, arg, check_args
 from agent.daemon.cells import CellEntry
-from agent.daemon.control import Peer, arg, check_args
-from agent.daemon.main import build_manager
 from agent.daemon.manager import CellManager
 
-if TYPE_CHECKING:
-    from agent.daemon.server import Daemon
-
-__all__ = ["MasterOps", "attach", "inspect_cell", "ps_row"]
+__all__ = ["CellOps", "inspect_cell", "ps_row"]
 
 log = logging.getLogger(__name__)
+_STREAMS: dict[str, Stream] = {"stdout": "stdout", "stderr": "stderr"}
 
 
 def ps_row(mgr: CellManager, e: CellEntry) -> dict[str, Any]:
@@ -73,7 +69,7 @@ def inspect_cell(mgr: CellManager, e: CellEntry) -> dict[str, Any]:
     }
 
 
-class MasterOps:
+class CellOps:
     """Control-socket handlers over the manager (None until built, or if it failed)."""
 
     def __init__(self) -> None:
@@ -124,14 +120,15 @@ class MasterOps:
         stream = arg(args, "stream", str)
         if n is None or n < 0 or n > 10_000:
             raise AgentError("E_ARGS", "argument `n` must be 0..10000")
-        if stream not in (None, "stdout", "stderr"):
+        which = None if stream is None else _STREAMS.get(stream)
+        if stream is not None and which is None:
             raise AgentError("E_ARGS", f"unknown stream `{stream}`", "stdout or stderr")
         buf = mgr.spawner.logs(name)
         if buf is None:
             if name not in mgr.cells:
                 mgr.entry(name)  # E_NOT_FOUND
             return {"name": name, "lines": [], "dropped": 0}
-        lines = buf.tail(n, stream)  # type: ignore[arg-type]
+        lines = buf.tail(n, which)
         out = [x.to_wire() for x in lines]
         while out and sum(len(x["line"]) + 40 for x in out) > 56 * 1024:
             out.pop(0)  # keep the reply within one frame
@@ -155,34 +152,13 @@ class MasterOps:
                 "committed": amt(b.committed), "free": amt(b.free), "states": states,
                 "leases": len(self.manager.pool.leases())}
 
+    def handlers(self) -> dict[str, Handler]:
+        return {"run": self.op_run, "stop": self.op_stop, "ps": self.op_ps,
+                "inspect": self.op_inspect, "logs": self.op_logs}
+
+    def status_fields(self) -> dict[str, Callable[[], Any]]:
+        return {"cells": self.status_cells, "budget": self.status_budget}
+
     async def close(self) -> None:
         if self.manager is not None:
             await self.manager.close()
-
-
-def attach(daemon: Daemon) -> MasterOps:
-    """Register the cell ops and the start/stop hooks on ``daemon``."""
-    ops = MasterOps()
-
-    async def startup() -> None:
-        try:
-            ops.manager = await build_manager(daemon.config, daemon.bus)
-        except (AgentError, OSError) as exc:
-            ops.problem = str(exc)
-            log.error("cell manager not started: %s", exc)
-            return
-        n = len(ops.manager.cells)
-        running = sum(1 for e in ops.manager.cells.values() if e.state is State.RUNNING)
-        log.info("cell manager ready: %d cells from the journal (%d running)", n, running)
-
-    daemon.on_startup(startup)
-    daemon.on_shutdown(ops.close)
-    daemon.register("run", ops.op_run)
-    daemon.register("stop", ops.op_stop)
-    daemon.register("ps", ops.op_ps)
-    daemon.register("inspect", ops.op_inspect)
-    daemon.register("logs", ops.op_logs)
-    daemon.add_status("cells", ops.status_cells)
-    daemon.add_status("budget", ops.status_budget)
-    tunerops.attach(daemon, ops)  # tuner + reclaim loop, after the manager is built
-    return ops

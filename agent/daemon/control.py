@@ -24,15 +24,16 @@ import select
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from agent.core.errors import AgentError, KernelError, ProtocolError
 from agent.core.protocol import (
     MAX_FRAME,
     OP_RE,
+    Handler,
+    Peer,
     Request,
     RequestError,
     decode_request,
@@ -40,70 +41,17 @@ from agent.core.protocol import (
     encode_reply,
 )
 
-__all__ = [
-    "ControlServer",
-    "Dispatcher",
-    "Handler",
-    "Peer",
-    "arg",
-    "check_args",
-    "peer_of",
-]
+__all__ = ["ControlServer", "Dispatcher", "peer_of"]
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["Peer", Mapping[str, Any]], Awaitable[Any] | AsyncIterator[Any]]
-T = TypeVar("T")
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
-
-
-@dataclass(frozen=True)
-class Peer:
-    """The process on the other end of a connection, as the kernel saw it at connect()."""
-
-    uid: int
-    gid: int
-    pid: int
-
-    def to_wire(self) -> dict[str, int]:
-        return {"uid": self.uid, "gid": self.gid, "pid": self.pid}
 
 
 def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return Peer(uid=uid, gid=gid, pid=pid)
-
-
-# ---------------------------------------------------------------------- argument helpers
-
-def _args_error(message: str, hint: str | None = None) -> ProtocolError:
-    return ProtocolError("E_ARGS", message, hint)
-
-
-def check_args(args: Mapping[str, Any], allowed: Iterable[str]) -> None:
-    """Refuse arguments a handler does not know (E_ARGS)."""
-    allowed = set(allowed)
-    for name in args:
-        if name not in allowed:
-            raise _args_error(f"unknown argument `{name}`",
-                              f"accepted: {', '.join(sorted(allowed)) or 'none'}")
-
-
-def arg(args: Mapping[str, Any], name: str, kind: type[T], default: T | None = None, *,
-        required: bool = False) -> T | None:
-    """``args[name]`` checked to be a ``kind`` (bool is not an int); E_ARGS otherwise."""
-    if name not in args or args[name] is None:
-        if required:
-            raise _args_error(f"missing argument `{name}`")
-        return default
-    value = args[name]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _args_error(f"argument `{name}` must be {kind.__name__}, "
-                          f"got {type(value).__name__}")
-    return value
 
 
 # ---------------------------------------------------------------------- dispatcher

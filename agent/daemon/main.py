@@ -1,4 +1,21 @@
-"""TODO docstring."""
+"""``agentd``: the entry point, and the one place that builds everything.
+
+:func:`main` parses the command line, takes the instance lock (one agentd per state
+dir, before anything reads or writes state) and runs the :class:`~agent.daemon.server.Daemon`.
+:func:`wire_cells` builds the services on it and passes each what it needs; no service
+imports another (docs/architecture.md):
+
+* at start, before the socket serves: the cell manager (:func:`build_manager`: cgroup
+  backend, host network, policy, firewall, spawner, journal replay and adoption), then
+  the tuner and the reclaim loop over it (:func:`start_tuning`);
+* the op handlers of each (:class:`~agent.daemon.cellapi.CellOps`,
+  :class:`~agent.daemon.tunerapi.TunerOps`) and their status fields;
+* at shutdown, in reverse: the tuner and reclaim loop, then the manager (cells keep
+  running; the next agentd adopts them).
+
+When the manager cannot be built (no usable cgroups, not root) agentd still serves and
+the cell ops answer ``E_UNAVAILABLE`` with the reason.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +27,33 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from agent import __version__
 from agent.core.cellops import Paths
 from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
-from agent.core.errors import AgentError
+from agent.core.errors import AgentError, ConfigError
+from agent.core.lifecycle import State
 from agent.core.policy import Policy, load_policy
+from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus
+from agent.daemon.cellapi import CellOps
+from agent.daemon.cells import ExitCallback
 from agent.daemon.manager import CellManager
+from agent.daemon.reclaim import Reclaimer
 from agent.daemon.server import Daemon
-from agent.daemon.spawner import CellSpawner, ExitCallback
+from agent.daemon.spawner import CellSpawner
+from agent.daemon.tuner import Tuner
+from agent.daemon.tunerapi import TunerOps
+from agent.kernel.cgroupdetect import open_backend
 from agent.kernel.cgroupv2 import CgroupV2
 from agent.kernel.host import read_capacity, read_host_pressure
 from agent.kernel.lock import InstanceLock
 from agent.kernel.net import HostNet
 from agent.kernel.nft import FirewallSync, Nft
+from agent.kernel.orphans import KernelObjects
 
-__all__ = ["build_manager", "main", "setup_logging"]
+__all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
 
 log = logging.getLogger("agentd")
 
@@ -94,9 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None)
         if not ns.no_cells:
-            from agent.daemon.cellapi import attach
-
-            attach(daemon)
+            wire_cells(daemon)
         asyncio.run(daemon.run())
     except AgentError as exc:
         log.error("%s", exc)
@@ -106,19 +130,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
+    """Register the cell services on ``daemon``: built at start, closed at shutdown."""
+    cells, tuning = CellOps(), TunerOps()
+
+    async def startup() -> None:
+        try:
+            cells.manager = await build_manager(daemon.config, daemon.bus)
+        except (AgentError, OSError) as exc:
+            cells.problem = str(exc)
+            tuning.problem = f"no cell manager: {exc}"
+            log.error("cell manager not started: %s", exc)
+            return
+        mgr = cells.manager
+        running = sum(1 for e in mgr.cells.values() if e.state is State.RUNNING)
+        log.info("cell manager ready: %d cells from the journal (%d running)",
+                 len(mgr.cells), running)
+        start_tuning(daemon.config, mgr, tuning)
+
+    daemon.on_startup(startup)
+    daemon.on_shutdown(cells.close)
+    daemon.on_shutdown(tuning.close)  # shutdown hooks run in reverse: tuning goes first
+    for op, handler in {**cells.handlers(), **tuning.handlers()}.items():
+        daemon.register(op, handler)
+    for key, fn in cells.status_fields().items():
+        daemon.add_status(key, fn)
+    return cells, tuning
+
+
+def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> None:
+    """The tuner and the reclaim loop over the manager's cells, with the settings of
+    ``tuner.toml`` beside the policy (defaults, and an event, when it is invalid)."""
+    path = config.policy_path.parent / "tuner.toml"
+    try:
+        s = load_settings(path)
+    except ConfigError as exc:
+        log.error("%s; the tuner uses its defaults", exc)
+        mgr.bus.emit("tuner", "error", severity="notice", error=str(exc))
+        s = Settings()
+    loop = asyncio.get_running_loop()
+    tuner = Tuner(mgr, mgr.cgroup, loop, config=s.tuner, sample_s=s.sample_s,
+                  sample_max_s=s.sample_max_s, stall_us=s.stall_us, window_us=s.window_us)
+    tuner.attach()
+    objects = KernelObjects(mgr.cgroup, config.bridge, run_dir=config.run_dir)
+    reclaimer = Reclaimer(mgr, tuner, mgr.cgroup, loop, objects, s.reclaim, s.period_s,
+                          s.scan_s)
+    reclaimer.start()
+    tuning.cells, tuning.tuner, tuning.reclaimer = mgr, tuner, reclaimer
+    log.info("tuner: %d cells tuned; samples every %gs (up to %gs, none for settled cells); "
+             "reclaim passes on events%s", len(tuner.cells), s.sample_s, tuner.sample_max_s,
+             f" and every {s.period_s:g}s (no box PSI)" if reclaimer.polled else "")
+
+
 async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
     """The real thing: cgroup v2 subtree (agentd moved to ``agent-master``), the bridge,
     the policy, capacity and PSI readers, the spawner; then journal replay and adoption."""
     loop = asyncio.get_running_loop()
-    try:  # v2, or v1 on legacy BSP kernels (the v1 backend needs cgroupspy)
-        from agent.kernel.cgroupdetect import open_backend
-    except ImportError:
-        backend: object = CgroupV2(config.cgroup_root)
-    else:
-        backend = open_backend(config.cgroup_root)
-    if isinstance(backend, CgroupV2):
-        backend.master = "agent-master"
-    cg = cast(CgroupV2, backend)  # the v1 backend has the same cell interface
+    cg = open_backend(config.cgroup_root)  # v2, or v1 on legacy BSP kernels
+    if isinstance(cg, CgroupV2):
+        cg.master = "agent-master"
     await asyncio.to_thread(cg.setup)
     hostnet = HostNet(config.bridge)
     await asyncio.to_thread(hostnet.setup)

@@ -18,14 +18,13 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from agent.core import cellrecord as cellstate
 from agent.core.addrpool import AddrPool, PoolConfig
-from agent.core.budget import Amount, Budget, HostPressure, Request
-from agent.core.cellops import CellCgroups, CellNet, Context, Paths
+from agent.core.budget import Amount, Budget, HostPressure, Ledger, Request
+from agent.core.cellops import CellNet, Context, Paths
 from agent.core.cellrecord import reserve_amount
-from agent.core.cgroup import CellStats
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError, NotFoundError, StateError
 from agent.core.firewall import CellFw
@@ -51,14 +50,15 @@ from agent.core.plan import Executor, PlanError, PlanEvent
 from agent.core.planner import Allocation, cell_firewall, plan_create, plan_destroy, plan_restart
 from agent.core.policy import Policy
 from agent.daemon.bus import EventBus
-from agent.daemon.cells import CellEntry
-from agent.daemon.spawner import ExitCallback
+from agent.daemon.cells import CellEntry, ExitCallback
+from agent.kernel.cgroup import CgroupBackend
+from agent.kernel.dirs import CellDirs
 from agent.kernel.host import sigterm_caught as default_sigterm_caught
 from agent.kernel.image import check_image
 from agent.kernel.journal import Journal, LockedJournal, Record
 from agent.kernel.nft import FirewallSync
 
-__all__ = ["CellManager", "ManagedCgroups", "ManagedSpawner"]
+__all__ = ["CellManager", "ManagedSpawner"]
 
 log = logging.getLogger(__name__)
 _BUSY = (State.REQUESTED, State.ADMITTED, State.CREATING)
@@ -78,11 +78,6 @@ class ManagedSpawner(Protocol):
     def close(self) -> None: ...
 
 
-class ManagedCgroups(CellCgroups, Protocol):
-    def procs(self, cell: str) -> list[int]: ...
-    def stats(self, cell: str) -> CellStats: ...
-
-
 # States of a cell that is being torn down (or is gone): it holds no VLAN for others.
 _LEAVING = frozenset({State.STOPPING, State.DESTROYING, State.DESTROYED})
 
@@ -90,7 +85,7 @@ class CellManager:
     """Owns the cells of one agentd.  ``make_spawner(on_exit)`` builds the spawner."""
 
     def __init__(self, config: AgentConfig, bus: EventBus, policy: Policy, *,
-                 cgroup: ManagedCgroups, net: CellNet,
+                 cgroup: CgroupBackend, net: CellNet,
                  make_spawner: Callable[[ExitCallback], ManagedSpawner],
                  capacity: Amount, pressure: Callable[[], HostPressure | None] = lambda: None,
                  fs_root: str = "/", clock: Callable[[], float] = time.time,
@@ -105,8 +100,8 @@ class CellManager:
         self.paths = Paths(config.state_dir, config.run_dir)
         self.firewall = firewall  # None: no nftables tables (docs/firewall.md)
         self._fw_lock = asyncio.Lock()
-        self.ctx = Context(cgroup, net, self.spawner, self.paths, firewall)
-        self.budget = Budget.new(capacity, reserve_amount(config))
+        self.ctx = Context(cgroup, net, self.spawner, self.paths, CellDirs(), firewall)
+        self.ledger = Ledger(Budget.new(capacity, reserve_amount(config)))
         vmax = min(config.vlan_max, config.vlan_min + config.subnet_count - 1)
         self.pool = AddrPool(PoolConfig.make(str(config.address_pool), 24, config.vlan_min,
                                              vmax))
@@ -136,8 +131,7 @@ class CellManager:
                 "master", ev.kind, cell=ev.target, severity="notice" if bad else "info",
                 **ev.attrs()))
 
-        # the executor only appends and replays: the locked wrapper is a Journal for it
-        self.executor = Executor(cast(Journal, self.journal), self.ctx, on_op_applied=hook,
+        self.executor = Executor(self.journal, self.ctx, on_op_applied=hook,
                                  on_op_undone=hook, on_plan_done=hook)
         return list(self.journal.replay())
 
@@ -188,9 +182,14 @@ class CellManager:
         used = {e.slot for e in self.cells.values()}
         return next(i for i in range(len(used) + 1) if i not in used)
 
-    def _preview(self, m: Manifest) -> tuple[Budget, Allocation]:
+    @property
+    def budget(self) -> Budget:
+        """What the cells hold now (the ledger owns it; read-only here)."""
+        return self.ledger.budget
+
+    def _preview(self, m: Manifest, pressure: HostPressure | None) -> Allocation:
         """Admission and allocation on copies: raises a refusal, changes nothing."""
-        budget = self.budget.admit(Request.from_manifest(m), self.pressure())
+        self.ledger.preview(Request.from_manifest(m), pressure)
         pool = AddrPool.restore(self.pool.config, self.pool.snapshot())
         lease = None
         if m.network is not None:
@@ -198,7 +197,7 @@ class CellManager:
             lease = pool.allocate(m.name, vlan)
         slot = self._slot()
         base = self.config.uid_range(slot)[0] if slot is not None else None
-        return budget, Allocation.from_lease(lease, base)
+        return Allocation.from_lease(lease, base)
 
     def _refused(self, name: str, exc: AgentError) -> AgentError:
         self.bus.emit("lifecycle", "refused", cell=name, severity="notice", code=exc.code,
@@ -212,7 +211,7 @@ class CellManager:
             self.policy.authorize(uid, gid, "run", name, m, self._owned(uid))
             check_image(m, self.fs_root)
             if dry_run:
-                _, alloc = self._preview(m)
+                alloc = self._preview(m, self.pressure())
                 return {"name": name, "dry_run": True,
                         "plan": plan_create(m, alloc, self.config,
                                             peers=self._fw_peers(name)).explain()}
@@ -223,21 +222,23 @@ class CellManager:
             if old is not None:
                 raise StateError("E_EXISTS", f"cell {name} exists ({old.state.value})",
                                  f"agentctl stop {name} first")
+            lease = None
             try:
-                budget, alloc = self._preview(m)
+                pressure = self.pressure()
+                alloc = self._preview(m, pressure)
                 if m.network is not None:
                     lease = self.pool.allocate(name, alloc.vlan)
                     assert str(lease.address) == alloc.address
             except AgentError as exc:
                 raise self._refused(name, exc) from None
-            self.budget = budget
+            self.ledger.admit(Request.from_manifest(m), pressure)  # as previewed: it fits
             slot = None if alloc.uid_base is None else self._slot()
             pol = CellPolicy.from_manifest(m, **({} if self.grace_ms is None
                                                  else {"stop_grace_ms": self.grace_ms}))
             e = CellEntry(m, Cell.new(name, pol, self.clock()), alloc, slot, owner=uid)
             self.cells[name] = e
-            if m.network is not None:
-                self._record("lease", self.pool.lease(name).to_wire())  # type: ignore[union-attr]
+            if lease is not None:
+                self._record("lease", lease.to_wire())
             self.post(e, Event.ADMIT)
             await self._wait(e, lambda c: c.state not in _BUSY)
             if e.state is State.FAILED or e.state is State.DESTROYED:
@@ -268,16 +269,16 @@ class CellManager:
         if pred(e.cell):
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        e.waiters.append((pred, fut))
+        e.drive.waiters.append((pred, fut))
         await fut
 
     # ------------------------------------------------------------------ the driver
     def post(self, e: CellEntry, ev: Event | Exit, error: str | None = None,
              pid: int | None = None) -> None:
         """Queue an event for the cell's driver (one event at a time per cell)."""
-        e.queue.append((ev, error, pid))
-        if e.driver is None or e.driver.done():
-            e.driver = self._spawn_task(self._drive(e))
+        e.drive.queue.append((ev, error, pid))
+        if e.drive.task is None or e.drive.task.done():
+            e.drive.task = self._spawn_task(self._drive(e))
 
     def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -286,8 +287,8 @@ class CellManager:
         return task
 
     async def _drive(self, e: CellEntry) -> None:
-        while e.queue:
-            ev, error, pid = e.queue.popleft()
+        while e.drive.queue:
+            ev, error, pid = e.drive.queue.popleft()
             if isinstance(ev, Exit) and pid is not None and pid != e.pid:
                 continue  # an earlier run's pid 1
             try:
@@ -321,8 +322,8 @@ class CellManager:
             elif isinstance(eff, Release):
                 self._release(e)
             elif isinstance(eff, CancelRestart):
-                _cancel(e.restart_timer)
-                e.restart_timer = None
+                _cancel(e.drive.restart_timer)
+                e.drive.restart_timer = None
             elif isinstance(eff, ScheduleRestart):
                 self._schedule_restart(e, eff)
             elif isinstance(eff, StopService):
@@ -330,31 +331,30 @@ class CellManager:
             elif isinstance(eff, RunPlan):
                 plans.append(eff)
         if before is State.STOPPING and new.state is not State.STOPPING:
-            _cancel(e.kill_timer)
-            e.kill_timer = None
+            _cancel(e.drive.kill_timer)
+            e.drive.kill_timer = None
         if gone:
             self.cells.pop(e.name, None)
-            _cancel(e.restart_timer)
-        e.resolve_waiters()
+            _cancel(e.drive.restart_timer)
+        e.drive.resolve_waiters(e.cell)
         return plans
 
     def _release(self, e: CellEntry) -> None:
-        with contextlib.suppress(AgentError):
-            self.budget = self.budget.release(e.name)
+        self.ledger.release(e.name)
         if self.pool.lease(e.name) is not None:
             self.pool.release(e.name)
             self._record("lease-free", {"cell": e.name})
 
     def _schedule_restart(self, e: CellEntry, eff: ScheduleRestart) -> None:
         loop = asyncio.get_running_loop()
-        _cancel(e.restart_timer)
+        _cancel(e.drive.restart_timer)
 
         def due() -> None:
-            e.restart_timer = None
+            e.drive.restart_timer = None
             if e.state is State.BACKOFF and e.cell.generation == eff.generation:
                 self.post(e, Event.RESTART_DUE)
 
-        e.restart_timer = loop.call_at(loop.time() + max(0.0, eff.at - self.clock()), due)
+        e.drive.restart_timer = loop.call_at(loop.time() + max(0.0, eff.at - self.clock()), due)
 
     def _stop_service(self, e: CellEntry, grace: float) -> None:
         """SIGTERM pid 1, then the cgroup's kill after ``grace`` (at once if pid 1 has no
@@ -366,11 +366,11 @@ class CellManager:
         if not self.sigterm_caught(pid):
             grace = 0.0
         loop = asyncio.get_running_loop()
-        _cancel(e.kill_timer)
-        e.kill_timer = loop.call_later(grace, lambda: self._spawn_task(self._kill(e)))
+        _cancel(e.drive.kill_timer)
+        e.drive.kill_timer = loop.call_later(grace, lambda: self._spawn_task(self._kill(e)))
 
     async def _kill(self, e: CellEntry) -> None:
-        e.kill_timer = None
+        e.drive.kill_timer = None
         try:
             await asyncio.to_thread(self.cgroup.kill, e.name)
         except AgentError as exc:
@@ -470,7 +470,7 @@ class CellManager:
             self.cells[name] = e
             if e.cell.holds_budget:
                 try:
-                    self.budget = self.budget.admit(Request.from_manifest(e.manifest))
+                    self.ledger.admit(Request.from_manifest(e.manifest))
                 except AgentError as exc:
                     log.error("cell %s: budget not restored: %s", name, exc)
             self._adopt(e, name in repaired)
@@ -525,8 +525,8 @@ class CellManager:
     async def close(self) -> None:
         """agentd stops: cells keep running (the next agentd adopts them)."""
         for e in self.cells.values():
-            _cancel(e.restart_timer)
-            _cancel(e.kill_timer)
+            _cancel(e.drive.restart_timer)
+            _cancel(e.drive.kill_timer)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -28,9 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from agent.core.budget import Request
 from agent.core.errors import AgentError
 from agent.core.events import Event as BusEvent
 from agent.core.events import Severity
@@ -57,19 +56,15 @@ from agent.core.reclaim import (
     summarize,
 )
 from agent.core.tuner import commitment, settled
-from agent.daemon.tuner import Host, Tuner
+from agent.daemon.cells import CellsHost, Rung, TunerView
 from agent.kernel.cgroup import CgroupBackend
 from agent.kernel.orphans import KernelObjects
 from agent.kernel.psi import BOX_MEMORY_PRESSURE, BoxMemoryPressure, PsiWatcher
 
-__all__ = ["ManagerHost", "Reclaimer"]
+__all__ = ["Reclaimer"]
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = ReclaimConfig()
-
-
-class ManagerHost(Host, Protocol):
-    def post(self, e: Any, ev: Event) -> None: ...
 
 
 def _has_memory_reclaim(backend: CgroupBackend) -> bool:
@@ -81,19 +76,12 @@ def _has_memory_reclaim(backend: CgroupBackend) -> bool:
 
 
 @dataclass
-class _Rung:
-    level: Level = "none"
-    since: float = 0.0
-    last_reclaim_at: float = -math.inf
-
-
-@dataclass
 class Reclaimer:
     """The loop.  ``objects`` None: no orphan scan (tests, or no bridge).
     ``box_trigger``: arm the PSI trigger on the box's memory pressure (False: tests)."""
 
-    host: ManagerHost
-    tuner: Tuner
+    host: CellsHost
+    tuner: TunerView
     backend: CgroupBackend
     loop: asyncio.AbstractEventLoop
     objects: KernelObjects | None = None
@@ -104,9 +92,7 @@ class Reclaimer:
     clock: Callable[[], float] = time.monotonic
     box_trigger: bool = True
     pressure_path: str = BOX_MEMORY_PRESSURE
-    rungs: dict[str, _Rung] = field(default_factory=dict)
     seen: dict[tuple[str, str], float] = field(default_factory=dict)
-    weights: dict[str, int] = field(default_factory=dict)
     passes: int = 0
     _timer: asyncio.TimerHandle | None = None
     _timer_at: float = math.inf
@@ -224,27 +210,28 @@ class Reclaimer:
                 await self._task
 
     # ------------------------------------------------------------------ views
-    def _weight(self, cell: str) -> int:
-        w = self.weights.get(cell)
-        if w is None:  # read once; after that the loop knows what it wrote
-            w = self.weights[cell] = self.tuner.knobs.cpu_weight(cell) or 100
-        return w
+    def _weight(self, cell: str, rung: Rung) -> int:
+        if rung.weight is None:  # read once; after that the loop knows what it wrote
+            rung.weight = self.tuner.knobs.cpu_weight(cell) or 100
+        return rung.weight
 
     def views(self, now: float) -> list[CellView]:
         out = []
-        for cell, t in sorted(self.tuner.cells.items()):
-            s, smp = t.state, t.state.last_sample
-            rung = self.rungs.setdefault(cell, _Rung())
+        tuned = self.tuner.cells
+        for name, e in self.host.cells.items():
+            if name not in tuned and e.rung != Rung():
+                e.rung = Rung()  # no longer tuned: its ladder starts over
+        for cell, t in sorted(tuned.items()):
+            entry = self.host.cells.get(cell)
+            if entry is None:
+                continue
+            s, smp, rung = t.state, t.state.last_sample, entry.rung
             out.append(CellView(
                 cell, t.priority, t.cpu_min, t.bounds.cpu_lo, t.bounds.memory_lo, s.held,
                 commitment(s.size, s.held.pids), settled(s, now), s.memory_idle >= 2,
                 smp.memory_current if smp else 0, s.size.cpu, s.size.memory_high,
-                self._weight(cell), rung.level, rung.since, rung.last_reclaim_at,
+                self._weight(cell, rung), rung.level, rung.since, rung.last_reclaim_at,
                 s.watch.until if s.watch is not None else -math.inf))
-        for gone in set(self.rungs) - set(self.tuner.cells):
-            del self.rungs[gone]
-        for gone in set(self.weights) - set(self.tuner.cells):
-            del self.weights[gone]
         return out
 
     def _scan_due(self, now: float) -> bool:
@@ -267,7 +254,7 @@ class Reclaimer:
         out = []
         for kind, name, cell in found:
             since = self.seen.setdefault((kind, name), now)
-            out.append(KernelObject(kind, name, cell, since))  # type: ignore[arg-type]
+            out.append(KernelObject(kind, name, cell, since))
         # what later passes must look at again: objects no journaled cell owns
         self._candidates = tuple(o for o in out if o.cell is None or o.cell not in self.host.cells)
         return tuple(out)
@@ -312,11 +299,13 @@ class Reclaimer:
             self.host.bus.emit("reclaim", "pass", severity="info", **summary)
         return done
 
+    def _rung(self, cell: str) -> Rung:
+        e = self.host.cells.get(cell)
+        return e.rung if e is not None else Rung()
+
     def _level(self, cell: str, level: Level, now: float) -> None:
-        self.rungs[cell] = _Rung(level, now, self.rungs.get(cell, _Rung()).last_reclaim_at)
-        t = self.tuner.cells.get(cell)
-        if t is not None:
-            t.level = level
+        r = self._rung(cell)
+        r.level, r.since = level, now
 
     async def _carry_out(self, a: Action, now: float) -> None:
         k, cell = self.tuner.knobs, a.cell or ""
@@ -325,14 +314,14 @@ class Reclaimer:
             await asyncio.to_thread(self.objects.collect, a)
             self.seen.pop((a.object_kind, a.name), None)
         elif isinstance(a, ReturnBudget):
-            self.host.budget = self.host.budget.replace(Request(cell, a.new))
+            self.host.ledger.replace(cell, a.new)
             self.tuner.set_held(cell, a.new)
         elif isinstance(a, MemoryReclaim):
-            self.rungs.setdefault(cell, _Rung()).last_reclaim_at = now
+            self._rung(cell).last_reclaim_at = now
             await asyncio.to_thread(k.reclaim, cell, a.bytes)
         elif isinstance(a, SetCpuWeight):
             k.set_cpu_weight(cell, a.new)
-            self.weights[cell] = a.new
+            self._rung(cell).weight = a.new
         elif isinstance(a, Throttle):
             k.set_cpu_max(cell, a.cpu_new)
             k.set_memory_high(cell, a.high_new)

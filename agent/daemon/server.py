@@ -31,9 +31,9 @@ from agent.core.config import AgentConfig
 from agent.core.errors import AgentError, KernelError
 from agent.core.events import SEVERITIES
 from agent.core.features import summarize
-from agent.core.protocol import MAX_FRAME
+from agent.core.protocol import MAX_FRAME, Handler, Peer, arg, check_args
 from agent.daemon.bus import EventBus
-from agent.daemon.control import ControlServer, Dispatcher, Handler, Peer, arg, check_args
+from agent.daemon.control import ControlServer, Dispatcher
 from agent.kernel import probes
 from agent.kernel.cgroupdetect import detect
 

@@ -34,13 +34,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
-from agent.core.budget import Amount, Budget, Request
+from agent.core.budget import Amount
 from agent.core.cgroup import CellStats
 from agent.core.errors import AgentError, NotFoundError
-from agent.core.events import Event
+from agent.core.events import Event, Severity
 from agent.core.lifecycle import State
 from agent.core.tuner import (
     Action,
@@ -52,6 +52,7 @@ from agent.core.tuner import (
     PinRefused,
     PressureTriggered,
     RecordRefusal,
+    Resource,
     Sample,
     SetCpuMax,
     SetLimits,
@@ -69,33 +70,16 @@ from agent.core.tuner import (
     unpin,
     wants_samples,
 )
-from agent.daemon.bus import EventBus
+from agent.daemon.cells import CellEntry, CellsHost, Tuned
 from agent.kernel.cgroup import CgroupBackend
-from agent.kernel.knobs import Knobs, PriWatch, SampleReader
+from agent.kernel.knobs import Knobs, PriWatch
 from agent.kernel.psi import PsiWatcher
 
-__all__ = ["Host", "Journal", "Tuned", "Tuner", "initial_size"]
+__all__ = ["Tuner", "initial_size"]
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = TunerConfig()
-
-
-class Journal(Protocol):
-    def append(self, t: str, data: Mapping[str, Any] | None = None, *, sync: bool) -> Any: ...
-
-
-class Host(Protocol):
-    """What the tuner needs of the cell manager (agent.master.CellManager)."""
-
-    budget: Budget
-
-    @property
-    def bus(self) -> EventBus: ...
-    @property
-    def cells(self) -> Mapping[str, Any]: ...  # name -> CellEntry (manifest, state)
-    @property
-    def journal(self) -> Journal | None: ...
-    def keep_pin(self, cell: str, pin: Mapping[str, int] | None) -> None: ...
+_RESOURCES: dict[str, Resource] = {"cpu": "cpu", "memory": "memory"}
 
 
 def initial_size(bounds: Bounds, memory_current: int, config: TunerConfig) -> Size:
@@ -118,31 +102,6 @@ def initial_size(bounds: Bounds, memory_current: int, config: TunerConfig) -> Si
     return Size(bounds.cpu_lo, high_for(mem, bounds, config), mem)
 
 
-@dataclass(eq=False)
-class Tuned:
-    """One cell under the tuner (mutated on the loop only)."""
-
-    cell: str
-    bounds: Bounds
-    state: TunerState
-    priority: int
-    cpu_min: int
-    sources: list[str]              # "psi:cpu", "psi:memory", "memory.events", "v1:pressure"
-    level: str = "none"             # set by the reclaim loop; not "none": tuner holds off
-    events_watch: PriWatch | None = None
-    v1_fd: int | None = None
-    prev_sample: Sample | None = None
-    reader: SampleReader | None = None
-    interval: float = 5.0           # the wait before the next sample
-    due: float | None = None        # when it is next sampled; None: quiet
-
-    @property
-    def triggered(self) -> bool:
-        """Both resources wake the tuner by themselves (else: sampled always)."""
-        return "psi:cpu" in self.sources and (
-            "psi:memory" in self.sources or "v1:pressure" in self.sources)
-
-
 def _events_of(stats: Mapping[str, int], at: float) -> MemoryEvents:
     return MemoryEvents(stats.get("high", 0), stats.get("max", 0), stats.get("oom", 0),
                         stats.get("oom_kill", 0), at)
@@ -159,7 +118,7 @@ def _sample_of(st: CellStats, at: float) -> Sample:
 class Tuner:
     """The tuner of one agentd.  ``attach()`` subscribes it to lifecycle events."""
 
-    def __init__(self, host: Host, backend: CgroupBackend, loop: asyncio.AbstractEventLoop,
+    def __init__(self, host: CellsHost, backend: CgroupBackend, loop: asyncio.AbstractEventLoop,
                  *, config: TunerConfig = DEFAULT_CONFIG, sample_s: float = 5.0,
                  stall_us: int = 150_000, window_us: int = 1_000_000, triggers: bool = True,
                  sample_max_s: float = 60.0, quiet: bool | None = None,
@@ -175,6 +134,7 @@ class Tuner:
         self.stall_us, self.window_us = stall_us, window_us
         self.triggers = triggers  # False: samples only (a fake cgroupfs has no PSI)
         self.clock = clock
+        # the cells this tuner has started (each also CellEntry.tuned): closed at stop
         self.cells: dict[str, Tuned] = {}
         self.psi = PsiWatcher(loop, self._on_psi, self._on_psi_gone)
         self._timer: asyncio.TimerHandle | None = None
@@ -214,10 +174,10 @@ class Tuner:
         now = self.clock()
         kept = self._kept_pin(cell, e, bounds, st.memory_current)
         size = kept or initial_size(bounds, st.memory_current, self.config)
-        held = self.host.budget.get(cell) or Amount(r.cpu_min, r.memory_min, r.pids_max)
+        held = self.host.ledger.get(cell) or Amount(r.cpu_min, r.memory_min, r.pids_max)
         want = commitment(size, held.pids)
         try:
-            self.host.budget = self.host.budget.replace(Request(cell, want))
+            self.host.ledger.replace(cell, want)
             held = want
         except AgentError as exc:  # not admitted (adopted) or no room: hold what it has
             self._emit(cell, "refused", "notice", reason="start", error=str(exc))
@@ -228,6 +188,7 @@ class Tuner:
         self.knobs.set_memory(cell, size.memory_high, size.memory_max)
         self.knobs.set_cpu_max(cell, size.cpu)
         self.cells[cell] = t
+        e.tuned = t
         self._arm(t)
         try:
             t.reader = self.knobs.sample_reader(cell)
@@ -239,10 +200,10 @@ class Tuner:
         self._plan(t)
         return t
 
-    def _kept_pin(self, cell: str, e: Any, bounds: Bounds, in_use: int) -> Size | None:
+    def _kept_pin(self, cell: str, e: CellEntry, bounds: Bounds, in_use: int) -> Size | None:
         """The operator's pin journaled with the cell (agent.master.CellManager.keep_pin),
         if it still fits the manifest's bounds and the cell's use; else it is dropped."""
-        p = getattr(e, "pin", None)
+        p = e.pin
         if not p:
             return None
         size = Size(p["cpu"], p["memory_high"], p["memory_max"])
@@ -275,8 +236,8 @@ class Tuner:
             except OSError as exc:
                 log.info("cell %s: memory.events not watched: %s", cell, exc)
         if "psi:memory" not in t.sources:
-            with contextlib.suppress(AgentError, OSError, AttributeError):
-                fd = self.backend.memory_pressure_fd(cell)  # type: ignore[attr-defined]
+            with contextlib.suppress(AgentError, OSError):
+                fd = self.backend.memory_pressure_fd(cell)
                 t.v1_fd = fd
                 self.loop.add_reader(fd, self._on_v1_pressure, cell)
                 t.sources.append("v1:pressure")
@@ -285,6 +246,9 @@ class Tuner:
         t = self.cells.pop(cell, None)
         if t is None:
             return
+        e = self.host.cells.get(cell)
+        if e is not None and e.tuned is t:
+            e.tuned = None
         self.psi.remove(cell)
         if t.events_watch is not None:
             t.events_watch.close()
@@ -305,8 +269,9 @@ class Tuner:
 
     # ------------------------------------------------------------------ observations
     def _on_psi(self, cell: str, resource: str) -> None:
-        if resource in ("cpu", "memory"):
-            self.observe(cell, PressureTriggered(resource, self.clock()))  # type: ignore[arg-type]
+        res = _RESOURCES.get(resource)
+        if res is not None:
+            self.observe(cell, PressureTriggered(res, self.clock()))
 
     def _on_psi_gone(self, cell: str, resource: str) -> None:
         log.info("cell %s: %s pressure file gone", cell, resource)
@@ -405,13 +370,13 @@ class Tuner:
         self.wakeups += 1
         if isinstance(obs, Sample):
             t.prev_sample = t.state.last_sample
-        if t.level != "none":  # escalated by the reclaim loop: keep baselines only
+        if self._level(cell) != "none":  # escalated by the reclaim loop: keep baselines only
             if isinstance(obs, Sample):
                 t.state = replace(t.state, last_sample=obs)
             elif isinstance(obs, MemoryEvents):
                 t.state = replace(t.state, events=obs)
             return []
-        state, actions = decide(t.state, obs, t.bounds, BudgetGate(self.host.budget),
+        state, actions = decide(t.state, obs, t.bounds, BudgetGate(self.host.ledger.budget),
                                 self.clock(), self.config)
         t.state = state
         self.apply(cell, actions)
@@ -429,7 +394,7 @@ class Tuner:
                 self._emit(cell, "error", "notice", action=type(a).__name__, error=str(exc))
                 self._resync(cell)
                 return
-            sev = "notice" if isinstance(a, RecordRefusal) or a.reason.startswith(
+            sev: Severity = "notice" if isinstance(a, RecordRefusal) or a.reason.startswith(
                 "rollback") else "info"
             attrs = a.attrs()
             self._emit(cell, a.kind, sev, **attrs)
@@ -447,7 +412,7 @@ class Tuner:
             k.set_memory(cell, a.new.memory_high, a.new.memory_max, a.old.memory_max)
             k.set_cpu_max(cell, a.new.cpu)
         elif isinstance(a, Commit):
-            self.host.budget = self.host.budget.replace(Request(cell, a.new))
+            self.host.ledger.replace(cell, a.new)
 
     def _resync(self, cell: str) -> None:
         """After a failed write the state no longer matches the cgroup: start over."""
@@ -455,9 +420,8 @@ class Tuner:
             self.stop(cell)
             self.reconcile(cell)
 
-    def _emit(self, cell: str, kind: str, severity: str, **attrs: Any) -> None:
-        self.host.bus.emit("tuner", kind, cell=cell, severity=severity,  # type: ignore[arg-type]
-                           **attrs)
+    def _emit(self, cell: str, kind: str, severity: Severity, **attrs: Any) -> None:
+        self.host.bus.emit("tuner", kind, cell=cell, severity=severity, **attrs)
 
     def _record(self, cell: str, kind: str, attrs: Mapping[str, Any]) -> None:
         j = self.host.journal
@@ -468,6 +432,11 @@ class Tuner:
                 log.error("tuner journal record not written: %s", exc)
 
     # ------------------------------------------------------------------ operator and reclaim
+    def _level(self, cell: str) -> str:
+        """The reclaim loop's rung for the cell (not "none": the tuner holds off)."""
+        e = self.host.cells.get(cell)
+        return e.rung.level if e is not None else "none"
+
     def get(self, cell: str) -> Tuned:
         t = self.cells.get(cell)
         if t is None:
@@ -482,7 +451,7 @@ class Tuner:
         size = Size(s.cpu if cpu is None else cpu,
                     s.memory_high if memory is None else high_for(memory, t.bounds, self.config),
                     s.memory_max if memory is None else memory)
-        state, actions = pin(t.state, size, t.bounds, BudgetGate(self.host.budget))
+        state, actions = pin(t.state, size, t.bounds, BudgetGate(self.host.ledger.budget))
         t.state = state
         self.apply(cell, actions)
         self.host.keep_pin(cell, _size(state.size))
@@ -509,7 +478,7 @@ class Tuner:
             return {"tuned": False}
         s = t.state.size
         return {"tuned": True, "cpu_max": s.cpu, "memory_high": s.memory_high,
-                "memory_max": s.memory_max, "pinned": t.state.pinned, "level": t.level,
+                "memory_max": s.memory_max, "pinned": t.state.pinned, "level": self._level(cell),
                 "held": _amount(t.state.held), "sources": list(t.sources),
                 "sampled_every_s": None if t.due is None else t.interval}
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The one protocol of the cgroup backends, and the /proc read that attributes a pid."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 from agent.core.cgroup import CellStats, Limits
 from agent.core.errors import KernelError
 
-__all__ = ["CellCgroupBackend", "CgroupBackend", "read_proc_cgroup"]
+__all__ = ["CgroupBackend", "read_proc_cgroup"]
 
 
 def read_proc_cgroup(pid: int, proc_root: Path = Path("/proc")) -> str | None:
@@ -25,28 +25,31 @@ def read_proc_cgroup(pid: int, proc_root: Path = Path("/proc")) -> str | None:
 
 @runtime_checkable
 class CgroupBackend(Protocol):
-    """What the agent needs from a cgroup hierarchy, whatever its version."""
+    """What the agent needs from a cgroup hierarchy, whatever its version: both
+    :class:`agent.kernel.cgroupv2.CgroupV2` and :class:`agent.kernel.cgroupv1.CgroupV1`
+    implement all of it (v1 degrades where it lacks a feature, docs/cgroup-v1.md)."""
 
     root: Path
+    version: int  # 2 (unified hierarchy) or 1 (legacy hierarchies)
 
     def setup(self) -> frozenset[str]: ...
     def create(self, cell: str) -> Path: ...
+    def leaf(self, cell: str) -> Path:
+        """The cell's directory (v1: in the memory hierarchy)."""
+        ...
+    def cell_dir(self, cell: str, controller: str) -> Path:
+        """The cell's directory in ``controller``'s hierarchy (v2: the leaf)."""
+        ...
     def set_limits(self, cell: str, limits: Limits) -> None: ...
     def stats(self, cell: str) -> CellStats: ...
     def procs(self, cell: str) -> list[int]: ...
     def add_proc(self, cell: str, pid: int) -> None: ...
+    def memory_pressure_fd(self, cell: str, level: str = "medium") -> int:
+        """v1's memory.pressure_level eventfd; v2 raises KernelError (it has PSI)."""
+        ...
     def kill(self, cell: str, timeout: float = 5.0) -> None: ...
     def freeze(self, cell: str, timeout: float = 5.0) -> None: ...
     def thaw(self, cell: str, timeout: float = 5.0) -> None: ...
     def remove(self, cell: str, timeout: float = 5.0) -> None: ...
     def list_cells(self) -> Sequence[str]: ...
     def pid_to_cell(self, pid: int, proc_root: Path = ...) -> str | None: ...
-
-
-@runtime_checkable
-class CellCgroupBackend(CgroupBackend, Protocol):
-    """A backend that also tells a cell's leaf directory (what the spawner joins and
-    ``agentctl inspect`` shows).  Kept apart from :class:`CgroupBackend` so a backend
-    without it (cgroupv1 today) still satisfies that protocol."""
-
-    def leaf(self, cell: str) -> Path: ...

@@ -240,8 +240,14 @@ class CgroupV1:
     def subtree(self, controller: str) -> Path:
         return self.hierarchies[controller] / self.name
 
+    version = 1
+
     def cell_dir(self, cell: str, controller: str) -> Path:
         return self.subtree(controller) / check_cell_name(cell)
+
+    def leaf(self, cell: str) -> Path:
+        """The cell's directory in the memory hierarchy (the ``root`` one)."""
+        return self.cell_dir(cell, "memory")
 
     def controllers(self) -> frozenset[str]:
         """Controllers whose hierarchy is mounted (probed once)."""

@@ -95,8 +95,17 @@ class CgroupV2:
 
     # -- file helpers ----------------------------------------------------------
 
+    version = 2
+
     def leaf(self, cell: str) -> Path:
         return self.root / check_cell_name(cell)
+
+    def cell_dir(self, cell: str, controller: str) -> Path:
+        return self.leaf(cell)  # one hierarchy holds every controller
+
+    def memory_pressure_fd(self, cell: str, level: str = "medium") -> int:
+        raise KernelError("memory.pressure_level", str(self.leaf(cell)), errno.EOPNOTSUPP,
+                          "cgroup v2 has PSI triggers on memory.pressure instead")
 
     def _write(self, path: Path, value: str) -> None:
         try:

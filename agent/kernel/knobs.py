@@ -37,14 +37,14 @@ class Knobs:
 
     def __init__(self, backend: CgroupBackend) -> None:
         self.backend = backend
-        self.v1 = hasattr(backend, "cell_dir")  # CgroupV1 (not imported: cgroupspy)
+        self.v1 = backend.version == 1
 
     def _path(self, cell: str, v2: str, v1: tuple[str, str] | None) -> Path | None:
         if not self.v1:
-            return Path(self.backend.leaf(cell)) / v2  # type: ignore[attr-defined]
+            return self.backend.leaf(cell) / v2
         if v1 is None:
             return None
-        return Path(self.backend.cell_dir(cell, v1[0])) / v1[1]  # type: ignore[attr-defined]
+        return self.backend.cell_dir(cell, v1[0]) / v1[1]
 
     @staticmethod
     def write(path: Path, value: str) -> None:
@@ -134,7 +134,7 @@ class Knobs:
         """A reader of the cell's samples (v2 only; v1 samples through the backend)."""
         if self.v1:
             return None
-        return SampleReader(Path(self.backend.leaf(cell)))  # type: ignore[attr-defined]
+        return SampleReader(self.backend.leaf(cell))
 
     def events_path(self, cell: str) -> Path | None:
         path = self._path(cell, "memory.events", None)

@@ -40,15 +40,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.core import syscalls as abi
 from agent.core.errors import ConfigError, KernelError
-from agent.core.names import check_cell_name
+from agent.core.names import NETNS_PREFIX, PEER_PREFIX, VETH_PREFIX, check_cell_name, veth_names
 from agent.kernel import libc as ksys
 
 __all__ = [
     "ALIAS_PREFIX",
     "DEFAULT_BRIDGE",
     "NETNS_DIR",
-    "NETNS_PREFIX",
-    "VETH_PREFIX",
     "BridgeVlan",
     "CellLink",
     "CellVeth",
@@ -69,15 +67,11 @@ __all__ = [
     "netns_path",
     "open_netns",
     "remove_vlan_gateway",
-    "veth_names",
 ]
 
 DEFAULT_BRIDGE = "agbr0"
-VETH_PREFIX = "vc-"
-PEER_PREFIX = "vp-"
 ALIAS_PREFIX = "agent-cell:"
 NETNS_DIR = Path("/run/netns")
-NETNS_PREFIX = "cell-"
 CELL_IFNAME = "eth0"
 LOOPBACK_INDEX = 1  # lo is ifindex 1 in every network namespace
 _NETLINK_ROUTE = 0
@@ -136,14 +130,6 @@ def _check_bridge_name(name: str) -> None:
     if not name or len(name) > 10 or "/" in name or "." in name or " " in name:
         raise ConfigError("E_CONFIG", f"bridge name {name!r} is not valid",
                           "use at most 10 characters, no '.', '/' or spaces")
-
-
-def veth_names(cell: str) -> tuple[str, str]:
-    """``(host side, temporary peer)`` names for a cell: ``vc-`` / ``vp-`` and
-    12 hex digits of a hash of the cell name (15 characters, the kernel limit).
-    The cell name itself is kept in the host side's alias."""
-    digest = hashlib.blake2s(check_cell_name(cell).encode(), digest_size=6).hexdigest()
-    return VETH_PREFIX + digest, PEER_PREFIX + digest
 
 
 def netns_path(cell: str, run_dir: Path = NETNS_DIR) -> Path:

@@ -51,11 +51,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.core import firewall
+from agent.core import firewall, names
 from agent.core import syscalls as abi
 from agent.core.errors import AgentError, KernelError, RefusedError
 from agent.core.names import check_cell_name
-from agent.core.reclaim import CollectOrphan
+from agent.core.reclaim import CollectOrphan, ObjectKind
 from agent.kernel import libc as ksys
 from agent.kernel import net
 from agent.kernel.cgroup import CgroupBackend
@@ -80,7 +80,7 @@ _UMOUNT_NOFOLLOW = 8  # <sys/mount.h>: a symlink put there is not followed
 _MAX_STACK = 32  # umounts of one mount point before giving up (stacked mounts)
 _ESCAPE = re.compile(r"\\([0-7]{3})")
 
-Found = tuple[str, str, str | None]  # (kind, name, owning cell or None)
+Found = tuple[ObjectKind, str, str | None]  # (kind, name, owning cell or None)
 
 
 def host_cell_table(cell: str) -> str:
@@ -201,7 +201,7 @@ class KernelObjects:
         p = Path(point)
         # agentd's shared netns dir, or a netns pin (kind "netns")
         return not (p == self._pins or (p.parent == self._pins
-                                        and p.name.startswith(net.NETNS_PREFIX)))
+                                        and p.name.startswith(names.NETNS_PREFIX)))
 
     def _collect_mount(self, point: str) -> None:
         if not self._is_cell_mount(point):

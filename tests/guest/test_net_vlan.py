@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute, NetNS
 
+from agent.core import names
 from agent.core.addrpool import AddrPool, PoolConfig
 from agent.kernel import net
 
@@ -137,7 +138,7 @@ def test_two_vlans_isolated_and_routed(ipr: Any) -> None:
         # the bridge itself a tagged member of both VLANs
         table = vlan_table()
         for cell, vlan in cells.items():
-            port = net.veth_names(cell)[0]
+            port = names.veth_names(cell)[0]
             assert table[port] == {vlan: {"PVID", "Egress Untagged"}}, (port, table)
         assert table[BRIDGE] == {100: set(), 200: set()}
         # our netlink reading agrees with iproute2

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from agent.core import names
 from agent.core.sandbox import SpawnSpec
 from agent.kernel import net
 from agent.kernel.spawn import spawn_cell
@@ -65,7 +66,7 @@ def test_netns_and_link_fork_nothing(ipr: Any, monkeypatch: pytest.MonkeyPatch) 
             assert gws == ["10.79.0.1"]
         finally:
             ns.close()
-        host = net.veth_names(cell)[0]
+        host = names.veth_names(cell)[0]
         idx = ipr.link_lookup(ifname=host)[0]
         msg = ipr.link("get", index=idx)[0]
         assert msg.get_attr("IFLA_IFALIAS") == net.ALIAS_PREFIX + cell
@@ -74,7 +75,7 @@ def test_netns_and_link_fork_nothing(ipr: Any, monkeypatch: pytest.MonkeyPatch) 
     finally:
         net.destroy_cell_link(ipr, cell)
         net.destroy_cell_netns(cell)
-    assert not ipr.link_lookup(ifname=net.veth_names(cell)[0])
+    assert not ipr.link_lookup(ifname=names.veth_names(cell)[0])
     assert not path.exists()
     assert threading.active_count() == threads
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from pyroute2 import NetNS, netns
 
+from agent.core import names as cnames
 from agent.core.errors import KernelError
 from agent.kernel import net
 
@@ -81,7 +82,7 @@ def test_two_cells_routed_through_the_box(box: tuple[Any, Path]) -> None:
             made.append(cell)
             assert path == RUN / f"cell-{cell}" and path.exists()
             link = net.create_cell_link(ipr, cell, path, bridge, None, addr, g.ip)
-            assert link.host_ifname == net.veth_names(cell)[0]
+            assert link.host_ifname == cnames.veth_names(cell)[0]
             assert len(link.host_ifname) <= 15
 
         # the host side: enslaved, up, alias names the cell; peers are gone
@@ -89,7 +90,7 @@ def test_two_cells_routed_through_the_box(box: tuple[Any, Path]) -> None:
         assert set(veths) == set(cells)
         for cell, (bridge, _, _) in cells.items():
             assert veths[cell].master == ipr.link_lookup(ifname=bridge)[0]
-            assert not veths[cell].ifname.startswith(net.PEER_PREFIX)
+            assert not veths[cell].ifname.startswith(cnames.PEER_PREFIX)
         assert set(net.list_cell_netns()) >= set(cells)
 
         # inside a cell: eth0 with the address, lo up, default route
@@ -175,7 +176,7 @@ def test_ip_forward_error_names_path(tmp_path: Path) -> None:
 
 
 def test_names() -> None:
-    host, peer = net.veth_names("a" * 63)
+    host, peer = cnames.veth_names("a" * 63)
     assert len(host) == len(peer) == 15 and host[3:] == peer[3:]
-    assert net.veth_names("x") != net.veth_names("y")
+    assert cnames.veth_names("x") != cnames.veth_names("y")
     assert os.fspath(net.netns_path("web")) == "/run/netns/cell-web"

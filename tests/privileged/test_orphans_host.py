@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.core import names
 from agent.core import syscalls as abi
 from agent.core.errors import KernelError, RefusedError
 from agent.core.reclaim import BoxView, CollectOrphan, KernelObject, ReclaimConfig, reclaim_pass
@@ -109,7 +110,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 def test_scan_finds_the_agents_mounts_and_tables_and_nothing_else(env: Env) -> None:
     found = env.objs.scan({})
     cells = env.run / "cells"
-    cell = env.pin.name.removeprefix(net.NETNS_PREFIX)
+    cell = env.pin.name.removeprefix(names.NETNS_PREFIX)
     assert sorted(found, key=str) == sorted([
         ("netns", cell, cell),  # the pin's mount is this, not a "mount"
         ("mount", str(cells / "ghost/usb"), "ghost"),  # stacked twice: one object
@@ -124,7 +125,7 @@ def test_scan_finds_the_agents_mounts_and_tables_and_nothing_else(env: Env) -> N
 
 
 def test_reclaim_pass_collects_only_the_orphans(env: Env) -> None:
-    cell = env.pin.name.removeprefix(net.NETNS_PREFIX)
+    cell = env.pin.name.removeprefix(names.NETNS_PREFIX)
     objects = tuple(KernelObject(k, n, c, 0.0)  # type: ignore[arg-type]
                     for k, n, c in env.objs.scan({}))
     box = BoxView(None, False, frozenset({"owned", cell}), objects)
@@ -173,7 +174,7 @@ def test_nested_netns_dir_pins_are_not_mounts(env: Env) -> None:
     cells = env.run / "cells"
     objs = KernelObjects(env.objs.backend, "orphnobr0", cells / "ghost", run_dir=env.run,
                          nft=Nft(nft="/nonexistent/nft"))
-    point = cells / "ghost" / (net.NETNS_PREFIX + "x")
+    point = cells / "ghost" / (names.NETNS_PREFIX + "x")
     point.touch()
     ksys.mount(str(env.pin), str(point), None, abi.MS_BIND)
     env.mounts.append(point)

@@ -35,6 +35,7 @@ from agent.core.manifest import DataDir, load_manifest
 from agent.core.plan import Executor, Operation, PlanError, op_from_wire, op_to_wire
 from agent.core.planner import Allocation, plan_create, plan_destroy
 from agent.core.sandbox import Mount, SpawnSpec
+from agent.kernel.dirs import CellDirs
 from agent.kernel.journal import Journal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,6 +162,7 @@ class Ctx:
     net: Fake
     spawner: Fake
     paths: Paths
+    dirs: CellDirs = field(default_factory=CellDirs)
     firewall: None = None  # no nftables in these tests (ApplyCellFirewall refuses)
 
 

@@ -21,7 +21,8 @@ from agent import __version__
 from agent.cli.client import Client, ConnectError
 from agent.cli.main import format_event, format_status, main
 from agent.core.errors import NotFoundError
-from agent.daemon.control import ControlServer, Dispatcher, Peer
+from agent.core.protocol import Peer
+from agent.daemon.control import ControlServer, Dispatcher
 
 
 class Agentd:

@@ -20,8 +20,15 @@ from agent import __version__
 from agent.cli.client import Client, ConnectError, RemoteError, TransportError
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError, NotFoundError
-from agent.core.protocol import MAX_FRAME, decode_reply, encode_request
-from agent.daemon.control import Handler, Peer, arg, check_args
+from agent.core.protocol import (
+    MAX_FRAME,
+    Handler,
+    Peer,
+    arg,
+    check_args,
+    decode_reply,
+    encode_request,
+)
 from agent.daemon.server import Daemon, cgroup_mode
 
 

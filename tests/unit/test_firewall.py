@@ -362,7 +362,7 @@ class FakeFirewall:
 
 
 def _ctx(firewall: Any) -> Context:
-    return Context(None, None, None, None, firewall)  # type: ignore[arg-type]
+    return Context(None, None, None, None, None, firewall)  # type: ignore[arg-type]
 
 
 def test_plan_places_the_firewall_after_the_link_and_before_the_service() -> None:

@@ -146,13 +146,13 @@ def test_box_pressure_throttles_lowest_priority_then_relieves(env: Any) -> None:
     assert "Throttle" in names(run(rec))
     assert read(lo, "cpu.max") == "10000 100000" and read(hi, "cpu.max") == "10000 100000"
     assert int(read(lo, "memory.high")) == 8 * MiB  # 3/4 of use, not below the floor
-    assert tuner.cells["lo"].level == "throttled"
+    assert host.cells["lo"].rung.level == "throttled"
     assert tuner.observe("lo", PressureTriggered("cpu", clock.now)) == []  # hands off
     (ev,) = [e for e in host.bus.recent(None, channel="reclaim") if e.kind == "throttle"]
     assert ev.severity == "notice" and ev.attrs["avg10"] == 50.0
     pressure[0] = 1.0
     assert names(run(rec)) == ["Unthrottle"]
-    assert tuner.cells["lo"].level == "none"
+    assert host.cells["lo"].rung.level == "none"
     assert tuner.observe("lo", PressureTriggered("cpu", clock.now)) != []
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,11 +19,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core.budget import Amount, Budget, Request
+from agent.core.budget import Amount, Budget, Ledger, Request
 from agent.core.lifecycle import State
 from agent.core.manifest import Manifest, manifest_from_dict
 from agent.core.tuner import Bounds, MemoryEvents, PinRefused, PressureTriggered, TunerConfig
 from agent.daemon.bus import EventBus
+from agent.daemon.cells import Rung
 from agent.daemon.tuner import Tuner, initial_size
 from agent.daemon.tunerapi import top_row
 from agent.kernel.cgroupv2 import CgroupV2
@@ -55,6 +56,8 @@ class Entry:
     pid: int | None = 42
     pin: dict[str, int] | None = None
     cpu_sample: tuple[int, float] | None = None
+    tuned: Any = None  # the tuner's part (agent.daemon.cells.CellEntry)
+    rung: Rung = field(default_factory=Rung)  # the reclaim loop's part
 
 
 class Journal:
@@ -67,11 +70,20 @@ class Journal:
 
 @dataclass
 class Host:
-    budget: Budget
+    """The cell manager as the tuner and the reclaim loop see it (CellsHost)."""
+
+    initial: InitVar[Budget]
     bus: EventBus = field(default_factory=EventBus)
     cells: dict[str, Entry] = field(default_factory=dict)
     journal: Journal = field(default_factory=Journal)
     posted: list[tuple[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self, initial: Budget) -> None:
+        self.ledger = Ledger(initial)
+
+    @property
+    def budget(self) -> Budget:
+        return self.ledger.budget
 
     def post(self, e: Entry, ev: Any) -> None:
         self.posted.append((e.manifest.name, ev))
@@ -94,7 +106,7 @@ def make_cell(root: Path, host: Host, m: Manifest) -> Path:
     for name, text in LEAF.items():
         (leaf / name).write_text(text)
     host.cells[m.name] = Entry(m)
-    host.budget = host.budget.admit(Request.from_manifest(m))
+    host.ledger.admit(Request.from_manifest(m))
     return leaf
 
 
@@ -186,7 +198,7 @@ def test_a_raise_the_budget_cannot_afford_is_refused_and_recorded(env: Any) -> N
     root, host, tuner, clock = env
     leaf = make_cell(root, host, manifest("a"))
     tuner.attach()
-    host.budget = host.budget.admit(Request("hog", host.budget.free))  # nothing left
+    host.ledger.admit(Request("hog", host.budget.free))  # nothing left
     tuner.observe("a", PressureTriggered("memory", clock.now))
     assert read(leaf, "memory.max") == str(8 * MiB)
     (refusal,) = tuner_events(host, "refused")
@@ -246,7 +258,7 @@ def test_escalated_cell_gets_no_tuner_change(env: Any) -> None:
     root, host, tuner, clock = env
     leaf = make_cell(root, host, manifest("a"))
     tuner.attach()
-    tuner.cells["a"].level = "throttled"
+    host.cells["a"].rung.level = "throttled"
     assert tuner.observe("a", PressureTriggered("memory", clock.now)) == []
     assert read(leaf, "memory.max") == str(8 * MiB)
 

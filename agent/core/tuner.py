@@ -31,11 +31,12 @@ Rules (numbers in :class:`TunerConfig`, reasons in docs/tuner.md):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from agent.core.budget import Amount, Budget
 from agent.core.errors import ConfigError, RefusedError
+from agent.core.lowering import Lowering, PendingLower, Phase, Step, Watch
 from agent.core.manifest import MIN_CPU_MAX, Resources
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "Commit",
     "MemoryEvents",
     "Observation",
-    "PendingLower",
     "PinRefused",
     "PressureTriggered",
     "RecordRefusal",
@@ -60,7 +60,6 @@ __all__ = [
     "TunerConfig",
     "TunerState",
     "Verdict",
-    "Watch",
     "check_pin",
     "commitment",
     "decide",
@@ -266,25 +265,6 @@ class PinRefused(RefusedError):
 # -- state ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class PendingLower:
-    """Phase 1 of a memory lowering: ``memory.high`` is lowered, ``memory.max`` not yet."""
-
-    prev_high: int
-    prev_max: int
-    new_max: int
-    samples: int = 0
-
-
-@dataclass(frozen=True)
-class Watch:
-    """After ``memory.max`` was lowered: trouble before ``until`` restores ``prev``."""
-
-    prev_high: int
-    prev_max: int
-    until: float
-
-
-@dataclass(frozen=True)
 class TunerState:
     cell: str
     size: Size
@@ -292,11 +272,27 @@ class TunerState:
     pinned: bool = False
     cpu_idle: int = 0                # consecutive idle samples
     memory_idle: int = 0
-    pending: PendingLower | None = None
-    watch: Watch | None = None
-    cooldown_until: float = float("-inf")
+    lowering: Lowering = field(default_factory=Lowering)  # agent.core.lowering's phase
     events: MemoryEvents | None = None
     last_sample: Sample | None = None
+
+    @property
+    def pending(self) -> PendingLower | None:
+        return self.lowering.pending
+
+    @property
+    def watch(self) -> Watch | None:
+        return self.lowering.watch
+
+    @property
+    def cooldown_until(self) -> float:
+        return self.lowering.cooldown_until
+
+    def lower(self, step: Step, *, pending: PendingLower | None = None,
+              watch: Watch | None = None, cooldown_until: float | None = None) -> TunerState:
+        """The state after one step of the lowering machine (LoweringError if illegal)."""
+        return replace(self, lowering=self.lowering.step(
+            self.cell, step, pending=pending, watch=watch, cooldown_until=cooldown_until))
 
 
 def high_for(memory_max: int, bounds: Bounds, config: TunerConfig) -> int:
@@ -325,7 +321,7 @@ def start(cell: str, bounds: Bounds, pids: int, config: TunerConfig = TunerConfi
 
 def settled(state: TunerState, now: float) -> bool:
     """No lowering in flight and none that may still roll back: freed budget may go."""
-    return state.pending is None and (state.watch is None or now > state.watch.until)
+    return not state.lowering.in_flight(now)
 
 
 def wants_samples(state: TunerState, bounds: Bounds) -> bool:
@@ -338,7 +334,7 @@ def wants_samples(state: TunerState, bounds: Bounds) -> bool:
     the tuner for it.  (A kernel without triggers samples every cell: agent.tunerd.)"""
     if state.pinned:
         return False
-    if state.pending is not None:
+    if state.lowering.phase is Phase.RECLAIMING:
         return True
     return state.size.cpu > bounds.cpu_lo or state.size.memory_max > bounds.memory_lo
 
@@ -358,7 +354,7 @@ def next_interval(interval: float, before: TunerState, after: TunerState, acted:
     to happen), doubled up to ``ceiling`` while they do not (a busy cell above its
     floor, or an idle one whose use keeps it where it is).  Any trigger or memory event
     brings the cell back to ``base`` (agent.tunerd)."""
-    progress = (acted or after.pending is not None
+    progress = (acted or after.lowering.phase is Phase.RECLAIMING
                 or (after.cpu_idle > before.cpu_idle and after.size.cpu > bounds.cpu_lo)
                 or (after.memory_idle > before.memory_idle
                     and _memory_room(after, bounds, config)))
@@ -403,7 +399,7 @@ def _raise(state: TunerState, resource: Resource, reason: str, bounds: Bounds,
             return state, []
         return _grow(state, replace(s, cpu=new), "cpu", reason, budget,
                      [SetCpuMax(cell, reason, s.cpu, new)])
-    if state.pending is not None or (state.watch is not None and now <= state.watch.until):
+    if state.lowering.in_flight(now):
         return _rollback(state, reason, config, now)
     new_max = _up(s.memory_max, bounds.memory_lo, bounds.memory_hi, config)
     new_high = high_for(new_max, bounds, config)
@@ -415,7 +411,7 @@ def _raise(state: TunerState, resource: Resource, reason: str, bounds: Bounds,
     if not changes:
         return state, []
     size = replace(s, memory_high=max(new_high, s.memory_high), memory_max=new_max)
-    return _grow(replace(state, watch=None), size, "memory", reason, budget, changes)
+    return _grow(state, size, "memory", reason, budget, changes)
 
 
 def _rollback(state: TunerState, why: str, config: TunerConfig, now: float
@@ -432,8 +428,9 @@ def _rollback(state: TunerState, why: str, config: TunerConfig, now: float
         actions.append(SetMemoryHigh(cell, reason, s.memory_high, prev.prev_high))
     size = replace(s, memory_high=max(s.memory_high, prev.prev_high),
                    memory_max=max(s.memory_max, prev.prev_max))
-    return replace(state, size=size, pending=None, watch=None, memory_idle=0, cpu_idle=0,
-                   cooldown_until=now + config.cooldown_s), actions
+    step = Step.GIVE_UP if why == "not-reclaimed" else Step.TROUBLE
+    state = state.lower(step, cooldown_until=now + config.cooldown_s)
+    return replace(state, size=size, memory_idle=0, cpu_idle=0), actions
 
 
 def _on_events(state: TunerState, ev: MemoryEvents, bounds: Bounds, budget: BudgetView,
@@ -446,7 +443,8 @@ def _on_events(state: TunerState, ev: MemoryEvents, bounds: Bounds, budget: Budg
     if any(v < 0 for v in delta.values()):
         return state, []  # counters went back: the cgroup was re-created; new baseline
     trouble = [k for k in ("max", "oom", "oom_kill") if delta[k] > 0]
-    if delta["high"] > 0 and state.pending is None:  # phase 1 throttles at high on purpose
+    if delta["high"] > 0 and state.lowering.phase is not Phase.RECLAIMING:
+        # (phase 1 throttles at memory.high on purpose)
         trouble.insert(0, "high")
     if not trouble:
         return state, []
@@ -463,8 +461,8 @@ def _lower_memory(state: TunerState, cur: int, bounds: Bounds, config: TunerConf
     if new_max >= s.memory_max or new_high >= s.memory_high:
         return replace(state, memory_idle=0), []
     pending = PendingLower(s.memory_high, s.memory_max, new_max)
-    return (replace(state, size=replace(s, memory_high=new_high), pending=pending,
-                    memory_idle=0),
+    return (replace(state.lower(Step.LOWER_HIGH, pending=pending),
+                    size=replace(s, memory_high=new_high), memory_idle=0),
             [SetMemoryHigh(state.cell, "idle", s.memory_high, new_high)])
 
 
@@ -482,13 +480,14 @@ def _on_sample(state: TunerState, smp: Sample, bounds: Bounds, budget: BudgetVie
         if cur <= state.size.memory_high:
             new_max = max(p.new_max, cur)
             actions.append(SetMemoryMax(state.cell, "reclaimed", state.size.memory_max, new_max))
-            state = replace(state, size=replace(state.size, memory_max=new_max), pending=None,
-                            watch=Watch(p.prev_high, p.prev_max, now + config.watch_s))
+            state = replace(state.lower(Step.RECLAIMED,
+                                        watch=Watch(p.prev_high, p.prev_max, now + config.watch_s)),
+                            size=replace(state.size, memory_max=new_max))
         elif p.samples + 1 >= config.reclaim_wait_samples:
             state, undo = _rollback(state, "not-reclaimed", config, now)
             actions += undo
         else:
-            state = replace(state, pending=replace(p, samples=p.samples + 1))
+            state = state.lower(Step.WAIT, pending=replace(p, samples=p.samples + 1))
     # A sample under pressure raises (kernels without triggers, missed triggers).
     busy: set[Resource] = set()
     checks: tuple[tuple[Resource, float], ...] = (("memory", smp.memory_some_avg10),
@@ -531,6 +530,8 @@ def _on_sample(state: TunerState, smp: Sample, bounds: Bounds, budget: BudgetVie
 def decide(state: TunerState, obs: Observation, bounds: Bounds, budget: BudgetView,
            now: float, config: TunerConfig = TunerConfig()) -> tuple[TunerState, list[Action]]:
     """One step of the tuner; see the module docstring for the rules."""
+    at = obs.at if isinstance(obs, Sample | MemoryEvents) else now
+    state = replace(state, lowering=state.lowering.expire(state.cell, at))
     if isinstance(obs, Sample):
         return _on_sample(state, obs, bounds, budget, config)
     if isinstance(obs, MemoryEvents):
@@ -575,8 +576,8 @@ def pin(state: TunerState, size: Size, bounds: Bounds, budget: BudgetView
         held = held + need
         actions.append(Commit(cell, "pin", state.held, held))
     actions.append(SetLimits(cell, "pin", state.size, size))
-    return replace(state, size=size, held=held, pinned=True, pending=None, watch=None,
-                   cpu_idle=0, memory_idle=0), actions
+    return replace(state.lower(Step.PIN), size=size, held=held, pinned=True, cpu_idle=0,
+                   memory_idle=0), actions
 
 
 def unpin(state: TunerState) -> TunerState:

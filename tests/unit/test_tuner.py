@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import cbor2
 import pytest
@@ -11,6 +12,16 @@ from hypothesis import strategies as st
 
 from agent.core.budget import Amount, Budget, Request
 from agent.core.errors import ConfigError
+from agent.core.lowering import (
+    TRANSITIONS,
+    Lowering,
+    LoweringError,
+    PendingLower,
+    Phase,
+    Step,
+    Watch,
+    render_mermaid,
+)
 from agent.core.manifest import Resources
 from agent.core.tuner import (
     Action,
@@ -18,7 +29,6 @@ from agent.core.tuner import (
     BudgetGate,
     Commit,
     MemoryEvents,
-    PendingLower,
     PinRefused,
     PressureTriggered,
     RecordRefusal,
@@ -430,6 +440,9 @@ def test_invariants_over_random_observations(
                 since[res] = 0
             if a.reason.startswith("rollback"):
                 cooldown_from = t
+        # The lowering's phase holds exactly its data.
+        assert (s.lowering.phase is Phase.RECLAIMING) == (s.pending is not None)
+        assert (s.lowering.phase is Phase.WATCHING) == (s.watch is not None)
         # The state mirrors the kernel, and admission always holds at least the size.
         assert (s.size.cpu, s.size.memory_high, s.size.memory_max) == (
             kernel["cpu"], kernel["high"], kernel["max"])
@@ -446,7 +459,7 @@ def test_a_cell_at_its_lower_bounds_or_pinned_wants_no_samples() -> None:
     assert not wants_samples(replace(big(), pinned=True), B)
     # a lowering in flight needs its phase-2 sample even at the bounds
     pending = PendingLower(low.size.memory_high, low.size.memory_max, low.size.memory_max)
-    assert wants_samples(replace(low, pending=pending), B)
+    assert wants_samples(replace(low, lowering=Lowering(Phase.RECLAIMING, pending)), B)
 
 
 def test_a_raise_makes_a_quiet_cell_want_samples_again() -> None:
@@ -494,3 +507,49 @@ def test_a_growing_working_set_is_not_idle_however_far_below_its_limit() -> None
         if acts:
             break
     assert any(isinstance(a, SetMemoryHigh) and a.reason == "idle" for a in acts)
+
+
+# -- the lowering's state machine (agent.core.lowering) ----------------------------------------
+
+def test_every_phase_is_reachable_and_every_step_used() -> None:
+    assert {p for (p, _) in TRANSITIONS} | set(TRANSITIONS.values()) == set(Phase)
+    assert {s for (_, s) in TRANSITIONS} == set(Step)
+
+
+@pytest.mark.parametrize(("phase", "step"), [(p, s) for p in Phase for s in Step
+                                              if (p, s) not in TRANSITIONS])
+def test_an_illegal_step_is_named_and_changes_nothing(phase: Phase, step: Step) -> None:
+    pending = PendingLower(1, 2, 1) if phase is Phase.RECLAIMING else None
+    watch = Watch(1, 2, 10.0) if phase is Phase.WATCHING else None
+    low = Lowering(phase, pending, watch, 5.0)
+    with pytest.raises(LoweringError) as info:
+        low.step("web", step)
+    assert info.value.code == "E_STATE" and step.value in info.value.message
+    assert phase.value in info.value.message and low == Lowering(phase, pending, watch, 5.0)
+
+
+def test_a_watch_and_a_cooldown_expire_with_time_only() -> None:
+    w = Lowering(Phase.WATCHING, watch=Watch(1, 2, 10.0))
+    assert w.expire("c", 10.0) == w and w.in_flight(10.0)
+    assert w.expire("c", 10.5).phase is Phase.STEADY and not w.in_flight(10.5)
+    c = Lowering(Phase.COOLDOWN, cooldown_until=20.0)
+    assert c.expire("c", 19.9) == c and c.expire("c", 20.0).phase is Phase.STEADY
+
+
+def test_a_lowering_walks_the_table_through_the_tuner() -> None:
+    s, gate = big(), Gate()
+    s, t, _ = idle_until_lowered(s, 0.0, 40 * MiB, gate)
+    assert s.lowering.phase is Phase.RECLAIMING
+    s, _ = decide(s, sample(t + 10, 40 * MiB), B, gate, t + 10)
+    assert s.lowering.phase is Phase.WATCHING
+    s, _ = decide(s, MemoryEvents(0, 0, 0, 0, t + 11), B, gate, t + 11)
+    s, acts = decide(s, MemoryEvents(0, 1, 0, 0, t + 12), B, gate, t + 12)
+    assert acts and s.lowering.phase is Phase.COOLDOWN
+    s, _ = decide(s, sample(t + 13 + CFG.cooldown_s, 40 * MiB), B, gate, t + 13 + CFG.cooldown_s)
+    assert s.lowering.phase is Phase.STEADY
+
+
+def test_docs_draw_the_lowering_table() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs/tuner.md").read_text()
+    assert render_mermaid() in doc, (
+        "docs/tuner.md is stale: paste the output of `python -m agent.core.lowering`")

@@ -1,69 +1,69 @@
 """The cell lifecycle (design step I): one state machine, one table, no I/O.
 
-Everything that decides what happens to a cell lives here, h11-style:
-:data:`TRANSITIONS` maps ``(State, Event)`` to the next state, or to a :class:`Choice`
-whose outcome a named rule (the restart policy, whether the cell holds kernel objects)
-decides from the cell record.  :func:`transition` is a pure function::
+Everything that decides what happens to a cell lives here, h11-style.
+:data:`TRANSITIONS` maps ``(State, Event)`` to a :class:`Rule`: the next state (or a
+:class:`Choice` of states a named rule picks from, the restart policy or whether the
+cell holds kernel objects) and the *action* that says what the step changes in the
+record and which effects it has.  :func:`transition` is a pure function::
 
     transition(cell, event, now) -> (new_cell, effects)
 
 It raises :class:`LifecycleError` (``E_STATE``) for a pair the table does not have; the
 caller's record is untouched (it is frozen).  *Effects* are small frozen objects the
 daemon carries out: run a plan, signal the service, arm or cancel a restart timer,
-give back the budget, publish an event.  docs/lifecycle.md explains each state and
-embeds the diagram :func:`render_mermaid` draws from the table.
+give back the budget, publish an event.
+
+The rules the cell manager follows beside the table live here too: which events a plan
+produces (:data:`PLAN_EVENTS`), what adoption after a restart feeds (:func:`adoption`),
+when a record is forgotten (:func:`forgotten`), and the sets of states the manager asks
+about (a request still in flight, a cell in the firewall rules, a cell on its way out).
+docs/lifecycle.md explains each state and embeds the diagram :func:`render_mermaid`
+draws from the table.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from agent.core.cell import (
+    CancelRestart,
+    Cell,
+    CellPolicy,
+    Effect,
+    Exit,
+    Publish,
+    Release,
+    RunPlan,
+    ScheduleRestart,
+    State,
+    StopService,
+)
 from agent.core.errors import StateError
-from agent.core.manifest import Lifecycle, Manifest
 
 __all__ = [
-    "DEFAULT_STABLE_MS",
-    "DEFAULT_STOP_GRACE_MS",
+    "HOLDS_TABLE",
+    "IN_FIREWALL",
+    "IN_FLIGHT",
+    "LEAVING",
+    "LIVE",
+    "PLAN_EVENTS",
     "TRANSITIONS",
-    "CancelRestart",
-    "Cell",
-    "CellPolicy",
     "Choice",
-    "Effect",
     "Event",
-    "Exit",
     "LifecycleError",
-    "Publish",
-    "Release",
-    "RunPlan",
-    "ScheduleRestart",
-    "State",
-    "StopService",
+    "PlanEvents",
+    "Rule",
+    "adoption",
     "allowed_events",
     "backoff_delay_ms",
+    "forgotten",
     "render_dot",
     "render_mermaid",
     "transition",
 ]
-
-DEFAULT_STABLE_MS = 10_000  # a run at least this long (and >= backoff max) resets the backoff
-DEFAULT_STOP_GRACE_MS = 5_000  # SIGTERM, then SIGKILL of the whole cgroup after this
-
-
-class State(enum.Enum):
-    REQUESTED = "requested"  # a valid run request, not yet admitted
-    ADMITTED = "admitted"  # budget and address held; a create or restart plan is due
-    CREATING = "creating"  # the plan is running
-    RUNNING = "running"  # the service is alive
-    EXITED = "exited"  # the service ended; the cell is kept (destroy_on_exit = false)
-    BACKOFF = "backoff"  # the service ended; a restart is scheduled
-    STOPPING = "stopping"  # asked to stop; waiting for the service (or plan) to end
-    DESTROYING = "destroying"  # the destroy plan is running
-    DESTROYED = "destroyed"  # nothing of the cell is left (terminal)
-    FAILED = "failed"  # refused, or creation/destruction failed; see Cell.error
 
 
 class Event(enum.Enum):
@@ -80,6 +80,41 @@ class Event(enum.Enum):
     ADOPTED = "adopted"  # agentd restarted and re-established this cell (see docs)
 
 
+# -- one step ------------------------------------------------------------------------------
+
+
+class _Step:
+    """What one transition changes in the record, the effects and the event's attributes."""
+
+    def __init__(self, cell: Cell, exit_: Exit | None, now: float) -> None:
+        self.cell = cell
+        self.exit = exit_
+        self.now = now
+        self.changes: dict[str, Any] = {}
+        self.effects: list[Effect] = []
+        self.attrs: dict[str, Any] = {}
+
+    def release(self) -> None:
+        if self.cell.holds_budget:
+            self.effects.append(Release())
+            self.changes["holds_budget"] = False
+
+    def plan(self, purpose: Literal["create", "restart", "destroy"]) -> None:
+        self.effects.append(RunPlan(purpose, self.cell.generation))
+
+    def stop_service(self) -> None:
+        self.effects.append(StopService(self.cell.policy.stop_grace_ms / 1000))
+
+    def ended(self) -> Exit:
+        ex = self.exit if self.exit is not None else Exit()
+        self.changes["last_exit"] = ex
+        self.attrs.update(code=ex.code, signal=ex.signal)
+        return ex
+
+
+Action = Callable[[_Step], "State | None"]  # None: the rule's fixed target
+
+
 @dataclass(frozen=True)
 class Choice:
     """A transition whose target a named rule picks from ``targets``."""
@@ -88,43 +123,176 @@ class Choice:
     targets: tuple[State, ...]
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One entry of the table: where the step goes and the action that makes it."""
+
+    to: State | Choice
+    act: Action
+
+    @property
+    def targets(self) -> tuple[State, ...]:
+        return self.to.targets if isinstance(self.to, Choice) else (self.to,)
+
+
+def backoff_delay_ms(policy: CellPolicy, streak: int) -> int:
+    """Wait before restart number ``streak + 1`` since the last stable run:
+    ``initial * 2**streak``, capped at ``max``."""
+    return int(min(policy.backoff_max_ms, policy.backoff_initial_ms * 2 ** min(streak, 40)))
+
+
+# -- the actions (each a step of the table; its name is the rule it follows) ---------------
+
+def _nothing(st: _Step) -> None:
+    return None
+
+
+def _admit(st: _Step) -> None:
+    st.changes["holds_budget"] = True
+    st.plan("create")
+
+
+def _refuse(st: _Step) -> None:
+    st.release()
+
+
+def _begin_plan(st: _Step) -> None:
+    st.changes["generation"] = st.cell.generation + 1
+
+
+def _plan_done(st: _Step) -> None:
+    st.changes.update(provisioned=True, started_at=st.now, error=None)
+
+
+def _plan_done_stop(st: _Step) -> None:
+    """The stop came while the plan ran: stop what it started."""
+    _plan_done(st)
+    st.stop_service()
+
+
+def _restart_policy(st: _Step, ex: Exit, ran: bool) -> State:
+    """The service ended (``ran``) or its restart plan failed: restart, destroy or keep."""
+    c, p = st.cell, st.cell.policy
+    if p.restart == "always" or (p.restart == "on-failure" and ex.failed):
+        # Milliseconds, rounded: a float difference of clock readings must not make a
+        # run of exactly stable_ms count as shorter (10.000 s - 1e-12).
+        stable = (ran and c.started_at is not None
+                  and round((st.now - c.started_at) * 1000) >= p.stable_ms)
+        streak = 0 if stable else c.streak
+        delay = backoff_delay_ms(p, streak)
+        at = st.now + delay / 1000
+        st.changes.update(streak=streak + 1, restarts=c.restarts + 1, restart_at=at)
+        st.effects.append(ScheduleRestart(at, c.generation))
+        st.attrs["delay_ms"] = delay
+        return State.BACKOFF
+    if p.destroy_on_exit:
+        st.plan("destroy")
+        return State.DESTROYING
+    return State.EXITED
+
+
+def _service_ended(st: _Step) -> State:
+    return _restart_policy(st, st.ended(), ran=True)
+
+
+def _stopped(st: _Step) -> None:
+    st.ended()
+    st.plan("destroy")
+
+
+def _create_failed(st: _Step) -> State:
+    if not st.cell.provisioned:  # the executor undid the create plan: nothing is left
+        st.release()
+        return State.FAILED
+    return _restart_policy(st, Exit(), ran=False)  # a restart plan failed
+
+
+def _holds(st: _Step) -> State:
+    """Destroy what may exist; with nothing in the kernel, just release the budget."""
+    if st.cell.provisioned:
+        st.plan("destroy")
+        return State.DESTROYING
+    st.release()
+    return State.DESTROYED
+
+
+def _stop_running(st: _Step) -> None:
+    st.stop_service()
+
+
+def _destroy(st: _Step) -> None:
+    st.plan("destroy")
+
+
+def _cancel_and_destroy(st: _Step) -> None:
+    st.changes["restart_at"] = None
+    st.effects.append(CancelRestart())
+    st.plan("destroy")
+
+
+def _restart(st: _Step) -> None:
+    st.changes["restart_at"] = None
+    st.plan("restart")
+
+
+def _destroyed(st: _Step) -> None:
+    st.changes["provisioned"] = False
+    st.release()
+
+
+def _adopt_creating(st: _Step) -> None:
+    """The plan ran to its end before agentd died (its pid 1 lives): it is running."""
+    st.changes.update(provisioned=True, started_at=st.now)
+
+
+def _adopt_admitted(st: _Step) -> None:
+    st.plan("restart" if st.cell.provisioned else "create")
+
+
+def _adopt_backoff(st: _Step) -> None:
+    if st.cell.restart_at is not None:
+        st.effects.append(ScheduleRestart(st.cell.restart_at, st.cell.generation))
+
+
+# -- the whole machine ---------------------------------------------------------------------
+
 S, E = State, Event
 _ON_EXIT = Choice("restart policy", (S.BACKOFF, S.DESTROYING, S.EXITED))
 _HOLDS = Choice("holds kernel objects", (S.DESTROYING, S.DESTROYED))
 _CREATE_FAILED = Choice("first run, or restart policy",
                         (S.FAILED, S.BACKOFF, S.DESTROYING, S.EXITED))
 
-# The whole machine.  A pair that is not here is illegal (LifecycleError).
-TRANSITIONS: dict[tuple[State, Event], State | Choice] = {
-    (S.REQUESTED, E.ADMIT): S.ADMITTED,
-    (S.REQUESTED, E.REFUSE): S.FAILED,
-    (S.REQUESTED, E.STOP_REQUESTED): S.DESTROYED,
-    (S.ADMITTED, E.PLAN_START): S.CREATING,
-    (S.ADMITTED, E.STOP_REQUESTED): _HOLDS,
-    (S.ADMITTED, E.ADOPTED): S.ADMITTED,
-    (S.CREATING, E.PLAN_DONE): S.RUNNING,
-    (S.CREATING, E.PLAN_FAILED): _CREATE_FAILED,
-    (S.CREATING, E.STOP_REQUESTED): S.STOPPING,
-    (S.CREATING, E.ADOPTED): S.RUNNING,
-    (S.RUNNING, E.SERVICE_EXITED): _ON_EXIT,
-    (S.RUNNING, E.STOP_REQUESTED): S.STOPPING,
-    (S.RUNNING, E.ADOPTED): S.RUNNING,
-    (S.EXITED, E.STOP_REQUESTED): S.DESTROYING,
-    (S.EXITED, E.ADOPTED): S.EXITED,
-    (S.BACKOFF, E.RESTART_DUE): S.ADMITTED,
-    (S.BACKOFF, E.STOP_REQUESTED): S.DESTROYING,
-    (S.BACKOFF, E.ADOPTED): S.BACKOFF,
-    (S.STOPPING, E.SERVICE_EXITED): S.DESTROYING,
-    (S.STOPPING, E.PLAN_DONE): S.STOPPING,
-    (S.STOPPING, E.PLAN_FAILED): _HOLDS,
-    (S.STOPPING, E.STOP_REQUESTED): S.STOPPING,
-    (S.STOPPING, E.ADOPTED): S.STOPPING,
-    (S.DESTROYING, E.DESTROY_DONE): S.DESTROYED,
-    (S.DESTROYING, E.DESTROY_FAILED): S.FAILED,
-    (S.DESTROYING, E.STOP_REQUESTED): S.DESTROYING,
-    (S.DESTROYING, E.ADOPTED): S.DESTROYING,
-    (S.FAILED, E.STOP_REQUESTED): _HOLDS,
-    (S.FAILED, E.ADOPTED): S.FAILED,
+# A pair that is not here is illegal (LifecycleError).
+TRANSITIONS: dict[tuple[State, Event], Rule] = {
+    (S.REQUESTED, E.ADMIT): Rule(S.ADMITTED, _admit),
+    (S.REQUESTED, E.REFUSE): Rule(S.FAILED, _refuse),
+    (S.REQUESTED, E.STOP_REQUESTED): Rule(S.DESTROYED, _nothing),
+    (S.ADMITTED, E.PLAN_START): Rule(S.CREATING, _begin_plan),
+    (S.ADMITTED, E.STOP_REQUESTED): Rule(_HOLDS, _holds),
+    (S.ADMITTED, E.ADOPTED): Rule(S.ADMITTED, _adopt_admitted),
+    (S.CREATING, E.PLAN_DONE): Rule(S.RUNNING, _plan_done),
+    (S.CREATING, E.PLAN_FAILED): Rule(_CREATE_FAILED, _create_failed),
+    (S.CREATING, E.STOP_REQUESTED): Rule(S.STOPPING, _nothing),  # the plan goes on
+    (S.CREATING, E.ADOPTED): Rule(S.RUNNING, _adopt_creating),
+    (S.RUNNING, E.SERVICE_EXITED): Rule(_ON_EXIT, _service_ended),
+    (S.RUNNING, E.STOP_REQUESTED): Rule(S.STOPPING, _stop_running),
+    (S.RUNNING, E.ADOPTED): Rule(S.RUNNING, _nothing),
+    (S.EXITED, E.STOP_REQUESTED): Rule(S.DESTROYING, _destroy),
+    (S.EXITED, E.ADOPTED): Rule(S.EXITED, _nothing),
+    (S.BACKOFF, E.RESTART_DUE): Rule(S.ADMITTED, _restart),
+    (S.BACKOFF, E.STOP_REQUESTED): Rule(S.DESTROYING, _cancel_and_destroy),
+    (S.BACKOFF, E.ADOPTED): Rule(S.BACKOFF, _adopt_backoff),
+    (S.STOPPING, E.SERVICE_EXITED): Rule(S.DESTROYING, _stopped),
+    (S.STOPPING, E.PLAN_DONE): Rule(S.STOPPING, _plan_done_stop),
+    (S.STOPPING, E.PLAN_FAILED): Rule(_HOLDS, _holds),
+    (S.STOPPING, E.STOP_REQUESTED): Rule(S.STOPPING, _nothing),  # already on its way out
+    (S.STOPPING, E.ADOPTED): Rule(S.STOPPING, _stop_running),
+    (S.DESTROYING, E.DESTROY_DONE): Rule(S.DESTROYED, _destroyed),
+    (S.DESTROYING, E.DESTROY_FAILED): Rule(S.FAILED, _nothing),
+    (S.DESTROYING, E.STOP_REQUESTED): Rule(S.DESTROYING, _nothing),
+    (S.DESTROYING, E.ADOPTED): Rule(S.DESTROYING, _destroy),
+    (S.FAILED, E.STOP_REQUESTED): Rule(_HOLDS, _holds),
+    (S.FAILED, E.ADOPTED): Rule(S.FAILED, _nothing),
 }
 
 
@@ -144,267 +312,6 @@ class LifecycleError(StateError):
                          f"state {state.name}", f"in {state.name} the cell accepts {ok}")
 
 
-# -- records -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CellPolicy:
-    """What the lifecycle needs from the manifest, plus two agent-wide durations."""
-
-    mode: Literal["oneshot", "service"] = "service"
-    restart: Literal["no", "on-failure", "always"] = "on-failure"
-    backoff_initial_ms: int = 1000
-    backoff_max_ms: int = 60_000
-    destroy_on_exit: bool = True
-    stable_ms: int = DEFAULT_STABLE_MS
-    stop_grace_ms: int = DEFAULT_STOP_GRACE_MS
-
-    @classmethod
-    def from_manifest(cls, m: Manifest | Lifecycle, *, stop_grace_ms: int = DEFAULT_STOP_GRACE_MS
-                      ) -> CellPolicy:
-        """``stable_ms`` is max(DEFAULT_STABLE_MS, backoff max): a run that outlasts the
-        longest wait shows the service is healthy again."""
-        lc = m.lifecycle if isinstance(m, Manifest) else m
-        return cls(lc.mode, lc.restart, lc.backoff_initial_ms, lc.backoff_max_ms,
-                   lc.destroy_on_exit, max(DEFAULT_STABLE_MS, lc.backoff_max_ms), stop_grace_ms)
-
-
-@dataclass(frozen=True)
-class Exit:
-    """How pid 1 of a cell ended; both None: unknown (e.g. found dead after a restart)."""
-
-    code: int | None = None
-    signal: int | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.code != 0 or self.signal is not None
-
-    def __str__(self) -> str:
-        if self.signal is not None:
-            return f"killed by signal {self.signal}"
-        return "exit status unknown" if self.code is None else f"exit code {self.code}"
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One cell's lifecycle record (what the journal keeps; times are the caller's clock)."""
-
-    name: str
-    policy: CellPolicy
-    state: State = State.REQUESTED
-    generation: int = 0  # plans started (PLAN_START): one per run of the service
-    restarts: int = 0  # restarts scheduled in the cell's life
-    streak: int = 0  # restarts since the last stable run: drives the backoff
-    provisioned: bool = False  # cgroup, netns, link... may exist: destroy before forgetting
-    holds_budget: bool = False  # admission budget and address lease not yet released
-    last_exit: Exit | None = None
-    error: str | None = None
-    created_at: float = 0.0
-    changed_at: float = 0.0
-    started_at: float | None = None  # the last PLAN_DONE
-    restart_at: float | None = None  # while in BACKOFF
-
-    @classmethod
-    def new(cls, name: str, policy: CellPolicy, now: float) -> Cell:
-        return cls(name, policy, created_at=now, changed_at=now)
-
-    def to_wire(self) -> dict[str, Any]:
-        d: dict[str, Any] = {k: getattr(self, k) for k in _PLAIN}
-        d["state"] = self.state.value
-        d["policy"] = {k: getattr(self.policy, k) for k in _POLICY}
-        d["last_exit"] = (None if self.last_exit is None
-                          else {"code": self.last_exit.code, "signal": self.last_exit.signal})
-        return d
-
-    @classmethod
-    def from_wire(cls, d: Mapping[str, Any]) -> Cell:
-        """Inverse of :meth:`to_wire`; ValueError/KeyError/TypeError on a malformed record."""
-        ex = d["last_exit"]
-        return cls(policy=CellPolicy(**{k: d["policy"][k] for k in _POLICY}),
-                   state=State(d["state"]),
-                   last_exit=None if ex is None else Exit(ex["code"], ex["signal"]),
-                   **{k: d[k] for k in _PLAIN})
-
-
-_PLAIN = ("name", "generation", "restarts", "streak", "provisioned", "holds_budget", "error",
-          "created_at", "changed_at", "started_at", "restart_at")
-_POLICY = ("mode", "restart", "backoff_initial_ms", "backoff_max_ms", "destroy_on_exit",
-           "stable_ms", "stop_grace_ms")
-
-
-# -- effects -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Build and run the cell's plan (agent.planner) with the executor."""
-
-    purpose: Literal["create", "restart", "destroy"]
-    generation: int
-
-
-@dataclass(frozen=True)
-class StopService:
-    """SIGTERM pid 1; after ``grace`` seconds kill the cell's cgroup.  SERVICE_EXITED follows."""
-
-    grace: float
-
-
-@dataclass(frozen=True)
-class ScheduleRestart:
-    """Feed RESTART_DUE at ``at``; drop it if the cell's generation has moved on."""
-
-    at: float
-    generation: int
-
-
-@dataclass(frozen=True)
-class CancelRestart:
-    """Disarm the cell's restart timer."""
-
-
-@dataclass(frozen=True)
-class Release:
-    """Give back what ADMIT took: the admission budget and the address lease."""
-
-
-@dataclass(frozen=True)
-class Publish:
-    """An event for the bus: channel ``lifecycle``, this kind, these attributes."""
-
-    kind: str
-    attrs: tuple[tuple[str, Any], ...] = ()
-    severity: Literal["info", "notice", "alert"] = "info"
-
-    def attrs_dict(self) -> dict[str, Any]:
-        return dict(self.attrs)
-
-
-Effect = RunPlan | StopService | ScheduleRestart | CancelRestart | Release | Publish
-
-
-# -- the machine ---------------------------------------------------------------------------
-
-
-def backoff_delay_ms(policy: CellPolicy, streak: int) -> int:
-    """Wait before restart number ``streak + 1`` since the last stable run:
-    ``initial * 2**streak``, capped at ``max``."""
-    return int(min(policy.backoff_max_ms, policy.backoff_initial_ms * 2 ** min(streak, 40)))
-
-
-class _Step:
-    """Builds the outcome of one transition."""
-
-    def __init__(self, cell: Cell) -> None:
-        self.cell = cell
-        self.changes: dict[str, Any] = {}
-        self.effects: list[Effect] = []
-        self.attrs: dict[str, Any] = {}
-
-    def release(self) -> None:
-        if self.cell.holds_budget:
-            self.effects.append(Release())
-            self.changes["holds_budget"] = False
-
-
-def _after_end(st: _Step, ex: Exit, now: float, ran: bool) -> State:
-    """The restart policy: the service ended (``ran``) or its restart plan failed."""
-    c, p = st.cell, st.cell.policy
-    if p.restart == "always" or (p.restart == "on-failure" and ex.failed):
-        # Milliseconds, rounded: a float difference of clock readings must not make a
-        # run of exactly stable_ms count as shorter (10.000 s - 1e-12).
-        stable = (ran and c.started_at is not None
-                  and round((now - c.started_at) * 1000) >= p.stable_ms)
-        streak = 0 if stable else c.streak
-        delay = backoff_delay_ms(p, streak)
-        at = now + delay / 1000
-        st.changes.update(streak=streak + 1, restarts=c.restarts + 1, restart_at=at)
-        st.effects.append(ScheduleRestart(at, c.generation))
-        st.attrs["delay_ms"] = delay
-        return State.BACKOFF
-    if p.destroy_on_exit:
-        st.effects.append(RunPlan("destroy", c.generation))
-        return State.DESTROYING
-    return State.EXITED
-
-
-def _holds(st: _Step) -> State:
-    """Destroy what may exist; with nothing in the kernel, just release the budget."""
-    if st.cell.provisioned:
-        st.effects.append(RunPlan("destroy", st.cell.generation))
-        return State.DESTROYING
-    st.release()
-    return State.DESTROYED
-
-
-def _decide(st: _Step, ev: Event, ex: Exit | None, error: str | None, now: float) -> State:
-    c = st.cell
-    s = c.state
-    if error is not None:
-        st.changes["error"] = error
-        st.attrs["error"] = error
-    if ev is E.ADMIT:
-        st.changes["holds_budget"] = True
-        st.effects.append(RunPlan("create", c.generation))
-    elif ev is E.REFUSE:
-        st.release()
-    elif ev is E.PLAN_START:
-        st.changes["generation"] = c.generation + 1
-    elif ev is E.PLAN_DONE:
-        st.changes.update(provisioned=True, started_at=now, error=None)
-        if s is S.STOPPING:  # the stop came while the plan ran: stop what it started
-            st.effects.append(StopService(c.policy.stop_grace_ms / 1000))
-    elif ev is E.PLAN_FAILED:
-        if s is S.STOPPING:
-            return _holds(st)
-        if not c.provisioned:  # the executor undid the create plan: nothing is left
-            st.release()
-            return S.FAILED
-        return _after_end(st, Exit(), now, ran=False)  # a restart plan failed
-    elif ev is E.SERVICE_EXITED:
-        exit_ = ex if ex is not None else Exit()
-        st.changes["last_exit"] = exit_
-        st.attrs.update(code=exit_.code, signal=exit_.signal)
-        if s is S.RUNNING:
-            return _after_end(st, exit_, now, ran=True)
-        st.effects.append(RunPlan("destroy", c.generation))
-    elif ev is E.STOP_REQUESTED:
-        if s in (S.STOPPING, S.DESTROYING):
-            return s  # already on its way out
-        if s is S.RUNNING:
-            st.effects.append(StopService(c.policy.stop_grace_ms / 1000))
-        elif s is S.BACKOFF:
-            st.changes["restart_at"] = None
-            st.effects += [CancelRestart(), RunPlan("destroy", c.generation)]
-        elif s is S.EXITED:
-            st.effects.append(RunPlan("destroy", c.generation))
-        elif s in (S.ADMITTED, S.FAILED):
-            return _holds(st)
-        elif s is S.REQUESTED:
-            return S.DESTROYED
-    elif ev is E.RESTART_DUE:
-        st.changes["restart_at"] = None
-        st.effects.append(RunPlan("restart", c.generation))
-    elif ev is E.DESTROY_DONE:
-        st.changes["provisioned"] = False
-        st.release()
-    elif ev is E.ADOPTED:
-        if s is S.CREATING:
-            st.changes.update(provisioned=True, started_at=now)
-        elif s is S.ADMITTED:
-            st.effects.append(RunPlan("restart" if c.provisioned else "create", c.generation))
-        elif s is S.BACKOFF and c.restart_at is not None:
-            st.effects.append(ScheduleRestart(c.restart_at, c.generation))
-        elif s is S.STOPPING:
-            st.effects.append(StopService(c.policy.stop_grace_ms / 1000))
-        elif s is S.DESTROYING:
-            st.effects.append(RunPlan("destroy", c.generation))
-    target = TRANSITIONS[(s, ev)]
-    assert isinstance(target, State), f"{s.name}/{ev.name} is a choice without a rule"
-    return target
-
-
 def transition(cell: Cell, event: Event | Exit, now: float, *, error: str | None = None
                ) -> tuple[Cell, tuple[Effect, ...]]:
     """Apply ``event`` to ``cell``.  An :class:`Exit` means SERVICE_EXITED with that status.
@@ -413,14 +320,18 @@ def transition(cell: Cell, event: Event | Exit, now: float, *, error: str | None
     Raises :class:`LifecycleError` for a pair not in :data:`TRANSITIONS`.
     """
     ev = E.SERVICE_EXITED if isinstance(event, Exit) else event
-    ex = event if isinstance(event, Exit) else None
-    target = TRANSITIONS.get((cell.state, ev))
-    if target is None:
+    rule = TRANSITIONS.get((cell.state, ev))
+    if rule is None:
         raise LifecycleError(cell.name, cell.state, ev)
-    st = _Step(cell)
-    new = _decide(st, ev, ex, error, now)
-    allowed = target.targets if isinstance(target, Choice) else (target,)
-    assert new in allowed, f"{cell.state.name}/{ev.name} chose {new.name}, not in {allowed}"
+    st = _Step(cell, event if isinstance(event, Exit) else None, now)
+    if error is not None:
+        st.changes["error"] = error
+        st.attrs["error"] = error
+    chosen = rule.act(st)
+    new = chosen if chosen is not None else rule.to
+    if not isinstance(new, State) or new not in rule.targets:
+        raise AssertionError(f"{cell.state.name}/{ev.name}: action {rule.act.__name__} "
+                             f"chose {new}, not one of {rule.targets}")
     if new is cell.state and not st.changes and not st.effects and ev is not E.ADOPTED:
         return cell, ()  # a repeated request: nothing to do, nothing to tell
     if new is not cell.state:
@@ -434,16 +345,67 @@ def transition(cell: Cell, event: Event | Exit, now: float, *, error: str | None
     return out, tuple(st.effects)
 
 
+# -- what the cell manager asks of the lifecycle -------------------------------------------
+
+# A run request waits while its cell is in one of these (it returns once the cell leaves).
+IN_FLIGHT = frozenset({S.REQUESTED, S.ADMITTED, S.CREATING})
+# The cell's address is in the firewall rules (it holds a lease and is not leaving)...
+IN_FIREWALL = frozenset({S.ADMITTED, S.CREATING, S.RUNNING, S.EXITED, S.BACKOFF,
+                         S.STOPPING})
+# ... and its netns holds its own table (the create plan applied it).
+HOLDS_TABLE = frozenset({S.RUNNING, S.EXITED, S.BACKOFF, S.STOPPING})
+# Torn down or gone: it holds no VLAN for others (the last cell of a VLAN takes the
+# VLAN's gateway with it).
+LEAVING = frozenset({S.STOPPING, S.DESTROYING, S.DESTROYED})
+# A pid 1 may be alive: adoption looks for the cell's processes.
+LIVE = frozenset({S.RUNNING, S.STOPPING, S.CREATING})
+
+
+def forgotten(cell: Cell) -> bool:
+    """The record can go (``cell-gone``): nothing of the cell is left, in the kernel or in
+    the budget."""
+    return cell.state is S.DESTROYED or (
+        cell.state is S.FAILED and not cell.provisioned and not cell.holds_budget)
+
+
+@dataclass(frozen=True)
+class PlanEvents:
+    """What the manager feeds around running one plan of a purpose."""
+
+    start: Event | None  # before the plan runs
+    done: Event
+    failed: Event
+
+
+PLAN_EVENTS: dict[str, PlanEvents] = {
+    "create": PlanEvents(E.PLAN_START, E.PLAN_DONE, E.PLAN_FAILED),
+    "restart": PlanEvents(E.PLAN_START, E.PLAN_DONE, E.PLAN_FAILED),
+    "destroy": PlanEvents(None, E.DESTROY_DONE, E.DESTROY_FAILED),
+}
+
+
+def adoption(cell: Cell, alive: bool, repaired: bool) -> tuple[tuple[Event, str | None], ...]:
+    """The events a restarted agentd feeds a journaled cell.  ``alive``: its processes
+    were found (and its pid 1 re-adopted); ``repaired``: its in-flight plan was undone."""
+    if cell.state is S.REQUESTED:  # never journaled by agentd (ADMIT comes first): drop it
+        return ((E.STOP_REQUESTED, None),)
+    if cell.state is S.CREATING and repaired and not alive:
+        return ((E.PLAN_FAILED, "agentd restarted during the plan; it was undone"),)
+    if cell.state in LIVE and not alive and cell.state is not S.STOPPING:
+        return ((E.ADOPTED, None), (E.STOP_REQUESTED, None))  # its processes are gone
+    return ((E.ADOPTED, None),)
+
+
 # -- drawing -------------------------------------------------------------------------------
 
 
 def _edges() -> list[tuple[State, State, str]]:
     out: list[tuple[State, State, str]] = []
-    for (s, e), t in TRANSITIONS.items():
-        if isinstance(t, Choice):
-            out += [(s, x, f"{e.name} ({t.rule})") for x in t.targets]
+    for (s, e), rule in TRANSITIONS.items():
+        if isinstance(rule.to, Choice):
+            out += [(s, x, f"{e.name} ({rule.to.rule})") for x in rule.to.targets]
         else:
-            out.append((s, t, e.name))
+            out.append((s, rule.to, e.name))
     return out
 
 

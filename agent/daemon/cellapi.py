@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.core import seccomp
+from agent.core.cell import State
 from agent.core.errors import AgentError
-from agent.core.lifecycle import State
 from agent.core.logbuf import Stream
 from agent.core.planner import cgroup_limits, filter_spec
 from agent.core.protocol import Handler, Peer, arg, check_args

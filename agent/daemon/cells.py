@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.core.budget import Amount, Ledger
+from agent.core.cell import Cell, Exit, State
 from agent.core.cellrecord import alloc_from_wire, pin_from_wire
 from agent.core.cgroup import CellStats
 from agent.core.errors import AgentError
-from agent.core.lifecycle import Cell, Event, Exit, State
+from agent.core.lifecycle import Event
 from agent.core.manifest import Manifest, manifest_from_dict
 from agent.core.planner import Allocation
 from agent.core.policy import Policy

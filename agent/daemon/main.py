@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.core.cell import State
 from agent.core.cellops import Paths
 from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
 from agent.core.errors import AgentError, ConfigError
-from agent.core.lifecycle import State
 from agent.core.policy import Policy, load_policy
 from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus

@@ -23,24 +23,34 @@ from typing import Any, Protocol
 from agent.core import cellrecord as cellstate
 from agent.core.addrpool import AddrPool, PoolConfig
 from agent.core.budget import Amount, Budget, HostPressure, Ledger, Request
-from agent.core.cellops import CellNet, Context, Paths
-from agent.core.cellrecord import reserve_amount
-from agent.core.config import AgentConfig
-from agent.core.errors import AgentError, NotFoundError, StateError
-from agent.core.firewall import CellFw
-from agent.core.lifecycle import (
+from agent.core.cell import (
     CancelRestart,
     Cell,
     CellPolicy,
-    Event,
     Exit,
-    LifecycleError,
     Publish,
     Release,
     RunPlan,
     ScheduleRestart,
     State,
     StopService,
+)
+from agent.core.cellops import CellNet, Context, Paths
+from agent.core.cellrecord import reserve_amount
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError, NotFoundError, StateError
+from agent.core.firewall import CellFw
+from agent.core.lifecycle import (
+    HOLDS_TABLE,
+    IN_FIREWALL,
+    IN_FLIGHT,
+    LEAVING,
+    LIVE,
+    PLAN_EVENTS,
+    Event,
+    LifecycleError,
+    adoption,
+    forgotten,
     transition,
 )
 from agent.core.logbuf import LogBuffer
@@ -61,12 +71,7 @@ from agent.kernel.nft import FirewallSync
 __all__ = ["CellManager", "ManagedSpawner"]
 
 log = logging.getLogger(__name__)
-_BUSY = (State.REQUESTED, State.ADMITTED, State.CREATING)
 _STATE_KINDS = (*(s.value for s in State), "adopted", "refused")
-# firewall: cells whose address is in the rules, and those whose netns holds their table
-_FW_CELLS = (State.ADMITTED, State.CREATING, State.RUNNING, State.EXITED, State.BACKOFF,
-             State.STOPPING)
-_FW_TABLES = (State.RUNNING, State.EXITED, State.BACKOFF, State.STOPPING)
 
 
 class ManagedSpawner(Protocol):
@@ -78,8 +83,6 @@ class ManagedSpawner(Protocol):
     def close(self) -> None: ...
 
 
-# States of a cell that is being torn down (or is gone): it holds no VLAN for others.
-_LEAVING = frozenset({State.STOPPING, State.DESTROYING, State.DESTROYED})
 
 class CellManager:
     """Owns the cells of one agentd.  ``make_spawner(on_exit)`` builds the spawner."""
@@ -240,7 +243,7 @@ class CellManager:
             if lease is not None:
                 self._record("lease", lease.to_wire())
             self.post(e, Event.ADMIT)
-            await self._wait(e, lambda c: c.state not in _BUSY)
+            await self._wait(e, lambda c: c.state not in IN_FLIGHT)
             if e.state is State.FAILED or e.state is State.DESTROYED:
                 raise e.last_error or StateError("E_STATE", f"cell {name} {e.state.value}")
             return e.summary()
@@ -310,8 +313,7 @@ class CellManager:
         e.cell = new
         if isinstance(ev, Exit):
             e.pid = None
-        gone = new.state is State.DESTROYED or (
-            new.state is State.FAILED and not new.provisioned and not new.holds_budget)
+        gone = forgotten(new)
         self._record("cell-gone" if gone else "cell",
                      {"name": e.name} if gone else e.to_record())
         plans: list[RunPlan] = []
@@ -380,7 +382,7 @@ class CellManager:
         """The networked cells the firewall rules are made for (None: no firewall)."""
         if self.firewall is None:
             return None
-        return [fw for x in self.cells.values() if x.name != exclude and x.state in _FW_CELLS
+        return [fw for x in self.cells.values() if x.name != exclude and x.state in IN_FIREWALL
                 and (fw := cell_firewall(x.manifest, x.alloc)) is not None]
 
     async def refresh_firewall(self) -> None:
@@ -389,7 +391,7 @@ class CellManager:
             return
         async with self._fw_lock:
             cells = self._fw_peers("") or []
-            tables = [x.name for x in self.cells.values() if x.state in _FW_TABLES]
+            tables = [x.name for x in self.cells.values() if x.state in HOLDS_TABLE]
             try:
                 errors = await asyncio.to_thread(self.firewall.refresh, cells, tables)
             except AgentError as exc:
@@ -410,7 +412,7 @@ class CellManager:
             plan = plan_destroy(e.manifest, self.config, e.alloc,
                                 last_on_vlan=self.remove_gateways and not any(
                                     x.alloc.vlan == e.alloc.vlan for x in self.cells.values()
-                                    if x is not e and x.state not in _LEAVING))
+                                    if x is not e and x.state not in LEAVING))
         else:
             if eff.purpose == "create":
                 plan = plan_create(e.manifest, e.alloc, self.config,
@@ -418,22 +420,20 @@ class CellManager:
                 e.plan_lines = plan.explain()
             else:
                 plan = plan_restart(e.manifest, e.alloc, self.config)
-            await self._apply(e, Event.PLAN_START)
+        events = PLAN_EVENTS[eff.purpose]
+        if events.start is not None:
+            await self._apply(e, events.start)
         try:
             undo = await asyncio.to_thread(self.executor.run, plan)
         except PlanError as exc:
             e.last_error = exc
-            failed = Event.DESTROY_FAILED if eff.purpose == "destroy" else Event.PLAN_FAILED
-            await self._apply(e, failed, exc.message)
+            await self._apply(e, events.failed, exc.message)
             await self.refresh_firewall()
             return
-        if eff.purpose == "destroy":
-            await self._apply(e, Event.DESTROY_DONE)
-            await self.refresh_firewall()
-            return
-        pid = undo[-1].get("pid") if undo else None
-        e.pid = pid if isinstance(pid, int) else None
-        await self._apply(e, Event.PLAN_DONE)
+        if eff.purpose != "destroy":
+            pid = undo[-1].get("pid") if undo else None
+            e.pid = pid if isinstance(pid, int) else None
+        await self._apply(e, events.done)
         await self.refresh_firewall()  # peers' tables and the host table learn the cell
 
     def service_exited(self, cell: str, pid: int, ex: Exit) -> None:
@@ -492,7 +492,7 @@ class CellManager:
             log.error("VLAN gateways not listed: %s", exc)
             return
         held = {e.alloc.vlan for e in self.cells.values()
-                if e.alloc.vlan is not None and e.state not in _LEAVING}
+                if e.alloc.vlan is not None and e.state not in LEAVING}
         for vlan in sorted(present - held):
             try:
                 await asyncio.to_thread(self.ctx.net.remove_gateway, vlan)
@@ -504,7 +504,7 @@ class CellManager:
         procs: list[int] = []
         with contextlib.suppress(AgentError, OSError):
             procs = self.cgroup.procs(e.name)
-        live = e.state in (State.RUNNING, State.STOPPING, State.CREATING)
+        live = e.state in LIVE
         if live and procs:
             pid = e.pid if e.pid in procs else min(procs)
             try:
@@ -513,14 +513,10 @@ class CellManager:
             except OSError as exc:
                 log.error("cell %s: pid %d not adopted: %s", e.name, pid, exc)
                 procs = []
-        if e.state is State.CREATING and repaired and not procs:
-            self.post(e, Event.PLAN_FAILED, "agentd restarted during the plan; it was undone")
-            return
         if live and not procs:
             e.pid = None
-        self.post(e, Event.ADOPTED)
-        if live and not procs and e.state is not State.STOPPING:
-            self.post(e, Event.STOP_REQUESTED)  # its processes are gone: destroy it
+        for ev, why in adoption(e.cell, alive=bool(procs), repaired=repaired):
+            self.post(e, ev, why)
 
     async def close(self) -> None:
         """agentd stops: cells keep running (the next agentd adopts them)."""

@@ -36,9 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from agent.core.cell import Exit
 from agent.core.cellops import Paths
 from agent.core.errors import KernelError
-from agent.core.lifecycle import Exit
 from agent.core.logbuf import LogBuffer, Stream
 from agent.core.sandbox import SpawnSpec
 from agent.daemon.bus import EventBus

@@ -38,10 +38,10 @@ from dataclasses import replace
 from typing import Any
 
 from agent.core.budget import Amount
+from agent.core.cell import State
 from agent.core.cgroup import CellStats
 from agent.core.errors import AgentError, NotFoundError
 from agent.core.events import Event, Severity
-from agent.core.lifecycle import State
 from agent.core.tuner import (
     Action,
     Bounds,

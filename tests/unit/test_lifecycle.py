@@ -11,25 +11,34 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.errors import StateError
-from agent.core.lifecycle import (
-    TRANSITIONS,
+from agent.core.cell import (
     CancelRestart,
     Cell,
     CellPolicy,
-    Choice,
     Effect,
-    Event,
     Exit,
-    LifecycleError,
     Publish,
     Release,
     RunPlan,
     ScheduleRestart,
     State,
     StopService,
+)
+from agent.core.errors import StateError
+from agent.core.lifecycle import (
+    HOLDS_TABLE,
+    IN_FIREWALL,
+    IN_FLIGHT,
+    LEAVING,
+    LIVE,
+    PLAN_EVENTS,
+    TRANSITIONS,
+    Event,
+    LifecycleError,
+    adoption,
     allowed_events,
     backoff_delay_ms,
+    forgotten,
     render_dot,
     render_mermaid,
     transition,
@@ -63,8 +72,8 @@ def kinds(effects: tuple[Effect, ...]) -> list[type]:
 def test_every_pair_is_a_transition_or_an_error(state: State, event: Event) -> None:
     for provisioned in (False, True):
         cell = at(state, provisioned=provisioned)
-        target = TRANSITIONS.get((state, event))
-        if target is None:
+        rule = TRANSITIONS.get((state, event))
+        if rule is None:
             with pytest.raises(LifecycleError) as ei:
                 transition(cell, event, 10.0)
             err = ei.value
@@ -74,8 +83,7 @@ def test_every_pair_is_a_transition_or_an_error(state: State, event: Event) -> N
             assert cell.state is state  # the record is untouched
             continue
         new, effects = transition(cell, event, 10.0)
-        allowed = target.targets if isinstance(target, Choice) else (target,)
-        assert new.state in allowed
+        assert new.state in rule.targets
         assert cell.state is state
         if new.state is not state:
             assert new.changed_at == 10.0
@@ -91,8 +99,8 @@ def test_terminal_state_accepts_nothing() -> None:
 
 def test_every_state_is_reachable_and_every_nonterminal_state_can_leave() -> None:
     targets = {S.REQUESTED}
-    for t in TRANSITIONS.values():
-        targets |= set(t.targets) if isinstance(t, Choice) else {t}
+    for rule in TRANSITIONS.values():
+        targets |= set(rule.targets)
     assert targets == set(State)
     for s in State:
         if s is not S.DESTROYED:
@@ -342,7 +350,7 @@ def test_cell_record_round_trips_through_cbor() -> None:
 def test_diagram_has_one_edge_per_outcome() -> None:
     text = render_mermaid()
     edges = re.findall(r"^    (\w+) --> (\w+): (.+)$", text, re.M)
-    n = sum(len(t.targets) if isinstance(t, Choice) else 1 for t in TRANSITIONS.values())
+    n = sum(len(rule.targets) for rule in TRANSITIONS.values())
     assert len(edges) == n
     assert ("RUNNING", "BACKOFF", "SERVICE_EXITED (restart policy)") in edges
     assert render_dot().count(" -> ") == n
@@ -354,3 +362,57 @@ def test_doc_embeds_the_current_diagram() -> None:
     assert m is not None, "docs/lifecycle.md lost its mermaid block"
     assert m.group(1) == render_mermaid(), (
         "docs/lifecycle.md is stale: paste the output of `python -m agent.core.lifecycle`")
+
+
+# -- the rules the cell manager follows beside the table --------------------------------------
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("alive", [False, True])
+@pytest.mark.parametrize("repaired", [False, True])
+def test_adoption_feeds_only_events_the_machine_accepts(state: State, alive: bool,
+                                                        repaired: bool) -> None:
+    if state is S.DESTROYED:
+        return  # a destroyed cell is forgotten: never journaled, never adopted
+    cell = at(state)
+    events = adoption(cell, alive, repaired)
+    assert events and all(ev in (E.ADOPTED, E.PLAN_FAILED, E.STOP_REQUESTED)
+                          for ev, _ in events)
+    for ev, why in events:
+        cell, _ = transition(cell, ev, 20.0, error=why)
+    if state in LIVE and not alive:  # nothing runs: the cell is on its way out or failed
+        assert cell.state in (S.STOPPING, S.DESTROYING, S.FAILED, S.BACKOFF, S.EXITED)
+    if state is S.CREATING and repaired and not alive:
+        assert events == ((E.PLAN_FAILED, "agentd restarted during the plan; it was undone"),)
+
+
+def test_plan_events_are_what_the_machine_expects_of_every_plan() -> None:
+    """Every RunPlan effect the table can produce, fed its PLAN_EVENTS in order, is
+    accepted: start in the state that asked, then done and failed after it."""
+    seen = set()
+    for state, event in TRANSITIONS:
+        for provisioned in (False, True):
+            cell = at(state, provisioned=provisioned)
+            try:
+                new, effects = transition(cell, event, 10.0)
+            except LifecycleError:
+                continue
+            for eff in effects:
+                if not isinstance(eff, RunPlan):
+                    continue
+                seen.add(eff.purpose)
+                pe = PLAN_EVENTS[eff.purpose]
+                after = transition(new, pe.start, 11.0)[0] if pe.start is not None else new
+                transition(after, pe.done, 12.0)
+                transition(after, pe.failed, 12.0, error="x")
+    assert seen == set(PLAN_EVENTS)
+
+
+def test_the_state_sets_agree_with_the_machine() -> None:
+    assert HOLDS_TABLE <= IN_FIREWALL and not IN_FIREWALL & {S.DESTROYING, S.DESTROYED}
+    assert S.DESTROYED in LEAVING and not LEAVING & IN_FLIGHT
+    assert IN_FLIGHT == {S.REQUESTED, S.ADMITTED, S.CREATING}
+    for s in State:
+        assert forgotten(at(s)) is (s is S.DESTROYED)
+    assert forgotten(at(S.FAILED, provisioned=False, holds_budget=False))
+    assert not forgotten(at(S.FAILED, provisioned=True, holds_budget=False))
+    assert not forgotten(at(S.FAILED, provisioned=False, holds_budget=True))

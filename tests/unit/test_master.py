@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from agent.core.budget import Amount
+from agent.core.cell import Exit, State
 from agent.core.cellrecord import pin_from_wire
 from agent.core.cgroup import CellStats, Limits
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError, KernelError
-from agent.core.lifecycle import Exit, State
 from agent.core.logbuf import LogBuffer
 from agent.core.policy import load_policy
 from agent.core.sandbox import SpawnSpec

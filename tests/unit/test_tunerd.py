@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.core.budget import Amount, Budget, Ledger, Request
-from agent.core.lifecycle import State
+from agent.core.cell import State
 from agent.core.manifest import Manifest, manifest_from_dict
 from agent.core.tuner import Bounds, MemoryEvents, PinRefused, PressureTriggered, TunerConfig
 from agent.daemon.bus import EventBus

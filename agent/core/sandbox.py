@@ -1,4 +1,11 @@
-"""TODO docstring."""
+"""What a cell's sandbox is made of, planned purely: the spawn spec, its checks, the
+mount steps that turn an image into the cell's root, the namespaces to unshare.
+
+:func:`check_spec` refuses a bad :class:`SpawnSpec` before anything is forked;
+:func:`plan_mounts` orders the mounts (docs/sandbox.md explains each);
+:mod:`agent.kernel.spawn` carries both out, and :mod:`agent.core.handshake` is how
+its child talks to agentd while it does.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +14,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agent.core import syscalls as ksys
+from agent.core.errors import ConfigError
 
-__all__ = ["DEFAULT_MOUNTS", "Mount", "MountKind", "MountOp", "SpawnSpec", "UidMap", "plan_mounts"]
+__all__ = ["DEFAULT_MOUNTS", "Mount", "MountKind", "MountOp", "SpawnSpec", "UidMap",
+           "check_spec", "exec_paths", "plan_mounts", "unshare_flags"]
 
 MountKind = Literal["proc", "tmpfs", "bind", "dev"]
 
-
 _FLAG_BITS = {"ro": ksys.MS_RDONLY, "nosuid": ksys.MS_NOSUID, "nodev": ksys.MS_NODEV,
               "noexec": ksys.MS_NOEXEC}  # fmt: skip
-
-
 _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
-
-
 _PROC_RO = ("sys", "sysrq-trigger", "irq", "bus", "fs")  # host-wide knobs under /proc
-
-
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -156,3 +158,47 @@ def plan_mounts(root: str, mounts: Sequence[Mount], uid: int, gid: int,
     ops.append(MountOp("mount", root, None, None, ksys.MS_BIND | ksys.MS_REMOUNT | ksys.MS_RDONLY
                        | ksys.MS_NOSUID | ksys.MS_NODEV | _atime_flags(root_statvfs_flags)))
     return tuple(ops)
+
+
+def _config(msg: str, hint: str) -> ConfigError:
+    return ConfigError("E_SPAWN", msg, hint)
+
+
+def check_spec(spec: SpawnSpec) -> tuple[int, ...]:
+    """Refuse a spec that cannot be carried out safely (ConfigError ``E_SPAWN``); return
+    the capability numbers to keep."""
+    if not spec.argv:
+        raise _config("empty argv", "give the command to run")
+    for m in spec.mounts:
+        if not m.target.startswith("/") or ".." in m.target.split("/") or m.target == "/":
+            raise _config(f"mount target {m.target!r} must be absolute, below / and without ..",
+                          "write it as /tmp or /var/lib/x")
+        if (m.kind == "bind") != (m.source is not None) or not m.flags <= set(_FLAG_BITS):
+            raise _config(f"mount {m.target}: bad source or flags", "source only for bind")
+    try:
+        keep = tuple(sorted({ksys.cap_number(c) for c in spec.caps_keep}))
+    except KeyError as e:
+        raise _config(f"unknown capability {e}", "use names like net_raw") from e
+    count = spec.userns.count if spec.userns else 2**32 - 1
+    if not (0 <= spec.uid < count and 0 <= spec.gid < count):
+        raise _config(f"uid {spec.uid}/gid {spec.gid} not mapped", "keep them below the map count")
+    if spec.seccomp is not None and not spec.no_new_privs and ksys.CAPS["sys_admin"] not in keep:
+        raise _config("seccomp without no_new_privs needs CAP_SYS_ADMIN", "keep no_new_privs on")
+    return keep
+
+
+def exec_paths(argv0: str, env: dict[str, str]) -> tuple[str, ...]:
+    """Where execve looks for the command: the path itself, or each absolute ``PATH`` dir."""
+    if "/" in argv0:
+        return (argv0,)
+    dirs = env.get("PATH", _DEFAULT_PATH).split(":")
+    return tuple(f"{d.rstrip('/')}/{argv0}" for d in dirs if d.startswith("/"))
+
+
+def unshare_flags(spec: SpawnSpec) -> int:
+    """The namespaces the child unshares after joining the agent's netns and the user ns.
+    The cgroup namespace is unshared later, once pid 1 is in its cgroup (its view then
+    starts at its own leaf); an agent-made netns is joined, not unshared."""
+    return (ksys.CLONE_NEWNS | ksys.CLONE_NEWPID | ksys.CLONE_NEWUTS | ksys.CLONE_NEWIPC
+            | (0 if spec.cgroup_path else ksys.CLONE_NEWCGROUP)
+            | (0 if spec.netns_path else ksys.CLONE_NEWNET))

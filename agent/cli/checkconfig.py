@@ -29,6 +29,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from agent.core.args import parse
 from agent.core.errors import AgentError
 from agent.core.features import Report, to_json
 from agent.core.kconfig import (
@@ -96,10 +97,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli_main(argv: list[str]) -> int:
-    try:
-        ns = _parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
+    ns = parse(_parser(), argv)
+    if isinstance(ns, int):
+        return ns
     config: dict[str, str] | None = None
     source: str | None = None
     try:

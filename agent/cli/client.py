@@ -44,6 +44,20 @@ class TransportError(ProtocolError):
     """A timeout, or a reply that breaks the protocol."""
 
 
+# What a failed connect() means to the operator, first match wins (OSError last).
+_CONNECT_ERRORS: dict[type[OSError], tuple[type[AgentError], str, str, str]] = {
+    FileNotFoundError: (ConnectError, "E_CONNECT", "socket `{path}` does not exist",
+                        "is agentd running? start it, or pass --socket PATH"),
+    ConnectionRefusedError: (ConnectError, "E_CONNECT", "nobody is listening on `{path}`",
+                             "agentd is not running (stale socket); start it"),
+    PermissionError: (ConnectError, "E_CONNECT", "permission denied on `{path}`",
+                      "run as root or as a member of the socket's group"),
+    TimeoutError: (TransportError, "E_TIMEOUT", "connecting to `{path}` timed out",
+                   "agentd is overloaded or hung"),
+    OSError: (ConnectError, "E_CONNECT", "cannot connect to `{path}`: {why}", "check --socket"),
+}
+
+
 class Client:
     """One connection to agentd.  Connects lazily; use as a context manager or ``close()``."""
 
@@ -62,26 +76,12 @@ class Client:
         sock.settimeout(self.timeout)
         try:
             sock.connect(path)
-        except FileNotFoundError:
-            sock.close()
-            raise ConnectError("E_CONNECT", f"socket `{path}` does not exist",
-                               "is agentd running? start it, or pass --socket PATH") from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise ConnectError("E_CONNECT", f"nobody is listening on `{path}`",
-                               "agentd is not running (stale socket); start it") from None
-        except PermissionError:
-            sock.close()
-            raise ConnectError("E_CONNECT", f"permission denied on `{path}`",
-                               "run as root or as a member of the socket's group") from None
-        except TimeoutError:
-            sock.close()
-            raise TransportError("E_TIMEOUT", f"connecting to `{path}` timed out",
-                                 "agentd is overloaded or hung") from None
         except OSError as exc:
             sock.close()
-            raise ConnectError("E_CONNECT", f"cannot connect to `{path}`: {exc.strerror}",
-                               "check --socket") from None
+            for kind, (cls, code, what, hint) in _CONNECT_ERRORS.items():
+                if isinstance(exc, kind):
+                    raise cls(code, what.format(path=path, why=exc.strerror), hint) from None
+            raise AssertionError("unreachable: OSError is in the table") from exc
         self._sock = sock
 
     def close(self) -> None:

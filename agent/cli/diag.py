@@ -37,6 +37,7 @@ from typing import Any, Protocol, TextIO
 
 from agent import __version__
 from agent.cli.client import DEFAULT_SOCKET, Client, ConnectError, TransportError
+from agent.core.args import parse
 from agent.core.config import AgentConfig
 from agent.core.config import load_config as load_agent_config
 from agent.core.errors import AgentError
@@ -557,10 +558,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli_main(argv: list[str]) -> int:
-    try:
-        ns = _parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
+    ns = parse(_parser(), argv)
+    if isinstance(ns, int):
+        return ns
     src = Sources(root=ns.root, socket=ns.socket, timeout=ns.timeout)
     if ns.bundle is None:
         sys.stdout.write("\n".join(screen(src)) + "\n")

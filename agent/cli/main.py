@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from agent import __version__
 from agent.cli import top as clitop
 from agent.cli.client import Client, ConnectError, TransportError
+from agent.core.args import parse
 from agent.core.errors import AgentError
 
 __all__ = [
@@ -390,10 +391,9 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, passthrough = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
-    try:
-        ns = parser.parse_args(args)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    ns = parse(parser, args)
+    if isinstance(ns, int):
+        return ns
     if ns.command in PASSTHROUGH:
         return _cmd_passthrough(ns.command, passthrough or [])
     func: Command = ns.func

@@ -9,6 +9,7 @@ and ``hint: ...`` on one or two lines; a traceback only with ``--debug``.
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Iterable
 from dataclasses import dataclass
 from os import strerror
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "ProtocolError",
     "RefusedError",
     "StateError",
+    "TransitionError",
 ]
 
 
@@ -64,6 +66,17 @@ class NotFoundError(AgentError):
 
 class StateError(AgentError):
     """The operation is illegal in the object's current state."""
+
+
+class TransitionError(StateError):
+    """An input that a state machine's current state does not accept (code ``E_STATE``):
+    names the subject, the input and the state, and lists what the state accepts."""
+
+    def __init__(self, subject: str, what: str, state: str, accepted: Iterable[str],
+                 who: str = "it") -> None:
+        ok = ", ".join(accepted) or "nothing (terminal)"
+        super().__init__("E_STATE", f"{subject}: {what} is not allowed in {state}",
+                         f"in {state.split()[-1]} {who} accepts {ok}")
 
 
 class KernelError(AgentError):

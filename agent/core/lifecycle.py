@@ -41,7 +41,7 @@ from agent.core.cell import (
     State,
     StopService,
 )
-from agent.core.errors import StateError
+from agent.core.errors import TransitionError
 
 __all__ = [
     "HOLDS_TABLE",
@@ -300,16 +300,15 @@ def allowed_events(state: State) -> tuple[Event, ...]:
     return tuple(e for (s, e) in TRANSITIONS if s is state)
 
 
-class LifecycleError(StateError):
+class LifecycleError(TransitionError):
     """An event the cell's current state does not accept (code ``E_STATE``)."""
 
     def __init__(self, cell: str, state: State, event: Event) -> None:
         self.cell = cell
         self.state = state
         self.event = event
-        ok = ", ".join(e.name for e in allowed_events(state)) or "nothing (terminal)"
-        super().__init__("E_STATE", f"cell {cell}: event {event.name} is not allowed in "
-                         f"state {state.name}", f"in {state.name} the cell accepts {ok}")
+        super().__init__(f"cell {cell}", f"event {event.name}", f"state {state.name}",
+                         (e.name for e in allowed_events(state)), "the cell")
 
 
 def transition(cell: Cell, event: Event | Exit, now: float, *, error: str | None = None

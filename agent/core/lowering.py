@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from agent.core.errors import StateError
+from agent.core.errors import TransitionError
 
 __all__ = ["TRANSITIONS", "Lowering", "LoweringError", "PendingLower", "Phase", "Step",
            "Watch", "render_mermaid"]
@@ -65,15 +65,14 @@ TRANSITIONS: dict[tuple[Phase, Step], Phase] = {
 }
 
 
-class LoweringError(StateError):
+class LoweringError(TransitionError):
     """A step the lowering's phase does not accept (code ``E_STATE``)."""
 
     def __init__(self, cell: str, phase: Phase, step: Step) -> None:
         self.phase = phase
         self.step = step
-        ok = ", ".join(s.value for (p, s) in TRANSITIONS if p is phase)
-        super().__init__("E_STATE", f"cell {cell}: lowering step {step.value} is not allowed "
-                         f"in phase {phase.value}", f"in {phase.value} it accepts {ok}")
+        super().__init__(f"cell {cell}", f"lowering step {step.value}", f"phase {phase.value}",
+                         (s.value for (p, s) in TRANSITIONS if p is phase))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.core.args import parse
 from agent.core.cell import State
 from agent.core.cellops import Paths
 from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
@@ -86,10 +87,9 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        ns = _parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
+    ns = parse(_parser(), argv)
+    if isinstance(ns, int):
+        return ns
     try:
         config = load_config(ns.config, missing_ok=True)
         overrides: dict[str, Any] = {}

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import errno
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from agent.core.cgroup import CellStats, Limits
 from agent.core.errors import KernelError
 
-__all__ = ["CgroupBackend", "read_proc_cgroup"]
+__all__ = ["CgroupBackend", "read_proc_cgroup", "try_rmdir"]
 
 
 def read_proc_cgroup(pid: int, proc_root: Path = Path("/proc")) -> str | None:
@@ -21,6 +23,24 @@ def read_proc_cgroup(pid: int, proc_root: Path = Path("/proc")) -> str | None:
         return None
     except OSError as exc:
         raise KernelError.from_oserror("read", str(path), exc) from exc
+
+
+def try_rmdir(path: Path, hints: Mapping[int, str]) -> bool:
+    """One attempt to remove a cell's cgroup directory: True when it is gone (or was
+    never there), False while dying processes still hold it (EBUSY: try again)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return False
+        raise KernelError.from_oserror(
+            "rmdir", str(path), exc,
+            "the cell's cgroup has child cgroups" if exc.errno == errno.ENOTEMPTY
+            else hints.get(exc.errno or 0),
+        ) from exc
+    return True
 
 
 @runtime_checkable

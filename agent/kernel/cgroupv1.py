@@ -45,7 +45,7 @@ from cgroupspy.nodes import Node
 from agent.core.cgroup import CellStats, Limits
 from agent.core.errors import ConfigError, KernelError
 from agent.core.names import check_cell_name
-from agent.kernel.cgroup import read_proc_cgroup
+from agent.kernel.cgroup import read_proc_cgroup, try_rmdir
 
 __all__ = [
     "CONTROLLERS",
@@ -553,19 +553,7 @@ class CgroupV1:
 
     @staticmethod
     def _rmdir(path: Path) -> bool:
-        try:
-            os.rmdir(path)
-        except FileNotFoundError:
-            return True
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                return False
-            raise KernelError.from_oserror(
-                "rmdir", str(path), exc,
-                "the cell's cgroup has child cgroups" if exc.errno == errno.ENOTEMPTY
-                else _HINTS.get(exc.errno or 0),
-            ) from exc
-        return True
+        return try_rmdir(path, _HINTS)
 
     def list_cells(self) -> list[str]:
         """Cells present in any hierarchy (so half-created ones are collected), sorted."""

@@ -40,7 +40,7 @@ from agent.core.cgroup import (
 from agent.core.cgroupmode import V2_REQUIRED
 from agent.core.errors import KernelError
 from agent.core.names import check_cell_name
-from agent.kernel.cgroup import read_proc_cgroup
+from agent.kernel.cgroup import read_proc_cgroup, try_rmdir
 
 __all__ = ["OPTIONAL_CONTROLLERS", "REQUIRED_CONTROLLERS", "CgroupV2"]
 
@@ -289,23 +289,7 @@ class CgroupV2:
         """rmdir the leaf, retrying while dying processes drain (EBUSY).
         A missing leaf is fine, so undo and orphan collection can repeat it."""
         path = self.leaf(cell)
-
-        def attempt() -> bool:
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                return True
-            except OSError as exc:
-                if exc.errno == errno.EBUSY:
-                    return False
-                raise KernelError.from_oserror(
-                    "rmdir", str(path), exc,
-                    "the cell's cgroup has child cgroups" if exc.errno == errno.ENOTEMPTY
-                    else _hint(exc.errno or 0),
-                ) from exc
-            return True
-
-        self._wait(attempt, timeout, "rmdir", path,
+        self._wait(lambda: try_rmdir(path, _WRITE_HINTS), timeout, "rmdir", path,
                    "processes are still in the cgroup: kill the cell first")
 
     def list_cells(self) -> list[str]:

@@ -164,13 +164,14 @@ class CrunRuntime:
     def __init__(self, work: Path) -> None:
         from pyroute2 import IPRoute
 
-        from agent.kernel import net
+        from agent.kernel import bridge as kbr
+        from agent.kernel import net, netns
 
-        self.net = net
+        self.kbr, self.net, self.kns = kbr, net, netns
         self.ipr = IPRoute()
         self.work = work
-        net.ensure_bridge(self.ipr, BRIDGE)
-        net.ensure_vlan_gateway(self.ipr, BRIDGE, 300, "10.78.0.1/24")
+        kbr.ensure_bridge(self.ipr, BRIDGE)
+        kbr.ensure_vlan_gateway(self.ipr, BRIDGE, 300, "10.78.0.1/24")
 
     def config(self, i: int, marker: str, netns: Path) -> dict[str, object]:
         return {
@@ -201,7 +202,7 @@ class CrunRuntime:
         }
 
     def start(self, i: int, marker: str) -> None:
-        netns = self.net.create_cell_netns(f"crun{i}")
+        netns = self.kns.create_cell_netns(f"crun{i}")
         self.net.create_cell_link(self.ipr, f"crun{i}", netns, BRIDGE, 300,
                                   f"10.78.0.{2 + i % 250}/24", "10.78.0.1")
         bundle = self.work / f"c{i}"
@@ -216,10 +217,10 @@ class CrunRuntime:
         subprocess.run(["crun", "kill", f"c{i}", "KILL"], capture_output=True)
         _sh("crun", "delete", "--force", f"c{i}")
         self.net.destroy_cell_link(self.ipr, f"crun{i}")
-        self.net.destroy_cell_netns(f"crun{i}")
+        self.kns.destroy_cell_netns(f"crun{i}")
 
     def cleanup(self, n: int) -> None:
-        self.net.remove_vlan_gateway(self.ipr, BRIDGE, 300)
+        self.kbr.remove_vlan_gateway(self.ipr, BRIDGE, 300)
         self.ipr.close()
 
 

@@ -56,8 +56,8 @@ from agent.core import syscalls as abi
 from agent.core.errors import AgentError, KernelError, RefusedError
 from agent.core.names import check_cell_name
 from agent.core.reclaim import CollectOrphan, ObjectKind
+from agent.kernel import bridge, net, netns
 from agent.kernel import libc as ksys
-from agent.kernel import net
 from agent.kernel.cgroup import CgroupBackend
 from agent.kernel.nft import Nft
 
@@ -123,7 +123,7 @@ class KernelObjects:
     scanned; None: agentd's own, the host's)."""
 
     def __init__(self, backend: CgroupBackend, bridge: str,
-                 netns_dir: Path = net.NETNS_DIR, *, run_dir: Path = RUN_DIR,
+                 netns_dir: Path = netns.NETNS_DIR, *, run_dir: Path = RUN_DIR,
                  mountinfo: Path = MOUNTINFO, nft: Nft | None = None,
                  nft_netns: Path | None = None) -> None:
         self.backend = backend
@@ -153,7 +153,7 @@ class KernelObjects:
         """``(kind, name, owning cell or None)``; ``vlan_owner`` maps VLAN ids to a
         journaled cell using them (a gateway serves every cell of its VLAN)."""
         out: list[Found] = [("cgroup", c, c) for c in self.backend.list_cells()]
-        out += [("netns", c, c) for c in net.list_cell_netns(self.netns_dir)]
+        out += [("netns", c, c) for c in netns.list_cell_netns(self.netns_dir)]
         out += self.scan_mounts()
         out += self.scan_nftables()
         with self._ipr() as ipr:
@@ -163,7 +163,7 @@ class KernelObjects:
             for v in net.list_cell_veths(ipr):
                 if v.master in (None, br[0]):
                     out.append(("veth", v.ifname, v.cell))
-            for vid in net.list_vlan_gateways(ipr, self.bridge):
+            for vid in bridge.list_vlan_gateways(ipr, self.bridge):
                 out.append(("vlan", str(vid), vlan_owner.get(vid)))
         return out
 
@@ -269,7 +269,7 @@ class KernelObjects:
             self.backend.kill(a.name)
             self.backend.remove(a.name)
         elif a.object_kind == "netns":
-            net.destroy_cell_netns(a.name, self.netns_dir)
+            netns.destroy_cell_netns(a.name, self.netns_dir)
         elif a.object_kind == "mount":
             self._collect_mount(a.name)
         elif a.object_kind == "nftables":
@@ -277,7 +277,7 @@ class KernelObjects:
         elif a.object_kind in ("veth", "vlan"):
             with self._ipr() as ipr:
                 if a.object_kind == "vlan":
-                    net.remove_vlan_gateway(ipr, self.bridge, int(a.name))
+                    bridge.remove_vlan_gateway(ipr, self.bridge, int(a.name))
                 else:
                     for idx in ipr.link_lookup(ifname=a.name):
                         ipr.link("del", index=idx)

@@ -23,7 +23,9 @@ from pyroute2 import IPRoute, NetNS
 
 from agent.core import names
 from agent.core.addrpool import AddrPool, PoolConfig
+from agent.kernel import bridge as kbr
 from agent.kernel import net
+from agent.kernel import netns as kns
 
 BRIDGE = "agtbr0"
 BRIDGE_CMD = shutil.which("bridge") or "/sbin/bridge"
@@ -50,7 +52,7 @@ def link_names(ipr: Any) -> set[str]:
 
 
 def state(ipr: Any) -> tuple[set[str], Any, list[str], set[str]]:
-    run = sorted(p.name for p in net.NETNS_DIR.iterdir()) if net.NETNS_DIR.exists() else []
+    run = sorted(p.name for p in kns.NETNS_DIR.iterdir()) if kns.NETNS_DIR.exists() else []
     return (link_names(ipr), bridge_vlans_json(), run,
             {p.name for p in Path("/sys/class/net").iterdir()})
 
@@ -96,8 +98,8 @@ def ipr() -> Iterator[Any]:
 def test_bridge_flags(ipr: Any) -> None:
     before = state(ipr)
     try:
-        idx = net.ensure_bridge(ipr, BRIDGE)
-        assert net.ensure_bridge(ipr, BRIDGE) == idx  # idempotent
+        idx = kbr.ensure_bridge(ipr, BRIDGE)
+        assert kbr.ensure_bridge(ipr, BRIDGE) == idx  # idempotent
         sysfs = Path(f"/sys/class/net/{BRIDGE}/bridge")
         assert (sysfs / "vlan_filtering").read_text().strip() == "1"
         assert (sysfs / "default_pvid").read_text().strip() == "0"
@@ -106,7 +108,7 @@ def test_bridge_flags(ipr: Any) -> None:
                                                                                   "down")
         assert vlan_table().get(BRIDGE, {}) == {}  # no VLAN 1 on the bridge itself
     finally:
-        net.delete_bridge(ipr, BRIDGE)
+        kbr.delete_bridge(ipr, BRIDGE)
     assert state(ipr) == before
 
 
@@ -119,15 +121,15 @@ def test_two_vlans_isolated_and_routed(ipr: Any) -> None:
     servers: list[subprocess.Popen[str]] = []
     made: list[str] = []
     try:
-        net.ensure_bridge(ipr, BRIDGE)
+        kbr.ensure_bridge(ipr, BRIDGE)
         for vlan in sorted(set(cells.values())):
-            net.ensure_vlan_gateway(ipr, BRIDGE, vlan, pool.config.gateway(vlan))
-            net.ensure_vlan_gateway(ipr, BRIDGE, vlan, pool.config.gateway(vlan))  # idempotent
-        assert net.list_vlan_gateways(ipr, BRIDGE) == {100: f"{BRIDGE}.100",
+            kbr.ensure_vlan_gateway(ipr, BRIDGE, vlan, pool.config.gateway(vlan))
+            kbr.ensure_vlan_gateway(ipr, BRIDGE, vlan, pool.config.gateway(vlan))  # idempotent
+        assert kbr.list_vlan_gateways(ipr, BRIDGE) == {100: f"{BRIDGE}.100",
                                                        200: f"{BRIDGE}.200"}
         paths = {}
         for cell, lease in leases.items():
-            paths[cell] = net.create_cell_netns(cell)
+            paths[cell] = kns.create_cell_netns(cell)
             made.append(cell)
             net.create_cell_link(ipr, cell, paths[cell], BRIDGE, lease.vlan, lease.address,
                                  lease.gateway)
@@ -142,12 +144,12 @@ def test_two_vlans_isolated_and_routed(ipr: Any) -> None:
             assert table[port] == {vlan: {"PVID", "Egress Untagged"}}, (port, table)
         assert table[BRIDGE] == {100: set(), 200: set()}
         # our netlink reading agrees with iproute2
-        ours = net.list_bridge_vlans(ipr)
+        ours = kbr.list_bridge_vlans(ipr)
         assert {k: {v.vid: (v.pvid, v.untagged) for v in vs} for k, vs in ours.items()} == {
             k: {vid: ("PVID" in f, "Egress Untagged" in f) for vid, f in vs.items()}
             for k, vs in table.items()}
         assert {v.cell for v in net.list_cell_veths(ipr)} == set(cells)
-        assert set(net.list_cell_netns()) >= set(cells)
+        assert set(kns.list_cell_netns()) >= set(cells)
 
         # a cell on VLAN 100 reaches its gateway (a listener on the host)
         gw_listener = socket.socket()
@@ -181,7 +183,7 @@ def test_two_vlans_isolated_and_routed(ipr: Any) -> None:
             ns.addr("del", index=eth0, address="10.77.0.99", prefixlen=24)
 
         # different VLAN through the host: routed once forwarding is on
-        net.enable_ip_forward()
+        kbr.enable_ip_forward()
         assert FORWARD.read_text().strip() == "1"
         servers.append(serve_in(paths["b"], "10.77.100.2", 8001))
         assert connect(paths["a"], "10.77.100.2", 8001) == "ok 10.77.0.2"
@@ -192,12 +194,12 @@ def test_two_vlans_isolated_and_routed(ipr: Any) -> None:
         FORWARD.write_text(forward_before)
         for cell in made:
             net.destroy_cell_link(ipr, cell)
-            net.destroy_cell_netns(cell)
+            kns.destroy_cell_netns(cell)
         for vlan in sorted(set(cells.values())):
-            net.remove_vlan_gateway(ipr, BRIDGE, vlan)
+            kbr.remove_vlan_gateway(ipr, BRIDGE, vlan)
         # the bridge's own VLAN entries are gone before the bridge is
         assert vlan_table().get(BRIDGE, {}) == {}
-        net.delete_bridge(ipr, BRIDGE)
+        kbr.delete_bridge(ipr, BRIDGE)
         for cell in cells:
             pool.release(cell)
     assert state(ipr) == before

@@ -21,7 +21,9 @@ from pyroute2 import IPRoute
 
 from agent.core import names
 from agent.core.sandbox import SpawnSpec
+from agent.kernel import bridge as kbr
 from agent.kernel import net
+from agent.kernel import netns as kns
 from agent.kernel.spawn import spawn_cell
 
 BRIDGE = "agtpbr0"
@@ -32,12 +34,12 @@ IMAGE = Path("/usr/share/agent/images/demo")
 def ipr() -> Iterator[Any]:
     h = IPRoute()
     try:
-        net.ensure_bridge(h, BRIDGE)
-        net.ensure_vlan_gateway(h, BRIDGE, 310, "10.79.0.1/24")
+        kbr.ensure_bridge(h, BRIDGE)
+        kbr.ensure_vlan_gateway(h, BRIDGE, 310, "10.79.0.1/24")
         yield h
     finally:
-        net.remove_vlan_gateway(h, BRIDGE, 310)
-        net.delete_bridge(h, BRIDGE)
+        kbr.remove_vlan_gateway(h, BRIDGE, 310)
+        kbr.delete_bridge(h, BRIDGE)
         h.close()
 
 
@@ -49,10 +51,10 @@ def test_netns_and_link_fork_nothing(ipr: Any, monkeypatch: pytest.MonkeyPatch) 
 
     threads = threading.active_count()
     monkeypatch.setattr(os, "fork", no_fork)
-    path = net.create_cell_netns(cell)
+    path = kns.create_cell_netns(cell)
     try:
         net.create_cell_link(ipr, cell, path, BRIDGE, 310, "10.79.0.5/24", "10.79.0.1")
-        ns = net.open_netns(path)
+        ns = kns.open_netns(path)
         try:
             links = {str(m.get_attr("IFLA_IFNAME")): m for m in ns.link("dump")}
             assert set(links) == {"lo", "eth0"}
@@ -74,7 +76,7 @@ def test_netns_and_link_fork_nothing(ipr: Any, monkeypatch: pytest.MonkeyPatch) 
         assert msg["flags"] & 1
     finally:
         net.destroy_cell_link(ipr, cell)
-        net.destroy_cell_netns(cell)
+        kns.destroy_cell_netns(cell)
     assert not ipr.link_lookup(ifname=names.veth_names(cell)[0])
     assert not path.exists()
     assert threading.active_count() == threads

@@ -25,7 +25,9 @@ from pyroute2 import NetNS, netns
 
 from agent.core import names as cnames
 from agent.core.errors import KernelError
+from agent.kernel import bridge as kbr
 from agent.kernel import net
+from agent.kernel import netns as kns
 
 RUN = Path("/run/netns")
 
@@ -56,12 +58,12 @@ def box() -> Iterator[tuple[Any, Path]]:
 def test_vlan_filtering_is_a_guest_matter(box: tuple[Any, Path]) -> None:
     ipr, _ = box
     try:
-        net.ensure_bridge(ipr, "agbrx")
+        kbr.ensure_bridge(ipr, "agbrx")
     except KernelError as exc:
         assert exc.op == "netlink link set" and "vlan_filtering" in exc.target
         pytest.skip("host kernel has no bridge VLAN filtering: see tests/guest/test_net_vlan.py")
     finally:
-        net.delete_bridge(ipr, "agbrx")
+        kbr.delete_bridge(ipr, "agbrx")
 
 
 def test_two_cells_routed_through_the_box(box: tuple[Any, Path]) -> None:
@@ -78,7 +80,7 @@ def test_two_cells_routed_through_the_box(box: tuple[Any, Path]) -> None:
             g = IPv4Interface(gw)
             ipr.addr("add", index=idx, address=str(g.ip), prefixlen=g.network.prefixlen)
             ipr.link("set", index=idx, state="up")
-            path = net.create_cell_netns(cell)
+            path = kns.create_cell_netns(cell)
             made.append(cell)
             assert path == RUN / f"cell-{cell}" and path.exists()
             link = net.create_cell_link(ipr, cell, path, bridge, None, addr, g.ip)
@@ -91,11 +93,11 @@ def test_two_cells_routed_through_the_box(box: tuple[Any, Path]) -> None:
         for cell, (bridge, _, _) in cells.items():
             assert veths[cell].master == ipr.link_lookup(ifname=bridge)[0]
             assert not veths[cell].ifname.startswith(cnames.PEER_PREFIX)
-        assert set(net.list_cell_netns()) >= set(cells)
+        assert set(kns.list_cell_netns()) >= set(cells)
 
         # inside a cell: eth0 with the address, lo up, default route
         a, b = list(cells)
-        with NetNS(str(net.netns_path(a)), flags=0) as ns:
+        with NetNS(str(kns.netns_path(a)), flags=0) as ns:
             names = links(ns)
             assert names == {"lo", "eth0"}
             eth0 = ns.link_lookup(ifname="eth0")[0]
@@ -108,12 +110,13 @@ def test_two_cells_routed_through_the_box(box: tuple[Any, Path]) -> None:
 
         # a cell reaches its gateway only once the box forwards: a TCP
         # connect from cell a to cell b crosses the box's routing
-        r = in_ns(box_path, "from agent.kernel.net import enable_ip_forward; enable_ip_forward();"
+        r = in_ns(box_path, "from agent.kernel.bridge import enable_ip_forward; "
+                  "enable_ip_forward();"
                   "print(open('/proc/sys/net/ipv4/ip_forward').read().strip())")
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "1"
         server = subprocess.Popen(
-            ["nsenter", f"--net={net.netns_path(b)}", sys.executable, "-c",
+            ["nsenter", f"--net={kns.netns_path(b)}", sys.executable, "-c",
              "import socket\n"
              "s = socket.socket(); s.bind(('10.77.1.2', 7777)); s.listen(1)\n"
              "print('ready', flush=True)\n"
@@ -122,7 +125,7 @@ def test_two_cells_routed_through_the_box(box: tuple[Any, Path]) -> None:
         try:
             assert server.stdout is not None
             assert server.stdout.readline().strip() == "ready"
-            r = in_ns(net.netns_path(a),
+            r = in_ns(kns.netns_path(a),
                       "import socket\n"
                       "c = socket.create_connection(('10.77.1.2', 7777), timeout=5)\n"
                       "print(c.recv(100).decode())\n")
@@ -134,17 +137,17 @@ def test_two_cells_routed_through_the_box(box: tuple[Any, Path]) -> None:
     finally:
         for cell in made:
             net.destroy_cell_link(ipr, cell)
-            net.destroy_cell_netns(cell)
+            kns.destroy_cell_netns(cell)
         for bridge in ("agbr8", "agbr9"):
-            net.delete_bridge(ipr, bridge)
+            kbr.delete_bridge(ipr, bridge)
 
     assert links(ipr) == before
-    assert not set(net.list_cell_netns()) & set(cells)
+    assert not set(kns.list_cell_netns()) & set(cells)
     assert net.list_cell_veths(ipr) == []
     # idempotent destruction: doing it again is not an error
     for cell in cells:
         net.destroy_cell_link(ipr, cell)
-        net.destroy_cell_netns(cell)
+        kns.destroy_cell_netns(cell)
 
 
 def test_failed_link_is_undone(box: tuple[Any, Path]) -> None:
@@ -162,16 +165,16 @@ def test_failed_link_is_undone(box: tuple[Any, Path]) -> None:
                                  "10.77.0.1")
         assert "nobridge" in e.value.target
     finally:
-        net.delete_bridge(ipr, "agbr7")
+        kbr.delete_bridge(ipr, "agbr7")
 
 
 def test_ip_forward_error_names_path(tmp_path: Path) -> None:
     with pytest.raises(KernelError) as e:
-        net.enable_ip_forward(tmp_path)
+        kbr.enable_ip_forward(tmp_path)
     assert e.value.target == str(tmp_path / "sys/net/ipv4/ip_forward")
     (tmp_path / "sys/net/ipv4").mkdir(parents=True)
     (tmp_path / "sys/net/ipv4/ip_forward").write_text("0\n")
-    net.enable_ip_forward(tmp_path)
+    kbr.enable_ip_forward(tmp_path)
     assert (tmp_path / "sys/net/ipv4/ip_forward").read_text() == "1"
 
 
@@ -179,4 +182,4 @@ def test_names() -> None:
     host, peer = cnames.veth_names("a" * 63)
     assert len(host) == len(peer) == 15 and host[3:] == peer[3:]
     assert cnames.veth_names("x") != cnames.veth_names("y")
-    assert os.fspath(net.netns_path("web")) == "/run/netns/cell-web"
+    assert os.fspath(kns.netns_path("web")) == "/run/netns/cell-web"

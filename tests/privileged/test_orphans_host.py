@@ -27,7 +27,7 @@ from agent.core import syscalls as abi
 from agent.core.errors import KernelError, RefusedError
 from agent.core.reclaim import BoxView, CollectOrphan, KernelObject, ReclaimConfig, reclaim_pass
 from agent.kernel import libc as ksys
-from agent.kernel import net
+from agent.kernel import netns as kns
 from agent.kernel.cgroupv2 import CgroupV2
 from agent.kernel.nft import Nft
 from agent.kernel.orphans import KernelObjects, host_cell_table, parse_mountinfo
@@ -82,9 +82,9 @@ def env(tmp_path: Path) -> Iterator[Env]:
     (cg / "cgroup.subtree_control").write_text("cpu memory pids\n")
     mounts: list[Path] = []
     cell = f"orph-{uuid.uuid4().hex[:6]}"
-    pin = net.netns_path(cell, netns_dir)
+    pin = kns.netns_path(cell, netns_dir)
     try:
-        net.create_cell_netns(cell, netns_dir)
+        kns.create_cell_netns(cell, netns_dir)
         nft = Nft()
         nft.apply([{"add": {"table": {"family": "inet", "name": t}}} for t in AGENT_TABLES]
                   + [{"add": {"table": {"family": f, "name": t}}} for f, t in FOREIGN], pin)
@@ -101,7 +101,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     finally:
         for point in reversed(mounts):
             _umount_all(point)
-        net.destroy_cell_netns(cell, netns_dir)
+        kns.destroy_cell_netns(cell, netns_dir)
         _umount_all(netns_dir)  # agent.net made it a shared bind of itself
         assert not [p for p in parse_mountinfo(Path("/proc/self/mountinfo").read_text())
                     if p.startswith(str(tmp) + "/")], "a test mount was left"

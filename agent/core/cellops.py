@@ -1,4 +1,5 @@
-"""The operations cell plans are made of (see agent.plan for the contract).
+"""The operations that create a cell (the create half of a plan; teardown.py holds
+the destroy half).  The operations cell plans are made of (see agent.plan for the contract).
 
 Each is a frozen dataclass whose fields are the journaled arguments; ``apply`` and
 ``undo`` delegate to the adapters on the executor's context (:class:`CellContext`), so
@@ -23,152 +24,18 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from agent.core import seccomp, units
+from agent.core.cellctx import CellContext, same_path
 from agent.core.cgroup import Limits
 from agent.core.errors import ConfigError
-from agent.core.names import HOSTS_FILE, HOSTS_TARGET, NETNS_PREFIX, check_cell_name, veth_names
+from agent.core.names import HOSTS_FILE, HOSTS_TARGET, NETNS_PREFIX, veth_names
 from agent.core.plan import DataOp, register_op
 from agent.core.sandbox import Mount, SpawnSpec, UidMap
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-__all__ = [
-    "ApplyCellFirewall",
-    "CellCgroups",
-    "CellContext",
-    "CellDirs",
-    "CellFirewall",
-    "CellNet",
-    "Context",
-    "EnsureGateway",
-    "KillCell",
-    "MakeCgroup",
-    "MakeLink",
-    "MakeNetns",
-    "MountWire",
-    "Paths",
-    "PrepareDirs",
-    "ReleaseDirs",
-    "RemoveCgroup",
-    "RemoveGateway",
-    "RemoveLink",
-    "RemoveNetns",
-    "Spawner",
-    "StartService",
-    "mount_from_wire",
-    "mount_to_wire",
-]
-
-# -- what the ops need from the executor's ctx ---------------------------------------------
-
-
-class CellCgroups(Protocol):
-    """agent.cgroup.CgroupBackend plus ``leaf`` (agent.cgroupv2.CgroupV2 has both)."""
-
-    def create(self, cell: str) -> Path: ...
-    def set_limits(self, cell: str, limits: Limits) -> None: ...
-    def kill(self, cell: str, timeout: float = 5.0) -> None: ...
-    def remove(self, cell: str, timeout: float = 5.0) -> None: ...
-    def leaf(self, cell: str) -> Path: ...
-
-
-class CellNet(Protocol):
-    """agent.net's functions bound to a netlink handle, bridge and netns dir (HostNet)."""
-
-    def create_netns(self, cell: str) -> Path: ...
-    def destroy_netns(self, cell: str) -> None: ...
-    def netns_path(self, cell: str) -> Path: ...
-    def ensure_gateway(self, vlan: int, gateway: str) -> bool: ...
-    def remove_gateway(self, vlan: int) -> None: ...
-    def create_link(self, cell: str, vlan: int, address: str, gateway: str) -> None: ...
-    def destroy_link(self, cell: str) -> None: ...
-
-
-class Spawner(Protocol):
-    """Starts a cell's pid 1 and owns what comes back (pidfd, seccomp listener, stdio:
-    it registers them with the loop and wires stdout/stderr to the cell's log buffer)."""
-
-    def start(self, cell: str, spec: SpawnSpec) -> int:
-        """spawn_cell(spec) with stdio filled in; returns the host pid of pid 1."""
-        ...
-
-    def stop(self, cell: str, pid: int | None) -> None:
-        """SIGKILL and reap pid 1 (``None``: whatever was started for ``cell``), close
-        its fds.  Already gone is success."""
-        ...
-
-
-
-
-@dataclass(frozen=True)
-class Paths:
-    state_dir: Path
-    run_dir: Path
-
-    def cell_run_dir(self, cell: str) -> Path:
-        return self.run_dir / "cells" / check_cell_name(cell)
-
-    def data_dir(self, source: str) -> Path:
-        if not source or "/" in source or source.startswith("."):
-            raise ConfigError("E_PATH", f"data source {source!r} is not a plain name")
-        return self.state_dir / "data" / source
-
-
-class CellFirewall(Protocol):
-    """agent.nft.FirewallSync: nft batches applied in a cell's netns."""
-
-    def apply_cell(self, cell: str, batch: Sequence[dict[str, Any]]) -> None: ...
-    def remove_cell(self, cell: str) -> None: ...
-
-
-class CellDirs(Protocol):
-    """agent.kernel.dirs.CellDirs: the cell's run dir and data dir on the host."""
-
-    def make_run_dir(self, run: Path, hosts: str) -> None: ...
-    def discard_run_dir(self, run: Path) -> None: ...
-    def remove_run_dir(self, run: Path) -> None: ...
-    def make_data_dir(self, data: Path, uid: int, gid: int) -> bool: ...
-    def remove_data_dir_if_empty(self, data: Path) -> None: ...
-
-
-class CellContext(Protocol):
-    @property
-    def cgroup(self) -> CellCgroups: ...
-    @property
-    def net(self) -> CellNet: ...
-    @property
-    def spawner(self) -> Spawner: ...
-    @property
-    def paths(self) -> Paths: ...
-    @property
-    def dirs(self) -> CellDirs: ...
-    @property
-    def firewall(self) -> CellFirewall | None: ...
-
-
-@dataclass(frozen=True)
-class Context:
-    """The executor ctx agentd builds (any object with these attributes will do)."""
-
-    cgroup: CellCgroups
-    net: CellNet
-    spawner: Spawner
-    paths: Paths
-    dirs: CellDirs
-    firewall: CellFirewall | None = None  # None: ApplyCellFirewall refuses (fail closed)
-
-
-# -- create steps --------------------------------------------------------------------------
-
-
-def _same(path: str, expected: Path, what: str) -> Path:
-    if Path(path) != expected:
-        raise ConfigError("E_PATH", f"{what} {path!r} is not {str(expected)!r}",
-                          "the plan was made for another state_dir/run_dir")
-    return expected
+__all__ = ["ApplyCellFirewall", "EnsureGateway", "MakeCgroup", "MakeLink", "MakeNetns", "MountWire",
+           "PrepareDirs", "StartService", "mount_from_wire", "mount_to_wire"]
 
 
 @register_op
@@ -199,10 +66,10 @@ class PrepareDirs(DataOp):
         if not self.data_dir:
             return None
         path = Path(self.data_dir)
-        return _same(self.data_dir, ctx.paths.data_dir(path.name), "data dir")
+        return same_path(self.data_dir, ctx.paths.data_dir(path.name), "data dir")
 
     def apply(self, ctx: CellContext) -> Mapping[str, Any]:
-        run = _same(self.run_dir, ctx.paths.cell_run_dir(self.cell), "run dir")
+        run = same_path(self.run_dir, ctx.paths.cell_run_dir(self.cell), "run dir")
         data = self._data(ctx)
         try:
             ctx.dirs.make_run_dir(run, self.hosts)
@@ -213,7 +80,7 @@ class PrepareDirs(DataOp):
         return {"made_data": made_data}
 
     def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
-        ctx.dirs.discard_run_dir(_same(self.run_dir, ctx.paths.cell_run_dir(self.cell),
+        ctx.dirs.discard_run_dir(same_path(self.run_dir, ctx.paths.cell_run_dir(self.cell),
                                        "run dir"))
         data = self._data(ctx)
         if data is not None and undo_data.get("made_data") is True:
@@ -433,11 +300,11 @@ class StartService(DataOp):
         mounts = tuple(mount_from_wire(m) for m in self.mounts)
         for m in mounts:
             if m.kind == "bind" and m.target == HOSTS_TARGET:
-                _same(m.source or "", ctx.paths.cell_run_dir(self.cell) / HOSTS_FILE,
+                same_path(m.source or "", ctx.paths.cell_run_dir(self.cell) / HOSTS_FILE,
                       "hosts file")
             elif m.kind == "bind":
                 src = Path(m.source or "")
-                _same(str(src), ctx.paths.data_dir(src.name), "bind source")
+                same_path(str(src), ctx.paths.data_dir(src.name), "bind source")
         prog = seccomp.compile_filter(self.filter_spec())
         return SpawnSpec(
             argv=self.argv, rootfs=self.rootfs, env=self.env, cwd=self.cwd,
@@ -458,102 +325,3 @@ class StartService(DataOp):
         ctx.cgroup.kill(self.cell)  # and anything pid 1 left behind
 
 
-# -- destroy steps (undo is a no-op: see the module docstring) -----------------------------
-
-
-class _DestroyStep(DataOp):
-    cell: str
-
-    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
-        return None
-
-
-@register_op
-@dataclass(frozen=True)
-class KillCell(_DestroyStep):
-    kind: ClassVar[str] = "kill-cell"
-    cell: str
-
-    def describe(self) -> str:
-        return f"kill every process of {self.cell} (cgroup.kill) and reap pid 1"
-
-    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
-        ctx.spawner.stop(self.cell, None)
-        ctx.cgroup.kill(self.cell)
-        return {}
-
-
-@register_op
-@dataclass(frozen=True)
-class RemoveLink(_DestroyStep):
-    kind: ClassVar[str] = "remove-link"
-    cell: str
-
-    def describe(self) -> str:
-        return f"delete veth {veth_names(self.cell)[0]} of {self.cell} (and its VLAN entry)"
-
-    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
-        ctx.net.destroy_link(self.cell)
-        return {}
-
-
-@register_op
-@dataclass(frozen=True)
-class RemoveNetns(_DestroyStep):
-    kind: ClassVar[str] = "remove-netns"
-    cell: str
-
-    def describe(self) -> str:
-        return f"remove network namespace {NETNS_PREFIX}{self.cell}"
-
-    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
-        ctx.net.destroy_netns(self.cell)
-        return {}
-
-
-@register_op
-@dataclass(frozen=True)
-class RemoveCgroup(_DestroyStep):
-    kind: ClassVar[str] = "remove-cgroup"
-    cell: str
-
-    def describe(self) -> str:
-        return f"remove cgroup {self.cell}"
-
-    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
-        ctx.cgroup.kill(self.cell)
-        ctx.cgroup.remove(self.cell)
-        return {}
-
-
-@register_op
-@dataclass(frozen=True)
-class ReleaseDirs(_DestroyStep):
-    kind: ClassVar[str] = "release-dirs"
-    cell: str
-    run_dir: str
-
-    def describe(self) -> str:
-        return f"remove run dir {self.run_dir} (persistent data is kept)"
-
-    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
-        ctx.dirs.remove_run_dir(_same(self.run_dir, ctx.paths.cell_run_dir(self.cell),
-                                      "run dir"))
-        return {}
-
-
-@register_op
-@dataclass(frozen=True)
-class RemoveGateway(_DestroyStep):
-    """The VLAN's gateway, planned when the cell was the VLAN's last."""
-
-    kind: ClassVar[str] = "remove-gateway"
-    cell: str
-    vlan: int
-
-    def describe(self) -> str:
-        return f"remove the gateway of VLAN {self.vlan} (no cell left on it)"
-
-    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
-        ctx.net.remove_gateway(self.vlan)
-        return {}

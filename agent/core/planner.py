@@ -40,20 +40,14 @@ from pathlib import Path
 
 from agent.core import firewall
 from agent.core.addrpool import Lease
+from agent.core.cellctx import Paths
 from agent.core.cellops import (
     ApplyCellFirewall,
     EnsureGateway,
-    KillCell,
     MakeCgroup,
     MakeLink,
     MakeNetns,
-    Paths,
     PrepareDirs,
-    ReleaseDirs,
-    RemoveCgroup,
-    RemoveGateway,
-    RemoveLink,
-    RemoveNetns,
     StartService,
     mount_to_wire,
 )
@@ -65,6 +59,14 @@ from agent.core.names import HOSTS_FILE, HOSTS_TARGET
 from agent.core.plan import Operation, Plan
 from agent.core.sandbox import DEFAULT_MOUNTS, Mount
 from agent.core.seccomp import FilterSpec
+from agent.core.teardown import (
+    KillCell,
+    ReleaseDirs,
+    RemoveCgroup,
+    RemoveGateway,
+    RemoveLink,
+    RemoveNetns,
+)
 
 __all__ = [
     "CPU_PERIOD_US",

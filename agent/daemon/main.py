@@ -32,7 +32,7 @@ from typing import Any
 from agent import __version__
 from agent.core.args import parse
 from agent.core.cell import State
-from agent.core.cellops import Paths
+from agent.core.cellctx import Paths
 from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
 from agent.core.errors import AgentError, ConfigError
 from agent.core.policy import Policy, load_policy

@@ -35,7 +35,7 @@ from agent.core.cell import (
     State,
     StopService,
 )
-from agent.core.cellops import CellNet, Context, Paths
+from agent.core.cellctx import CellNet, Context, Paths
 from agent.core.cellrecord import reserve_amount
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError, NotFoundError, StateError

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.core.cell import Exit
-from agent.core.cellops import Paths
+from agent.core.cellctx import Paths
 from agent.core.errors import KernelError
 from agent.core.logbuf import LogBuffer, Stream
 from agent.core.sandbox import SpawnSpec

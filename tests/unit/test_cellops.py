@@ -17,13 +17,11 @@ import cbor2
 import pytest
 
 from agent.core import seccomp
+from agent.core.cellctx import Paths
 from agent.core.cellops import (
     EnsureGateway,
-    KillCell,
     MakeCgroup,
-    Paths,
     PrepareDirs,
-    ReleaseDirs,
     StartService,
     mount_from_wire,
     mount_to_wire,
@@ -35,6 +33,7 @@ from agent.core.manifest import DataDir, load_manifest
 from agent.core.plan import Executor, Operation, PlanError, op_from_wire, op_to_wire
 from agent.core.planner import Allocation, plan_create, plan_destroy
 from agent.core.sandbox import Mount, SpawnSpec
+from agent.core.teardown import KillCell, ReleaseDirs
 from agent.kernel.dirs import CellDirs
 from agent.kernel.journal import Journal
 

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core import firewall as fw
-from agent.core.cellops import ApplyCellFirewall, Context, MakeLink, StartService
+from agent.core.cellctx import Context
+from agent.core.cellops import ApplyCellFirewall, MakeLink, StartService
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError, ConfigError
 from agent.core.firewall import CellFw

@@ -13,16 +13,10 @@ from agent.core import seccomp
 from agent.core.addrpool import AddrPool, PoolConfig
 from agent.core.cellops import (
     EnsureGateway,
-    KillCell,
     MakeCgroup,
     MakeLink,
     MakeNetns,
     PrepareDirs,
-    ReleaseDirs,
-    RemoveCgroup,
-    RemoveGateway,
-    RemoveLink,
-    RemoveNetns,
     StartService,
     mount_from_wire,
 )
@@ -38,6 +32,14 @@ from agent.core.planner import (
     plan_create,
     plan_destroy,
     plan_restart,
+)
+from agent.core.teardown import (
+    KillCell,
+    ReleaseDirs,
+    RemoveCgroup,
+    RemoveGateway,
+    RemoveLink,
+    RemoveNetns,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.core.errors import ConfigError
 from agent.core.reclaim import ReclaimConfig
-from agent.core.tuner import TunerConfig
+from agent.core.tunerstate import TunerConfig
 
 __all__ = ["Settings", "load_settings"]
 

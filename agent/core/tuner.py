@@ -30,14 +30,33 @@ Rules (numbers in :class:`TunerConfig`, reasons in docs/tuner.md):
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from dataclasses import replace
 
-from agent.core.budget import Amount, Budget
-from agent.core.errors import ConfigError, RefusedError
-from agent.core.lowering import Lowering, PendingLower, Phase, Step, Watch
-from agent.core.manifest import MIN_CPU_MAX, Resources
+from agent.core.budget import Amount
+from agent.core.errors import RefusedError
+from agent.core.lowering import PendingLower, Phase, Step, Watch
+from agent.core.tunerstate import (
+    DEFAULT_CONFIG,
+    Action,
+    Bounds,
+    BudgetGate,
+    BudgetView,
+    Commit,
+    MemoryEvents,
+    Observation,
+    PressureTriggered,
+    RecordRefusal,
+    Resource,
+    Sample,
+    SetCpuMax,
+    SetLimits,
+    SetMemoryHigh,
+    SetMemoryMax,
+    Size,
+    TunerConfig,
+    TunerState,
+    Verdict,
+)
 
 __all__ = [
     "Action",
@@ -72,227 +91,8 @@ __all__ = [
     "wants_samples",
 ]
 
-MiB = 1 << 20
-Resource = Literal["memory", "cpu"]
-
-
-@dataclass(frozen=True)
-class TunerConfig:
-    raise_span_fraction: float = 0.25    # a raise is at least this share of max - min ...
-    raise_factor: float = 1.5            # ... or takes the limit to this multiple
-    lower_span_fraction: float = 0.125   # a lowering is at most this share of the span
-    idle_samples: int = 6                # consecutive idle samples before a lowering
-    idle_usage_ratio: float = 0.5        # idle: use below this share of the limit ...
-    idle_pressure_avg10: float = 0.5     # ... and some avg10 (percent) at most this ...
-    idle_growth_max: int = 256 * 1024    # ... and memory use grown at most this since the last
-    sample_raise_avg10: float = 10.0     # a sample above this avg10 raises (no trigger)
-    memory_headroom_ratio: float = 0.25  # never lower memory.max below current * 1.25 ...
-    memory_headroom_min: int = 4 * MiB   # ... nor below current + 4 MiB
-    cpu_headroom_ratio: float = 0.5      # never lower cpu.max below use * 1.5
-    high_gap_ratio: float = 0.125        # memory.high sits this share below memory.max
-    reclaim_wait_samples: int = 3        # phase 2 waits this many samples for reclaim
-    watch_s: float = 60.0                # after lowering memory.max, trouble rolls back
-    cooldown_s: float = 300.0            # no lowering after a rollback or abandon
-    memory_floor: int = 8 * MiB          # lowest memory.max even when memory_min is 0
-    cpu_floor: int = MIN_CPU_MAX         # lowest cpu.max (millicpu)
-    start: str = "max"                   # a new cell starts at its "max" (safe) or "low"
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The range the tuner works in.  ``*_lo`` already include the floors."""
-
-    cpu_lo: int
-    cpu_hi: int
-    memory_lo: int
-    memory_hi: int
-
-    def __post_init__(self) -> None:
-        if not 0 < self.cpu_lo <= self.cpu_hi or not 0 < self.memory_lo <= self.memory_hi:
-            raise ConfigError("E_TUNER_BOUNDS", f"tuner bounds {self} are empty or not positive")
-
-    @classmethod
-    def from_resources(cls, r: Resources, config: TunerConfig = TunerConfig()) -> Bounds:
-        return cls(min(r.cpu_max, max(r.cpu_min, config.cpu_floor)), r.cpu_max,
-                   min(r.memory_max, max(r.memory_min, config.memory_floor)), r.memory_max)
-
-
-@dataclass(frozen=True)
-class Size:
-    cpu: int  # cpu.max in millicpu
-    memory_high: int
-    memory_max: int
-
-
-# -- observations ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PressureTriggered:
-    resource: Resource
-    at: float
-
-
-@dataclass(frozen=True)
-class MemoryEvents:
-    """``memory.events`` counters; the tuner acts on their increase since the last read."""
-
-    high: int
-    max: int
-    oom: int
-    oom_kill: int
-    at: float
-
-
-@dataclass(frozen=True)
-class Sample:
-    cpu_usage_usec: int
-    memory_current: int
-    memory_some_avg10: float
-    cpu_some_avg10: float
-    at: float
-
-
-Observation = PressureTriggered | MemoryEvents | Sample
-
-
-# -- actions --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Action:
-    cell: str
-    reason: str
-
-    @property
-    def kind(self) -> str:
-        return "resize"
-
-    def attrs(self) -> dict[str, object]:
-        """Event and journal attributes (CBOR-encodable)."""
-        d = dataclasses.asdict(self)
-        d.pop("cell")
-        d["action"] = type(self).__name__
-        return d
-
-
-@dataclass(frozen=True)
-class SetCpuMax(_Action):
-    old: int
-    new: int
-
-
-@dataclass(frozen=True)
-class SetMemoryHigh(_Action):
-    old: int
-    new: int
-
-
-@dataclass(frozen=True)
-class SetMemoryMax(_Action):
-    old: int
-    new: int
-
-
-@dataclass(frozen=True)
-class SetLimits(_Action):
-    old: Size
-    new: Size
-
-    @property
-    def kind(self) -> str:
-        return "pin"
-
-
-@dataclass(frozen=True)
-class Commit(_Action):
-    """Admission must now hold ``new`` for the cell (``Budget.replace``)."""
-
-    old: Amount
-    new: Amount
-
-    @property
-    def kind(self) -> str:
-        return "commit"
-
-
-@dataclass(frozen=True)
-class RecordRefusal(_Action):
-    resource: Resource
-    current: int
-    wanted: int
-    need: Amount
-
-    @property
-    def kind(self) -> str:
-        return "refused"
-
-
-Action = SetCpuMax | SetMemoryHigh | SetMemoryMax | SetLimits | Commit | RecordRefusal
-
-
-# -- budget ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    reason: str = ""
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-class BudgetView(Protocol):
-    def can_grow(self, cell: str, delta: Amount) -> Verdict: ...
-
-
-@dataclass(frozen=True)
-class BudgetGate:
-    """A :class:`BudgetView` over admission's :class:`Budget`: growth must fit in ``free``."""
-
-    budget: Budget
-
-    def can_grow(self, cell: str, delta: Amount) -> Verdict:
-        free = self.budget.free
-        if delta.fits_in(free):
-            return Verdict(True)
-        return Verdict(False, f"cell {cell}: needs cpu {delta.cpu}m memory {delta.memory} B, "
-                              f"budget free cpu {free.cpu}m memory {free.memory} B")
-
-
 class PinRefused(RefusedError):
     """An operator's pin does not fit the bounds or the budget."""
-
-
-# -- state ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TunerState:
-    cell: str
-    size: Size
-    held: Amount                     # what admission holds for the cell
-    pinned: bool = False
-    cpu_idle: int = 0                # consecutive idle samples
-    memory_idle: int = 0
-    lowering: Lowering = field(default_factory=Lowering)  # agent.core.lowering's phase
-    events: MemoryEvents | None = None
-    last_sample: Sample | None = None
-
-    @property
-    def pending(self) -> PendingLower | None:
-        return self.lowering.pending
-
-    @property
-    def watch(self) -> Watch | None:
-        return self.lowering.watch
-
-    @property
-    def cooldown_until(self) -> float:
-        return self.lowering.cooldown_until
-
-    def lower(self, step: Step, *, pending: PendingLower | None = None,
-              watch: Watch | None = None, cooldown_until: float | None = None) -> TunerState:
-        """The state after one step of the lowering machine (LoweringError if illegal)."""
-        return replace(self, lowering=self.lowering.step(
-            self.cell, step, pending=pending, watch=watch, cooldown_until=cooldown_until))
 
 
 def high_for(memory_max: int, bounds: Bounds, config: TunerConfig) -> int:
@@ -312,7 +112,7 @@ def commitment(size: Size, pids: int) -> Amount:
     return Amount(size.cpu, size.memory_max, pids)
 
 
-def start(cell: str, bounds: Bounds, pids: int, config: TunerConfig = TunerConfig()
+def start(cell: str, bounds: Bounds, pids: int, config: TunerConfig = DEFAULT_CONFIG
           ) -> TunerState:
     """A cell started at its lower bounds; admit it with ``commitment(state.size, pids)``."""
     size = Size(bounds.cpu_lo, high_for(bounds.memory_lo, bounds, config), bounds.memory_lo)
@@ -348,7 +148,7 @@ def _memory_room(state: TunerState, bounds: Bounds, config: TunerConfig) -> bool
 
 def next_interval(interval: float, before: TunerState, after: TunerState, acted: bool,
                   bounds: Bounds, base: float, ceiling: float,
-                  config: TunerConfig = TunerConfig()) -> float:
+                  config: TunerConfig = DEFAULT_CONFIG) -> float:
     """The wait before a cell's next sample: ``base`` while samples make progress (an
     action, a lowering in flight, idle counts going up towards a lowering that has room
     to happen), doubled up to ``ceiling`` while they do not (a busy cell above its
@@ -528,7 +328,7 @@ def _on_sample(state: TunerState, smp: Sample, bounds: Bounds, budget: BudgetVie
 
 
 def decide(state: TunerState, obs: Observation, bounds: Bounds, budget: BudgetView,
-           now: float, config: TunerConfig = TunerConfig()) -> tuple[TunerState, list[Action]]:
+           now: float, config: TunerConfig = DEFAULT_CONFIG) -> tuple[TunerState, list[Action]]:
     """One step of the tuner; see the module docstring for the rules."""
     at = obs.at if isinstance(obs, Sample | MemoryEvents) else now
     state = replace(state, lowering=state.lowering.expire(state.cell, at))

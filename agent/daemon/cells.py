@@ -37,7 +37,7 @@ from agent.core.manifest import Manifest, manifest_from_dict
 from agent.core.planner import Allocation
 from agent.core.policy import Policy
 from agent.core.reclaim import Level
-from agent.core.tuner import Bounds, Sample, TunerState
+from agent.core.tunerstate import Bounds, Sample, TunerState
 from agent.daemon.bus import EventBus
 from agent.kernel.knobs import Knobs, PriWatch, SampleReader
 

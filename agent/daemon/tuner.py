@@ -43,13 +43,24 @@ from agent.core.cgroup import CellStats
 from agent.core.errors import AgentError, NotFoundError
 from agent.core.events import Event, Severity
 from agent.core.tuner import (
+    PinRefused,
+    check_pin,
+    commitment,
+    decide,
+    high_for,
+    next_interval,
+    pin,
+    unpin,
+    wants_samples,
+)
+from agent.core.tunerstate import (
+    DEFAULT_CONFIG,
     Action,
     Bounds,
     BudgetGate,
     Commit,
     MemoryEvents,
     Observation,
-    PinRefused,
     PressureTriggered,
     RecordRefusal,
     Resource,
@@ -61,14 +72,6 @@ from agent.core.tuner import (
     Size,
     TunerConfig,
     TunerState,
-    check_pin,
-    commitment,
-    decide,
-    high_for,
-    next_interval,
-    pin,
-    unpin,
-    wants_samples,
 )
 from agent.daemon.cells import CellEntry, CellsHost, Tuned
 from agent.kernel.cgroup import CgroupBackend
@@ -78,7 +81,6 @@ from agent.kernel.psi import PsiWatcher
 __all__ = ["Tuner", "initial_size"]
 
 log = logging.getLogger(__name__)
-DEFAULT_CONFIG = TunerConfig()
 _RESOURCES: dict[str, Resource] = {"cpu": "cpu", "memory": "memory"}
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.core.errors import KernelError
-from agent.core.tuner import Sample
+from agent.core.tunerstate import Sample
 from agent.kernel.cgroup import CgroupBackend
 
 __all__ = ["Knobs", "PriWatch", "SampleReader", "avg10_of"]

@@ -44,7 +44,8 @@ from cellkit import (
     write_manifest,
 )
 
-from agent.core.tuner import Bounds, TunerConfig, high_for
+from agent.core.tuner import high_for
+from agent.core.tunerstate import Bounds, TunerConfig
 
 MiB = 1 << 20
 AGENTD_TOML = Path("/etc/agent/agentd.toml")

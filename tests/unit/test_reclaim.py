@@ -32,17 +32,8 @@ from agent.core.reclaim import (
     summarize,
     weight_for,
 )
-from agent.core.tuner import (
-    Bounds,
-    BudgetGate,
-    Commit,
-    PressureTriggered,
-    Sample,
-    commitment,
-    decide,
-    settled,
-    start,
-)
+from agent.core.tuner import commitment, decide, settled, start
+from agent.core.tunerstate import Bounds, BudgetGate, Commit, PressureTriggered, Sample
 
 MiB = 1 << 20
 CFG = ReclaimConfig()

@@ -19,7 +19,7 @@ from test_tunerd import Clock, Host, MiB, make_cell, manifest, read
 
 from agent.core.budget import AdmissionRefused, Amount, Budget, Request
 from agent.core.reclaim import CollectOrphan, ReclaimConfig
-from agent.core.tuner import PressureTriggered, TunerConfig
+from agent.core.tunerstate import PressureTriggered, TunerConfig
 from agent.daemon.reclaim import Reclaimer
 from agent.daemon.tuner import Tuner
 from agent.kernel.cgroupv2 import CgroupV2

@@ -24,12 +24,23 @@ from agent.core.lowering import (
 )
 from agent.core.manifest import Resources
 from agent.core.tuner import (
+    PinRefused,
+    commitment,
+    decide,
+    high_for,
+    next_interval,
+    pin,
+    settled,
+    start,
+    unpin,
+    wants_samples,
+)
+from agent.core.tunerstate import (
     Action,
     Bounds,
     BudgetGate,
     Commit,
     MemoryEvents,
-    PinRefused,
     PressureTriggered,
     RecordRefusal,
     Sample,
@@ -41,15 +52,6 @@ from agent.core.tuner import (
     TunerConfig,
     TunerState,
     Verdict,
-    commitment,
-    decide,
-    high_for,
-    next_interval,
-    pin,
-    settled,
-    start,
-    unpin,
-    wants_samples,
 )
 
 MiB = 1 << 20

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from agent.core.budget import Amount, Budget, Ledger, Request
 from agent.core.cell import State
 from agent.core.manifest import Manifest, manifest_from_dict
-from agent.core.tuner import Bounds, MemoryEvents, PinRefused, PressureTriggered, TunerConfig
+from agent.core.tuner import PinRefused
+from agent.core.tunerstate import Bounds, MemoryEvents, PressureTriggered, TunerConfig
 from agent.daemon.bus import EventBus
 from agent.daemon.cells import Rung
 from agent.daemon.tuner import Tuner, initial_size

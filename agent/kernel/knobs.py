@@ -99,7 +99,7 @@ class Knobs:
 
     def set_cpu_weight(self, cell: str, weight: int) -> None:
         if self.v1:
-            from agent.kernel.cgroupv1 import cpu_shares
+            from agent.core.cgroupv1map import cpu_shares
 
             self._set(cell, "", ("cpu", "cpu.shares"), str(cpu_shares(weight)))
         else:

@@ -18,11 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.core.cgroup import Limits
-from agent.core.errors import ConfigError, KernelError
-from agent.kernel.cgroup import CgroupBackend
-from agent.kernel.cgroupv1 import (
-    CONTROLLERS,
-    CgroupV1,
+from agent.core.cgroupv1map import (
     bfq_weight,
     blkio_weight,
     cell_from_proc_cgroup_v1,
@@ -31,6 +27,9 @@ from agent.kernel.cgroupv1 import (
     degraded_limits,
     v1_files,
 )
+from agent.core.errors import ConfigError, KernelError
+from agent.kernel.cgroup import CgroupBackend
+from agent.kernel.cgroupv1 import CONTROLLERS, CgroupV1
 
 UNLIMITED = "9223372036854771712\n"
 

@@ -22,18 +22,9 @@ from hypothesis import strategies as st
 
 from agent import __version__
 from agent.cli.client import Client, ConnectError
-from agent.cli.diag import (
-    HEIGHT,
-    SECTIONS,
-    WIDTH,
-    Bundle,
-    Sources,
-    cli_main,
-    default_bundle_path,
-    query_daemon,
-    screen,
-    write_bundle,
-)
+from agent.cli.diag import cli_main
+from agent.cli.diagbundle import SECTIONS, Bundle, default_bundle_path, write_bundle
+from agent.cli.diagscreen import HEIGHT, WIDTH, Sources, query_daemon, screen
 from agent.core.errors import NotFoundError
 from agent.core.kconfig import render_fragment
 

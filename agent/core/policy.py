@@ -21,7 +21,8 @@ from typing import Any
 
 from agent.core import units
 from agent.core.errors import RefusedError
-from agent.core.manifest import NAME_RE, PRIVILEGED_OPS, Manifest
+from agent.core.grants import PRIVILEGED_OPS
+from agent.core.manifest import NAME_RE, Manifest
 from agent.core.units import ConfigProblems, Problem, TableReader
 
 __all__ = [

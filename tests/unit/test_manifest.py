@@ -11,10 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.core.errors import ConfigError
+from agent.core.grants import CAPABILITIES, PRIVILEGED_OPS, REFUSED_CAPABILITIES
 from agent.core.manifest import (
-    CAPABILITIES,
-    PRIVILEGED_OPS,
-    REFUSED_CAPABILITIES,
     EgressRule,
     Manifest,
     ManifestError,

@@ -22,7 +22,8 @@ from agent.core.cellops import (
 )
 from agent.core.config import AgentConfig
 from agent.core.errors import ConfigError
-from agent.core.manifest import PRIVILEGED_OPS, DataDir, Manifest, Resources, Tmpfs, load_manifest
+from agent.core.grants import PRIVILEGED_OPS
+from agent.core.manifest import DataDir, Manifest, Resources, Tmpfs, load_manifest
 from agent.core.planner import (
     RLIMITS,
     Allocation,

@@ -13,14 +13,12 @@ docs/master.md has the request flow, the journal records and the adoption rules.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from agent.core import cellrecord as cellstate
 from agent.core.addrpool import AddrPool, PoolConfig
 from agent.core.budget import Amount, Budget, HostPressure, Ledger, Request
 from agent.core.cell import (
@@ -45,11 +43,9 @@ from agent.core.lifecycle import (
     IN_FIREWALL,
     IN_FLIGHT,
     LEAVING,
-    LIVE,
     PLAN_EVENTS,
     Event,
     LifecycleError,
-    adoption,
     forgotten,
     transition,
 )
@@ -59,6 +55,7 @@ from agent.core.names import check_cell_name
 from agent.core.plan import Executor, PlanError, PlanEvent
 from agent.core.planner import Allocation, cell_firewall, plan_create, plan_destroy, plan_restart
 from agent.core.policy import Policy
+from agent.daemon.adoption import Adoption
 from agent.daemon.bus import EventBus
 from agent.daemon.cells import CellEntry, ExitCallback
 from agent.kernel.cgroup import CgroupBackend
@@ -84,7 +81,7 @@ class ManagedSpawner(Protocol):
 
 
 
-class CellManager:
+class CellManager(Adoption):
     """Owns the cells of one agentd.  ``make_spawner(on_exit)`` builds the spawner."""
 
     def __init__(self, config: AgentConfig, bus: EventBus, policy: Policy, *,
@@ -441,82 +438,6 @@ class CellManager:
         e = self.cells.get(cell)
         if e is not None:
             self.post(e, ex, pid=pid)
-
-    # ------------------------------------------------------------------ start and adoption
-    async def start(self) -> None:
-        """Replay the journal, repair half-made plans, re-adopt or clean up cells."""
-        assert self.executor is not None and self.journal is not None
-        state = cellstate.replay(self.journal.replay())
-        plans = self.executor.recover()
-        reports = await asyncio.to_thread(self.executor.repair, plans)
-        repaired = {r.target for r in reports}
-        for r in reports:
-            self.bus.emit("master", "repaired", cell=r.target, severity="notice",
-                          plan=r.plan_id, undone=list(r.undone), errors=list(r.errors))
-        snap = {"version": 1, "network": str(self.pool.config.network),
-                "subnet_prefix": self.pool.config.subnet_prefix,
-                "leases": [[d["cell"], d["vlan"], str(d["address"]).split("/")[0]]
-                           for d in state.leases.values()]}
-        try:
-            self.pool = AddrPool.restore(self.pool.config, snap)
-        except AgentError as exc:
-            log.error("address leases not restored: %s", exc)
-        for name, rec in state.cells.items():
-            try:
-                e = CellEntry.from_record(rec)
-            except Exception as exc:
-                log.error("journaled cell %s unreadable, skipped: %s", name, exc)
-                continue
-            self.cells[name] = e
-            if e.cell.holds_budget:
-                try:
-                    self.ledger.admit(Request.from_manifest(e.manifest))
-                except AgentError as exc:
-                    log.error("cell %s: budget not restored: %s", name, exc)
-            self._adopt(e, name in repaired)
-        self.journal.compact()
-        await self._drop_unheld_gateways()
-        await self.refresh_firewall()
-
-    async def _drop_unheld_gateways(self) -> None:
-        """A create plan undone after a crash can leave its VLAN's gateway: its
-        ensure-gateway step was in flight, so its undo had no record that it made the
-        gateway (and a gateway may be shared, so undo never guesses).  At start every cell
-        is known, so a gateway on a VLAN no cell holds is removed here."""
-        lister = getattr(self.ctx.net, "gateway_vlans", None)
-        if not self.remove_gateways or lister is None:
-            return
-        try:
-            present: set[int] = await asyncio.to_thread(lister)
-        except AgentError as exc:
-            log.error("VLAN gateways not listed: %s", exc)
-            return
-        held = {e.alloc.vlan for e in self.cells.values()
-                if e.alloc.vlan is not None and e.state not in LEAVING}
-        for vlan in sorted(present - held):
-            try:
-                await asyncio.to_thread(self.ctx.net.remove_gateway, vlan)
-                self.bus.emit("master", "gateway-collected", severity="notice", vlan=vlan)
-            except AgentError as exc:
-                log.error("VLAN %d gateway not removed: %s", vlan, exc)
-
-    def _adopt(self, e: CellEntry, repaired: bool) -> None:
-        procs: list[int] = []
-        with contextlib.suppress(AgentError, OSError):
-            procs = self.cgroup.procs(e.name)
-        live = e.state in LIVE
-        if live and procs:
-            pid = e.pid if e.pid in procs else min(procs)
-            try:
-                self.spawner.adopt(e.name, pid)
-                e.pid = pid
-            except OSError as exc:
-                log.error("cell %s: pid %d not adopted: %s", e.name, pid, exc)
-                procs = []
-        if live and not procs:
-            e.pid = None
-        for ev, why in adoption(e.cell, alive=bool(procs), repaired=repaired):
-            self.post(e, ev, why)
 
     async def close(self) -> None:
         """agentd stops: cells keep running (the next agentd adopts them)."""

@@ -43,7 +43,8 @@ CORE_OS_NAMES = frozenset({"strerror"})
 # rest: the server, and each service for the others.
 DAEMON_SHARED = frozenset({"bus", "cells"})
 DAEMON_OWNS = {"server": frozenset({"control"}), "cellapi": frozenset({"manager"}),
-               "tunerapi": frozenset({"tuner", "reclaim"})}
+               "tunerapi": frozenset({"tuner", "reclaim"}),
+               "manager": frozenset({"adoption"})}  # the manager's start-up half
 DAEMON_BUILDERS = frozenset({"main", "__main__"})
 
 

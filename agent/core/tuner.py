@@ -266,50 +266,68 @@ def _lower_memory(state: TunerState, cur: int, bounds: Bounds, config: TunerConf
             [SetMemoryHigh(state.cell, "idle", s.memory_high, new_high)])
 
 
-def _on_sample(state: TunerState, smp: Sample, bounds: Bounds, budget: BudgetView,
-               config: TunerConfig) -> tuple[TunerState, list[Action]]:
-    prev = state.last_sample
-    state = replace(state, last_sample=smp)
-    if state.pinned:
-        return state, []
-    actions: list[Action] = []
-    cur, now = smp.memory_current, smp.at
-    # Phase 2 of a memory lowering, or give up on it.
+def _continue_lowering(state: TunerState, cur: int, now: float, config: TunerConfig
+                       ) -> tuple[TunerState, list[Action]]:
+    """Phase 2 of a memory lowering (``memory.max`` once use is under ``memory.high``),
+    another wait, or giving up on it."""
     p = state.pending
-    if p is not None:
-        if cur <= state.size.memory_high:
-            new_max = max(p.new_max, cur)
-            actions.append(SetMemoryMax(state.cell, "reclaimed", state.size.memory_max, new_max))
-            state = replace(state.lower(Step.RECLAIMED,
-                                        watch=Watch(p.prev_high, p.prev_max, now + config.watch_s)),
-                            size=replace(state.size, memory_max=new_max))
-        elif p.samples + 1 >= config.reclaim_wait_samples:
-            state, undo = _rollback(state, "not-reclaimed", config, now)
-            actions += undo
-        else:
-            state = state.lower(Step.WAIT, pending=replace(p, samples=p.samples + 1))
-    # A sample under pressure raises (kernels without triggers, missed triggers).
+    if p is None:
+        return state, []
+    if cur <= state.size.memory_high:
+        new_max = max(p.new_max, cur)
+        act = SetMemoryMax(state.cell, "reclaimed", state.size.memory_max, new_max)
+        state = replace(state.lower(Step.RECLAIMED,
+                                    watch=Watch(p.prev_high, p.prev_max, now + config.watch_s)),
+                        size=replace(state.size, memory_max=new_max))
+        return state, [act]
+    if p.samples + 1 >= config.reclaim_wait_samples:
+        return _rollback(state, "not-reclaimed", config, now)
+    return state.lower(Step.WAIT, pending=replace(p, samples=p.samples + 1)), []
+
+
+def _raise_on_pressure(state: TunerState, smp: Sample, bounds: Bounds, budget: BudgetView,
+                       config: TunerConfig) -> tuple[TunerState, list[Action], set[Resource]]:
+    """A sample under pressure raises (kernels without triggers, missed triggers); returns
+    the resources found busy too."""
     busy: set[Resource] = set()
+    actions: list[Action] = []
     checks: tuple[tuple[Resource, float], ...] = (("memory", smp.memory_some_avg10),
                                                   ("cpu", smp.cpu_some_avg10))
     for res, avg in checks:
         if avg > config.sample_raise_avg10:
             busy.add(res)
-            state, more = _raise(state, res, "sample-pressure", bounds, budget, config, now)
+            state, more = _raise(state, res, "sample-pressure", bounds, budget, config, smp.at)
             actions += more
-    # Idle counting and gradual lowering.
+    return state, actions, busy
+
+
+def _cpu_rate(prev: Sample | None, smp: Sample) -> float | None:
+    """Millicores used between two samples (None without a usable earlier sample)."""
+    if prev is None or smp.at <= prev.at or smp.cpu_usage_usec < prev.cpu_usage_usec:
+        return None
+    return (smp.cpu_usage_usec - prev.cpu_usage_usec) / (smp.at - prev.at) / 1000.0
+
+
+def _count_idle(state: TunerState, prev: Sample | None, smp: Sample, busy: set[Resource],
+                rate: float | None, config: TunerConfig) -> TunerState:
+    """One more idle sample per resource, or back to zero.  Memory is not idle while it
+    grows, however far below its limit: a working set still being built."""
     s = state.size
-    growing = prev is not None and cur > prev.memory_current + config.idle_growth_max
+    growing = prev is not None and smp.memory_current > prev.memory_current + config.idle_growth_max
     mem_idle = ("memory" not in busy and not growing
-                and cur < s.memory_high * config.idle_usage_ratio
+                and smp.memory_current < s.memory_high * config.idle_usage_ratio
                 and smp.memory_some_avg10 <= config.idle_pressure_avg10)
-    state = replace(state, memory_idle=state.memory_idle + 1 if mem_idle else 0)
-    rate: float | None = None
-    if prev is not None and smp.at > prev.at and smp.cpu_usage_usec >= prev.cpu_usage_usec:
-        rate = (smp.cpu_usage_usec - prev.cpu_usage_usec) / (smp.at - prev.at) / 1000.0
     cpu_idle = ("cpu" not in busy and rate is not None and rate < s.cpu * config.idle_usage_ratio
                 and smp.cpu_some_avg10 <= config.idle_pressure_avg10)
-    state = replace(state, cpu_idle=state.cpu_idle + 1 if cpu_idle else 0)
+    return replace(state, memory_idle=state.memory_idle + 1 if mem_idle else 0,
+                   cpu_idle=state.cpu_idle + 1 if cpu_idle else 0)
+
+
+def _lower_when_idle(state: TunerState, cur: int, rate: float | None, bounds: Bounds,
+                     config: TunerConfig, now: float) -> tuple[TunerState, list[Action]]:
+    """Gradual lowering after ``idle_samples`` idle samples, outside a cooldown: memory
+    through the lowering machine (not while one is pending or watched), cpu at once."""
+    actions: list[Action] = []
     if now < state.cooldown_until:
         return state, actions
     if (state.memory_idle >= config.idle_samples and state.pending is None
@@ -317,14 +335,31 @@ def _on_sample(state: TunerState, smp: Sample, bounds: Bounds, budget: BudgetVie
         state, more = _lower_memory(state, cur, bounds, config)
         actions += more
     if state.cpu_idle >= config.idle_samples and rate is not None:
+        s = state.size
         floor = int(rate * (1 + config.cpu_headroom_ratio)) + 1
         step = max(1, int((bounds.cpu_hi - bounds.cpu_lo) * config.lower_span_fraction))
         new = min(s.cpu, max(bounds.cpu_lo, floor, s.cpu - step))
         if new < s.cpu:
             actions.append(SetCpuMax(state.cell, "idle", s.cpu, new))
-            state = replace(state, size=replace(state.size, cpu=new))
+            state = replace(state, size=replace(s, cpu=new))
         state = replace(state, cpu_idle=0)
     return state, actions
+
+
+def _on_sample(state: TunerState, smp: Sample, bounds: Bounds, budget: BudgetView,
+               config: TunerConfig) -> tuple[TunerState, list[Action]]:
+    """A periodic sample, in named steps: continue a lowering, raise what is under
+    pressure, count idle samples, lower what has been idle long enough."""
+    prev = state.last_sample
+    state = replace(state, last_sample=smp)
+    if state.pinned:
+        return state, []
+    state, actions = _continue_lowering(state, smp.memory_current, smp.at, config)
+    state, raised, busy = _raise_on_pressure(state, smp, bounds, budget, config)
+    rate = _cpu_rate(prev, smp)
+    state = _count_idle(state, prev, smp, busy, rate, config)
+    state, lowered = _lower_when_idle(state, smp.memory_current, rate, bounds, config, smp.at)
+    return state, actions + raised + lowered
 
 
 def decide(state: TunerState, obs: Observation, bounds: Bounds, budget: BudgetView,

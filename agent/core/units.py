@@ -69,21 +69,14 @@ class UnitError(ConfigError):
     """A value could not be read as a size, CPU amount or duration."""
 
 
+# bool before int: a bool is an int to isinstance
+_TYPE_NAMES: tuple[tuple[type, str], ...] = ((bool, "boolean"), (int, "integer"), (float, "float"),
+                                             (str, "string"), (list, "array"), (dict, "table"))
+
+
 def type_name(value: object) -> str:
     """The TOML-ish name of a Python value's type, for error messages."""
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "table"
-    return type(value).__name__
+    return next((name for t, name in _TYPE_NAMES if isinstance(value, t)), type(value).__name__)
 
 
 def _fail(kind: str, value: object, forms: str, why: str = "") -> UnitError:

@@ -19,19 +19,15 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from agent.core import cell as fx  # the lifecycle's effects
 from agent.core.addrpool import AddrPool, PoolConfig
 from agent.core.budget import Amount, Budget, HostPressure, Ledger, Request
 from agent.core.cell import (
-    CancelRestart,
     Cell,
     CellPolicy,
     Exit,
-    Publish,
-    Release,
     RunPlan,
-    ScheduleRestart,
     State,
-    StopService,
 )
 from agent.core.cellctx import CellNet, Context, Paths
 from agent.core.cellrecord import reserve_amount
@@ -315,17 +311,17 @@ class CellManager(Adoption):
                      {"name": e.name} if gone else e.to_record())
         plans: list[RunPlan] = []
         for eff in effects:
-            if isinstance(eff, Publish):
+            if isinstance(eff, fx.Publish):
                 self.bus.emit("lifecycle", eff.kind, cell=e.name, severity=eff.severity,
                               **eff.attrs_dict())
-            elif isinstance(eff, Release):
+            elif isinstance(eff, fx.Release):
                 self._release(e)
-            elif isinstance(eff, CancelRestart):
+            elif isinstance(eff, fx.CancelRestart):
                 _cancel(e.drive.restart_timer)
                 e.drive.restart_timer = None
-            elif isinstance(eff, ScheduleRestart):
+            elif isinstance(eff, fx.ScheduleRestart):
                 self._schedule_restart(e, eff)
-            elif isinstance(eff, StopService):
+            elif isinstance(eff, fx.StopService):
                 self._stop_service(e, eff.grace)
             elif isinstance(eff, RunPlan):
                 plans.append(eff)
@@ -344,7 +340,7 @@ class CellManager(Adoption):
             self.pool.release(e.name)
             self._record("lease-free", {"cell": e.name})
 
-    def _schedule_restart(self, e: CellEntry, eff: ScheduleRestart) -> None:
+    def _schedule_restart(self, e: CellEntry, eff: fx.ScheduleRestart) -> None:
         loop = asyncio.get_running_loop()
         _cancel(e.drive.restart_timer)
 

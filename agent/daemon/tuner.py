@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from agent.core import tunerstate as ts
 from agent.core.budget import Amount
 from agent.core.cell import State
 from agent.core.cgroup import CellStats
@@ -58,17 +59,11 @@ from agent.core.tunerstate import (
     Action,
     Bounds,
     BudgetGate,
-    Commit,
     MemoryEvents,
     Observation,
     PressureTriggered,
-    RecordRefusal,
     Resource,
     Sample,
-    SetCpuMax,
-    SetLimits,
-    SetMemoryHigh,
-    SetMemoryMax,
     Size,
     TunerConfig,
     TunerState,
@@ -396,7 +391,7 @@ class Tuner:
                 self._emit(cell, "error", "notice", action=type(a).__name__, error=str(exc))
                 self._resync(cell)
                 return
-            sev: Severity = "notice" if isinstance(a, RecordRefusal) or a.reason.startswith(
+            sev: Severity = "notice" if isinstance(a, ts.RecordRefusal) or a.reason.startswith(
                 "rollback") else "info"
             attrs = a.attrs()
             self._emit(cell, a.kind, sev, **attrs)
@@ -404,16 +399,16 @@ class Tuner:
 
     def _carry_out(self, cell: str, a: Action) -> None:
         k = self.knobs
-        if isinstance(a, SetCpuMax):
+        if isinstance(a, ts.SetCpuMax):
             k.set_cpu_max(cell, a.new)
-        elif isinstance(a, SetMemoryHigh):
+        elif isinstance(a, ts.SetMemoryHigh):
             k.set_memory_high(cell, a.new)
-        elif isinstance(a, SetMemoryMax):
+        elif isinstance(a, ts.SetMemoryMax):
             k.set_memory_max(cell, a.new)
-        elif isinstance(a, SetLimits):
+        elif isinstance(a, ts.SetLimits):
             k.set_memory(cell, a.new.memory_high, a.new.memory_max, a.old.memory_max)
             k.set_cpu_max(cell, a.new.cpu)
-        elif isinstance(a, Commit):
+        elif isinstance(a, ts.Commit):
             self.host.ledger.replace(cell, a.new)
 
     def _resync(self, cell: str) -> None:

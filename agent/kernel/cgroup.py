@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping, Sequence
+import signal
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from agent.core.cgroup import CellStats, Limits
 from agent.core.errors import KernelError
 
-__all__ = ["CgroupBackend", "read_proc_cgroup", "try_rmdir"]
+__all__ = ["CgroupBackend", "read_proc_cgroup", "sigkill_all", "try_rmdir", "wait_until"]
 
 
 def read_proc_cgroup(pid: int, proc_root: Path = Path("/proc")) -> str | None:
@@ -41,6 +42,32 @@ def try_rmdir(path: Path, hints: Mapping[int, str]) -> bool:
             else hints.get(exc.errno or 0),
         ) from exc
     return True
+
+
+def wait_until(cond: Callable[[], bool], deadline: float, clock: Callable[[], float],
+               sleep: Callable[[float], None], op: str, target: Path, hint: str) -> None:
+    """Poll ``cond`` (2 ms, doubling to 50 ms) until it holds; past ``deadline`` a
+    KernelError(op, target, ETIMEDOUT, hint).  For what the kernel does asynchronously
+    (dying processes leaving a cgroup, a freezer settling)."""
+    delay = 0.002
+    while not cond():
+        if clock() >= deadline:
+            raise KernelError(op, str(target), errno.ETIMEDOUT, hint)
+        sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def sigkill_all(pids: Sequence[int], kill: Callable[[int, int], None], where: str) -> bool:
+    """One sweep of a cell without ``cgroup.kill``: SIGKILL each of ``pids`` (one already
+    gone is fine); True when there was nothing left to kill."""
+    for pid in pids:
+        try:
+            kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            raise KernelError.from_oserror("kill", f"pid {pid} of {where}", exc) from exc
+    return not pids
 
 
 @runtime_checkable

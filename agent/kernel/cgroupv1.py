@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -49,7 +48,7 @@ from agent.core.cgroupv1map import (
 )
 from agent.core.errors import ConfigError, KernelError
 from agent.core.names import check_cell_name
-from agent.kernel.cgroup import read_proc_cgroup, try_rmdir
+from agent.kernel.cgroup import read_proc_cgroup, sigkill_all, try_rmdir, wait_until
 
 __all__ = [
     "CONTROLLERS",
@@ -223,12 +222,7 @@ class CgroupV1:
 
     def _wait(self, cond: Callable[[], bool], deadline: float, op: str, target: Path,
               hint: str) -> None:
-        delay = 0.002
-        while not cond():
-            if self._clock() >= deadline:
-                raise KernelError(op, str(target), errno.ETIMEDOUT, hint)
-            self._sleep(delay)
-            delay = min(delay * 2, 0.05)
+        wait_until(cond, deadline, self._clock, self._sleep, op, target, hint)
 
     # -- setup and capabilities --------------------------------------------------------
 
@@ -407,16 +401,7 @@ class CgroupV1:
         hint = "a process did not die: stuck in uninterruptible sleep (D state)?"
 
         def sweep() -> bool:
-            pids = self.procs(cell)
-            for pid in pids:
-                try:
-                    self._kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                except OSError as exc:
-                    raise KernelError.from_oserror("kill", f"pid {pid} of cell {cell}",
-                                                   exc) from exc
-            return not pids
+            return sigkill_all(self.procs(cell), self._kill, f"cell {cell}")
 
         frozen = "freeze" in self.features and self.cell_dir(cell, "freezer").is_dir()
         if frozen:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from agent.core.cgroup import (
 from agent.core.cgroupmode import V2_REQUIRED
 from agent.core.errors import KernelError
 from agent.core.names import check_cell_name
-from agent.kernel.cgroup import read_proc_cgroup, try_rmdir
+from agent.kernel.cgroup import read_proc_cgroup, sigkill_all, try_rmdir, wait_until
 
 __all__ = ["OPTIONAL_CONTROLLERS", "REQUIRED_CONTROLLERS", "CgroupV2"]
 
@@ -136,13 +135,7 @@ class CgroupV2:
 
     def _wait(self, cond: Callable[[], bool], timeout: float, op: str, target: Path,
               hint: str) -> None:
-        deadline = self._clock() + timeout
-        delay = 0.002
-        while not cond():
-            if self._clock() >= deadline:
-                raise KernelError(op, str(target), errno.ETIMEDOUT, hint)
-            self._sleep(delay)
-            delay = min(delay * 2, 0.05)
+        wait_until(cond, self._clock() + timeout, self._clock, self._sleep, op, target, hint)
 
     def _events(self, cell: str) -> dict[str, int]:
         return parse_flat_keyed(self._read(self.leaf(cell) / "cgroup.events"))
@@ -257,15 +250,7 @@ class CgroupV2:
             self._write(path / "cgroup.freeze", "1")
 
         def sweep() -> bool:
-            pids = self.procs(cell)
-            for pid in pids:
-                try:
-                    self._kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                except OSError as exc:
-                    raise KernelError.from_oserror("kill", f"pid {pid} of {path}", exc) from exc
-            return not pids
+            return sigkill_all(self.procs(cell), self._kill, str(path))
 
         try:
             self._wait(sweep, timeout, "kill", path, hint)

@@ -70,6 +70,17 @@ def _share_dir(run_dir: Path) -> None:
         ksys.mount(None, str(run_dir), None, abi.MS_SHARED | abi.MS_REC)
 
 
+def _fd_in_thread(fn: Callable[[], int], op: str, path: Path) -> int:
+    """:func:`_in_thread` for a step that enters a netns and returns a socket: its
+    failure is a KernelError naming ``op`` (and the call that failed) and ``path``."""
+    try:
+        return _in_thread(fn)
+    except KernelError as exc:
+        raise KernelError(f"{op} ({exc.op})", str(path), exc.errno) from exc
+    except OSError as exc:
+        raise KernelError.from_oserror(op, str(path), exc) from exc
+
+
 def open_netns(netns_file: Path) -> Any:
     """An ``IPRoute`` whose socket lives in the netns pinned at ``netns_file`` (no helper
     process, unlike pyroute2's ``NetNS``).  The caller closes it."""
@@ -82,13 +93,7 @@ def open_netns(netns_file: Path) -> Any:
             os.close(nsfd)
         return rtnl_fd()
 
-    try:
-        fd = _in_thread(enter)
-    except KernelError as exc:
-        raise KernelError(f"netns open ({exc.op})", str(netns_file), exc.errno) from exc
-    except OSError as exc:
-        raise KernelError.from_oserror("netns open", str(netns_file), exc) from exc
-    return ipr_on(fd)
+    return ipr_on(_fd_in_thread(enter, "netns open", netns_file))
 
 
 def create_cell_netns(cell: str, run_dir: Path = NETNS_DIR) -> Path:
@@ -110,12 +115,7 @@ def create_cell_netns(cell: str, run_dir: Path = NETNS_DIR) -> Path:
             raise
         return rtnl_fd()
 
-    try:
-        fd = _in_thread(make)
-    except KernelError as exc:
-        raise KernelError(f"netns create ({exc.op})", str(path), exc.errno) from exc
-    except OSError as exc:
-        raise KernelError.from_oserror("netns create", str(path), exc) from exc
+    fd = _fd_in_thread(make, "netns create", path)
     try:
         _lo_up(fd, path)
     except BaseException:

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Which cgroup layout the box has (v2, v1, hybrid or none) from the text of
+``/proc/filesystems`` and ``/proc/self/mounts``: the one answer status, diag and
+checkconfig give (the reading is done by :mod:`agent.kernel.cgroupdetect`).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The kernel-feature report behind ``agentctl checkconfig`` and agentd's start-up log:
+the kernel config's verdict for each feature (:mod:`agent.core.kconfig`) combined with the
+live probes' results (:mod:`agent.kernel.probes`) into one status per feature, a summary
+line and a JSON form.  Pure: the probes are passed in.
+"""
 
 from __future__ import annotations
 

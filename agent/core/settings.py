@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""The tuner's and the reclaim loop's settings as read from ``agentd.toml`` (sections
+``[tuner]`` and ``[reclaim]``): every key checked against the dataclass it fills, unknown
+keys and bad values refused with the key's name (docs/tuner.md lists them).
+"""
 
 from __future__ import annotations
 

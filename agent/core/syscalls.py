@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The kernel ABI numbers the agent needs, in one table per architecture: syscall numbers
+(aarch64 and x86_64), ``AUDIT_ARCH`` values, clone, mount and capability constants.
+Pure data: the seccomp compiler and the libc wrappers read it; nothing here calls the
+kernel.
+"""
 
 from __future__ import annotations
 

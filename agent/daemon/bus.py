@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""The event bus of agentd: every observation and decision is published here once and fanned
+out to the bounded ring behind ``agentctl events``, the sinks (the persistent log; with
+``all_events`` the correlation engine) and live subscribers (bounded queues that drop their
+oldest event and count it).  The record itself is :class:`agent.core.events.Event`.  Not
+thread-safe: publish from the loop thread.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Whether a cell's image on disk holds what its manifest names (the command, its
+working directory, the mount points of its writable areas), resolving symlinks as the cell will
+see them and refusing any that would climb out of the image (design step B: a request is
+checked against the resources that exist before anything is created).
+"""
 
 from __future__ import annotations
 

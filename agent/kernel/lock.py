@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""One agentd per state directory: an exclusive ``flock`` on ``<state_dir>/agentd.lock``
+taken before the journal, the socket or the pid file, and released by the kernel when its
+holder dies (so a kill -9'd agentd leaves no stale lock).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""seccomp user notification, the kernel half of channel 2 (trap and decide): install a
+compiled filter with a listener fd (``SECCOMP_FILTER_FLAG_NEW_LISTENER``), receive a
+trapped syscall's notification, check that its id is still valid, and send the master's
+verdict.  The filter itself is compiled by pure code in :mod:`agent.core.seccomp`.
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Like lxc-checkconfig: read the kernel configuration (``/proc/config.gz`` or
 ``/boot/config-<release>``), probe the live kernel through ``/proc`` and
-``/sys``, and report each feature of ``agent.kconfig.FEATURES`` as present,
+``/sys``, and report each feature of ``agent.core.kconfig.FEATURES`` as present,
 degraded, missing or unknown, with the consequence for the agent.
 
 Combining the two sources (the probe speaks for the running kernel, the

@@ -32,7 +32,7 @@ PIDFILE = "/var/run/agentd.pid"
 
 
 class DaemonClient(Protocol):
-    """What diag needs of :class:`agent.client.Client`."""
+    """What diag needs of :class:`agent.cli.client.Client`."""
 
     def call(self, op: str, /, **args: Any) -> Any: ...
 

@@ -127,7 +127,7 @@ _POLICY = ("mode", "restart", "backoff_initial_ms", "backoff_max_ms", "destroy_o
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Build and run the cell's plan (agent.planner) with the executor."""
+    """Build and run the cell's plan (agent.core.planner) with the executor."""
 
     purpose: Literal["create", "restart", "destroy"]
     generation: int

@@ -23,7 +23,7 @@ __all__ = ["CellCgroups", "CellContext", "CellDirs", "CellFirewall", "CellNet", 
 
 
 class CellCgroups(Protocol):
-    """agent.cgroup.CgroupBackend plus ``leaf`` (agent.cgroupv2.CgroupV2 has both)."""
+    """agent.kernel.cgroup.CgroupBackend plus ``leaf`` (agent.kernel.cgroupv2.CgroupV2 has both)."""
 
     def create(self, cell: str) -> Path: ...
     def set_limits(self, cell: str, limits: Limits) -> None: ...
@@ -33,7 +33,7 @@ class CellCgroups(Protocol):
 
 
 class CellNet(Protocol):
-    """agent.net's functions bound to a netlink handle, bridge and netns dir (HostNet)."""
+    """agent.kernel.net's functions bound to a netlink handle, bridge and netns dir (HostNet)."""
 
     def create_netns(self, cell: str) -> Path: ...
     def destroy_netns(self, cell: str) -> None: ...
@@ -75,7 +75,7 @@ class Paths:
 
 
 class CellFirewall(Protocol):
-    """agent.nft.FirewallSync: nft batches applied in a cell's netns."""
+    """agent.kernel.nft.FirewallSync: nft batches applied in a cell's netns."""
 
     def apply_cell(self, cell: str, batch: Sequence[dict[str, Any]]) -> None: ...
     def remove_cell(self, cell: str) -> None: ...

@@ -1,5 +1,5 @@
 """The operations that create a cell (the create half of a plan; teardown.py holds
-the destroy half).  The operations cell plans are made of (see agent.plan for the contract).
+the destroy half).  The operations cell plans are made of (see agent.core.plan for the contract).
 
 Each is a frozen dataclass whose fields are the journaled arguments; ``apply`` and
 ``undo`` delegate to the adapters on the executor's context (:class:`CellContext`), so
@@ -12,7 +12,7 @@ half a cell.  Every destroy step is idempotent instead, so a failed destroy plan
 simply run again (the lifecycle's FAILED -> STOP_REQUESTED -> DESTROYING) or its
 leftovers are collected by the reclaim loop.
 
-Paths and syscall sets are planned by pure code (agent.planner) and journaled with the
+Paths and syscall sets are planned by pure code (agent.core.planner) and journaled with the
 op; the privileged side re-checks each path against its own roots before touching it
 (bubblewrap's habit), so a tampered journal cannot make agentd delete or mount elsewhere.
 """
@@ -194,13 +194,13 @@ class MakeLink(DataOp):
 @register_op
 @dataclass(frozen=True)
 class ApplyCellFirewall(DataOp):
-    """The cell's ``inet agent_cell`` table (agent.firewall), applied in its netns before
+    """The cell's ``inet agent_cell`` table (agent.core.firewall), applied in its netns before
     its service starts.  The netns belongs to the host's user namespace, so the cell's
     root cannot change the table; undo deletes it (the netns usually goes next anyway)."""
 
     kind: ClassVar[str] = "apply-cell-firewall"
     cell: str
-    batch: str  # agent.firewall.batch_json(cell_ruleset(...))
+    batch: str  # agent.core.firewall.batch_json(cell_ruleset(...))
 
     def _cmds(self) -> list[dict[str, Any]]:
         return [c for c in json.loads(self.batch)["nftables"] if "metainfo" not in c]
@@ -225,7 +225,7 @@ class ApplyCellFirewall(DataOp):
         if fw is None:
             raise ConfigError("E_FIREWALL", f"no firewall adapter: cell {self.cell} would run "
                               "unfiltered", "give the executor's context a firewall "
-                              "(agent.nft.FirewallSync)")
+                              "(agent.kernel.nft.FirewallSync)")
         fw.apply_cell(self.cell, self._cmds())
         return {}
 
@@ -260,7 +260,7 @@ def mount_from_wire(w: MountWire) -> Mount:
 @register_op
 @dataclass(frozen=True)
 class StartService(DataOp):
-    """Spawn the cell's pid 1 (agent.spawn) in its netns and cgroup."""
+    """Spawn the cell's pid 1 (agent.kernel.spawn) in its netns and cgroup."""
 
     kind: ClassVar[str] = "start-service"
     cell: str

@@ -1,6 +1,6 @@
 """What the cell manager keeps per cell, and how it is journaled and replayed (pure).
 
-Journal records written by agent.master (beside the executor's ``plan-*``/``op-*``)::
+Journal records written by agent.daemon.manager (beside the executor's ``plan-*``/``op-*``)::
 
     cell        {"name", "cell": Cell.to_wire(), "manifest": Manifest.to_dict(),
                  "alloc": {vlan, address, gateway, uid_base}, "slot", "pid", "owner",

@@ -1,7 +1,7 @@
 """The cgroup interface shared by every backend, its data types and parsers.
 
 A backend manages the agent's subtree: one leaf per cell, named after the
-cell.  :class:`agent.cgroupv2.CgroupV2` is the unified-hierarchy backend; a
+cell.  :class:`agent.kernel.cgroupv2.CgroupV2` is the unified-hierarchy backend; a
 cgroup-v1 backend (on cgroupspy) can implement the same :class:`CgroupBackend`
 protocol and degrade where v1 lacks a feature.
 

@@ -1,7 +1,7 @@
 """Manifests -> nftables rulesets (channels 1 and 3), purely.  docs/firewall.md has the model.
 
 Two kinds of table, both generated here as nft JSON batches and applied whole, in one
-transaction, by agent.nft:
+transaction, by agent.kernel.nft:
 
 * ``inet agent_cell`` in each networked cell's netns (channel 1).  ``input`` accepts new
   connections only from the cells whose manifests name this cell as a peer, to the ports
@@ -17,7 +17,7 @@ transaction, by agent.nft:
   packets entering or leaving a gateway interface jump into the agent's chains).
 
 A peer whose cell does not exist has no address, so it gets no rule; the master
-regenerates both kinds of table whenever cells come and go (agent.nft.FirewallSync).
+regenerates both kinds of table whenever cells come and go (agent.kernel.nft.FirewallSync).
 Every batch starts with ``add table`` + ``delete table`` so it replaces the table
 atomically whether or not it existed.
 """

@@ -4,7 +4,7 @@ Pure code, no I/O.  ``FEATURES`` is the one source of truth for the kernel
 options the agent uses: the Yocto and Buildroot kernel fragments in
 ``recipes/`` are generated from it (``python -m agent.core.kconfig``) and a unit
 test checks that the checked-in fragments are identical to the output.
-``agent.checkconfig`` combines the table with probes of the running kernel.
+``agent.cli.checkconfig`` combines the table with probes of the running kernel.
 
 Each feature lists the options it *needs* (without any of them the feature
 is missing), the options it *wants* (without them it works, degraded) and
@@ -95,7 +95,7 @@ class Status(StrEnum):
 class Feature:
     """One thing the agent uses from the kernel.
 
-    ``probe`` names a live check in ``agent.checkconfig`` (or is empty when
+    ``probe`` names a live check in ``agent.cli.checkconfig`` (or is empty when
     the running kernel cannot be asked without privilege).  ``required``
     features make ``agentctl checkconfig`` exit 1 when missing; the others
     only degrade the agent, as ``consequence`` says.

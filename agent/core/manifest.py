@@ -4,7 +4,7 @@ Every key, type, default and bound is documented in ``docs/manifest.md``.  Decod
 collects every problem it finds and raises one :class:`ManifestError` (code
 ``E_MANIFEST``) whose message is ``<file>: <key>: <problem>`` for the first problem;
 ``problems`` lists them all.  Whether the image on disk holds what a manifest names is checked by
-:func:`agent.admission.check_image`.
+:func:`agent.kernel.image.check_image`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Derivations (docs/lifecycle.md has the rationale):
   ``nosuid,nodev`` plus ``noexec`` unless ``exec = true``; the data area is a bind of
   ``<state_dir>/data/<source>`` ``nosuid,nodev,noexec``;
 * rlimits: :data:`RLIMITS`; capabilities: exactly the manifest's; seccomp:
-  :meth:`agent.seccomp.FilterSpec.for_cell` of the manifest's privileged operations.
+  :meth:`agent.core.seccomp.FilterSpec.for_cell` of the manifest's privileged operations.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def start_service(m: Manifest, alloc: Allocation, config: AgentConfig) -> StartS
 
 
 def cell_firewall(m: Manifest, alloc: Allocation) -> firewall.CellFw | None:
-    """What agent.firewall needs about the cell (None: loopback only)."""
+    """What agent.core.firewall needs about the cell (None: loopback only)."""
     return firewall.CellFw.of(m, alloc.vlan, alloc.address, alloc.gateway)
 
 

@@ -6,7 +6,7 @@ Entries are tried in file order and the first whose every given field (``uid``,
 ``gid``, ``user``) matches wins.  See ``docs/policy.md``.
 
 :meth:`Policy.authorize` is pure; it returns a :class:`Decision` naming the rule that
-allowed the request, or raises :class:`~agent.errors.RefusedError` with one of the codes
+allowed the request, or raises :class:`~agent.core.errors.RefusedError` with one of the codes
 ``E_POLICY_ROLE``, ``E_POLICY_OP``, ``E_POLICY_SERVICE``, ``E_POLICY_CEILING``,
 ``E_POLICY_PRIVILEGE``, naming the identity, the rule and the numbers.
 """

@@ -154,7 +154,7 @@ class FilterSpec:
             unknown = sorted(n for n in names if n not in ksys.SYSCALLS)
             if unknown:
                 raise ConfigError("E_SECCOMP", f"seccomp {label}: unknown syscall {unknown[0]!r}",
-                                  "add it to agent.sys.SYSCALLS with both numbers")  # fmt: skip
+                                  "add it to agent.core.syscalls.SYSCALLS with both numbers")
         for a, b in (("trap", "deny"), ("trap", "enosys"), ("deny", "enosys")):
             both = sorted(sets[a] & sets[b])
             if both:

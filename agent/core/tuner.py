@@ -24,7 +24,7 @@ Rules (numbers in :class:`TunerConfig`, reasons in docs/tuner.md):
 * a raise beyond what admission already holds for the cell asks the
   :class:`BudgetView`; if refused, a :class:`RecordRefusal` with the numbers is
   the only action.  The budget is *returned* by the reclaim loop, only once the
-  lowering is settled (see :func:`settled` and agent/reclaim.py);
+  lowering is settled (see :func:`settled` and agent/core/reclaim.py);
 * a pinned cell gets no automatic change.
 """
 
@@ -98,7 +98,7 @@ def wants_samples(state: TunerState, bounds: Bounds) -> bool:
     the sample-pressure raise that backs up a missed trigger).  A cell at its lower
     bounds with no lowering in flight, or a pinned one, has nothing a sample could
     lower: it is quiet, and only its PSI triggers and ``memory.events`` (raises) wake
-    the tuner for it.  (A kernel without triggers samples every cell: agent.tunerd.)"""
+    the tuner for it.  (A kernel without triggers samples every cell: agent.daemon.tuner.)"""
     if state.pinned:
         return False
     if state.lowering.phase is Phase.RECLAIMING:
@@ -120,7 +120,7 @@ def next_interval(interval: float, before: TunerState, after: TunerState, acted:
     action, a lowering in flight, idle counts going up towards a lowering that has room
     to happen), doubled up to ``ceiling`` while they do not (a busy cell above its
     floor, or an idle one whose use keeps it where it is).  Any trigger or memory event
-    brings the cell back to ``base`` (agent.tunerd)."""
+    brings the cell back to ``base`` (agent.daemon.tuner)."""
     progress = (acted or after.lowering.phase is Phase.RECLAIMING
                 or (after.cpu_idle > before.cpu_idle and after.size.cpu > bounds.cpu_lo)
                 or (after.memory_idle > before.memory_idle

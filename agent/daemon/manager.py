@@ -3,7 +3,7 @@
 ``run NAME``: manifest ``<services_dir>/NAME.toml`` -> policy (the peer's kernel uid/gid)
 -> image check -> admission (budget, host PSI) -> address lease -> ADMIT -> the create
 plan in a worker thread (journaled by the executor) -> RUNNING.  Every lifecycle effect
-(agent.lifecycle) is carried out here; every record change is journaled (agent.cellstate)
+(agent.core.lifecycle) is carried out here; every record change is journaled (agent.core.cellrecord)
 and published on the bus (channel ``lifecycle``).  State lives on the loop: plans run in
 ``asyncio.to_thread`` and only their outcome comes back to the loop.  Events of one cell
 are processed one at a time by that cell's driver task; different cells run concurrently.
@@ -149,7 +149,7 @@ class CellManager(Adoption):
 
     def keep_pin(self, name: str, pin: Mapping[str, int] | None) -> None:
         """Journal an operator's pin (None: unpinned) with the cell, so that the tuner
-        restores it after an agentd restart (agent.tunerd.Tuner.start)."""
+        restores it after an agentd restart (agent.daemon.tuner.Tuner.start)."""
         e = self.cells.get(name)
         if e is None:
             return

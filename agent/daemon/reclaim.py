@@ -1,9 +1,9 @@
-"""The host's reclaim loop as a service: agent/reclaim.py's passes, run when useful.
+"""The host's reclaim loop as a service: agent/core/reclaim.py's passes, run when useful.
 
-A pass builds a :class:`~agent.reclaim.CellView` per tuned cell (from the tuner's state)
-and a :class:`~agent.reclaim.BoxView` (``/proc/pressure/memory``, the journaled cells and,
+A pass builds a :class:`~agent.core.reclaim.CellView` per tuned cell (from the tuner's state)
+and a :class:`~agent.core.reclaim.BoxView` (``/proc/pressure/memory``, the journaled cells and,
 when a scan is due, the agent-owned kernel objects found by
-:class:`~agent.orphans.KernelObjects`), runs :func:`~agent.reclaim.reclaim_pass` and
+:class:`~agent.kernel.orphans.KernelObjects`), runs :func:`~agent.core.reclaim.reclaim_pass` and
 carries out its actions in order, each a ``reclaim`` event and (except weights) a journal
 record; a pass that did anything ends with a ``reclaim``/``pass`` summary event.
 Blocking work (the netlink scan, orphan teardown, freeze) runs in a worker thread.
@@ -12,7 +12,7 @@ Passes are driven by events, not by a clock: one at start (weights, and the orph
 that finds what a killed agentd left), one shortly after each lifecycle change (weights;
 a scan for what a teardown left) or tuner resize (budget), and one when the box's PSI
 trigger on ``/proc/pressure/memory`` fires (``some`` stalls of ``pressure_on_avg10`` % of
-a 1 s window).  After each pass :func:`~agent.reclaim.next_pass_at` says when the next
+a 1 s window).  After each pass :func:`~agent.core.reclaim.next_pass_at` says when the next
 one could do something by itself (a rung of the escalation ladder, a lowering settling,
 an orphan's grace ending, an idle cell's reclaim interval); with nothing pending, no
 timer is set.  Without PSI on the box the loop degrades to a pass every ``period_s``.
@@ -68,7 +68,7 @@ DEFAULT_CONFIG = ReclaimConfig()
 
 
 def _has_memory_reclaim(backend: CgroupBackend) -> bool:
-    try:  # agent.cgroupdetect needs cgroupspy (the v1 backend)
+    try:  # agent.kernel.cgroupdetect needs cgroupspy (the v1 backend)
         from agent.kernel.cgroupdetect import features
     except ImportError:
         return (Path(backend.root) / "memory.reclaim").exists()

@@ -4,7 +4,7 @@ One process, one asyncio loop.  SIGTERM and SIGINT stop it cleanly: the control 
 and the pidfile are removed.  Other modules add ops with ``daemon.register(op, handler)``,
 status fields with ``daemon.add_status(key, fn)``, set-up with ``on_startup`` (run before the
 socket serves) and clean-up with ``on_shutdown``.  ``main`` attaches the cell manager
-(agent.masterops) unless ``--no-cells`` is given.
+(agent.daemon.cellapi) unless ``--no-cells`` is given.
 
 One agentd per state directory: ``main`` takes :class:`InstanceLock` (an exclusive
 ``flock`` on ``<state_dir>/agentd.lock``) before anything reads or writes state (journal,

@@ -7,10 +7,10 @@ For each running cell it owns, on the daemon's asyncio loop:
   child; an adopted cell is not, and its status is unknown) and goes to ``on_exit``;
 * the **seccomp listener** (``add_reader``): every notification is answered EPERM for
   now and published as an event (channel ``seccomp``, kind ``trap``); the reader goes
-  when :func:`agent.seccomp.listener_dead` says every process under the filter is gone;
+  when :func:`agent.kernel.seccomp.listener_dead` says every process under the filter is gone;
 * **stdout and stderr**: two FIFOs in the cell's run dir.  The cell gets each opened
   read-write (so it never sees SIGPIPE, even while agentd is down), agentd reads them
-  non-blocking into the cell's :class:`~agent.logbuf.LogBuffer`.  A restarted agentd
+  non-blocking into the cell's :class:`~agent.core.logbuf.LogBuffer`.  A restarted agentd
   re-opens the FIFOs of the cells it adopts, so their logs continue; what they wrote
   beyond the pipe buffer (64 KiB) while agentd was down blocked them until it came back.
 
@@ -75,7 +75,7 @@ class _Handle:
 
 
 class CellSpawner:
-    """Implements :class:`agent.cellops.Spawner`; see the module docstring."""
+    """Implements :class:`agent.core.cellops.Spawner`; see the module docstring."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, paths: Paths, bus: EventBus,
                  on_exit: ExitCallback, *, log_bytes: int = 64 << 10,

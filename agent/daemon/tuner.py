@@ -1,19 +1,19 @@
-"""The tuner service: agent/tuner.py's decisions wired to the kernel and the loop.
+"""The tuner service: agent/core/tuner.py's decisions wired to the kernel and the loop.
 
 For every RUNNING cell it waits on three sources, all on the asyncio loop: PSI
 triggers on the cell's ``cpu.pressure`` and ``memory.pressure``
-(:class:`agent.psi.PsiWatcher`), ``memory.events`` (a kernfs file that signals
+(:class:`agent.kernel.psi.PsiWatcher`), ``memory.events`` (a kernfs file that signals
 ``EPOLLPRI`` when a counter moves; one small epoll per file, like the PSI triggers),
 and samples, on one timer for all cells (``loop.call_later``) set to the earliest
-cell's due time.  Samples serve the lowering only (:func:`agent.tuner.wants_samples`):
+cell's due time.  Samples serve the lowering only (:func:`agent.core.tuner.wants_samples`):
 a cell at its lower bounds, or pinned, is not sampled at all while its triggers are
 armed, and a cell whose samples change nothing is sampled less and less often
-(:func:`agent.tuner.next_interval`: ``sample_s`` doubling up to ``sample_max_s``).
+(:func:`agent.core.tuner.next_interval`: ``sample_s`` doubling up to ``sample_max_s``).
 So with every cell settled, nothing polls: the tuner sleeps until a trigger or a
 memory event fires.  A sample is four ``pread`` calls on files kept open
-(:class:`agent.tunerio.SampleReader`).  Each observation
-goes through :func:`agent.tuner.decide`; its actions are carried out in list order:
-cgroup writes through :class:`agent.knobs.Knobs`, ``Budget.replace`` on the manager's
+(:class:`agent.kernel.knobs.SampleReader`).  Each observation
+goes through :func:`agent.core.tuner.decide`; its actions are carried out in list order:
+cgroup writes through :class:`agent.kernel.knobs.Knobs`, ``Budget.replace`` on the manager's
 budget, and for each one a ``tuner`` event and a ``tuner`` journal record.
 
 Where the kernel has no PSI (cgroup v1, ``psi=0``) the tuner degrades to samples, and on
@@ -198,7 +198,7 @@ class Tuner:
         return t
 
     def _kept_pin(self, cell: str, e: CellEntry, bounds: Bounds, in_use: int) -> Size | None:
-        """The operator's pin journaled with the cell (agent.master.CellManager.keep_pin),
+        """The operator's pin journaled with the cell (agent.daemon.manager.CellManager.keep_pin),
         if it still fits the manifest's bounds and the cell's use; else it is dropped."""
         p = e.pin
         if not p:
@@ -333,7 +333,7 @@ class Tuner:
 
     def sample(self, cell: str) -> None:
         """One sample of the cell (memory.events read too where it is not watched); then
-        the cell's next due time (:func:`agent.tuner.next_interval`)."""
+        the cell's next due time (:func:`agent.core.tuner.next_interval`)."""
         t = self.cells.get(cell)
         if t is None:
             return

@@ -61,7 +61,7 @@ REQUIRED_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
 OPTIONAL_CONTROLLERS = ("blkio", "freezer")
 CONTROLLERS = REQUIRED_CONTROLLERS + OPTIONAL_CONTROLLERS
 
-# Capability names shared with the v2 backend (agent.cgroupdetect.features).
+# Capability names shared with the v2 backend (agent.kernel.cgroupdetect.features).
 
 
 # -- cgroupspy extensions --------------------------------------------------------------
@@ -110,7 +110,7 @@ class CgroupV1:
     """The agent's subtree in every v1 hierarchy.
 
     ``hierarchies`` maps a controller to its mount point (default
-    ``mount_root/<controller>``); :func:`agent.cgroupdetect.open_backend`
+    ``mount_root/<controller>``); :func:`agent.kernel.cgroupdetect.open_backend`
     fills it from /proc/self/mounts.  ``kill_fn``, ``sleep`` and ``clock`` are
     injectable so tests on a fake tree never signal or wait for real.
     """

@@ -1,4 +1,4 @@
-"""Kernel adapters of the tuner and the reclaim loop (agent.tunerd, agent.reclaimd).
+"""Kernel adapters of the tuner and the reclaim loop (agent.daemon.tuner, agent.daemon.reclaim).
 
 :class:`Knobs` writes single cgroup files (``cpu.max``, ``memory.high``, ...) for the v2
 or the v1 backend; :class:`PriWatch` wakes the loop when ``memory.events`` changes;
@@ -198,7 +198,7 @@ def avg10_of(text: str) -> float:
 class SampleReader:
     """A v2 cell's ``cpu.stat``, ``memory.current`` and PSI files, kept open.
 
-    ``read()`` raises :class:`~agent.errors.KernelError` once the cgroup is gone.  A
+    ``read()`` raises :class:`~agent.core.errors.KernelError` once the cgroup is gone.  A
     missing PSI file (``psi=0``) reads as no pressure."""
 
     def __init__(self, leaf: Path) -> None:

@@ -1,11 +1,11 @@
 """Thin ctypes wrappers for the syscalls the standard library lacks.
 
-Every wrapper raises :class:`~agent.errors.KernelError` naming the operation
+Every wrapper raises :class:`~agent.core.errors.KernelError` naming the operation
 and the path or object, with errno.  Nothing here decides anything; callers
-(``agent.spawn``, ``agent.seccomp``) pass in what they touch.
+(``agent.kernel.spawn``, ``agent.core.seccomp``) pass in what they touch.
 
 The wrappers are also used between ``fork`` and ``execve`` in
-``agent.spawn``: they only call into libc through ctypes and build small
+``agent.kernel.spawn``: they only call into libc through ctypes and build small
 Python objects, which is safe in a freshly forked single-threaded child.
 
 The syscall table covers the calls the seccomp policy names plus a few

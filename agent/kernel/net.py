@@ -17,7 +17,7 @@ over that socket from any thread (docs/performance.md).
 
 Every function takes the netlink handle (for the "host" side) and the paths it
 touches, so tests can run the whole thing inside a namespace of their
-own.  Every failure is a :class:`~agent.errors.KernelError` naming the netlink
+own.  Every failure is a :class:`~agent.core.errors.KernelError` naming the netlink
 operation and the object.
 """
 

@@ -1,4 +1,4 @@
-"""nftables adapter: apply agent.firewall's batches with ``nft -j -f -``, in a netns or not.
+"""nftables adapter: apply agent.core.firewall's batches with ``nft -j -f -``, in a netns or not.
 
 Every batch is one ``nft`` invocation and so one kernel transaction: a table is replaced
 whole or not at all.  Inside a cell's netns ``nft`` runs under ``nsenter --net=PATH``
@@ -8,7 +8,7 @@ agent (CAP_NET_ADMIN there) can change the cell's table: root in the cell cannot
 
 :class:`FirewallSync` keeps the host table and the cells' tables in step with the set of
 cells (the master calls :meth:`FirewallSync.refresh` whenever cells come and go) and is
-the ``firewall`` of the executor's context (agent.cellops.ApplyCellFirewall).
+the ``firewall`` of the executor's context (agent.core.cellops.ApplyCellFirewall).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Nft:
         return r.stdout
 
     def apply(self, batch: Sequence[dict[str, Any]], netns: Path | None = None) -> None:
-        """Apply an agent.firewall batch atomically."""
+        """Apply an agent.core.firewall batch atomically."""
         self._run(["-j", "-f", "-"], firewall.batch_json(batch), netns, "apply batch")
 
     def delete_table(self, table: str, netns: Path | None = None) -> None:

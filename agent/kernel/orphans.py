@@ -1,7 +1,7 @@
 """Agent-owned kernel objects, found and collected for the reclaim loop (thin adapter).
 
 :class:`KernelObjects` lists what agentd may have left in the kernel, each with the
-journaled cell that owns it (or None); :mod:`agent.reclaim` decides what is an orphan,
+journaled cell that owns it (or None); :mod:`agent.core.reclaim` decides what is an orphan,
 this module only scans and removes.  Called from a worker thread.  Each kind covers
 exactly one set of objects, so nothing is counted (or removed) twice:
 
@@ -31,7 +31,7 @@ exactly one set of objects, so nothing is counted (or removed) twice:
     agentd's own): ``agent_cell_<cell>`` (a host-side table of one cell) and a stray
     ``agent_cell`` (a cell's table that belongs in the cell's netns: owner None).  The
     host forward table ``agent_host`` is agentd's own and never reported.  Collect =
-    delete the table (agent.nft, one transaction).
+    delete the table (agent.kernel.nft, one transaction).
 
 The mount and nftables scans are one read of ``mountinfo`` and one ``nft -j list
 tables``; a missing ``nft``, a kernel without nf_tables or an unreadable ``mountinfo``
@@ -73,7 +73,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = Path("/run/agent")  # agent.config's default run_dir
+RUN_DIR = Path("/run/agent")  # agent.core.config's default run_dir
 MOUNTINFO = Path("/proc/self/mountinfo")
 HOST_CELL_TABLE_PREFIX = firewall.CELL_TABLE + "_"
 _UMOUNT_NOFOLLOW = 8  # <sys/mount.h>: a symlink put there is not followed
@@ -142,7 +142,7 @@ class KernelObjects:
         from pyroute2 import IPRoute
         from pyroute2 import config as pyroute2_config
 
-        pyroute2_config.disable_mp_signal = True  # see agent.masterops.LockedNet
+        pyroute2_config.disable_mp_signal = True  # see agent.kernel.net.HostNet._ipr
         ipr = IPRoute()
         try:
             yield ipr
@@ -235,7 +235,7 @@ class KernelObjects:
     def scan_nftables(self) -> list[Found]:
         """``inet`` tables of the agent's naming in ``nft_netns`` (one ``nft`` run)."""
         try:
-            # agent.nft's runner (nsenter into nft_netns when given); nft.py has no
+            # agent.kernel.nft's runner (nsenter into nft_netns when given); nft.py has no
             # public "list tables" yet
             text = self._nft()._run(["-j", "list", "tables"], None, self.nft_netns,
                                     "list tables")

@@ -40,6 +40,7 @@ from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
 from agent.daemon.cells import ExitCallback
+from agent.daemon.history import EventHistory
 from agent.daemon.manager import CellManager
 from agent.daemon.reclaim import Reclaimer
 from agent.daemon.server import Daemon
@@ -48,6 +49,7 @@ from agent.daemon.tuner import Tuner
 from agent.daemon.tunerapi import TunerOps
 from agent.kernel.cgroupdetect import open_backend
 from agent.kernel.cgroupv2 import CgroupV2
+from agent.kernel.eventlog import EventLog
 from agent.kernel.host import read_capacity, read_host_pressure
 from agent.kernel.lock import InstanceLock
 from agent.kernel.net import HostNet
@@ -119,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None)
+        wire_history(daemon)
         if not ns.no_cells:
             wire_cells(daemon)
         asyncio.run(daemon.run())
@@ -128,6 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         lock.release()
     return 0
+
+
+def wire_history(daemon: Daemon) -> EventHistory:
+    """The persistent event log on the bus (alerts and state changes, bounded for flash),
+    its ``events.log`` op and the bus's status field."""
+    history = EventHistory(daemon.bus, EventLog(daemon.config.state_dir / "events.log"))
+    for op, handler in history.handlers().items():
+        daemon.register(op, handler)
+    daemon.add_status("event_bus", history.status)
+
+    async def shutdown() -> None:
+        history.close()
+
+    daemon.on_shutdown(shutdown)
+    return history
 
 
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:

@@ -447,9 +447,12 @@ def build_wheel() -> Path:
     found = list(d.glob("agent-*.whl")) if d.exists() else []
     if found:
         return found[0]
-    for old in CACHE.glob("wheel-*"):
+    # Several work trees may build at once (one cache): keep the newest few wheels, and
+    # build into a private directory renamed into place, never into a shared one.
+    olds = sorted(CACHE.glob("wheel-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in olds[6:]:
         shutil.rmtree(old, ignore_errors=True)
-    d.mkdir(parents=True)
+    out = Path(tempfile.mkdtemp(prefix=f"wheel-{key}.part-", dir=CACHE))
     src = Path(tempfile.mkdtemp(prefix="src-", dir=CACHE))
     try:
         # Build from a clean copy: no stale build/ or egg-info from the work tree.
@@ -460,9 +463,13 @@ def build_wheel() -> Path:
             elif s.exists():
                 shutil.copy2(s, src / name)
         run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(d), str(src)],
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
             capture_output=True,
         )
+        try:
+            out.rename(d)
+        except OSError:  # another build of the same inputs won: use its wheel
+            shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(src, ignore_errors=True)
     (whl,) = d.glob("agent-*.whl")
@@ -656,7 +663,7 @@ def build(verbose: bool = True) -> Image:
             for f in (stage / "boot").iterdir():
                 if not f.name.startswith("config-"):
                     f.unlink()
-            part = disk.with_suffix(".part")
+            part = disk.with_suffix(f".part-{os.getpid()}")
             used = int(run(["du", "-sm", str(stage)], capture_output=True).stdout.split()[0])
             size_mb = used + 160  # room for the agent's state, logs and test files
             run(
@@ -686,9 +693,10 @@ def build(verbose: bool = True) -> Image:
 
 
 def prune_old(keep: Path) -> None:
-    """Keep the newest few root disks only; they are 300+ MB each."""
+    """Keep the newest few root disks only; they are 300+ MB each (a few: several work
+    trees may be booting boxes from their own disks at once)."""
     disks = sorted(CACHE.glob("root-*.ext4"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in disks[3:]:
+    for old in disks[8:]:
         if old != keep:
             old.unlink()
 

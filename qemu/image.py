@@ -452,7 +452,7 @@ def build_wheel() -> Path:
     olds = sorted(CACHE.glob("wheel-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in olds[6:]:
         shutil.rmtree(old, ignore_errors=True)
-    out = Path(tempfile.mkdtemp(prefix=f"wheel-{key}.part-", dir=CACHE))
+    out = Path(tempfile.mkdtemp(prefix=f"part-wheel-{key}-", dir=CACHE))
     src = Path(tempfile.mkdtemp(prefix="src-", dir=CACHE))
     try:
         # Build from a clean copy: no stale build/ or egg-info from the work tree.

@@ -122,19 +122,29 @@ class LogBuffer:
 
     def _trim(self, block: _Block) -> None:
         """Keep only the newest lines of a block that alone exceeds the bound (its newest
-        line cut to ``max_line`` if even that one does not fit)."""
+        line cut to ``max_line`` if even that one does not fit).  The cut is found by a
+        binary search over byte offsets (each probe a ``bytes.count`` in C), not by
+        walking the lines: a 64 KiB block of empty lines holds 65,536 of them."""
         data, before = block.data, block.lines  # data ends with b"\n"
-        pos, kept = len(data), 0
-        while pos > 0:
-            start = data.rfind(b"\n", 0, pos - 1) + 1
-            if len(data) - start + LINE_OVERHEAD * (kept + 1) > self.max_bytes:
-                break
-            kept, pos = kept + 1, start
-        if kept == 0:
-            start = data.rfind(b"\n", 0, len(data) - 1) + 1
-            block.data, block.lines, block.cut = data[start:start + self.max_line] + b"\n", 1, True
+
+        def cost(pos: int) -> int:  # of the lines that start at or after pos
+            return len(data) - pos + LINE_OVERHEAD * data.count(b"\n", pos)
+
+        lo, hi = 0, len(data)  # cost(hi) == 0 fits; find the smallest fitting offset
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cost(mid) <= self.max_bytes:
+                hi = mid
+            else:
+                lo = mid + 1
+        # lines begin after a newline: move up to the next line start (or keep none)
+        start = lo if lo == 0 or data[lo - 1:lo] == b"\n" else data.find(b"\n", lo) + 1
+        if start >= len(data):  # not even the newest line fits: keep it cut
+            last = data.rfind(b"\n", 0, len(data) - 1) + 1
+            block.data, block.lines, block.cut = data[last:last + self.max_line] + b"\n", 1, True
         else:
-            block.data, block.lines = data[pos:], kept
+            block.data = data[start:]
+            block.lines = block.data.count(b"\n")
         self.dropped += before - block.lines
 
     def _lines(self, stream: Stream | None, n: int) -> Iterator[LogLine]:

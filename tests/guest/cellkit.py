@@ -143,7 +143,8 @@ def ctl(*args: str, timeout: float = 90, pressure_wait: float = 60) -> Any:
     box's PSI average to fall, as an operator would; ``pressure_wait=0`` fails at once."""
     deadline = time.monotonic() + pressure_wait
     while True:
-        r = sh("agentctl", "--json", *args, timeout=timeout, check=False)
+        r = sh("agentctl", "--json", "--timeout", str(timeout), *args, timeout=timeout + 30,
+               check=False)
         if r.returncode == 0:
             return json.loads(r.stdout)
         if "E_ADMISSION_PRESSURE" not in r.stderr or time.monotonic() >= deadline:

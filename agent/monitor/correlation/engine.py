@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.monitor.correlation.compiled import compile_pattern, norm
-from agent.monitor.correlation.dispatch import ADVANCE, START, Plan, build
+from agent.monitor.correlation.dispatch import Plan, build, merge
 from agent.monitor.correlation.event import EventLike
 from agent.monitor.correlation.match import Match
 from agent.monitor.correlation.model import Pattern
-from agent.monitor.correlation.partial import Partial
 from agent.monitor.correlation.runner import Limits, Runner
 
 __all__ = ["Engine", "EngineStats", "Limits", "PatternStats", "SwapReport"]
@@ -106,39 +105,39 @@ class Engine:
     def feed(self, e: EventLike) -> list[Match]:
         """The matches ``e`` completes, in the order of the patterns."""
         self.events += 1
-        mono = e.mono
-        if mono - self._last_sweep >= self.sweep_every:
-            self.expire(mono)
+        if e.mono - self._last_sweep >= self.sweep_every:
+            self.expire(e.mono)
         kinds = self._plans.get(e.channel)
         plan = kinds.get(e.kind) if kinds is not None else None
         if plan is None:
             plan = self._plan(e.channel, e.kind)
         roles, gates = plan
-        if gates:
-            found = [hit for get, table in gates if (hit := table.get(norm(get(e))))]
-            if found:
-                roles = tuple(sorted(roles + sum(found, ())))
-        if not roles:
-            return []
-        out: list[Match] = []
-        done: list[Partial] = []
-        cur = roles[0][1]
-        for _, r, what, i in roles:
-            if r is not cur:
-                if done:
-                    out.append(cur.finish(done))
-                    done = []
-                cur = r
-            if what == ADVANCE:
-                if r.buckets[i]:
-                    r.advance(e, i, done)
-            elif what == START:
-                r.start(e, done)
-            elif r.live:
+        for get, table in gates:
+            hit = table.get(norm(get(e)))
+            if hit is not None:
+                roles = merge(roles, hit)
+        untils, advances, starts = roles
+        for r, i in untils:
+            if r.live:
                 r.until(e, i)
-        if done:
-            out.append(cur.finish(done))
-        return out
+        hits: list[Runner] | None = None
+        for _, waiting, r, k in advances:
+            if waiting and r.advance(e, k):
+                if hits is None:
+                    hits = [r]
+                elif r not in hits:
+                    hits.append(r)
+        for r in starts:
+            if r.start(e):
+                if hits is None:
+                    hits = [r]
+                elif r not in hits:
+                    hits.append(r)
+        if hits is None:
+            return []
+        if len(hits) > 1:
+            hits.sort(key=lambda r: r.index)
+        return [r.finish() for r in hits]
 
     def expire(self, now: float) -> int:
         """Free every partial past its span at monotonic time ``now``; how many."""
@@ -176,6 +175,8 @@ class Engine:
         keep = set(kept)
         retired = sum(r.retire() for name, r in old.items() if name not in keep)
         removed = tuple(n for n in old if n not in set(names))
+        for i, r in enumerate(runners):
+            r.index = i
         self._runners = runners
         self._plans = {}
         return SwapReport(tuple(kept), tuple(added), tuple(changed), removed, retired)

@@ -52,6 +52,8 @@ class Runner:
         self.started = self.matches = self.shadowed = 0
         self.expired = self.cancelled = self.merged = 0
         self.evicted: Counter[str | None] = Counter()
+        self.done: list[Partial] = []  # completed by the current event
+        self.index = 0  # its place in the engine's library (the order of matches)
 
     # ------------------------------------------------------------------ placing
     def _birth(self, e: EventLike) -> Partial:
@@ -129,8 +131,10 @@ class Runner:
             self.evicted[p.cell] += 1
 
     # ------------------------------------------------------------------ one event
-    def finish(self, done: list[Partial]) -> Match:
-        """The match of the partials one event completed: the one that began last."""
+    def finish(self) -> Match:
+        """The match of the partials the current event completed: the one that began
+        last (the others are shadowed)."""
+        done, self.done = self.done, []
         best = max(done, key=lambda q: q.start_seq)
         self.matches += 1
         self.shadowed += len(done) - 1
@@ -150,21 +154,23 @@ class Runner:
                        for op, v, (j, g) in zip(u.jops, ev, u.jrefs, strict=True)):
                     self._drop(p, Input.UNTIL)
 
-    def advance(self, e: EventLike, k: int, done: list[Partial]) -> None:
-        """``e`` at step ``k``: advance (or count in) the partials awaiting it."""
+    def advance(self, e: EventLike, k: int) -> bool:
+        """``e`` at step ``k``: advance (or count in) the partials awaiting it; whether it
+        completed one (in ``done``, for :meth:`finish`)."""
         st = self.cp.steps[k]
         if st.static is not None and not st.static(e):
-            return
+            return False
         ev = st.jvals(e)
         if NA in ev:
-            return  # a join on a missing attribute holds for no partial
+            return False  # a join on a missing attribute holds for no partial
         if st.count is not None and st.dget is not None and norm(st.dget(e)) is NA:
-            return  # counts only events that carry the counted attribute
+            return False  # counts only events that carry the counted attribute
         bucket = self.buckets[st.index].get(ev[st.probe] if st.probe >= 0 else None)
         if not bucket:
-            return
+            return False
         mono = e.mono
         span = self.span
+        completed = False
         for p in list(bucket.values()):
             if mono - p.start_mono > span:
                 self._drop(p, Input.SPAN)
@@ -182,11 +188,13 @@ class Runner:
             self._unplace(p)
             if st.last:
                 self._drop(p, Input.LAST, placed=False)
-                done.append(p)
+                self.done.append(p)
+                completed = True
             else:
                 nxt = self.cp.steps[st.index + 1]
                 p.to(Input.STEP, nxt.count is not None)
                 self._enter(p, st.index + 1)
+        return completed
 
     def _count(self, p: Partial, e: EventLike, st: CStep) -> bool:
         """Count ``e`` in ``p``'s window; True when the count is reached (the window's
@@ -241,11 +249,12 @@ class Runner:
         self.started += 1
         self.merged += 1
 
-    def start(self, e: EventLike, done: list[Partial]) -> None:
-        """``e`` at the first step: begin a partial (or count in a first step's window)."""
+    def start(self, e: EventLike) -> bool:
+        """``e`` at the first step: begin a partial (or count in a first step's window);
+        whether that completed a match (a one-step pattern)."""
         st = self.cp.steps[0]
         if st.static is not None and not st.static(e):
-            return
+            return False
         if st.count is None:
             if self.n == 1:  # matched at once: no partial to keep
                 p = Partial(self.name, 0, 1, e.cell)
@@ -257,19 +266,19 @@ class Runner:
                     same = self.sigs[1].get(nxt.sig0(e))
                     if same is not None:
                         self._renew(same, e)
-                        return
+                        return False
                 p = self._birth(e)
                 p.to(Input.START, nxt.count is not None)
             p.binds[0] = e
             p.start_mono, p.start_seq = e.mono, e.seq
             if self.n == 1:
-                done.append(p)
-            else:
-                self._enter(p, 1)
-            return
+                self.done.append(p)
+                return True
+            self._enter(p, 1)
+            return False
         group = st.pvals(e)
         if NA in group or (st.dget is not None and norm(st.dget(e)) is NA):
-            return
+            return False
         bucket = self.buckets[0].get(group)
         if bucket:
             p = next(iter(bucket.values()))
@@ -281,7 +290,7 @@ class Runner:
             self.buckets[0][group] = {p.ident: p}
         if not self._count(p, e, st):
             p.to(Input.COUNTED)
-            return
+            return False
         self._unplace(p)
         info = p.infos[0]
         assert info is not None
@@ -289,29 +298,37 @@ class Runner:
         p.start_mono, p.start_seq = info[1], e.seq
         if self.n == 1:
             self._drop(p, Input.LAST, placed=False)
-            done.append(p)
-            return
+            self.done.append(p)
+            return True
         p.to(Input.STEP, self.cp.steps[1].count is not None)
         self._enter(p, 1)
+        return False
 
     # ------------------------------------------------------------------ time, swap
     def sweep(self, now: float) -> int:
         """Free the partials past their span (first-step windows: emptied) at ``now``."""
+        if not self.live:
+            return 0
         n = 0
+        first = self.cp.steps[0]
         for mine in list(self.by_cell.values()):
             for p in list(mine.values()):
-                if p.step == 0:
-                    st = self.cp.steps[0]
-                    assert st.count is not None and p.window is not None
+                if first.count is None:
+                    # a plain first step: a cell's partials are in the order of their
+                    # start (a birth or a renewal appends), so the expired ones lead
+                    if now - p.start_mono <= self.span:
+                        break
+                elif p.step == 0:
                     w = p.window
+                    assert w is not None
                     newest = next(reversed(w.values()))[0] if isinstance(w, OrderedDict) \
                         else w[-1]
-                    if now - newest > st.count.within:
-                        self._drop(p, Input.SPAN)
-                        n += 1
-                elif now - p.start_mono > self.span:
-                    self._drop(p, Input.SPAN)
-                    n += 1
+                    if now - newest <= first.count.within:
+                        continue
+                elif now - p.start_mono <= self.span:
+                    continue
+                self._drop(p, Input.SPAN)
+                n += 1
         return n
 
     def retire(self) -> int:

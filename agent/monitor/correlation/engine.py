@@ -35,6 +35,7 @@ from agent.monitor.correlation.dispatch import Plan, build, merge
 from agent.monitor.correlation.event import EventLike
 from agent.monitor.correlation.match import Match
 from agent.monitor.correlation.model import Pattern
+from agent.monitor.correlation.partial import Partial
 from agent.monitor.correlation.runner import Limits, Runner
 
 __all__ = ["Engine", "EngineStats", "Limits", "PatternStats", "SwapReport"]
@@ -191,7 +192,7 @@ class Engine:
         return EngineStats(self.events, sum(p.partials for p in per),
                            sum(p.matches for p in per), per)
 
-    def partials(self, pattern: str) -> list[Any]:
+    def partials(self, pattern: str) -> list[Partial]:
         """The live partial matches of ``pattern``, oldest first (for tests and views)."""
         for r in self._runners:
             if r.cp.pattern.name == pattern:

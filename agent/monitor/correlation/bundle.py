@@ -67,7 +67,10 @@ _SIGNER = re.compile(r"[0-9a-f]{16}")
 
 
 class BundleError(RefusedError):
-    """A bundle, signature or key is refused; ``code`` is the reason (E_BUNDLE_*)."""
+    """A bundle, signature or key is refused; ``code`` is the reason (E_BUNDLE_*);
+    ``version`` the bundle's version when it was read before the refusal."""
+
+    version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -193,8 +196,10 @@ def decode(data: bytes, *, engine_version: int = ENGINE_VERSION, signer: str | N
                           f"key {signer} signed it", "sign it with agent-patterns sign, "
                           "which names the signing key")
     if after is not None and env["version"] <= after:
-        raise BundleError("E_BUNDLE_VERSION", f"version {env['version']} is not newer than "
+        err = BundleError("E_BUNDLE_VERSION", f"version {env['version']} is not newer than "
                           f"the loaded {after}", "build the library with a higher --version")
+        err.version = env["version"]
+        raise err
     pats = env["patterns"]
     if not isinstance(pats, list) or not 0 < len(pats) <= MAX_PATTERNS:
         raise BundleError("E_BUNDLE_FIELD", f"patterns: a list of 1 to {MAX_PATTERNS}",

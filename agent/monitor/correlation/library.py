@@ -59,7 +59,7 @@ class Library:
             b = verify(data, signature, self.keys, engine_version=self.engine_version,
                        after=self.current.version if self.current else None)
         except BundleError as exc:
-            return self._refused(exc, origin)
+            return self._refused(exc, origin, exc.version)
         report = self.engine.swap(b.patterns)
         self.previous, self.current, self.origin = self.current, b, origin
         return self._loaded(b, report, origin)
@@ -103,7 +103,13 @@ class Library:
                  "removed": list(report.removed), "retired": report.retired}
         return Outcome("bundle-loaded", "notice", attrs, bundle=b, report=report)
 
-    def _refused(self, exc: BundleError, origin: str) -> Outcome:
+    def _refused(self, exc: BundleError, origin: str, version: int | None = None
+                 ) -> Outcome:
+        loaded = self.current.version if self.current else None
         attrs = {"reason": exc.code, "message": exc.message, "origin": origin,
-                 "loaded": self.current.version if self.current else None}
-        return Outcome("bundle-refused", "alert", attrs, error=exc)
+                 "loaded": loaded}
+        # a bundle needing a newer agent, a rollback with nothing to go back to, the
+        # loaded version delivered again: no attack; anything else may be one
+        calm = exc.code in ("E_BUNDLE_ENGINE", "E_BUNDLE_ROLLBACK") or (
+            exc.code == "E_BUNDLE_VERSION" and version is not None and version == loaded)
+        return Outcome("bundle-refused", "notice" if calm else "alert", attrs, error=exc)

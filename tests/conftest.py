@@ -46,7 +46,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     parts = []
-    for dist in ("pyroute2", "cbor2", "cgroupspy"):
+    for dist in ("pyroute2", "cbor2", "pynacl", "cgroupspy"):
         try:
             parts.append(f"{dist} {version(dist)}")
         except PackageNotFoundError:

@@ -67,7 +67,8 @@ CORE = {
     "sysconfig", "textwrap", "threading", "time", "token", "tokenize", "traceback",
     "types", "typing", "warnings", "weakref", "zlib",
 }
-THIRD_PARTY = {"cbor2": "python3-cbor2", "pyroute2": "python3-pyroute2"}
+THIRD_PARTY = {"cbor2": "python3-cbor2", "pyroute2": "python3-pyroute2",
+               "nacl": "python3-pynacl"}
 OPTIONAL = {"cgroupspy"}  # PACKAGECONFIG[cgroupv1]
 
 

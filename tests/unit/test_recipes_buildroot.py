@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -266,14 +267,16 @@ def test_agent_mk_conventions() -> None:
     v = _vars(mk)
     for key in ("VERSION", "SITE", "SITE_METHOD", "SETUP_TYPE", "LICENSE", "LICENSE_FILES"):
         assert f"AGENT_{key}" in v, key
-    assert v["AGENT_SITE_METHOD"] == "local"
     assert v["AGENT_SETUP_TYPE"] in ("setuptools", "pep517")
     assert v["AGENT_LICENSE"] == "Apache-2.0"
     assert mk.read_text().splitlines()[-1] == "$(eval $(python-package))"
     assert "LICENSE" in (EXT / "package/agent/agent.hash").read_text()
-    # the version is the package's
-    init = (REPO / "agent/__init__.py").read_text()
-    assert f'__version__ = "{v["AGENT_VERSION"]}"' in init
+    # A pinned source that does not depend on where the tree sits (a BSP copies it), the
+    # same commit as the Yocto recipe's SRCREV; AGENT_OVERRIDE_SRCDIR is for developers.
+    from test_recipes_yocto import pinned_srcrev
+    assert v["AGENT_SITE_METHOD"] == "git"
+    assert "BR2_EXTERNAL" not in v["AGENT_SITE"] and v["AGENT_SITE"].startswith("https://")
+    assert v["AGENT_VERSION"] == pinned_srcrev()
     cg = _vars(EXT / "package/python-cgroupspy/python-cgroupspy.mk")
     assert cg["PYTHON_CGROUPSPY_SETUP_TYPE"] == "setuptools"
     assert (EXT / "package/python-cgroupspy/python-cgroupspy.mk").read_text().splitlines()[-1] \
@@ -419,3 +422,148 @@ def test_s_script_runs_with_busybox(sandbox: Path) -> None:
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+# ---------------------------------- the package's configuration, with the agent enabled
+#
+# What `make BR2_EXTERNAL=... defconfig` works out for the external tree, computed by
+# kconfiglib (a Python implementation of the kernel's Kconfig, which Buildroot's menus
+# are written in) over the tree's Config.in and the Buildroot symbols it selects or
+# depends on, defined here as Buildroot defines them (package/*/Config.in).  The symbols
+# come in two sets: 2025.02 LTS, where nftables builds `nft -j` (JSON) when jansson is
+# enabled, and the newest release, where BR2_PACKAGE_NFTABLES_JSON asks for it.
+
+BUILDROOT_SYMBOLS = """\
+# toolchain properties: hidden in Buildroot (set by the toolchain's choices), given a
+# prompt here so that the defconfig below can set them
+config BR2_USE_MMU
+	bool "toolchain: MMU"
+config BR2_USE_WCHAR
+	bool "toolchain: wchar"
+config BR2_TOOLCHAIN_HAS_THREADS
+	bool "toolchain: threads"
+config BR2_STATIC_LIBS
+	bool "toolchain: static libraries only"
+config BR2_TOOLCHAIN_HEADERS_AT_LEAST_3_12
+	bool "toolchain: kernel headers >= 3.12"
+config BR2_PACKAGE_LIBFFI
+	bool
+config BR2_PACKAGE_PYTHON3
+	bool "python3"
+	depends on BR2_USE_WCHAR
+	depends on BR2_USE_MMU
+	depends on BR2_TOOLCHAIN_HAS_THREADS
+	depends on !BR2_STATIC_LIBS
+	select BR2_PACKAGE_LIBFFI
+if BR2_PACKAGE_PYTHON3
+config BR2_PACKAGE_PYTHON3_ZLIB
+	bool "zlib module"
+config BR2_PACKAGE_PYTHON3_DECIMAL
+	bool "decimal module"
+endif
+config BR2_PACKAGE_PYTHON_CBOR2
+	bool "python-cbor2"
+config BR2_PACKAGE_PYTHON_PYROUTE2
+	bool "python-pyroute2"
+config BR2_PACKAGE_LIBMNL
+	bool "libmnl"
+config BR2_PACKAGE_LIBNFTNL
+	bool "libnftnl"
+	depends on BR2_TOOLCHAIN_HEADERS_AT_LEAST_3_12
+	select BR2_PACKAGE_LIBMNL
+config BR2_PACKAGE_JANSSON
+	bool "jansson"
+config BR2_PACKAGE_NFTABLES
+	bool "nftables"
+	depends on BR2_USE_WCHAR
+	depends on BR2_TOOLCHAIN_HEADERS_AT_LEAST_3_12
+	select BR2_PACKAGE_LIBMNL
+	select BR2_PACKAGE_LIBNFTNL
+"""
+NFTABLES_JSON = """\
+if BR2_PACKAGE_NFTABLES
+config BR2_PACKAGE_NFTABLES_JSON
+	bool "json support"
+	select BR2_PACKAGE_JANSSON
+endif
+"""
+BUILDROOT_RELEASES = {
+    # release: (extra symbols, the symbol that makes nftables build with JSON support)
+    "2025.02": ("", "BR2_PACKAGE_JANSSON"),
+    "2026.05": (NFTABLES_JSON, "BR2_PACKAGE_NFTABLES_JSON"),
+}
+# A glibc toolchain (what Bootlin's and the internal toolchains give) and python3.
+DEFCONFIG = """\
+BR2_USE_MMU=y
+BR2_USE_WCHAR=y
+BR2_TOOLCHAIN_HAS_THREADS=y
+BR2_TOOLCHAIN_HEADERS_AT_LEAST_3_12=y
+BR2_PACKAGE_PYTHON3=y
+BR2_PACKAGE_AGENT=y
+"""
+
+
+def br_config(tmp_path: Path, release: str, defconfig: str = DEFCONFIG) -> Any:
+    """The configuration `make defconfig` makes of ``defconfig`` with this tree."""
+    try:
+        import kconfiglib
+    except ImportError:
+        pytest.fail("kconfiglib is not installed: it is in the test extra (pip install kconfiglib)")
+    extra, _ = BUILDROOT_RELEASES[release]
+    top = tmp_path / "Config.in"
+    # Buildroot sources each external tree's Config.in in a menu of its own.
+    top.write_text(BUILDROOT_SYMBOLS + extra + 'menu "External options"\n'
+                   'source "$BR2_EXTERNAL_AGENT_PATH/Config.in"\nendmenu\n')
+    (tmp_path / "defconfig").write_text(defconfig)
+    # Buildroot's symbols have no CONFIG_ prefix in .config and defconfigs
+    env = {"BR2_EXTERNAL_AGENT_PATH": str(EXT), "CONFIG_": ""}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        kconf = kconfiglib.Kconfig(str(top), warn_to_stderr=False)
+        kconf.load_config(str(tmp_path / "defconfig"))
+        kconf.write_config(str(tmp_path / ".config"))  # evaluates every symbol, as conf does
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert not [w for w in kconf.warnings if "malformed" in w or "undefined" in w], kconf.warnings
+    return kconf
+
+
+@pytest.mark.parametrize("release", BUILDROOT_RELEASES)
+def test_config_with_the_agent_selects_its_runtime(tmp_path: Path, release: str) -> None:
+    kconf = br_config(tmp_path, release)
+    value = {name: sym.str_value for name, sym in kconf.syms.items()}
+    assert value["BR2_PACKAGE_AGENT"] == "y", kconf.warnings
+    _, json_symbol = BUILDROOT_RELEASES[release]
+    wanted = ["BR2_PACKAGE_NFTABLES", json_symbol, "BR2_PACKAGE_PYTHON_PYROUTE2",
+              "BR2_PACKAGE_PYTHON_CBOR2", "BR2_PACKAGE_PYTHON3_ZLIB",
+              "BR2_PACKAGE_PYTHON3_DECIMAL"]
+    off = [s for s in wanted if value[s] != "y"]
+    assert not off, f"with BR2_PACKAGE_AGENT=y these stay off: {off}"
+    assert value["BR2_PACKAGE_AGENT_CGROUP_V1"] == "n"
+    # a select that overrides its target's dependencies is what `make` warns about
+    unmet = [w for w in kconf.warnings if "unmet direct dependencies" in w]
+    assert not unmet, unmet
+
+
+def test_config_tools_match_the_yocto_table(tmp_path: Path) -> None:
+    """Every tool the agent runs (TOOLS in test_recipes_yocto.py) is selected."""
+    from test_recipes_yocto import TOOLS
+    kconf = br_config(tmp_path, "2025.02")
+    for tool, (_, symbol) in TOOLS.items():
+        assert kconf.syms[symbol].str_value == "y", f"{tool}: {symbol} is not selected"
+
+
+def test_config_agent_needs_what_nftables_needs(tmp_path: Path) -> None:
+    """Without kernel headers >= 3.12 nftables cannot be built: the agent is not offered
+    (select would force it on and break the build), and its comment says why."""
+    kconf = br_config(tmp_path, "2025.02",
+                      DEFCONFIG.replace("BR2_TOOLCHAIN_HEADERS_AT_LEAST_3_12=y\n", ""))
+    assert kconf.syms["BR2_PACKAGE_AGENT"].str_value == "n"
+    assert kconf.syms["BR2_PACKAGE_NFTABLES"].str_value == "n"
+    cfg = (EXT / "package/agent/Config.in").read_text()
+    assert re.search(r'^comment "agent needs .*headers >= 3\.12"$', cfg, re.M)

@@ -16,7 +16,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -314,34 +314,80 @@ def test_s_script_form() -> None:
 
 # --------------------------------------------------- the S-script, run for real
 
+# agentd as the script sees it: FAKE_SLOW_START seconds before it takes the lock (Python
+# starting on a loaded box), then the lock, the socket bound and the pid file, then
+# FAKE_SLOW_SERVE seconds of start-up (journal replay, adoption) before it answers;
+# FAKE_FAIL makes it log that line and exit 1 where it would take the lock.
 FAKE_AGENTD = """#!{python}
-import os, signal, sys, time
-pidfile = sys.argv[sys.argv.index("--pidfile") + 1]
+import os, signal, socket, sys, time
+arg = lambda name: sys.argv[sys.argv.index(name) + 1]
+pidfile, sockpath, state = arg("--pidfile"), arg("--socket"), arg("--state-dir")
 def bye(*_):
     if open(pidfile).read().strip() == str(os.getpid()):
         os.unlink(pidfile)
     sys.exit(0)
 signal.signal(signal.SIGTERM, bye)
+time.sleep(float(os.environ.get("FAKE_SLOW_START", "0")))
+if os.environ.get("FAKE_FAIL"):
+    print(os.environ["FAKE_FAIL"], file=sys.stderr)
+    sys.exit(1)
+os.makedirs(state, exist_ok=True)
+open(os.path.join(state, "agentd.lock"), "w").write(f"{{os.getpid()}}\\n")
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+if os.path.exists(sockpath):
+    os.unlink(sockpath)
+srv.bind(sockpath)
+srv.listen(8)
+os.makedirs(os.path.dirname(pidfile), exist_ok=True)
 open(pidfile + ".tmp", "w").write(f"{{os.getpid()}}\\n")
 os.replace(pidfile + ".tmp", pidfile)
 print("agentd args", sys.argv[1:], file=sys.stderr, flush=True)
+time.sleep(float(os.environ.get("FAKE_SLOW_SERVE", "0")))
 while True:
-    time.sleep(1)
+    conn, _ = srv.accept()
+    try:  # an agentctl that gave up has gone: no reply to send
+        if conn.recv(64):
+            conn.send(b"ok")
+    except OSError:
+        pass
+    conn.close()
+"""
+# agentctl --socket PATH --timeout S status: 0 when agentd answers, 3 when it cannot be
+# reached, 4 when no answer comes in time (agentctl's exit codes).
+FAKE_AGENTCTL = """#!{python}
+import socket, sys
+arg = lambda name: sys.argv[sys.argv.index(name) + 1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.settimeout(float(arg("--timeout")))
+try:
+    s.connect(arg("--socket"))
+    s.send(b"status")
+    sys.exit(0 if s.recv(64) == b"ok" else 4)
+except TimeoutError:
+    sys.exit(4)
+except OSError:
+    sys.exit(3)
 """
 
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Path:
+    """rootfs-overlay's S50agentd with its paths under ``tmp_path``, with BusyBox's
+    start-stop-daemon and setsid, and a fake agentd and agentctl."""
     busybox = shutil.which("busybox")
     if busybox is None:
         pytest.fail("busybox is not installed: ./dev test installs it (busybox-static)")
-    for d in ("bin", "sbin", "run", "log", "default"):
+    for d in ("bin", "sbin", "log", "default"):  # no run/: the box has no /var/run
         (tmp_path / d).mkdir()
-    os.symlink(busybox, tmp_path / "sbin/start-stop-daemon")
-    fake = tmp_path / "bin/agentd"
-    fake.write_text(FAKE_AGENTD.format(python=sys.executable))
-    fake.chmod(0o755)
-    (tmp_path / "default/agentd").write_text('AGENTD_ARGS="--log-level debug"\n')
+    for applet in ("start-stop-daemon", "setsid"):
+        os.symlink(busybox, tmp_path / "sbin" / applet)
+    for name, text in (("agentd", FAKE_AGENTD), ("agentctl", FAKE_AGENTCTL)):
+        (tmp_path / "bin" / name).write_text(text.format(python=sys.executable))
+        (tmp_path / "bin" / name).chmod(0o755)
+    sock = tmp_path / "agentd.sock"
+    (tmp_path / "default/agentd").write_text(
+        f'STATEDIR="{tmp_path}/state"\nSOCKET="{sock}"\n'
+        f'AGENTD_ARGS="--log-level debug --socket {sock} --state-dir {tmp_path}/state"\n')
     script = (REPO / "rootfs-overlay/etc/init.d/S50agentd").read_text()
     script = (script.replace("/usr/bin/", f"{tmp_path}/bin/")
               .replace("/var/run/", f"{tmp_path}/run/")
@@ -351,10 +397,38 @@ def sandbox(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _run(box: Path, action: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": f"{box}/sbin:/usr/sbin:/usr/bin:/sbin:/bin"}
+def _run(box: Path, action: str, **env: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": f"{box}/sbin:/usr/sbin:/usr/bin:/sbin:/bin", **env}
     return subprocess.run(["busybox", "sh", str(box / "S50agentd"), action], env=env,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=60)
+
+
+def _answers(box: Path, timeout: float = 1.0) -> bool:
+    r = subprocess.run([str(box / "bin/agentctl"), "--socket", str(box / "agentd.sock"),
+                        "--timeout", str(timeout), "status"])
+    return r.returncode == 0
+
+
+def _live_agentds(box: Path) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if str(box / "bin/agentd").encode() in (p / "cmdline").read_bytes().split(b"\0"):
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return [p for p in out if _alive(p)]
+
+
+@pytest.fixture
+def box(sandbox: Path) -> Iterator[Path]:
+    """The sandbox, with every fake agentd it started killed at the end."""
+    try:
+        yield sandbox
+    finally:
+        for pid in _live_agentds(sandbox):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _pid(box: Path) -> int:
@@ -422,6 +496,49 @@ def test_s_script_runs_with_busybox(sandbox: Path) -> None:
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+SLOW_STARTS = {
+    # Python's start-up on a loaded box, longer than any fixed grace, before agentd can
+    # be seen through its lock or pid file (the run directory does not exist yet)
+    "slow to lock": {"FAKE_SLOW_START": "3"},
+    # bound and pid file written, but still replaying and adopting before it serves
+    "slow to serve": {"FAKE_SLOW_SERVE": "3"},
+}
+
+
+@pytest.mark.parametrize("slow", SLOW_STARTS.values(), ids=SLOW_STARTS.keys())
+def test_s_script_slow_start_is_no_failure(box: Path, slow: dict[str, str]) -> None:
+    t0 = time.monotonic()
+    r = _run(box, "start", **slow)
+    took = time.monotonic() - t0
+    assert (r.returncode, r.stdout) == (0, "Starting agentd: OK\n"), (r, _read(box / "log/agentd.log"))
+    assert took >= 3  # it waited for agentd, however long that took
+    assert _answers(box, timeout=0.5), "start said OK before agentd answered on its socket"
+    r = _run(box, "stop")
+    assert r.returncode == 0 and not _live_agentds(box)
+
+
+def test_s_script_says_why_agentd_failed(box: Path) -> None:
+    why = "agentd: error[E_CONFIG]: /etc/agent/agentd.toml: bad value"
+    r = _run(box, "start", FAKE_FAIL=why, FAKE_SLOW_START="1")
+    assert r.returncode == 1
+    assert r.stdout == (f"Starting agentd: FAIL (agentd exited with status 1: {why}; "
+                        f"see {box}/log/agentd.log)\n"), r
+    # a second failure names its own reason, not the first one's
+    r = _run(box, "start", FAKE_FAIL="agentd: second")
+    assert r.returncode == 1 and "status 1: agentd: second;" in r.stdout, r
+
+
+def test_s_script_still_starting_is_said_as_such(box: Path) -> None:
+    with (box / "default/agentd").open("a") as f:
+        f.write("START_WAIT=2\n")
+    r = _run(box, "start", FAKE_SLOW_SERVE="6")
+    pid = _pid(box)
+    assert r.returncode == 0 and "FAIL" not in r.stdout, r
+    assert r.stdout == (f"Starting agentd: still starting after 2 s (pid {pid}, no answer on "
+                        f"{box}/agentd.sock yet; see {box}/log/agentd.log)\n"), r
+    assert _answers(box, timeout=10)  # and it does come up
 
 
 # ---------------------------------- the package's configuration, with the agent enabled

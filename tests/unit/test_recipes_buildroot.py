@@ -512,7 +512,8 @@ def test_s_script_slow_start_is_no_failure(box: Path, slow: dict[str, str]) -> N
     t0 = time.monotonic()
     r = _run(box, "start", **slow)
     took = time.monotonic() - t0
-    assert (r.returncode, r.stdout) == (0, "Starting agentd: OK\n"), (r, _read(box / "log/agentd.log"))
+    log = _read(box / "log/agentd.log")
+    assert (r.returncode, r.stdout) == (0, "Starting agentd: OK\n"), (r, log)
     assert took >= 3  # it waited for agentd, however long that took
     assert _answers(box, timeout=0.5), "start said OK before agentd answered on its socket"
     r = _run(box, "stop")
@@ -596,6 +597,11 @@ config BR2_PACKAGE_NFTABLES
 	depends on BR2_TOOLCHAIN_HEADERS_AT_LEAST_3_12
 	select BR2_PACKAGE_LIBMNL
 	select BR2_PACKAGE_LIBNFTNL
+config BR2_LINUX_KERNEL
+	bool "Linux Kernel"
+config BR2_LINUX_KERNEL_CONFIG_FRAGMENT_FILES
+	string "Additional configuration fragment files"
+	depends on BR2_LINUX_KERNEL
 """
 NFTABLES_JSON = """\
 if BR2_PACKAGE_NFTABLES
@@ -684,3 +690,22 @@ def test_config_agent_needs_what_nftables_needs(tmp_path: Path) -> None:
     assert kconf.syms["BR2_PACKAGE_NFTABLES"].str_value == "n"
     cfg = (EXT / "package/agent/Config.in").read_text()
     assert re.search(r'^comment "agent needs .*headers >= 3\.12"$', cfg, re.M)
+
+
+def test_clean_bsp_buildroot(tmp_path: Path) -> None:
+    """docs/firmware.md's Buildroot lines, on a board defconfig with a kernel: the agent,
+    its runtime and the kernel fragment, which exists."""
+    from test_recipes_yocto import clean_bsp_blocks
+    lines = [x for block in clean_bsp_blocks("Buildroot") for x in block
+             if re.match(r"^BR2_\w+=", x)]
+    assert "BR2_PACKAGE_AGENT=y" in lines, lines
+    board = DEFCONFIG.replace("BR2_PACKAGE_PYTHON3=y\nBR2_PACKAGE_AGENT=y\n", "")
+    kconf = br_config(tmp_path, "2025.02", board + "BR2_LINUX_KERNEL=y\n" + "\n".join(lines))
+    for sym in ("BR2_PACKAGE_AGENT", "BR2_PACKAGE_NFTABLES", "BR2_PACKAGE_PYTHON_PYROUTE2",
+                "BR2_PACKAGE_PYTHON_CBOR2"):
+        assert kconf.syms[sym].str_value == "y", sym
+    fragments = kconf.syms["BR2_LINUX_KERNEL_CONFIG_FRAGMENT_FILES"].str_value
+    assert fragments, "the kernel fragment is not set"
+    for f in fragments.split():
+        path = Path(f.replace("$(BR2_EXTERNAL_AGENT_PATH)", str(EXT)))
+        assert path.is_file(), f

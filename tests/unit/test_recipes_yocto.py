@@ -430,3 +430,55 @@ def test_no_inline_lint_suppressions() -> None:
     hits = [f"{p.relative_to(REPO)}:{i}" for p in _recipes()
             for i, line in enumerate(p.read_text().splitlines(), 1) if "nooelint" in line]
     assert not hits, hits
+
+
+# ----------------------------------------------- docs/firmware.md: from a clean BSP checkout
+
+
+def clean_bsp_blocks(build: str) -> list[list[str]]:
+    """The code blocks (indented lines) of docs/firmware.md's "From a clean BSP checkout"
+    subsection for ``build`` ("Yocto", "Buildroot")."""
+    text = (REPO / "docs/firmware.md").read_text()
+    assert "\n## From a clean BSP checkout\n" in text, "docs/firmware.md lost its section"
+    section = text.split("\n## From a clean BSP checkout\n", 1)[1].split("\n## ", 1)[0]
+    assert f"\n### {build}" in section, f"no {build} subsection"
+    sub = section.split(f"\n### {build}", 1)[1].split("\n### ", 1)[0]
+    blocks: list[list[str]] = []
+    prev = False
+    for line in sub.splitlines():
+        code = line.startswith("    ")
+        if code and not prev:
+            blocks.append([])
+        if code:
+            blocks[-1].append(line[4:])
+        prev = code or (prev and line.strip() == "")
+    return blocks
+
+
+# LAYERDEPENDS collection -> its folder in meta-openembedded ("core" comes with the BSP)
+COLLECTION_DIRS = {"openembedded-layer": "meta-oe", "meta-python": "meta-python",
+                   "networking-layer": "meta-networking"}
+
+
+def test_clean_bsp_yocto(tmp_path: Path) -> None:
+    blocks = clean_bsp_blocks("Yocto")
+    adds = [b.split()[-1] for block in blocks for b in block
+            if b.startswith("bitbake-layers add-layer ")]
+    deps = set(_variable((LAYER / "conf/layer.conf").read_text(),
+                         "LAYERDEPENDS_agent-layer").split()) - {"core"}
+    assert set(COLLECTION_DIRS) == deps, "a new LAYERDEPENDS needs its folder here"
+    for collection in deps:
+        assert any(a.endswith("/" + COLLECTION_DIRS[collection]) for a in adds), (
+            f"docs/firmware.md adds no layer for {collection}: {adds}")
+    assert adds[-1].endswith("/recipes/meta-agent") and (REPO / "recipes/meta-agent").is_dir()
+    assignment = re.compile(r'^[A-Z_][\w:${}.-]*\s*(\.=|\+=|\?=|=)\s*"')
+    conf = next(b for b in blocks if all(assignment.match(x) for x in b))
+    parsed = Parsed(tmp_path, "\n".join(conf))
+    recipes = parsed.all()
+    agent, kernel = recipes["agent"], recipes["linux-yocto"]
+    assert "agent" in (agent.getVar("IMAGE_INSTALL") or "").split()
+    assert "nftables" in agent.getVar("RDEPENDS:agent").split()
+    assert "file://agent.cfg" in kernel.getVar("SRC_URI").split()
+    for pn, d in recipes.items():
+        assert pn not in d.getVar("OVERRIDES").split(":"), f"[pn-overrides] {pn}"
+        assert not [v for v in PKGVARCHECK if d.getVar(v, False)], f"[pkgvarcheck] {pn}"

@@ -222,9 +222,9 @@ def test_license_checksum() -> None:
 # * pkgvarcheck (insane.bbclass): RDEPENDS, FILES, ... must not be set without a package
 #   suffix (with PN in OVERRIDES, RDEPENDS:${PN} becomes RDEPENDS);
 # * autorev-at-parse (base.bbclass): a git SRC_URI's revision is computed while parsing
-#   (bb.fetch2.get_srcrev, for SRCPV and the task signatures); with AUTOREV that runs
-#   `git ls-remote`, so a layer whose default needs a reachable repository fails the whole
-#   parse, every image with it.
+#   (fetcher_hashes_dummyfunc[vardepvalue] = "${@bb.fetch.get_hashvalue(d)}", for the
+#   task signatures); with AUTOREV that runs `git ls-remote`, so a layer whose default
+#   needs a reachable repository fails the whole parse, every image with it.
 #
 # The layer is parsed as a BSP holds it: copied into a layers/ folder of its own, away
 # from this repository.
@@ -401,12 +401,13 @@ def test_autorev_at_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     d = parsed.agent()
     d.setVar("BB_CACHEDIR", str(tmp_path / "cache"))
     bb.fetch2.fetcher_init(d)
+    d.setVarFlag("fetcher_hashes_dummyfunc", "vardepvalue", "${@bb.fetch.get_hashvalue(d)}")
     try:
-        rev = bb.fetch2.get_srcrev(d)
-    except bb.fetch2.FetchError as exc:
+        rev = d.getVarFlag("fetcher_hashes_dummyfunc", "vardepvalue")
+    except bb.data_smart.ExpansionError as exc:
         pytest.fail(f"[autorev-at-parse] the parse of {RECIPE.name} runs a command: {exc}")
     assert not ran
-    assert pinned_srcrev()[:10] in rev, rev
+    assert rev == pinned_srcrev(), rev
 
 
 def pinned_srcrev() -> str:

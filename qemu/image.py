@@ -658,6 +658,10 @@ def build(verbose: bool = True) -> Image:
             ):
                 (stage / d).mkdir(parents=True, exist_ok=True)
             (stage / "tmp").chmod(0o1777)
+            # /var/run is /run, as in Buildroot's skeleton and Yocto's base-files (the
+            # init scripts keep their pid files there).
+            if not (stage / "var/run").exists() and not (stage / "var/run").is_symlink():
+                (stage / "var/run").symlink_to("../run")
             # The kernel is passed to QEMU directly; keep only its config, which
             # `agentctl checkconfig` reads as /boot/config-<release> (like lxc-checkconfig).
             for f in (stage / "boot").iterdir():

@@ -81,6 +81,7 @@ RDEPENDS:${PN} += "nftables \
                    python3-logging \
                    python3-netclient \
                    python3-numbers \
+                   python3-pynacl \
                    python3-pyroute2 \
                    python3-resource \
                    python3-tomllib \

@@ -122,6 +122,7 @@ class CellEntry:
     tuned: Tuned | None = None
     rung: Rung = field(default_factory=Rung)
     cpu_sample: tuple[int, float] | None = None  # (usage_usec, monotonic)
+    alerts: int = 0  # alert events about it since agentd started (agentctl ps)
 
     @property
     def name(self) -> str:

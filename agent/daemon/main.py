@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from agent.daemon.cells import ExitCallback
 from agent.daemon.history import EventHistory
 from agent.daemon.manager import CellManager
 from agent.daemon.reclaim import Reclaimer
+from agent.daemon.responder import Responder
 from agent.daemon.server import Daemon
 from agent.daemon.spawner import CellSpawner
 from agent.daemon.tuner import Tuner
@@ -55,6 +56,7 @@ from agent.kernel.lock import InstanceLock
 from agent.kernel.net import HostNet
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
+from agent.kernel.ports import set_cell_port
 
 __all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
 
@@ -165,6 +167,10 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
         log.info("cell manager ready: %d cells from the journal (%d running)",
                  len(mgr.cells), running)
         start_tuning(daemon.config, mgr, tuning)
+        responder = Responder(mgr.bus, mgr, mgr.cgroup, isolate=set_cell_port)
+        responder.attach()
+        daemon.add_status("responses", responder.status)
+        daemon.on_shutdown(_closer(responder.close))
 
     daemon.on_startup(startup)
     daemon.on_shutdown(cells.close)
@@ -174,6 +180,13 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
     for key, fn in cells.status_fields().items():
         daemon.add_status(key, fn)
     return cells, tuning
+
+
+def _closer(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        fn()
+
+    return close
 
 
 def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> None:

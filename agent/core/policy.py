@@ -54,9 +54,10 @@ OPS: dict[str, str] = {
     "unpin": "undo pin",
     "reload": "re-read manifests and policy",
     "patterns": "install a signed pattern database",
+    "respawn": "re-make the master from the installed image (an upgrade takes this path)",
 }
 # Operations that do not name a service: the service globs do not apply.
-GLOBAL_OPS = frozenset({"ps", "status", "events", "reload", "patterns"})
+GLOBAL_OPS = frozenset({"ps", "status", "events", "reload", "patterns", "respawn"})
 # Operations whose manifest is checked against the role's ceilings.
 _SIZED_OPS = frozenset({"run", "resize"})
 

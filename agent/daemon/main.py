@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import agent
 from agent import __version__
 from agent.core.args import parse
 from agent.core.cell import State
@@ -36,6 +37,7 @@ from agent.core.cellctx import Paths
 from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
 from agent.core.errors import AgentError, ConfigError
 from agent.core.policy import Policy, load_policy
+from agent.core.protocol import Peer
 from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
@@ -43,11 +45,13 @@ from agent.daemon.cells import ExitCallback
 from agent.daemon.history import EventHistory
 from agent.daemon.manager import CellManager
 from agent.daemon.reclaim import Reclaimer
+from agent.daemon.respawn import Respawner
 from agent.daemon.responder import Responder
 from agent.daemon.server import Daemon
 from agent.daemon.spawner import CellSpawner
 from agent.daemon.tuner import Tuner
 from agent.daemon.tunerapi import TunerOps
+from agent.kernel import inherit
 from agent.kernel.cgroupdetect import open_backend
 from agent.kernel.cgroupv2 import CgroupV2
 from agent.kernel.eventlog import EventLog
@@ -59,6 +63,9 @@ from agent.kernel.orphans import KernelObjects
 from agent.kernel.ports import set_cell_port
 
 __all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
+
+# The installed agent's seal, written when the image was built (docs/master.md).
+AGENT_SEAL = Path("/usr/share/agent/agent.seal")
 
 log = logging.getLogger("agentd")
 
@@ -115,17 +122,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log_level)
     # The lock first: nothing (journal, socket, pid file, start-up hooks) before it.
     # --no-cells takes it too: it serves the same socket and writes the same pid file.
+    # A respawned master (or an upgraded one) inherits the lock and its descriptors.
+    inherited = inherit.take()
     lock = InstanceLock(config.state_dir)
     try:
-        lock.acquire()
+        fd = inherited.claim("lock")
+        if fd is not None:
+            lock.adopt(fd)
+            log.warning("respawned: inherited %s", ", ".join(["lock", *inherited.names()]))
+        else:
+            lock.acquire()
     except AgentError as exc:
         log.error("%s", exc)
         return 1
     try:
-        daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None)
-        wire_history(daemon)
-        if not ns.no_cells:
-            wire_cells(daemon)
+        daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None,
+                        inherited=inherited)
+        history = wire_history(daemon)
+        cells = None if ns.no_cells else wire_cells(daemon)[0]
+        wire_respawn(daemon, lock, history, cells,
+                     list(sys.argv[1:] if argv is None else argv))
         asyncio.run(daemon.run())
     except AgentError as exc:
         log.error("%s", exc)
@@ -148,6 +164,36 @@ def wire_history(daemon: Daemon) -> EventHistory:
 
     daemon.on_shutdown(shutdown)
     return history
+
+
+def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
+                 cells: CellOps | None, argv: list[str]) -> Respawner:
+    """The master's respawn (``agentctl respawn``, and the hook the correlation engine's
+    patterns tagged ``master`` call): what it keeps across exec and what it flushes."""
+    def authorize(peer: Peer) -> None:
+        policy = cells.manager.policy if cells is not None and cells.manager is not None \
+            else load_policy(str(daemon.config.policy_path))
+        policy.authorize(peer.uid, peer.gid, "respawn", None, None, 0)
+
+    def kept() -> dict[str, int]:
+        out = {"lock": lock.fileno(), "control": daemon.server.fileno()}
+        return {k: v for k, v in out.items() if v is not None}
+
+    respawner = Respawner(daemon.bus, argv, package_root=Path(agent.__file__).parents[1],
+                          seal_path=AGENT_SEAL, policy_check=authorize,
+                          flush=[daemon.bus.close, history.log.close])
+    respawner.keep(kept)
+    for op, handler in respawner.handlers().items():
+        daemon.register(op, handler)
+
+    async def unclaimed() -> None:
+        left = daemon.inherited.close_unclaimed()
+        if left:
+            log.warning("respawned: inherited descriptors nobody took, closed: %s",
+                        ", ".join(left))
+
+    daemon.on_startup(unclaimed)
+    return respawner
 
 
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:

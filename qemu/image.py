@@ -549,6 +549,13 @@ def install_wheel(whl: Path, root: Path) -> None:
         p.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {func} import main\nsys.exit(main())\n")
         p.chmod(0o755)
     compile_bytecode(root, ["usr/lib/python3/dist-packages/agent"])
+    # The installed agent's seal, bytecode included (what runs): the master checks its
+    # files against it before it re-executes itself (docs/master.md, respawn).
+    seal = root / "usr/share/agent/agent.seal"
+    seal.parent.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "agent.cli.seal", "build",
+         str(root / "usr/lib/python3/dist-packages/agent"), "-o", str(seal)],
+        cwd=REPO, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def copy_tree(src: Path, dst: Path) -> None:

@@ -24,7 +24,7 @@ from agent.core.errors import NotFoundError, RefusedError
 from agent.core.manifest import Manifest
 
 __all__ = ["IMAGE_SUFFIX", "ImageUse", "StateUsage", "admit", "admit_manifest", "data_size",
-           "held_sizes", "is_reader"]
+           "held_sizes", "is_reader", "planned_size"]
 
 IMAGE_SUFFIX = ".img"
 
@@ -50,13 +50,18 @@ def is_reader(m: Manifest) -> bool:
     return m.data is not None and m.data.source != m.name
 
 
-def data_size(m: Manifest, config: AgentConfig) -> int | None:
+def planned_size(m: Manifest, config: AgentConfig) -> int | None:
     """The size of the service's own data dir (None: it has none, or it only reads
-    another's).  Refused (``E_DATA_SIZE``) above ``data.max_size``."""
+    another's); what the planner plans for a cell admission let in."""
     if m.data is None or is_reader(m):
         return None
-    size = m.data.size if m.data.size is not None else config.data_default_size
-    if size > config.data_max_size:
+    return m.data.size if m.data.size is not None else config.data_default_size
+
+
+def data_size(m: Manifest, config: AgentConfig) -> int | None:
+    """:func:`planned_size`, refused (``E_DATA_SIZE``) above ``data.max_size``."""
+    size = planned_size(m, config)
+    if size is not None and size > config.data_max_size:
         raise RefusedError(
             "E_DATA_SIZE", f"{m.name}: writable data size {units.format_size(size)} is above "
             f"data.max_size {units.format_size(config.data_max_size)} in agentd.toml",
@@ -68,10 +73,7 @@ def held_sizes(manifests: Mapping[str, Manifest], config: AgentConfig) -> dict[s
     """service -> data size, for the cells the agent holds now (readers hold none)."""
     out: dict[str, int] = {}
     for name, m in manifests.items():
-        try:
-            size = data_size(m, config)
-        except RefusedError:  # admitted under an older ceiling: it holds what it asked
-            size = m.data.size if m.data is not None else None
+        size = planned_size(m, config)  # (admitted maybe under an older ceiling)
         if size is not None:
             out[name] = size
     return out

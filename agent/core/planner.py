@@ -188,7 +188,7 @@ def mount_data(m: Manifest, alloc: Allocation, config: AgentConfig) -> MountData
     base = alloc.uid_base if config.userns and alloc.uid_base is not None else 0
     count = config.uid_size if config.userns else 2**32 - 1
     image, mount = str(paths.data_image(m.data.source)), str(paths.data_mount(m.name))
-    size = datavol.data_size(m, config)
+    size = datavol.planned_size(m, config)  # (its ceiling is admission's: datavol.admit)
     if size is None:  # another service's data dir
         return MountData(m.name, m.data.source, image, mount, 0, 0, 0, base, count, True)
     return MountData(m.name, m.data.source, image, mount, size, base + m.service.uid,

@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,9 +22,11 @@ import pytest
 from agent.core.cellctx import DataMount
 from agent.core.errors import AgentError, KernelError, NotFoundError
 from agent.core.names import HOSTS_FILE
+from agent.core.reclaim import BoxView, CollectOrphan, KernelObject, ReclaimConfig, reclaim_pass
 from agent.kernel import loopdev
 from agent.kernel.dataimage import DataImages, fs_size
 from agent.kernel.dirs import CellDirs, remove_tree
+from agent.kernel.orphans import KernelObjects
 
 MiB = 1 << 20
 BASE_A, BASE_B, COUNT = 300_000, 365_536, 65_536
@@ -47,6 +50,17 @@ def images(tmp_path: Path) -> Iterator[DataImages]:
             di.unmount(mount)
     for img in tmp_path.rglob("*.img"):
         assert loopdev.find(img) is None, f"loop device left bound to {img}"
+
+
+def released(image: Path) -> None:
+    """Wait until the kernel has let go of the image's loop device (autoclear may run in a
+    work queue after the last unmount): debugfs below edits the file behind the loop
+    device's cache, which only a released image makes a fair test of the check."""
+    deadline = time.monotonic() + 10
+    while (found := loopdev.find(image)) is not None:
+        os.close(found[1])
+        assert time.monotonic() < deadline, f"{image} still bound to {found[0]}"
+        time.sleep(0.01)
 
 
 def request(tmp: Path, name: str = "web", cell: str | None = None, *, size: int = 8 * MiB,
@@ -165,6 +179,7 @@ def test_a_damaged_file_system_is_repaired_before_it_is_mounted(tmp_path: Path,
     (req.mount / "lost").write_text("x" * 10_000)
     (req.mount / "kept").write_text("y")
     images.unmount(req.mount)
+    released(req.image)
     # clear the inode of `lost` behind ext4's back (its dir entry now points at nothing)
     # and mark the file system not cleanly unmounted, as a power cut leaves it
     for cmd in ("clri /lost", "ssv state 0"):
@@ -192,6 +207,7 @@ def test_what_preening_may_not_fix_is_fixed_unattended(tmp_path: Path, images: D
     for name in ("a", "b", "kept"):
         (req.mount / name).write_text(name)
     images.unmount(req.mount)
+    released(req.image)
     block = debugfs(req.image, "bmap /a 0")
     debugfs(req.image, f"sif /b block[5] {block}")  # b's extent now starts at a's block
     debugfs(req.image, "ssv state 0")
@@ -248,3 +264,25 @@ def test_a_run_dir_is_never_removed_through_a_mount(tmp_path: Path,
     remove_tree(run)  # gone: fine
     usage = dirs.data_usage(req.image.parent, tmp_path)
     assert usage.images["web"].size == 8 * MiB and usage.avail > 0
+
+
+def test_a_forgotten_data_mount_is_collected_by_the_reclaim_loop(tmp_path: Path,
+                                                                 images: DataImages) -> None:
+    """agentd killed between forgetting a cell and unmounting its data: the mount is below
+    the run dir's cells/, where the orphan scan looks (agent.kernel.orphans, kind mount)."""
+    req = request(tmp_path, cell="ghost")
+    images.mount(req)
+    (req.mount / "db").write_text("precious")
+    objs = KernelObjects(None, "agbr-none", run_dir=tmp_path / "run")  # type: ignore[arg-type]
+    found = [f for f in objs.scan_mounts() if f[1] == str(req.mount)]
+    assert found == [("mount", str(req.mount), "ghost")]
+    box = BoxView(None, False, frozenset(), tuple(
+        KernelObject(k, n, c, 0.0) for k, n, c in found))
+    (act,) = [a for a in reclaim_pass([], box, 100.0, ReclaimConfig())
+              if isinstance(a, CollectOrphan)]
+    objs.collect(act)
+    assert not os.path.ismount(req.mount) and not req.mount.exists()
+    assert loopdev.find(req.image) is None  # the loop device went with its last mount
+    again = images.mount(req)  # the data is still there for the service's next cell
+    assert again["made"] is False and (req.mount / "db").read_text() == "precious"
+    images.unmount(req.mount)

@@ -58,7 +58,6 @@ EXCLUDE = {
     "coreutils",
     "tar",
     "cpio",
-    "e2fsprogs",
     "logsave",
     "dmsetup",
     "kpartx",
@@ -102,6 +101,7 @@ MODULES = (
     "virtio_blk",
     "virtio_rng",
     "ext4",
+    "loop",  # data images (docs/data-dirs.md)
     "crc32c_generic",
     "libcrc32c",
     "veth",

@@ -188,3 +188,75 @@ def test_policy_syntax_and_missing_file(tmp_path: Path) -> None:
     assert ei.value.message.startswith("p.toml: TOML syntax")
     with pytest.raises(PolicyError):
         load_policy(str(tmp_path / "none.toml"))
+
+
+# -- data dirs: a source naming another service's data dir must be shared ------------------
+
+SHARING = """
+[[identity]]
+uid = 0
+role = "admin"
+
+[role.admin]
+services = ["*"]
+may = ["*"]
+
+[[share]]
+data = "media-store"
+readers = ["media-player", "media-index"]
+"""
+
+
+def data_manifest(name: str, source: str | None) -> Any:
+    d: dict[str, Any] = {"kind": "data", "path": "/data"}
+    if source is not None:
+        d["source"] = source
+    return manifest_from_dict({"name": name, "service": {"command": "/bin/app"},
+                               "image": {"root": "/img"}, "writable": [d]})
+
+
+def test_own_data_dir_needs_no_share_and_a_foreign_one_is_refused(shipped: Policy) -> None:
+    for own in (data_manifest("demo-web", None), data_manifest("demo-web", "demo-web")):
+        assert shipped.authorize(0, 0, "run", "demo-web", own, 0).role.name == "admin"
+    thief = data_manifest("demo-client", "demo-web")
+    with pytest.raises(RefusedError) as ei:  # the administrator too: sharing is box-wide
+        shipped.authorize(0, 0, "run", "demo-client", thief, 0)
+    e = ei.value
+    assert e.code == "E_POLICY_SHARE"
+    assert "data dir of service demo-web" in e.message and "demo-client" in e.message
+    assert e.hint is not None and 'readers = ["demo-client"]' in e.hint
+    # other ops than run do not mount anything
+    assert shipped.authorize(0, 0, "inspect", "demo-client", thief, 0).op == "inspect"
+
+
+def test_a_share_lets_only_its_named_readers_mount_the_data_dir() -> None:
+    p = parse_policy(SHARING, "policy.toml")
+    (share,) = p.shares
+    assert str(share) == "share[0] media-store -> media-player, media-index"
+    for reader in ("media-player", "media-index"):
+        m = data_manifest(reader, "media-store")
+        p.authorize(0, 0, "run", reader, m, 0)
+        assert p.check_data_source(m) == share
+    with pytest.raises(RefusedError, match=r"no \[\[share\]\]"):
+        p.authorize(0, 0, "run", "media-evil", data_manifest("media-evil", "media-store"), 0)
+    with pytest.raises(RefusedError):  # shares do not chain or reverse
+        p.authorize(0, 0, "run", "media-store",
+                    data_manifest("media-store", "media-player"), 0)
+    assert p.data_share("media-player", "media-store") is share
+    assert p.data_share("media-store", "media-player") is None
+
+
+@pytest.mark.parametrize(("share", "key", "fragment"), [
+    ({"data": "a", "readers": []}, "share[0].readers", "empty"),
+    ({"data": "a", "readers": ["b*"]}, "share[0].readers[0]", "not a service name"),
+    ({"data": "a", "readers": ["a"]}, "share[0].readers[0]", "owns the data dir"),
+    ({"data": "../a", "readers": ["b"]}, "share[0].data", "not a service name"),
+    ({"readers": ["b"]}, "share[0].data", "missing"),
+    ({"data": "a", "readers": ["b"], "mode": "rw"}, "share[0].mode", "unknown key"),
+])
+def test_bad_shares_are_refused_with_the_key(share: dict[str, Any], key: str,
+                                             fragment: str) -> None:
+    with pytest.raises(PolicyError) as ei:
+        policy_from_dict({"share": [share]}, "policy.toml")
+    assert ei.value.key == key, ei.value.problems
+    assert fragment in ei.value.message

@@ -111,6 +111,7 @@ MODULES = (
     "9p",
     "9pnet_virtio",
     "overlay",
+    "snd",  # only for /proc/asound: a directory the cells' /proc masks (tests/guest)
 )
 # Modules the initramfs needs to mount the root disk, in load order.
 INITRD_MODULES = (

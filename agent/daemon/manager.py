@@ -227,7 +227,8 @@ class CellManager(Adoption):
                   ) -> dict[str, Any]:
         m = self.load(name)
         try:
-            self.policy.authorize(uid, gid, "run", name, m, self._owned(uid))
+            self.policy.authorize(uid, gid, "run", name, m, self._owned(uid),
+                                  userns=self.config.userns)
             check_image(m, self.fs_root)
             if dry_run:
                 alloc = self._preview(m, self.pressure())

@@ -286,6 +286,11 @@ class CellManager(Adoption):
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    def cell_lock(self, cell: str) -> asyncio.Lock:
+        """The lock ``run`` and ``stop`` of ``cell`` hold (the reclaim loop collects an
+        orphan of that name under it)."""
+        return self._lock(cell)
+
     async def _wait(self, e: CellEntry, pred: Callable[[Cell], bool]) -> None:
         if pred(e.cell):
             return

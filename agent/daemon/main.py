@@ -48,7 +48,7 @@ from agent.daemon.reclaim import Reclaimer
 from agent.daemon.respawn import Respawner
 from agent.daemon.responder import Responder
 from agent.daemon.server import Daemon
-from agent.daemon.spawner import CellSpawner
+from agent.daemon.spawner import CellLimits, CellSpawner
 from agent.daemon.tuner import Tuner
 from agent.daemon.tunerapi import TunerOps
 from agent.kernel import inherit
@@ -277,7 +277,10 @@ async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
     paths = Paths(config.state_dir, config.run_dir)
 
     def make_spawner(on_exit: ExitCallback) -> CellSpawner:
-        return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes)
+        limits = CellLimits(output_rate=config.output_rate, output_burst=config.output_burst,
+                            trap_rate=config.trap_rate, trap_burst=config.trap_burst)
+        return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes,
+                           limits=limits)
 
     # Channels 1 and 3: each cell's own nftables table and the host's forwarding table
     # (docs/firewall.md); a create plan refuses to start a cell unfiltered without it.

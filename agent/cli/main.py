@@ -2,6 +2,12 @@
 
 Exit codes (docs/cli.md): 0 ok; 1 the daemon replied with an error; 2 usage error;
 3 the daemon cannot be reached; 4 protocol error or timeout.
+
+Nothing a cell or a reply controls reaches the terminal raw: every human line goes
+through :func:`agent.core.tty.escape` once, before it is cut to 80 columns (a
+formatter's last step, :func:`_show`), and ``--json`` is pure ASCII
+(:func:`agent.core.tty.json_text`).  ``logs --raw`` alone writes a cell's bytes as
+they are.
 """
 
 from __future__ import annotations
@@ -9,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import sys
 import time
@@ -20,9 +25,10 @@ from typing import Any, TextIO
 
 from agent import __version__
 from agent.cli import top as clitop
-from agent.cli.client import Client, ConnectError, TransportError
+from agent.cli.client import Client, ConnectError, RemoteError, TransportError
 from agent.core.args import parse
 from agent.core.errors import AgentError
+from agent.core.tty import escape, escape_bytes, json_text
 
 __all__ = [
     "EXIT_CONNECT",
@@ -44,6 +50,22 @@ DEFAULT_SOCKET = os.environ.get("AGENT_SOCKET", "/run/agent/agentd.sock")
 
 def _clip(line: str, width: int = WIDTH) -> str:
     return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _show(line: str, width: int = WIDTH) -> str:
+    """One human line as printed: escaped, then cut to ``width`` columns."""
+    return _clip(escape(line), width)
+
+
+def _text(value: Any) -> str:
+    """A value inside a human line, unescaped yet (the line is escaped as a whole):
+    strings as they are, bytes decoded keeping each non-UTF-8 byte (shown ``\\xNN``),
+    anything else as compact JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return json_text(value)
 
 
 def _duration(seconds: float) -> str:
@@ -72,10 +94,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
         known.add("budget")
         lines += format_budget(budget)
     for key in sorted(k for k in st if k not in known):
-        value = st[key]
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        lines.append(f"{key:<9} {text}")
-    return [_clip(line) for line in lines]
+        lines.append(f"{_text(key):<9} {_text(st[key])}")
+    return [_show(line) for line in lines]
 
 
 def format_budget(b: dict[str, Any]) -> list[str]:
@@ -111,11 +131,11 @@ def format_event(ev: dict[str, Any]) -> str:
     except (TypeError, ValueError, OverflowError):
         when = "?"
     attrs = ev.get("attrs") or {}
-    kv = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+    kv = " ".join(f"{_text(k)}={_text(v)}"
                   for k, v in (attrs.items() if isinstance(attrs, dict) else ()))
-    line = (f"{when} {ev.get('severity', '?')!s:<6} {ev.get('channel', '?')!s:<9} "
-            f"{ev.get('cell') or '-'!s:<10} {ev.get('kind', '?')} {kv}")
-    return _clip(line.rstrip())
+    line = (f"{when} {_text(ev.get('severity', '?')):<6} {_text(ev.get('channel', '?')):<9} "
+            f"{_text(ev.get('cell') or '-'):<10} {_text(ev.get('kind', '?'))} {kv}")
+    return _show(line.rstrip())
 
 
 # --------------------------------------------------------------------------- commands
@@ -125,16 +145,16 @@ def _cmd_ping(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     result = client.call("ping")
     ms = (time.monotonic() - t0) * 1000
     if ns.json:
-        print(json.dumps(result), file=out)
+        print(json_text(result), file=out)
     else:
-        print(f"{result} ({ms:.1f} ms)", file=out)
+        print(_show(f"{_text(result)} ({ms:.1f} ms)"), file=out)
     return EXIT_OK
 
 
 def _cmd_status(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     result = client.call("status")
     if ns.json:
-        print(json.dumps(result, indent=2, sort_keys=True), file=out)
+        print(json_text(result, indent=2, sort_keys=True), file=out)
     else:
         print("\n".join(format_status(result)), file=out)
     return EXIT_OK
@@ -153,15 +173,16 @@ def _cmd_events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
         client.timeout = None
         for item in client.stream("events.follow", **_event_args(ns)):
             if ns.json:
-                print(json.dumps(item), file=out, flush=True)
-            elif "dropped" in item and "kind" not in item:
-                print(f"-- {item['dropped']} events dropped (too slow) --", file=out, flush=True)
+                print(json_text(item), file=out, flush=True)
+            elif isinstance(item, dict) and "dropped" in item and "kind" not in item:
+                print(_show(f"-- {_text(item['dropped'])} events dropped (too slow) --"),
+                      file=out, flush=True)
             else:
                 print(format_event(item), file=out, flush=True)
         return EXIT_OK
     result = client.call("events", **_event_args(ns))
     if ns.json:
-        print(json.dumps(result, indent=2), file=out)
+        print(json_text(result, indent=2), file=out)
     else:
         for ev in result:
             print(format_event(ev), file=out)
@@ -191,8 +212,8 @@ def format_ps(rows: list[dict[str, Any]]) -> list[str]:
             f"{r.get('vlan') if r.get('vlan') is not None else '-':>4} "
             f"{r.get('address') or '-':<15} {'-' if cpu is None else f'{cpu:.1f}':>5} "
             f"{mem:>12} {'-' if pids is None else pids:>4} "
-            f"{'-' if up is None else _duration(float(up)):>7} {r.get('restarts', 0):>2}")
-    return [_clip(x) for x in lines]
+            f"{'-' if up is None else _duration(float(up)):>7} {r.get('restarts', 0)!s:>2}")
+    return [_show(x) for x in lines]
 
 
 def format_inspect(d: dict[str, Any]) -> list[str]:
@@ -208,10 +229,15 @@ def format_inspect(d: dict[str, Any]) -> list[str]:
     if d.get("error"):
         lines.append(f"error     {d['error']}")
     lines += ["", "plan:"] + [f"  {x}" for x in d.get("plan") or ["(none: adopted)"]]
-    lines += ["", "seccomp:"] + [f"  {r[0]:<16} {r[1]:>4} {r[2]:<14} {r[3]}"
-                                 for r in d.get("seccomp") or []]
-    lines += ["", "events:"] + [format_event(ev) for ev in d.get("events") or []]
-    return [_clip(x) for x in lines]
+    lines += ["", "seccomp:"] + [_seccomp_row(r) for r in d.get("seccomp") or []]
+    lines = [_show(x) for x in lines]
+    return lines + ["", "events:"] + [format_event(ev) for ev in d.get("events") or []]
+
+
+def _seccomp_row(r: Any) -> str:
+    if isinstance(r, list) and len(r) == 4:
+        return f"  {_text(r[0]):<16} {_text(r[1]):>4} {_text(r[2]):<14} {_text(r[3])}"
+    return f"  {_text(r)}"
 
 
 def _long(client: Client, ns: argparse.Namespace) -> None:
@@ -224,46 +250,94 @@ def _cmd_run(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     _long(client, ns)
     result = client.call("run", name=ns.name, **({"dry_run": True} if ns.dry_run else {}))
     if ns.json:
-        print(json.dumps(result, indent=2), file=out)
+        print(json_text(result, indent=2), file=out)
     elif ns.dry_run:
-        print("\n".join(_clip(x) for x in result.get("plan", [])), file=out)
+        print("\n".join(_show(_text(x)) for x in result.get("plan", [])), file=out)
     else:
-        where = f" on VLAN {result['vlan']} at {result['address']}" if result.get("vlan") else ""
-        print(_clip(f"{result['name']}: {result['state']}, pid {result.get('pid') or '-'}"
-                    f"{where}"), file=out)
+        where = (f" on VLAN {_text(result['vlan'])} at {_text(result.get('address'))}"
+                 if result.get("vlan") else "")
+        print(_show(f"{_text(result['name'])}: {_text(result['state'])}, pid "
+                    f"{_text(result.get('pid') or '-')}{where}"), file=out)
     return EXIT_OK
 
 
 def _cmd_stop(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     _long(client, ns)
     result = client.call("stop", name=ns.name)
-    print(json.dumps(result) if ns.json else f"{result['name']}: {result['state']}", file=out)
+    print(json_text(result) if ns.json else
+          _show(f"{_text(result['name'])}: {_text(result['state'])}"), file=out)
     return EXIT_OK
 
 
 def _cmd_ps(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     rows = client.call("ps")
-    print(json.dumps(rows, indent=2) if ns.json else "\n".join(format_ps(rows)), file=out)
+    print(json_text(rows, indent=2) if ns.json else "\n".join(format_ps(rows)), file=out)
     return EXIT_OK
 
 
 def _cmd_inspect(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     d = client.call("inspect", name=ns.name)
-    print(json.dumps(d, indent=2) if ns.json else "\n".join(format_inspect(d)), file=out)
+    print(json_text(d, indent=2) if ns.json else "\n".join(format_inspect(d)), file=out)
     return EXIT_OK
+
+
+def _logs(client: Client, args: dict[str, Any], raw: bool) -> Any:
+    """The ``logs`` op, asking for each line's bytes with ``raw``; an agentd that does
+    not know the argument yet is asked again without it (lines then come as text)."""
+    if raw:
+        try:
+            return client.call("logs", **args, raw=True)
+        except RemoteError as exc:
+            if exc.code != "E_ARGS" or "`raw`" not in exc.message:
+                raise
+    return client.call("logs", **args)
+
+
+def format_log_line(x: Any) -> str:
+    """One line of a cell's output as shown: a stream mark (``!`` for stderr), then the
+    line escaped (a tab kept): its bytes when the reply has them (a byte that is not
+    UTF-8 is shown ``\\xNN``), else its text.  Never cut: a log line is shown whole."""
+    if not isinstance(x, dict):
+        return " " + escape(_text(x))
+    mark = "!" if x.get("stream") == "stderr" else " "
+    raw = x.get("raw")
+    if isinstance(raw, bytes):
+        return mark + escape_bytes(raw, keep_tab=True)
+    return mark + escape(_text(x.get("line", "")), keep_tab=True)
+
+
+def _write_raw(lines: list[Any], out: TextIO) -> None:
+    """``logs --raw``: each line's bytes as the cell wrote them, then a newline."""
+    out.flush()
+    sink = getattr(out, "buffer", None)
+    for x in lines:
+        raw = x.get("raw") if isinstance(x, dict) else None
+        if not isinstance(raw, bytes):  # an agentd that sends text only
+            raw = _text(x.get("line", "") if isinstance(x, dict) else x).encode(
+                "utf-8", "surrogateescape")
+        if sink is not None:
+            sink.write(raw + b"\n")
+        else:  # a text-only stream (tests)
+            out.write(raw.decode("utf-8", "surrogateescape") + "\n")
+    if sink is not None:
+        sink.flush()
 
 
 def _cmd_logs(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     args: dict[str, Any] = {"name": ns.name, "n": ns.n}
     if ns.stream:
         args["stream"] = ns.stream
-    d = client.call("logs", **args)
+    d = _logs(client, args, raw=ns.raw or not ns.json)
     if ns.json:
-        print(json.dumps(d, indent=2), file=out)
+        print(json_text(d, indent=2), file=out)
         return EXIT_OK
-    for x in d.get("lines", []):
-        mark = "!" if x.get("stream") == "stderr" else " "
-        print(f"{mark}{x.get('line', '')}", file=out)
+    lines = d.get("lines") if isinstance(d, dict) else None
+    lines = lines if isinstance(lines, list) else []
+    if ns.raw:
+        _write_raw(lines, out)
+    else:
+        for x in lines:
+            print(format_log_line(x), file=out)
     return EXIT_OK
 
 
@@ -279,7 +353,7 @@ def _cmd_passthrough(command: str, argv: list[str]) -> int:
     try:
         cli_main = importlib.import_module(module).cli_main
     except (ImportError, AttributeError) as exc:
-        print(f"agentctl: error[E_UNAVAILABLE]: {command} is not available: {exc}",
+        print(escape(f"agentctl: error[E_UNAVAILABLE]: {command} is not available: {exc}"),
               file=sys.stderr)
         print(f"hint: this build lacks {module}; reinstall the agent package",
               file=sys.stderr)
@@ -359,6 +433,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("-n", type=count, default=50, metavar="N", help="how many (default 50)")
     sp.add_argument("--stream", choices=("stdout", "stderr"), help="only this stream")
+    sp.add_argument("--raw", action="store_true",
+                    help="write the lines' bytes as the cell wrote them, control characters "
+                         "and all (default: escaped, as journalctl does)")
     sp.set_defaults(func=_cmd_logs)
     clitop.add_parsers(sub, common)  # top, pin, unpin
     sp = sub.add_parser("checkconfig", add_help=False,
@@ -409,10 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except AgentError as exc:
         if ns.debug:
-            traceback.print_exc()
-        print(f"agentctl: error[{exc.code}]: {exc.message}", file=sys.stderr)
+            sys.stderr.write("".join(escape(x, keep_tab=True) + "\n"
+                                     for x in traceback.format_exc().rstrip("\n").split("\n")))
+        print(f"agentctl: error[{escape(_text(exc.code))}]: {escape(_text(exc.message))}",
+              file=sys.stderr)
         if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+            print(f"hint: {escape(_text(exc.hint))}", file=sys.stderr)
         if isinstance(exc, ConnectError):
             return EXIT_CONNECT
         if isinstance(exc, TransportError):

@@ -9,7 +9,10 @@
 * Each message is received with ``recv_into(MAX_FRAME + 1, MSG_TRUNC)``: the kernel tells
   the real size of an oversized message (and discards its tail), which gets E_FRAME_TOO_BIG.
 * Connections are bounded (``max_connections``); one above the bound is told E_BUSY and
-  closed.  Requests on one connection run concurrently (bounded) and replies carry ids.
+  closed (reading its first request into a small buffer: a flood of them costs little).
+  The listen backlog is the kernel's maximum, so a burst of connects queues instead of
+  failing with EAGAIN.  Requests on one connection run concurrently (bounded) and
+  replies carry ids.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = ["ControlServer", "Dispatcher", "peer_of"]
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_BUSY_PEEK = 1024  # bytes of a refused connection's first request read for its id
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -155,7 +159,7 @@ class ControlServer:
             sock.bind(str(tmp))
             os.chmod(tmp, self.mode)
             os.rename(tmp, path)
-            sock.listen(min(self.max_connections, socket.SOMAXCONN))
+            sock.listen(socket.SOMAXCONN)  # the kernel caps it (net.core.somaxconn)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
@@ -208,13 +212,14 @@ class ControlServer:
         try:
             if self.connections > self.max_connections:
                 # Read the first request before answering: closing a Unix socket with
-                # unread data makes the peer see ECONNRESET instead of our reply.
+                # unread data makes the peer see ECONNRESET instead of our reply.  Into a
+                # small buffer: a longer request is answered with id 0.
                 rid = 0
-                buf = bytearray(MAX_FRAME + 1)
+                buf = bytearray(_BUSY_PEEK)
                 with contextlib.suppress(OSError, TimeoutError):
                     n = await asyncio.wait_for(_recv(loop, conn, buf), 2.0)
                     with contextlib.suppress(ProtocolError):
-                        rid = decode_request(bytes(buf[:n])).id if n <= MAX_FRAME else 0
+                        rid = decode_request(bytes(buf[:n])).id if n <= len(buf) else 0
                 await _send(loop, conn, encode_error(rid, AgentError(
                     "E_BUSY", f"more than {self.max_connections} control connections",
                     "close idle agentctl sessions and retry")))

@@ -220,9 +220,10 @@ class ControlServer:
                     n = await asyncio.wait_for(_recv(loop, conn, buf), 2.0)
                     with contextlib.suppress(ProtocolError):
                         rid = decode_request(bytes(buf[:n])).id if n <= len(buf) else 0
-                await _send(loop, conn, encode_error(rid, AgentError(
-                    "E_BUSY", f"more than {self.max_connections} control connections",
-                    "close idle agentctl sessions and retry")))
+                with contextlib.suppress(OSError):  # it may be gone already: not an error
+                    await _send(loop, conn, encode_error(rid, AgentError(
+                        "E_BUSY", f"more than {self.max_connections} control connections",
+                        "close idle agentctl sessions and retry")))
                 return
             peer = peer_of(conn)
             inflight = asyncio.Semaphore(self.max_inflight)

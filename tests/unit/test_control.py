@@ -591,3 +591,25 @@ def test_client_waits_while_the_backlog_is_full(tmp_path: Path) -> None:
         for s in fillers:
             s.close()
         listener.close()
+
+
+def test_refused_connection_that_leaves_at_once_is_not_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A connection over the limit that sends and closes before reading its E_BUSY logged
+    a traceback (BrokenPipeError) each time: a storm of them flooded the log."""
+    r = start_daemon(tmp_path, lambda d: setattr(d.server, "max_connections", 1))
+    try:
+        with r.raw() as held:
+            assert raw_call(held, encode_request(1, "ping")).result == "pong"
+            for i in range(30):
+                s = r.raw()
+                s.send(encode_request(i + 2, "ping"))
+                s.close()
+            deadline = time.monotonic() + 10
+            while r.in_loop(lambda: r.daemon.server.connections) > 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert raw_call(held, encode_request(99, "ping")).result == "pong"
+    finally:
+        r.stop()
+    assert not [x for x in caplog.records if x.levelname == "ERROR"], caplog.text

@@ -39,6 +39,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_FRAME",
     "MAX_ITEMS",
+    "MAX_REQUEST_ITEMS",
     "OP_RE",
     "VERSION",
     "Handler",
@@ -60,7 +61,10 @@ __all__ = [
 VERSION = 1
 MAX_FRAME = 64 * 1024
 MAX_DEPTH = 32
-MAX_ITEMS = 16384
+MAX_ITEMS = 16384  # in a reply (an events list)
+# In a request: no op takes more than a few dozen, and the scan is pure Python (about
+# 50 us an item on the box's CPU): 16384 items held the loop for 0.8 s (bench/fuzz.py).
+MAX_REQUEST_ITEMS = 1024
 OP_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
 _REQUEST_KEYS = frozenset({"v", "id", "op", "args"})
@@ -99,7 +103,7 @@ def _bad(message: str, hint: str | None = None) -> RequestError:
     return RequestError("E_CBOR", message, hint)
 
 
-def _scan(frame: bytes) -> None:
+def _scan(frame: bytes, max_items: int = MAX_ITEMS) -> None:
     """Check that ``frame`` is exactly one well-formed CBOR item inside our profile."""
     n = len(frame)
     pos = 0
@@ -126,8 +130,8 @@ def _scan(frame: bytes) -> None:
         else:
             raise _bad(f"reserved CBOR additional information {info}")
         items += 1
-        if items > MAX_ITEMS:
-            raise _bad(f"more than {MAX_ITEMS} CBOR items in one frame")
+        if items > max_items:
+            raise _bad(f"more than {max_items} CBOR items in one frame")
         top = stack[-1] if stack else None
         is_key = top is not None and top[1] and top[0][0] % 2 == 0
         key: tuple[int, object] | None = None
@@ -178,11 +182,11 @@ def _scan(frame: bytes) -> None:
         raise _bad(f"{n - pos} trailing bytes after the CBOR item")
 
 
-def _loads(frame: bytes) -> Any:
+def _loads(frame: bytes, max_items: int = MAX_ITEMS) -> Any:
     if len(frame) > MAX_FRAME:
         raise RequestError("E_FRAME_TOO_BIG", f"frame of {len(frame)} bytes exceeds {MAX_FRAME}",
                            "split the request or send smaller arguments")
-    _scan(frame)
+    _scan(frame, max_items)
     try:
         return cbor2.loads(frame)
     except Exception as exc:  # cbor2 raises CBORDecodeError, ValueError, UnicodeDecodeError...
@@ -199,7 +203,7 @@ def _uint(value: object) -> TypeGuard[int]:
 def decode_request(frame: bytes) -> Request:
     """Decode and validate one request frame; raises :class:`RequestError` (E_FRAME_TOO_BIG,
     E_CBOR, E_SHAPE or E_VERSION) with the request id when it could be recovered."""
-    obj = _loads(frame)
+    obj = _loads(frame, MAX_REQUEST_ITEMS)
     if not isinstance(obj, dict):
         raise RequestError("E_SHAPE", f"request must be a CBOR map, got {_kind(obj)}")
     raw_id = obj.get("id")

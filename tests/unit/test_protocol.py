@@ -13,6 +13,7 @@ from agent.core.protocol import (
     MAX_DEPTH,
     MAX_FRAME,
     MAX_ITEMS,
+    MAX_REQUEST_ITEMS,
     Request,
     RequestError,
     decode_reply,
@@ -118,10 +119,20 @@ def _nest(depth: int) -> Any:
 def test_item_limit() -> None:
     # 11 items besides the list elements: the map, 3 keys + 3 values, "args", its map,
     # "a" and the array itself.
-    ok = cbor2.dumps({"v": 1, "id": 1, "op": "x", "args": {"a": [0] * (MAX_ITEMS - 11)}})
-    assert len(decode_request(ok).args["a"]) == MAX_ITEMS - 11
-    big = cbor2.dumps({"v": 1, "id": 1, "op": "x", "args": {"a": [0] * (MAX_ITEMS - 10)}})
-    assert code_of(big)[0] == "E_CBOR"
+    n = MAX_REQUEST_ITEMS - 11
+    ok = cbor2.dumps({"v": 1, "id": 1, "op": "x", "args": {"a": [0] * n}})
+    assert len(decode_request(ok).args["a"]) == n
+    big = cbor2.dumps({"v": 1, "id": 1, "op": "x", "args": {"a": [0] * (n + 1)}})
+    with pytest.raises(RequestError) as info:
+        decode_request(big)
+    assert info.value.code == "E_CBOR" and str(MAX_REQUEST_ITEMS) in info.value.message
+    # a reply may hold more (a list of events): up to MAX_ITEMS
+    # 9 items besides the list elements: the map, 4 keys, 3 values and the array.
+    reply = cbor2.dumps({"v": 1, "id": 1, "ok": True, "result": [0] * (MAX_ITEMS - 9)})
+    assert len(decode_reply(reply).result) == MAX_ITEMS - 9
+    reply = cbor2.dumps({"v": 1, "id": 1, "ok": True, "result": [0] * (MAX_ITEMS - 8)})
+    with pytest.raises(ProtocolError):
+        decode_reply(reply)
 
 
 def test_frame_too_big() -> None:

@@ -182,6 +182,30 @@ def test_plain_conversion() -> None:
         plain(object())
     with pytest.raises(TypeError):
         plain({(1, 2): 3})
+    with pytest.raises(TypeError):
+        plain({True: 3})  # a bool is not a map key, even though it is an int
+
+
+def test_plain_subclasses_take_the_general_path() -> None:
+    import collections
+    import enum
+
+    class Color(enum.IntEnum):
+        RED = 1
+
+    class Mode(enum.StrEnum):
+        FAST = "fast"
+
+    d = collections.defaultdict(list, {"a": (Color.RED, Mode.FAST)})
+    assert plain(d) == {"a": [1, "fast"]}
+    assert type(plain(d)) is dict
+    assert plain(collections.OrderedDict(x=frozenset({2, 1}))) == {"x": [1, 2]}
+    deep: Any = 0
+    for _ in range(MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(ValueError):  # the depth counts scalars too
+        plain(deep)
+    assert plain(deep[0]) == deep[0]
 
 
 # ------------------------------------------------------------------ fuzzing
@@ -250,6 +274,12 @@ def test_fuzz_request_like_maps(obj: dict[str, Any]) -> None:
 def test_valid_requests_round_trip(rid: int, op: str, args: dict[str, Any]) -> None:
     r = decode_request(encode_request(rid, op, args))
     assert (r.id, r.op, dict(r.args)) == (rid, op, args)
+
+
+@settings(max_examples=200)
+@given(trees)
+def test_plain_data_is_its_own_plain_form(tree: Any) -> None:
+    assert plain(tree) == tree
 
 
 @settings(max_examples=200)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 from agent.core.protocol import MAX_DEPTH, MAX_FRAME, MAX_ITEMS, Request, RequestError
 from agent.core.protocol import decode_request as _decode
 
-__all__ = ["OPS", "Gen", "effect", "enc", "expected_id"]
+__all__ = ["OPS", "Gen", "decode", "effect", "enc", "expected_id"]
 
 # op -> its arguments and their kinds (docs/protocol.md, agent/daemon/*api.py)
 _EVENT_ARGS = {"n": "count", "cell": "name", "channel": "pattern", "kind": "pattern",
@@ -40,7 +40,8 @@ OPS: dict[str, dict[str, str]] = {
     "ping": {}, "status": {}, "whoami": {}, "ps": {}, "top": {},
     "events": _EVENT_ARGS, "events.follow": _EVENT_ARGS,
     "run": {"name": "name", "dry_run": "bool"}, "stop": {"name": "name"},
-    "inspect": {"name": "name"}, "logs": {"name": "name", "n": "count", "stream": "stream"},
+    "inspect": {"name": "name"},
+    "logs": {"name": "name", "n": "count", "stream": "stream", "raw": "bool"},
     "pin": {"name": "name", "cpu": "cpu", "memory": "size"}, "unpin": {"name": "name"},
 }
 HOSTILE_TEXT = ["", " ", "\x00", "\x1b]0;pwned\x07", "\x1b[2J\x1b[H", "a\rb", "\u202eevil",
@@ -147,23 +148,30 @@ def enc(obj: Any) -> bytes:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
-def expected_id(frame: bytes) -> int:
+def decode(frame: bytes) -> Request | RequestError:
+    """``frame`` decoded as agentd decodes it: the request, or the error it answers."""
+    if len(frame) > MAX_FRAME:
+        return RequestError("E_FRAME_TOO_BIG", "too big")
+    try:
+        return _decode(frame)
+    except RequestError as exc:
+        return exc
+
+
+def expected_id(frame: bytes | Request | RequestError) -> int:
     """The id agentd must put in its reply to ``frame``: the request's, or the one it can
     recover from a bad request, else 0."""
-    try:
-        return _decode(frame).id
-    except RequestError as exc:
-        return exc.request_id
+    got = decode(frame) if isinstance(frame, bytes) else frame
+    return got.request_id if isinstance(got, RequestError) else got.id
 
 
-def effect(frame: bytes, cells: set[str], services: set[str], victim: str | None
-           ) -> str:
+def effect(frame: bytes | Request | RequestError, cells: set[str], services: set[str],
+           victim: str | None) -> str:
     """What agentd would do with ``frame``: "stream" (events.follow: replies may never
     come), "harmful" (would run a service, stop a cell, or resize a cell other than the
     ``victim``), else "answer"."""
-    try:
-        req: Request = _decode(frame)
-    except RequestError:
+    req = decode(frame) if isinstance(frame, bytes) else frame
+    if isinstance(req, RequestError):
         return "answer"
     if req.op == "events.follow":
         return "stream"
@@ -405,7 +413,8 @@ class Gen:
     def _big(self) -> bytes:
         r = self.rng
         size = r.choice([MAX_FRAME, MAX_FRAME + 1, MAX_FRAME + 100, 2 * MAX_FRAME, 200_000])
-        base = enc({"v": 1, "id": self._id(), "op": "status", "args": {"pad": b""}})
-        pad = max(0, size - len(base) - 5)
-        frame = enc({"v": 1, "id": self.ids, "op": "status", "args": {"pad": b"\0" * pad}})
-        return frame[:size] if len(frame) > size else frame
+        rid, pad = self._id(), 0
+        for _ in range(4):  # the pad's length head grows with it: converge on the size
+            frame = enc({"v": 1, "id": rid, "op": "status", "args": {"pad": b"\0" * pad}})
+            pad += size - len(frame)
+        return frame

@@ -42,15 +42,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ctlfuzz import Gen, effect, expected_id
+from ctlfuzz import Gen, decode, effect, expected_id
 
 from agent.cli.client import Client
 from agent.core.errors import AgentError, ProtocolError
-from agent.core.protocol import MAX_FRAME, decode_reply, encode_request
+from agent.core.protocol import MAX_FRAME, Request, RequestError, decode_reply, encode_request
 
 SOCKET = Path("/run/agent/agentd.sock")
 PIDFILE = Path("/var/run/agentd.pid")
 SERVICES = Path("/etc/agent/services")
+INIT = Path("/etc/init.d/S50agentd")
 _CODE = re.compile(r"E_[A-Z0-9_]+")
 
 
@@ -67,6 +68,9 @@ class Figures:
     peak_kib: int = 0
     storm: Counter[str] = field(default_factory=Counter)
     slowest: list[tuple[float, str, str]] = field(default_factory=list)
+    # (sent, replied) monotonic seconds, family, what agentd makes of it: for stalls
+    timeline: list[tuple[float, float, str, str]] = field(default_factory=list)
+    probe: list[tuple[float, float]] = field(default_factory=list)  # (sent, ms): pings
     failures: int = 0
     failed: list[str] = field(default_factory=list)
     pid_before: int = 0
@@ -80,12 +84,31 @@ class Figures:
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ms) or [0.0]
         d = asdict(self)
-        d.pop("latencies_ms")
+        for bulky in ("latencies_ms", "timeline", "probe"):
+            d.pop(bulky)
+        probe = max((ms for _, ms in self.probe), default=0.0)
         d.update(rate=round(self.messages / max(self.seconds, 1e-9), 1),
                  latency_ms={"median": round(statistics.median(lat), 2),
                              "p99": round(lat[int(len(lat) * 0.99) - 1 if len(lat) > 1 else 0], 2),
-                             "max": round(lat[-1], 2)})
+                             "max": round(lat[-1], 2)},
+                 probe_max_ms=round(probe, 1))
         return d
+
+    def stalls(self, over_ms: float = 1000.0) -> list[str]:
+        """Each ping of the probe slower than ``over_ms``, with the fuzz messages in flight
+        then (the one that held the loop is among them, usually the first sent)."""
+        out = []
+        for sent, ms in sorted(self.probe, key=lambda p: -p[1])[:5]:
+            if ms < over_ms:
+                break
+            end = sent + ms / 1000
+            inflight = sorted(x for x in self.timeline if x[0] <= end and x[1] >= sent)
+            before = sorted(x for x in self.timeline if sent - 2 <= x[1] < sent)[-6:]
+            out.append(f"ping took {ms:.0f} ms; in flight: " + "; ".join(
+                f"{fam} {what} ({(t1 - t0) * 1000:.0f} ms)" for t0, t1, fam, what in inflight[:8])
+                + "; answered in the 2 s before: " + "; ".join(
+                f"{fam} {what}" for _, _, fam, what in before))
+        return out
 
 
 def _connect(path: Path, timeout: float) -> socket.socket:
@@ -110,7 +133,14 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(f["VmRSS"].split()[0]), int(f["VmHWM"].split()[0])
 
 
-def _check(fig: Figures, frame: bytes, data: bytes, fam: str) -> None:
+def _what(got: Request | RequestError) -> str:
+    if isinstance(got, RequestError):
+        return got.code
+    return f"{got.op}({', '.join(f'{k}={str(v)[:24]!r}' for k, v in got.args.items())})"[:120]
+
+
+def _check(fig: Figures, frame: bytes, got: Request | RequestError, data: bytes,
+           fam: str) -> None:
     """One reply to one frame: its id, its shape, its code."""
     what = f"{fam} frame {frame[:48].hex()}{'...' if len(frame) > 48 else ''} ({len(frame)} B)"
     if not data:
@@ -121,7 +151,7 @@ def _check(fig: Figures, frame: bytes, data: bytes, fam: str) -> None:
     except ProtocolError as exc:
         fig.fail(f"{what}: undecodable reply {data[:64]!r}: {exc.message}")
         return
-    want = expected_id(frame)
+    want = expected_id(got)
     if reply.id != want:
         fig.fail(f"{what}: reply id {reply.id}, expected {want}")
     if reply.more:
@@ -138,8 +168,9 @@ def _check(fig: Figures, frame: bytes, data: bytes, fam: str) -> None:
         fig.fail(f"{what}: {code}: {reply.error.message[:300]}")
 
 
-def _stream(path: Path, frame: bytes, fig: Figures, lock: threading.Lock) -> None:
+def _stream(path: Path, frame: bytes, fig: Figures, lock: threading.Lock, what: str) -> None:
     """events.follow on a connection of its own, closed after its first reply."""
+    t0 = time.monotonic()
     with _connect(path, 0.25) as s:
         s.send(frame)
         try:
@@ -148,6 +179,7 @@ def _stream(path: Path, frame: bytes, fig: Figures, lock: threading.Lock) -> Non
             data = b""
     with lock:
         fig.streams += 1
+        fig.timeline.append((t0, time.monotonic(), "stream", what))
         if data:
             try:
                 reply = decode_reply(data)
@@ -171,7 +203,8 @@ def _fuzz(path: Path, gen: Gen, count: int, timeout: float, fig: Figures,
     sent = 0
     while sent < count:
         fam, frame = gen.one()
-        eff = effect(frame, *protect)
+        got = decode(frame)
+        eff = effect(got, *protect)
         if eff == "harmful":
             with lock:
                 fig.skipped_harmful += 1
@@ -181,7 +214,7 @@ def _fuzz(path: Path, gen: Gen, count: int, timeout: float, fig: Figures,
             fig.families[fam] += 1
             fig.messages += 1
         if eff == "stream":
-            _stream(path, frame, fig, lock)
+            _stream(path, frame, fig, lock, _what(got))
             continue
         t0 = time.monotonic()
         try:
@@ -200,14 +233,32 @@ def _fuzz(path: Path, gen: Gen, count: int, timeout: float, fig: Figures,
             s.close()
             s = _connect(path, timeout)
             continue
-        ms = (time.monotonic() - t0) * 1000
+        t1 = time.monotonic()
+        ms = (t1 - t0) * 1000
         with lock:
             fig.latencies_ms.append(ms)
+            fig.timeline.append((t0, t1, fam, _what(got)))
             if len(fig.slowest) < 5 or ms > fig.slowest[-1][0]:
-                fig.slowest = sorted([*fig.slowest, (round(ms, 1), fam, frame[:64].hex())],
+                fig.slowest = sorted([*fig.slowest, (round(ms, 1), fam, _what(got))],
                                      reverse=True)[:5]
-            _check(fig, frame, data, fam)
+            _check(fig, frame, got, data, fam)
     s.close()
+
+
+def _probe(path: Path, fig: Figures, done: threading.Event, timeout: float) -> None:
+    """A ping every 0.25 s on a connection of its own: how long the loop was held."""
+    with _connect(path, timeout) as s:
+        rid = 0
+        while not done.wait(0.25):
+            rid += 1
+            t0 = time.monotonic()
+            s.send(encode_request(rid, "ping"))
+            try:
+                s.recv(MAX_FRAME + 1)
+            except TimeoutError:
+                fig.fail(f"probe: no pong within {timeout} s")
+                return
+            fig.probe.append((t0, (time.monotonic() - t0) * 1000))
 
 
 def _silent(path: Path, n: int, each: int) -> list[socket.socket]:
@@ -270,6 +321,9 @@ def run(count: int, *, path: Path = SOCKET, pid: int, seed: int = 1, connections
     names = [victim or "fuzz-victim", "no-such-cell", *sorted(cells or ())]
     fig.rss_kib.append(rss_kib(pid)[0])
     held = _silent(path, silent, 16)
+    done = threading.Event()
+    probe = threading.Thread(target=_probe, args=(path, fig, done, timeout))
+    probe.start()
     t0 = time.monotonic()
     per = [count // connections + (1 if i < count % connections else 0)
            for i in range(connections)]
@@ -284,6 +338,8 @@ def run(count: int, *, path: Path = SOCKET, pid: int, seed: int = 1, connections
             t.join()
         fig.rss_kib.append(rss_kib(pid)[0])
     fig.seconds = time.monotonic() - t0
+    done.set()
+    probe.join()
     _storm(path, storm, timeout, fig)
     for s in held:
         s.close()
@@ -303,6 +359,22 @@ def _ctl(*args: str) -> Any:
     if r.returncode:
         raise SystemExit(f"agentctl {' '.join(args)}: {r.stderr.strip()}")
     return json.loads(r.stdout) if r.stdout.strip() else None
+
+
+def _ensure_agentd() -> None:
+    """Start agentd (idempotent) and wait until its cell manager is up."""
+    subprocess.run([str(INIT), "start"], capture_output=True, timeout=120)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with Client(SOCKET) as c:
+                if isinstance(c.call("status").get("budget"), dict):
+                    return
+        except AgentError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("agentd does not answer, or has no cell manager")
+        time.sleep(0.5)
 
 
 def _cells(path: Path) -> set[str]:
@@ -335,8 +407,11 @@ def print_figures(fig: Figures, seed: int, connections: int) -> None:
           f"{fig.streams}")
     lat = d["latency_ms"]
     print(f"latency:   median {lat['median']} ms, p99 {lat['p99']} ms, max {lat['max']} ms")
-    for ms, fam, head in fig.slowest:
-        print(f"  {ms} ms: {fam} {head}")
+    for ms, fam, what in fig.slowest:
+        print(f"  {ms} ms: {fam} {what}")
+    print(f"loop held (a ping every 0.25 s on its own connection): at most {d['probe_max_ms']} ms")
+    for line in fig.stalls():
+        print(f"  {line}")
     print(f"agentd RSS: {mib[0]} MiB before, {mib[1]} MiB after the first tenth, {mib[-1]} MiB "
           f"at the end (each tenth: {' '.join(map(str, mib[1:-1]))}), peak "
           f"{fig.peak_kib / 1024:.1f} MiB")
@@ -360,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--victim", action="store_true", help="start fuzz-victim first")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     ns = p.parse_args(argv)
+    if ns.socket == SOCKET and INIT.exists():  # the box: agentd as its init script runs it
+        _ensure_agentd()
     pid = int(ns.pidfile.read_text().strip())
     victim = "fuzz-victim" if ns.victim else None
     vpid = _start_victim(victim) if victim else None

@@ -71,6 +71,7 @@ class Figures:
     # (sent, replied) monotonic seconds, family, what agentd makes of it: for stalls
     timeline: list[tuple[float, float, str, str]] = field(default_factory=list)
     probe: list[tuple[float, float]] = field(default_factory=list)  # (sent, ms): pings
+    silent_at: float = 0.0  # when the silent connections sent their requests
     failures: int = 0
     failed: list[str] = field(default_factory=list)
     pid_before: int = 0
@@ -104,7 +105,10 @@ class Figures:
             end = sent + ms / 1000
             inflight = sorted(x for x in self.timeline if x[0] <= end and x[1] >= sent)
             before = sorted(x for x in self.timeline if sent - 2 <= x[1] < sent)[-6:]
-            out.append(f"ping took {ms:.0f} ms; in flight: " + "; ".join(
+            ago = sent - self.silent_at
+            silent = (f" (the silent connections' requests were sent {ago:.1f} s before)"
+                      if 0 <= ago < 60 else "")
+            out.append(f"ping took {ms:.0f} ms{silent}; in flight: " + "; ".join(
                 f"{fam} {what} ({(t1 - t0) * 1000:.0f} ms)" for t0, t1, fam, what in inflight[:8])
                 + "; answered in the 2 s before: " + "; ".join(
                 f"{fam} {what}" for _, _, fam, what in before))
@@ -320,10 +324,11 @@ def run(count: int, *, path: Path = SOCKET, pid: int, seed: int = 1, connections
     protect = (cells or set(), services or set(), victim)
     names = [victim or "fuzz-victim", "no-such-cell", *sorted(cells or ())]
     fig.rss_kib.append(rss_kib(pid)[0])
-    held = _silent(path, silent, 16)
     done = threading.Event()
     probe = threading.Thread(target=_probe, args=(path, fig, done, timeout))
     probe.start()
+    fig.silent_at = time.monotonic()
+    held = _silent(path, silent, 16)
     t0 = time.monotonic()
     per = [count // connections + (1 if i < count % connections else 0)
            for i in range(connections)]

@@ -530,11 +530,20 @@ def test_a_burst_of_connects_while_the_loop_is_busy_is_queued(tmp_path: Path) ->
         r.stop()
 
 
+def idle(r: Running) -> None:
+    """Wait until the daemon has closed every connection (start_daemon's ping one too)."""
+    deadline = time.monotonic() + 10
+    while r.in_loop(lambda: r.daemon.server.connections):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_refused_connection_reads_its_request_into_a_small_buffer(tmp_path: Path) -> None:
     """E_BUSY carries the id of a short request; one longer than the small buffer read
     (a flood of refused connections must not cost 64 KiB each) is answered with id 0."""
     r = start_daemon(tmp_path, lambda d: setattr(d.server, "max_connections", 1))
     try:
+        idle(r)
         with r.raw() as held:
             assert raw_call(held, encode_request(1, "ping")).result == "pong"
             with r.raw() as extra:
@@ -599,6 +608,7 @@ def test_refused_connection_that_leaves_at_once_is_not_an_error(
     a traceback (BrokenPipeError) each time: a storm of them flooded the log."""
     r = start_daemon(tmp_path, lambda d: setattr(d.server, "max_connections", 1))
     try:
+        idle(r)
         with r.raw() as held:
             assert raw_call(held, encode_request(1, "ping")).result == "pong"
             for i in range(30):
@@ -613,3 +623,39 @@ def test_refused_connection_that_leaves_at_once_is_not_an_error(
     finally:
         r.stop()
     assert not [x for x in caplog.records if x.levelname == "ERROR"], caplog.text
+
+
+async def _blob(peer: Peer, args: Mapping[str, Any]) -> Any:
+    return "b" * 60_000
+
+
+def test_a_client_that_stops_reading_is_dropped(tmp_path: Path) -> None:
+    """A connection that asked for 16 big replies and never read them held them (about
+    1 MiB of agentd's memory) and its slot for good; now a reply not taken within the
+    send timeout closes it, while other clients are served all along."""
+    def configure(d: Daemon) -> None:
+        d.register("test.blob", _blob)
+        d.server.send_timeout = 0.5
+
+    r = start_daemon(tmp_path, configure)
+    try:
+        mute = r.raw()
+        mute.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for i in range(40):
+            mute.send(encode_request(i + 1, "test.blob"))
+        with r.client() as c:
+            assert c.call("ping") == "pong"
+        deadline = time.monotonic() + 10
+        while r.in_loop(lambda: r.daemon.server.connections):
+            assert time.monotonic() < deadline, "the mute connection was never dropped"
+            time.sleep(0.05)
+        got = 0
+        mute.settimeout(5)
+        while mute.recv(MAX_FRAME + 1):  # what the kernel had taken, then the end
+            got += 1
+        assert got < 40
+        mute.close()
+        with r.client() as c:
+            assert c.call("ping") == "pong"
+    finally:
+        r.stop()

@@ -372,6 +372,7 @@ def count(text: str) -> int:
 
 
 Command = Callable[[Client, argparse.Namespace, TextIO], int]
+_SHAPE_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError)
 
 
 def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -477,7 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = Client(ns.socket, timeout=5.0 if ns.timeout is None else ns.timeout)
     try:
         with client:
-            return func(client, ns, sys.stdout)
+            try:
+                return func(client, ns, sys.stdout)
+            except _SHAPE_ERRORS as exc:  # a result of a shape the formatter did not expect
+                raise TransportError(
+                    "E_PROTOCOL", f"unexpected reply: {type(exc).__name__}: {exc}",
+                    "agentd and agentctl may be of different versions; --json shows the "
+                    "reply") from exc
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `agentctl events | head`

@@ -19,11 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_diag import UNAME, make_tree
 
 from agent.cli.checkconfig import render
 from agent.cli.diagscreen import DaemonView, Sources, screen
-from agent.cli.main import main
+from agent.cli.main import (
+    format_event,
+    format_inspect,
+    format_log_line,
+    format_ps,
+    format_status,
+    main,
+)
+from agent.cli.top import format_top
 from agent.core.errors import AgentError
 from agent.core.features import FeatureReport, Report
 from agent.core.kconfig import FEATURES, Status
@@ -245,3 +255,64 @@ def test_checkconfig_render_escapes() -> None:
 def test_unsafe_oracle_can_fail() -> None:
     assert unsafe(H) and unsafe("\u202e") and unsafe("\x9b") and not unsafe("Grüße\n")
     assert os.linesep == "\n"
+
+
+# Any reply at all: strings with every kind of character, numbers, bytes, nesting.
+_TEXT = st.text(alphabet=st.characters(exclude_categories=()), max_size=12) | st.sampled_from(
+    [H, "name", "state", "attrs", "ts", "lines", "cells", "plan", "seccomp", "line", "raw"])
+_LEAF = (st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats()
+         | _TEXT | st.binary(max_size=12))
+TREES = st.recursive(_LEAF, lambda kids: st.lists(kids, max_size=4)
+                     | st.dictionaries(_TEXT, kids, max_size=6), max_leaves=30)
+FORMATTERS = [(format_status, RESULTS["status"]), (format_ps, RESULTS["ps"]),
+              (format_inspect, RESULTS["inspect"]), (format_event, event()),
+              (format_top, RESULTS["top"]),
+              (lambda x: [format_log_line(x)], {"ts": 1.0, "stream": "stderr", "line": H,
+                                                "raw": RAW})]
+
+
+def shaped(template: Any) -> st.SearchStrategy[Any]:
+    """Replies of the template's shape, every leaf drawn anew (strings of any character)."""
+    if isinstance(template, dict):
+        return st.fixed_dictionaries({k: shaped(v) for k, v in template.items()})
+    if isinstance(template, list):
+        return st.tuples(*(shaped(v) for v in template)).map(list)
+    if isinstance(template, bool):
+        return st.booleans()
+    if isinstance(template, int | float):
+        return st.integers(0, 2**40) | st.floats(0, 1e9) | st.none()
+    if isinstance(template, bytes):
+        return st.binary(max_size=20)
+    return _TEXT
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_whatever_a_reply_holds_a_formatter_prints_it_safely_or_refuses_it(
+        data: st.DataObject) -> None:
+    """A formatter given any reply (of its shape with any leaves, or anything at all)
+    either prints lines with no control character, or raises one of the errors agentctl
+    turns into E_PROTOCOL (never a traceback)."""
+    which = data.draw(st.sampled_from(range(len(FORMATTERS))))
+    fmt, template = FORMATTERS[which]
+    reply = data.draw(shaped(template) | TREES)
+    try:
+        lines = fmt(reply)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+        return
+    assert all(unsafe(x, tab_ok=which == 5) == [] for x in lines), lines
+
+
+def test_a_reply_of_an_unexpected_shape_is_a_protocol_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    srv = Hostile(tmp_path / "shape.sock")
+    try:
+        RESULTS_BAD = {"ps": {"not": "a list"}, "status": ["not", "a", "map"]}
+        for op, bad in RESULTS_BAD.items():
+            srv.server.dispatcher._handlers[op] = Hostile._const(bad)
+            rc = main(["--socket", str(srv.server.path), op])
+            err = capsys.readouterr().err
+            assert rc == 4 and "error[E_PROTOCOL]: unexpected reply" in err, (op, err)
+            assert "Traceback" not in err and unsafe(err) == []
+    finally:
+        srv.close()

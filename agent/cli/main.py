@@ -4,8 +4,8 @@ Exit codes (docs/cli.md): 0 ok; 1 the daemon replied with an error; 2 usage erro
 3 the daemon cannot be reached; 4 protocol error or timeout.
 
 Nothing a cell or a reply controls reaches the terminal raw: every human line goes
-through :func:`agent.core.tty.escape` once, before it is cut to 80 columns (a
-formatter's last step, :func:`_show`), and ``--json`` is pure ASCII
+through :func:`agent.core.tty.escape` once, before it is cut to 80 columns (the views
+in :mod:`agent.cli.views`), error lines too, and ``--json`` is pure ASCII
 (:func:`agent.core.tty.json_text`).  ``logs --raw`` alone writes a cell's bytes as
 they are.
 """
@@ -26,9 +26,18 @@ from typing import Any, TextIO
 from agent import __version__
 from agent.cli import top as clitop
 from agent.cli.client import Client, ConnectError, RemoteError, TransportError
+from agent.cli.views import (
+    format_event,
+    format_inspect,
+    format_log_line,
+    format_ps,
+    format_status,
+    show,
+    text,
+)
 from agent.core.args import parse
 from agent.core.errors import AgentError
-from agent.core.tty import escape, escape_bytes, json_text
+from agent.core.tty import escape, json_text
 
 __all__ = [
     "EXIT_CONNECT",
@@ -38,104 +47,14 @@ __all__ = [
     "EXIT_USAGE",
     "format_event",
     "format_inspect",
+    "format_log_line",
     "format_ps",
     "format_status",
     "main",
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_PROTOCOL = 0, 1, 2, 3, 4
-WIDTH = 80
 DEFAULT_SOCKET = os.environ.get("AGENT_SOCKET", "/run/agent/agentd.sock")
-
-
-def _clip(line: str, width: int = WIDTH) -> str:
-    return line if len(line) <= width else line[: width - 3] + "..."
-
-
-def _show(line: str, width: int = WIDTH) -> str:
-    """One human line as printed: escaped, then cut to ``width`` columns."""
-    return _clip(escape(line), width)
-
-
-def _text(value: Any) -> str:
-    """A value inside a human line, unescaped yet (the line is escaped as a whole):
-    strings as they are, bytes decoded keeping each non-UTF-8 byte (shown ``\\xNN``),
-    anything else as compact JSON."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    return json_text(value)
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    return (f"{d}d" if d else "") + (f"{h}h" if d or h else "") + (f"{m:02d}m" if d or h or m
-                                                                   else "") + f"{s:02d}s"
-
-
-def format_status(st: dict[str, Any]) -> list[str]:
-    """Human lines for a status result; known keys first, then any others."""
-    lines = [
-        f"agentd {st.get('version', '?')}  pid {st.get('pid', '?')}  "
-        f"up {_duration(float(st.get('uptime_s', 0)))}",
-        f"kernel    {st.get('kernel', '?')} ({st.get('machine', '?')})",
-        f"cgroup    {st.get('cgroup', '?')}",
-        f"cells     {st.get('cells', '?')}",
-        f"events    {st.get('events', '?')}",
-    ]
-    known = {"version", "pid", "uptime_s", "kernel", "machine", "cgroup", "cells", "events"}
-    budget = st.get("budget")
-    if isinstance(budget, dict) and all(isinstance(budget.get(k), dict) for k in
-                                        ("capacity", "reserve", "committed", "free")):
-        known.add("budget")
-        lines += format_budget(budget)
-    for key in sorted(k for k in st if k not in known):
-        lines.append(f"{_text(key):<9} {_text(st[key])}")
-    return [_show(line) for line in lines]
-
-
-def format_budget(b: dict[str, Any]) -> list[str]:
-    """The budget block of ``status``: per resource what is free of the capacity, what
-    the host keeps and what cells hold; then cells by state and address leases."""
-    fmt: dict[str, Callable[[int], str]] = {
-        "cpu_m": lambda n: f"{n}m", "memory": lambda n: f"{n / (1 << 20):.1f} MiB",
-        "pids": str}
-    lines = []
-    for key, label in (("cpu_m", "cpu"), ("memory", "memory"), ("pids", "pids")):
-        try:
-            f = fmt[key]
-            lines.append(f"  {label:<7} free {f(int(b['free'][key]))} of "
-                         f"{f(int(b['capacity'][key]))} (host keeps "
-                         f"{f(int(b['reserve'][key]))}, cells hold "
-                         f"{f(int(b['committed'][key]))})")
-        except (KeyError, TypeError, ValueError):
-            continue
-    states = b.get("states")
-    if isinstance(states, dict) and states:
-        lines.append("  cells   " + ", ".join(f"{v} {k}" for k, v in sorted(states.items())))
-    if "leases" in b:
-        lines.append(f"  leases  {b['leases']}")
-    return ["budget", *lines]
-
-
-def format_event(ev: dict[str, Any]) -> str:
-    """One event on one line: time, severity, channel, cell, kind and attributes."""
-    ts = ev.get("ts", 0.0)
-    try:
-        when = time.strftime("%m-%d %H:%M:%S", time.localtime(float(ts)))
-        when += f".{int(float(ts) * 1000) % 1000:03d}"
-    except (TypeError, ValueError, OverflowError):
-        when = "?"
-    attrs = ev.get("attrs") or {}
-    kv = " ".join(f"{_text(k)}={_text(v)}"
-                  for k, v in (attrs.items() if isinstance(attrs, dict) else ()))
-    line = (f"{when} {_text(ev.get('severity', '?')):<6} {_text(ev.get('channel', '?')):<9} "
-            f"{_text(ev.get('cell') or '-'):<10} {_text(ev.get('kind', '?'))} {kv}")
-    return _show(line.rstrip())
 
 
 # --------------------------------------------------------------------------- commands
@@ -147,7 +66,7 @@ def _cmd_ping(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     if ns.json:
         print(json_text(result), file=out)
     else:
-        print(_show(f"{_text(result)} ({ms:.1f} ms)"), file=out)
+        print(show(f"{text(result)} ({ms:.1f} ms)"), file=out)
     return EXIT_OK
 
 
@@ -175,7 +94,7 @@ def _cmd_events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
             if ns.json:
                 print(json_text(item), file=out, flush=True)
             elif isinstance(item, dict) and "dropped" in item and "kind" not in item:
-                print(_show(f"-- {_text(item['dropped'])} events dropped (too slow) --"),
+                print(show(f"-- {text(item['dropped'])} events dropped (too slow) --"),
                       file=out, flush=True)
             else:
                 print(format_event(item), file=out, flush=True)
@@ -187,57 +106,6 @@ def _cmd_events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
         for ev in result:
             print(format_event(ev), file=out)
     return EXIT_OK
-
-
-def _size(n: Any) -> str:
-    if not isinstance(n, int):
-        return "-"
-    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f}{unit}"
-    return str(n)
-
-
-def format_ps(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per cell, 80 columns: name state vlan address cpu memory pids up restarts."""
-    lines = [f"{'NAME':<13} {'STATE':<9} {'VLAN':>4} {'ADDRESS':<15} {'CPU%':>5} "
-             f"{'MEM/MAX':>12} {'PIDS':>4} {'UP':>7} {'R':>2}"]
-    for r in rows:
-        cpu = r.get("cpu_pct")
-        mem = f"{_size(r.get('memory_current'))}/{_size(r.get('memory_max'))}"
-        up = r.get("uptime_s")
-        pids = r.get("pids")
-        lines.append(
-            f"{str(r.get('name', '?'))[:13]:<13} {str(r.get('state', '?'))[:9]:<9} "
-            f"{r.get('vlan') if r.get('vlan') is not None else '-':>4} "
-            f"{r.get('address') or '-':<15} {'-' if cpu is None else f'{cpu:.1f}':>5} "
-            f"{mem:>12} {'-' if pids is None else pids:>4} "
-            f"{'-' if up is None else _duration(float(up)):>7} {r.get('restarts', 0)!s:>2}")
-    return [_show(x) for x in lines]
-
-
-def format_inspect(d: dict[str, Any]) -> list[str]:
-    """The human view of ``inspect``: record, allocation, limits, plan, seccomp, events."""
-    alloc = d.get("allocation") or {}
-    lines = [f"cell      {d.get('name')}  state {d.get('state')}  pid {d.get('pid') or '-'}",
-             f"image     {(d.get('manifest') or {}).get('image', {}).get('root', '?')}",
-             f"network   vlan {alloc.get('vlan') or '-'}  address {alloc.get('address') or '-'}"
-             f"  gateway {alloc.get('gateway') or '-'}",
-             f"cgroup    {d.get('cgroup')}"]
-    lim = d.get("limits") or {}
-    lines.append("limits    " + " ".join(f"{k}={v}" for k, v in lim.items() if v is not None))
-    if d.get("error"):
-        lines.append(f"error     {d['error']}")
-    lines += ["", "plan:"] + [f"  {x}" for x in d.get("plan") or ["(none: adopted)"]]
-    lines += ["", "seccomp:"] + [_seccomp_row(r) for r in d.get("seccomp") or []]
-    lines = [_show(x) for x in lines]
-    return lines + ["", "events:"] + [format_event(ev) for ev in d.get("events") or []]
-
-
-def _seccomp_row(r: Any) -> str:
-    if isinstance(r, list) and len(r) == 4:
-        return f"  {_text(r[0]):<16} {_text(r[1]):>4} {_text(r[2]):<14} {_text(r[3])}"
-    return f"  {_text(r)}"
 
 
 def _long(client: Client, ns: argparse.Namespace) -> None:
@@ -252,12 +120,12 @@ def _cmd_run(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     if ns.json:
         print(json_text(result, indent=2), file=out)
     elif ns.dry_run:
-        print("\n".join(_show(_text(x)) for x in result.get("plan", [])), file=out)
+        print("\n".join(show(text(x)) for x in result.get("plan", [])), file=out)
     else:
-        where = (f" on VLAN {_text(result['vlan'])} at {_text(result.get('address'))}"
+        where = (f" on VLAN {text(result['vlan'])} at {text(result.get('address'))}"
                  if result.get("vlan") else "")
-        print(_show(f"{_text(result['name'])}: {_text(result['state'])}, pid "
-                    f"{_text(result.get('pid') or '-')}{where}"), file=out)
+        print(show(f"{text(result['name'])}: {text(result['state'])}, pid "
+                    f"{text(result.get('pid') or '-')}{where}"), file=out)
     return EXIT_OK
 
 
@@ -265,7 +133,7 @@ def _cmd_stop(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     _long(client, ns)
     result = client.call("stop", name=ns.name)
     print(json_text(result) if ns.json else
-          _show(f"{_text(result['name'])}: {_text(result['state'])}"), file=out)
+          show(f"{text(result['name'])}: {text(result['state'])}"), file=out)
     return EXIT_OK
 
 
@@ -293,19 +161,6 @@ def _logs(client: Client, args: dict[str, Any], raw: bool) -> Any:
     return client.call("logs", **args)
 
 
-def format_log_line(x: Any) -> str:
-    """One line of a cell's output as shown: a stream mark (``!`` for stderr), then the
-    line escaped (a tab kept): its bytes when the reply has them (a byte that is not
-    UTF-8 is shown ``\\xNN``), else its text.  Never cut: a log line is shown whole."""
-    if not isinstance(x, dict):
-        return " " + escape(_text(x))
-    mark = "!" if x.get("stream") == "stderr" else " "
-    raw = x.get("raw")
-    if isinstance(raw, bytes):
-        return mark + escape_bytes(raw, keep_tab=True)
-    return mark + escape(_text(x.get("line", "")), keep_tab=True)
-
-
 def _write_raw(lines: list[Any], out: TextIO) -> None:
     """``logs --raw``: each line's bytes as the cell wrote them, then a newline."""
     out.flush()
@@ -313,7 +168,7 @@ def _write_raw(lines: list[Any], out: TextIO) -> None:
     for x in lines:
         raw = x.get("raw") if isinstance(x, dict) else None
         if not isinstance(raw, bytes):  # an agentd that sends text only
-            raw = _text(x.get("line", "") if isinstance(x, dict) else x).encode(
+            raw = text(x.get("line", "") if isinstance(x, dict) else x).encode(
                 "utf-8", "surrogateescape")
         if sink is not None:
             sink.write(raw + b"\n")
@@ -495,10 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.debug:
             sys.stderr.write("".join(escape(x, keep_tab=True) + "\n"
                                      for x in traceback.format_exc().rstrip("\n").split("\n")))
-        print(f"agentctl: error[{escape(_text(exc.code))}]: {escape(_text(exc.message))}",
+        print(f"agentctl: error[{escape(text(exc.code))}]: {escape(text(exc.message))}",
               file=sys.stderr)
         if exc.hint:
-            print(f"hint: {escape(_text(exc.hint))}", file=sys.stderr)
+            print(f"hint: {escape(text(exc.hint))}", file=sys.stderr)
         if isinstance(exc, ConnectError):
             return EXIT_CONNECT
         if isinstance(exc, TransportError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.core.tty import escape, escape_bytes, unescape
@@ -22,6 +22,7 @@ def unsafe(text: str, *, tab_ok: bool = False) -> list[str]:
     return [c for c in text if unicodedata.category(c) in _UNSAFE and not (tab_ok and c == "\t")]
 
 
+@settings(deadline=None)
 @given(st.text(alphabet=st.characters(exclude_categories=())))  # surrogates too
 @example("\x1b]0;title\x07\x1b]52;c;cHduZWQ=\x07\x1b[2A\x1b[2K\rfake\u202eevil\x9b1m")
 @example("\ud800\udc80\udcff\U000e0041\u2028\u2029\ufeff\x85\x00\x7f")
@@ -34,6 +35,7 @@ def test_escape_leaves_nothing_that_drives_a_terminal(text: str) -> None:
     assert unsafe(kept, tab_ok=True) == [] and unescape(kept) == text
 
 
+@settings(deadline=None)
 @given(st.binary())
 @example(b"ok \xff\xfe \xc3\x28 \xed\xa0\x80 \xe2\x80\xae \x1b[31m")
 def test_escape_bytes_shows_invalid_utf8_as_byte_escapes(data: bytes) -> None:
@@ -42,6 +44,7 @@ def test_escape_bytes_shows_invalid_utf8_as_byte_escapes(data: bytes) -> None:
     assert unescape(out).encode("utf-8", "surrogateescape") == data
 
 
+@settings(deadline=None)
 @given(st.text(alphabet=st.characters(categories=["L", "M", "N", "P", "S", "Zs"],
                                       exclude_characters="\\")))
 def test_printable_text_passes_unchanged(text: str) -> None:

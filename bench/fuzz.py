@@ -317,7 +317,7 @@ def _storm(path: Path, n: int, timeout: float, fig: Figures) -> None:
 def run(count: int, *, path: Path = SOCKET, pid: int, seed: int = 1, connections: int = 4,
         timeout: float = 30.0, silent: int = 6, storm: int = 100,
         cells: set[str] | None = None, services: set[str] | None = None,
-        victim: str | None = None) -> Figures:
+        victim: str | None = None, progress: bool = False) -> Figures:
     """Send ``count`` fuzz messages to agentd ``pid`` on ``path``; its figures."""
     fig = Figures(pid_before=pid)
     lock = threading.Lock()
@@ -342,6 +342,10 @@ def run(count: int, *, path: Path = SOCKET, pid: int, seed: int = 1, connections
         for t in threads:
             t.join()
         fig.rss_kib.append(rss_kib(pid)[0])
+        if progress:
+            print(f"  {tenth + 1}/10: {fig.messages} messages, {time.monotonic() - t0:.0f} s, "
+                  f"agentd RSS {fig.rss_kib[-1] / 1024:.1f} MiB, failures {fig.failures}",
+                  flush=True)
     fig.seconds = time.monotonic() - t0
     done.set()
     probe.join()
@@ -450,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         services = {f.stem for f in SERVICES.glob("*.toml")} if SERVICES.is_dir() else set()
         fig = run(ns.n, path=ns.socket, pid=pid, seed=ns.seed, connections=ns.connections,
                   timeout=ns.timeout, silent=ns.silent, storm=ns.storm, cells=cells,
-                  services=services, victim=victim)
+                  services=services, victim=victim, progress=True)
         print_figures(fig, ns.seed, ns.connections)
         if victim:
             row = {r["name"]: r for r in _ctl("ps")}.get(victim, {})

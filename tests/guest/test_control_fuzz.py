@@ -12,14 +12,13 @@ import os
 import random
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
-from cellkit import SERVICES, agentd_pid, call, clean, ps, sh, start
+from cellkit import SERVICES, agentd_pid, clean, ps, sh, start, timed_status
 
 from agent.core.protocol import MAX_FRAME, decode_reply, encode_request
 

@@ -55,6 +55,7 @@ from agent.kernel.lock import InstanceLock
 from agent.kernel.net import HostNet
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
+from agent.monitor.net.service import ManagerCells, NetMonitor
 
 __all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
 
@@ -151,6 +152,8 @@ def wire_history(daemon: Daemon) -> EventHistory:
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
     """Register the cell services on ``daemon``: built at start, closed at shutdown."""
     cells, tuning = CellOps(), TunerOps()
+    # channel 3: flow, refusal, layer-2 and scan events (docs/channel3.md)
+    netmon = NetMonitor(daemon.bus, daemon.config.address_pool)
 
     async def startup() -> None:
         try:
@@ -165,9 +168,12 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
         log.info("cell manager ready: %d cells from the journal (%d running)",
                  len(mgr.cells), running)
         start_tuning(daemon.config, mgr, tuning)
+        netmon.start(asyncio.get_running_loop(), ManagerCells(mgr, mgr.ctx.net.netns_path))
 
     daemon.on_startup(startup)
     daemon.on_shutdown(cells.close)
+    daemon.on_shutdown(netmon.aclose)
+    daemon.add_status("net_monitor", netmon.status)
     daemon.on_shutdown(tuning.close)  # shutdown hooks run in reverse: tuning goes first
     for op, handler in {**cells.handlers(), **tuning.handlers()}.items():
         daemon.register(op, handler)

@@ -168,7 +168,8 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
         log.info("cell manager ready: %d cells from the journal (%d running)",
                  len(mgr.cells), running)
         start_tuning(daemon.config, mgr, tuning)
-        netmon.start(asyncio.get_running_loop(), ManagerCells(mgr, mgr.ctx.net.netns_path))
+        netmon.start(asyncio.get_running_loop(), ManagerCells(mgr, mgr.ctx.net.netns_path),
+                     mgr.firewall)
 
     daemon.on_startup(startup)
     daemon.on_shutdown(cells.close)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -32,6 +33,8 @@ from agent.core.firewall import CellFw
 from agent.kernel import libc as ksys
 
 __all__ = ["FirewallSync", "Nft", "NftError"]
+
+log = logging.getLogger(__name__)
 
 _TIMEOUT = 30.0
 
@@ -130,12 +133,21 @@ class FirewallSync:
         self._applied: dict[str, str] = {}  # cell -> batch text its netns holds
         self._host: str | None = None
         self._l2: str | None = None
+        # called (cell, netns) in the plan's thread once a new cell's table is in, before
+        # its service starts: channel 3 opens the cell's log socket there
+        self.on_cell_table: list[Callable[[str, Path], None]] = []
 
     def apply_cell(self, cell: str, batch: Sequence[dict[str, Any]]) -> None:
         text = firewall.batch_json(batch)
+        path = self.netns_path(cell)
         with self._lock:
-            self.nft.apply(batch, self.netns_path(cell))
+            self.nft.apply(batch, path)
             self._applied[cell] = text
+        for fn in list(self.on_cell_table):
+            try:
+                fn(cell, path)
+            except Exception:  # a listener's failure is its own business
+                log.exception("firewall: cell table listener failed for %s", cell)
 
     def remove_cell(self, cell: str) -> None:
         """Delete the cell's table if its netns is still there (undo of apply_cell)."""

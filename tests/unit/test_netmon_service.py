@@ -81,8 +81,9 @@ class FakeCells:
         return list(self.cells)
 
 
-WEB = CellNet("web", "10.77.0.2", "10.77.0.1", None, Path("/run/netns/cell-web"))
-CLIENT = CellNet("client", "10.77.1.2", "10.77.1.1", 100_000, Path("/run/netns/cell-client"))
+WEB = CellNet("web", "10.77.0.2", "10.77.0.1", None, Path("/run/netns/cell-web"), True)
+CLIENT = CellNet("client", "10.77.1.2", "10.77.1.1", 100_000, Path("/run/netns/cell-client"),
+                 True)
 
 
 async def settle(mon: NetMonitor, rounds: int = 5) -> None:
@@ -244,5 +245,47 @@ def test_garbage_and_foreign_prefixes_do_not_stop_the_channel(
         assert [e.kind for e in net_events(bus)] == ["flow"]
         assert mon.status()["ignored"] == 1 and mon.status()["errors"] == 0
         await mon.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_new_cell_gets_its_socket_from_its_create_plan(
+        setup: tuple[EventBus, FakeOpener, FakeCells]) -> None:
+    """The plan's thread opens the socket right after the table is applied, before the
+    service starts; the re-syncs of a cell still being created keep it (and do not try
+    to open one themselves: its netns may not hold the table yet)."""
+    from agent.kernel.nft import FirewallSync
+
+    bus, op, cells = setup
+    cells.cells = [WEB]
+    sync = FirewallSync(None, "agbr0", lambda c: Path(f"/run/netns/cell-{c}"))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        mon = NetMonitor(bus, POOL, opener=op)
+        mon.start(loop, cells, sync)
+        await settle(mon)
+        creating = CellNet("client", "10.77.1.2", "10.77.1.1", 100_000,
+                           Path("/run/netns/cell-client"), False)
+        cells.cells = [WEB, creating]
+        bus.emit("lifecycle", "creating", cell="client")
+        await settle(mon)
+        assert "cell-client" not in op.socks  # not while the plan runs
+        # the plan's worker thread: what FirewallSync.apply_cell calls
+        await asyncio.to_thread(sync.on_cell_table[0], "client", creating.netns)
+        await settle(mon)
+        early = op.socks["cell-client"]
+        bus.emit("lifecycle", "creating", cell="client")
+        await settle(mon)
+        assert mon._cell["client"].sock is early and not early.closed
+        early.tx.send(log_msg("agent:out", ipv4("10.77.1.2", "10.77.0.9", 6, b"\0" * 20)))
+        await settle(mon)
+        assert [e.cell for e in net_events(bus, "flow-denied")] == ["client"]
+        cells.cells = [WEB]  # the plan failed: the cell is gone
+        bus.emit("lifecycle", "failed", cell="client")
+        await settle(mon)
+        assert early.closed
+        await mon.aclose()
+        assert sync.on_cell_table == []
 
     asyncio.run(main())

@@ -7,8 +7,12 @@
 * the host's NFLOG group (agent.core.netlog): the bridge's layer-2 drops and the
   forwarding table's refusals;
 * one NFLOG socket in each cell's netns whose table is in place (the cell's own
-  refusals and spoofing attempts), opened and closed as the cells' lifecycle events
-  go by (a sink on the bus's ``lifecycle`` channel triggers a re-sync).
+  refusals and spoofing attempts).  A new cell's socket is opened by the create plan's
+  thread as soon as its table is applied, before its service starts
+  (:meth:`NetMonitor.cell_table_applied`, a listener of
+  :class:`agent.kernel.nft.FirewallSync`), so its first packets are reported too; the
+  lifecycle events (a sink on the bus's ``lifecycle`` channel) trigger a re-sync that
+  opens what is missing (cells adopted at start) and closes the sockets of cells gone.
 
 Each callback reads at most :data:`MAX_DATAGRAMS` datagrams (a conntrack event, or an
 NFLOG batch of up to 16 packets), so a busy kernel cannot hold the loop; the rest waits
@@ -31,11 +35,13 @@ from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.core.cell import State
 from agent.core.errors import AgentError
 from agent.core.events import Event
 from agent.core.lifecycle import HOLDS_TABLE, IN_FIREWALL
 from agent.core.netlog import LOG_GROUP
 from agent.core.planner import Allocation
+from agent.kernel.nft import FirewallSync
 from agent.monitor.net import adapter
 from agent.monitor.net.rules import NetEvent, NetRules
 from agent.monitor.net.wire import iter_messages, parse_ct_new, parse_log
@@ -47,6 +53,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "net"
 MAX_DATAGRAMS = 16
 RETRY_S = 30.0
+MAKING = frozenset({State.CREATING})  # its netns may hold its table (plan under way)
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class CellNet:
     address: str
     gateway: str | None
     uid_base: int | None
-    netns: Path | None  # its netns while that holds the cell's table (and log rules)
+    netns: Path | None  # its pinned netns (None: not made yet, or gone)
+    table: bool = False  # the netns holds the cell's table (and its log rules)
 
 
 class Cells(Protocol):
@@ -114,8 +122,10 @@ class ManagerCells:
             a = e.alloc
             if a.address is None or e.state not in IN_FIREWALL:
                 continue
+            table = e.state in HOLDS_TABLE
             out.append(CellNet(name, str(IPv4Interface(a.address).ip), a.gateway, a.uid_base,
-                               self.netns_path(name) if e.state in HOLDS_TABLE else None))
+                               self.netns_path(name) if table or e.state in MAKING else None,
+                               table))
         return out
 
 
@@ -179,11 +189,18 @@ class NetMonitor:
         self._resync = False
         self._closed = False
         self._sink = self._on_lifecycle  # one bound method: the bus removes sinks by identity
+        self._firewall: FirewallSync | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, loop: asyncio.AbstractEventLoop, cells: Cells) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, cells: Cells,
+              firewall: FirewallSync | None = None) -> None:
+        """Open the host's sockets and the cells'; with ``firewall``, new cells' sockets
+        are opened by their create plan (see the module doc)."""
         self.loop, self.cells = loop, cells
         self.rules.dir = _Directory(cells.net_cells())
+        if firewall is not None:
+            firewall.on_cell_table.append(self.cell_table_applied)
+            self._firewall = firewall
         self._open_host("ct")
         self._open_host("log")
         self.bus.add_sink(self._sink, all_events=True, channel="lifecycle",
@@ -198,6 +215,9 @@ class NetMonitor:
     def close(self) -> None:
         self._closed = True
         self.bus.remove_sink(self._sink)
+        if self._firewall is not None and self.cell_table_applied in \
+                self._firewall.on_cell_table:
+            self._firewall.on_cell_table.remove(self.cell_table_applied)
         for h in [self._timer, *self._retry.values()]:
             if h is not None:
                 h.cancel()
@@ -335,6 +355,26 @@ class NetMonitor:
         self._arm()
 
     # ------------------------------------------------------------------ cells
+    def cell_table_applied(self, cell: str, netns: Path) -> None:
+        """A create plan applied ``cell``'s table (called in the plan's thread, before
+        the service starts): open its log socket here and hand it to the loop."""
+        loop = self.loop
+        if loop is None or self._closed or cell in self._cell:
+            return
+        try:
+            sock = self.opener.nflog(self.group, netns)
+        except (AgentError, OSError) as exc:
+            loop.call_soon_threadsafe(self._failure, f"nflog group {self.group} in {netns}",
+                                      cell, exc)
+            return
+        loop.call_soon_threadsafe(self._adopt, cell, netns, sock)
+
+    def _adopt(self, cell: str, netns: Path, sock: Readable) -> None:
+        if self._closed or cell in self._cell:
+            sock.close()
+            return
+        self._add(_Source("log", sock, cell, netns))
+
     def _is_closed(self) -> bool:
         return self._closed  # (read again after an await: close() may have run meanwhile)
 
@@ -361,11 +401,12 @@ class NetMonitor:
                 log.exception("net monitor: listing cells")
                 return
             self.rules.dir = _Directory(cells)
-            want = {c.name: c.netns for c in cells if c.netns is not None}
+            keep = {c.name: c.netns for c in cells if c.netns is not None}
             for name, src in list(self._cell.items()):
-                if want.get(name) != src.netns:
+                if keep.get(name) != src.netns:
                     del self._cell[name]
                     self._remove(src)
+            want = {c.name: c.netns for c in cells if c.table and c.netns is not None}
             for name, path in want.items():
                 if name in self._cell or path is None or f"cell:{name}" in self._retry:
                     continue

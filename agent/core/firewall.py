@@ -8,16 +8,19 @@ transaction, by agent.kernel.nft:
   they name, and from the host itself (the cell's gateway address: agentd, operator
   tools; a cell can never use that source, see ``output``); ``output`` lets the cell
   open connections only to its own peers' addresses and ports, plus what
-  ``network.egress`` allows.  Both chains drop everything else, and
-  ``output`` drops packets whose source is not the cell's own address (anti-spoofing).
+  ``network.egress`` allows (IPv4 only).  Both chains drop everything else, and
+  ``output`` drops packets whose source is not the cell's own address, or for IPv6 its
+  link-local address (anti-spoofing); IPv6 beyond neighbour discovery never leaves.
 * ``inet agent_host`` in the host's netns (channel 3), for traffic routed between the
   VLAN gateways ``<bridge>.N``: each allowed pair (client -> server address:port/proto),
   cell -> outside only with egress, nothing from outside into cells or from cells to the
   host itself except replies.  Other host traffic is not touched (policy accept, and only
   packets entering or leaving a gateway interface jump into the agent's chains).
 
-A peer whose cell does not exist has no address, so it gets no rule; the master
-regenerates both kinds of table whenever cells come and go (agent.kernel.nft.FirewallSync).
+Refused packets are reported through rate-limited NFLOG rules (agent.core.netlog,
+docs/channel3.md).  A peer whose cell does not exist has no address, so it gets no
+rule; the master regenerates both kinds of table whenever cells come and go
+(agent.kernel.nft.FirewallSync).
 Every batch starts with ``add table`` + ``delete table`` so it replaces the table
 atomically whether or not it existed.
 """

@@ -15,11 +15,13 @@ when the netns's own output hook refused a packet sent through the IP stack):
 =============  ============================================================================
 own-arp        ARP request for the gateway, sender = the cell's MAC and IP (control)
 own-ip         UDP to the gateway's port 9 from the cell's own MAC and IP (control)
+own-bcast      a UDP broadcast on the cell's VLAN from its own MAC and IP (control)
 mac            ARP request from a MAC that is not the cell's
 arp-ip         ARP reply claiming the peer's IP (or the gateway's) at the cell's MAC
 arp-mac        ARP request whose sender MAC is the peer's, on a frame from the cell's MAC
-vlan           an 802.1Q-tagged frame (VLAN 4000, another VLAN than the cell's)
-qinq           a double-tagged frame (outer: the cell's own VLAN, ``--vlan``; inner 4000)
+vlan           an 802.1Q-tagged frame for another VLAN (``--hop-vlan``)
+qinq           a double-tagged frame: outer tag the cell's own VLAN (``--vlan``), inner
+               tag the VLAN to hop to (``--hop-vlan``)
 dhcp           a DHCP offer (UDP 67 -> 68) from the cell's own address
 ra             an ICMPv6 router advertisement from the cell's link-local address
 ip             UDP to the gateway with the peer's IPv4 source
@@ -98,6 +100,8 @@ def frames(a: argparse.Namespace, kind: str) -> list[bytes]:
         return [eth(bc, me, 0x0806, arp(1, me, a.ip, zero, a.gw))]
     if kind == "own-ip":
         return [eth(gwm, me, 0x0800, ipv4_udp(a.ip, a.gw, 40000, 9))]
+    if kind == "own-bcast":
+        return [eth(bc, me, 0x0800, ipv4_udp(a.ip, "255.255.255.255", 40000, 9))]
     if kind == "mac":
         return [eth(bc, "02:00:00:00:be:ef", 0x0806, arp(1, "02:00:00:00:be:ef", a.ip, zero,
                                                           a.gw))]
@@ -106,9 +110,9 @@ def frames(a: argparse.Namespace, kind: str) -> list[bytes]:
     if kind == "arp-mac":
         return [eth(bc, me, 0x0806, arp(1, a.peer_mac or "02:00:00:00:be:ef", a.ip, zero, a.gw))]
     if kind == "vlan":
-        return [eth(bc, me, 0x0806, arp(1, me, a.ip, zero, a.gw), tags=(4000,))]
+        return [eth(bc, me, 0x0806, arp(1, me, a.ip, zero, a.gw), tags=(a.hop_vlan,))]
     if kind == "qinq":
-        return [eth(bc, me, 0x0806, arp(1, me, a.ip, zero, a.gw), tags=(a.vlan, 4000))]
+        return [eth(bc, me, 0x0806, arp(1, me, a.ip, zero, a.gw), tags=(a.vlan, a.hop_vlan))]
     if kind == "dhcp":
         offer = bytes([2, 1, 6, 0]) + b"\0" * 232 + b"\x63\x82\x53\x63\x35\x01\x02\xff"
         return [eth(bc, me, 0x0800, ipv4_udp(a.ip, "255.255.255.255", 67, 68, offer))]
@@ -156,6 +160,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--peer-ip", default="")
     p.add_argument("--peer-mac", default="")
     p.add_argument("--vlan", type=int, default=1, help="the cell's own VLAN (qinq's outer tag)")
+    p.add_argument("--hop-vlan", type=int, default=4000, help="the VLAN a tag tries to reach")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("kinds", nargs="+")
     a = p.parse_args(argv)

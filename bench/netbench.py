@@ -125,11 +125,22 @@ def agentd_up() -> bool:
     return subprocess.run(["agentctl", "ping"], capture_output=True).returncode == 0
 
 
+def agentd_process() -> bool:
+    """An agentd process exists (up, or still importing after boot)."""
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"/usr/bin/agentd" in (d / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def stop_agentd() -> bool:
     """Stop the box's agentd (True if there was one).  One still starting after boot is
     waited for first: stopped half-way it would miss the stop, and once up it would
     collect the benchmark's netns and veths (``cell-*``, ``vc-*``) as orphans."""
-    if not any(Path(p).exists() for p in ("/var/run/agentd.launch", "/var/run/agentd.pid")):
+    if not agentd_process():
         return False
     deadline = time.monotonic() + 300
     while not agentd_up():
@@ -259,6 +270,8 @@ def main() -> int:
         print("netbench: run as root in the box (bench/run net)", file=sys.stderr)
         return 2
     had_agentd = stop_agentd()
+    print(f"[bench] agentd {'stopped' if had_agentd else 'not running'}", file=sys.stderr,
+          flush=True)
     topo = Topology()
     per: dict[str, dict[str, list[float]]] = {c: {m: [] for m in MODES} for c in ("off", "on")}
     events: dict[str, int] = {}

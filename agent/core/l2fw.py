@@ -23,9 +23,9 @@ reason     frames dropped
 =========  =======================================================================
 
 Each (cell, reason) has a chain of two rules: a rate-limited NFLOG rule whose prefix
-names the reason and the cell (agent.core.netlog) and a counted drop.  A frame from a
-``vc-`` port that belongs to no cell the agent knows is dropped and counted.  Frames the
-rules let through go on to the bridge's VLAN filtering and, between VLANs, to the host's
+names the reason and the cell (agent.core.netlog) and a counted drop.  Only the agent's
+cell ports are matched (by name), so other bridges of the box are not touched.  Frames
+the rules let through go on to the bridge's VLAN filtering and, between VLANs, to the host's
 forwarding table (agent.core.firewall).
 """
 
@@ -35,7 +35,7 @@ from collections.abc import Iterable
 
 from agent.core import netlog
 from agent.core.firewall import CellFw
-from agent.core.names import VETH_PREFIX, cell_link_local, cell_mac, veth_names
+from agent.core.names import cell_link_local, cell_mac, veth_names
 from agent.core.nftjson import (
     ACCEPT,
     COUNTER,
@@ -117,6 +117,4 @@ def l2_ruleset(cells: Iterable[CellFw], group: int = netlog.LOG_GROUP) -> list[J
             "key": {"meta": {"key": "iifname"}},
             "data": {"set": [[veth_names(c.name)[0], {"jump": {"target": port_chain(c.name)}}]
                              for c in cells]}}}, comment="each cell port to its chain")
-    b.rule("prerouting", meta("iifname", VETH_PREFIX + "*"), COUNTER, DROP,
-           comment="a cell port of no known cell")
     return b.cmds

@@ -313,7 +313,8 @@ def report(per: dict[str, dict[str, list[float]]], events: dict[str, int], round
     u = os.uname()
     print(f"\ntraffic between two cells on two VLANs (routed by the host), {rounds} rounds "
           f"each, {u.machine} {u.release}")
-    print(f"{'workload':<8} {'off':>14} {'on':>14} {'on/off (time)':>14}  spread off/on")
+    print(f"{'workload':<8} {'off':>10} {'on':>10} {'unit':<14} {'on/off (time)':>13}  "
+          "spread off/on")
     results: dict[str, Any] = {"rounds": rounds, "events": events}
     for m in MODES:
         unit, conv = UNITS[m]
@@ -323,8 +324,8 @@ def report(per: dict[str, dict[str, list[float]]], events: dict[str, int], round
         def spread(xs: list[float]) -> str:
             return f"{(max(xs) - min(xs)) / statistics.median(xs) * 100:.0f}%"
 
-        print(f"{m:<8} {conv(off):>9.1f} {unit:<4} {conv(on):>9.1f} {unit:<4} "
-              f"{ratio:>13.3f}  {spread(per['off'][m])}/{spread(per['on'][m])}")
+        print(f"{m:<8} {conv(off):>10.1f} {conv(on):>10.1f} {unit:<14} {ratio:>13.3f}  "
+              f"{spread(per['off'][m])}/{spread(per['on'][m])}")
         results[m] = {"off_s_per_unit": per["off"][m], "on_s_per_unit": per["on"][m],
                       "ratio": ratio, "unit": unit}
     print("target: on/off at most 1.05 (time per unit of work; medians)")

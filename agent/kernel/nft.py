@@ -167,15 +167,7 @@ class FirewallSync:
         want = set(tables_of)
         errors: list[str] = []
         with self._lock:
-            # no cell, no tables: the host's ruleset is then exactly as without the agent
-            host = (firewall.host_ruleset(cells, self.bridge) if cells
-                    else firewall.delete_table(firewall.HOST_TABLE))
-            text = firewall.batch_json(host)
-            if text != self._host:
-                self.nft.apply(host, self.host_netns)
-                self._host = text
-            if self.l2:
-                errors += self._refresh_l2(cells)
+            errors += self._refresh_host(cells)
             for cell in list(self._applied):
                 if cell not in want:
                     del self._applied[cell]
@@ -194,17 +186,37 @@ class FirewallSync:
                     errors.append(f"cell {c.name}: {exc.message}")
         return errors
 
-    def _refresh_l2(self, cells: list[CellFw]) -> list[str]:
-        l2 = (l2fw.l2_ruleset(cells) if cells
-              else nftjson.delete_table(l2fw.L2_TABLE, l2fw.FAMILY))
-        text = nftjson.batch_json(l2)
-        if text == self._l2:
+    def _refresh_host(self, cells: list[CellFw]) -> list[str]:
+        """The host's two tables.  Both changed (a cell came or went): one batch, one
+        ``nft`` run, one transaction.  If that fails the forwarding table goes in alone
+        (raising if it cannot) and the layer-2 table's failure is returned."""
+        # no cell, no tables: the host's ruleset is then exactly as without the agent
+        host = (firewall.host_ruleset(cells, self.bridge) if cells
+                else firewall.delete_table(firewall.HOST_TABLE))
+        text = nftjson.batch_json(host)
+        l2: list[dict[str, Any]] = []
+        l2_text = self._l2
+        if self.l2:
+            l2 = (l2fw.l2_ruleset(cells) if cells
+                  else nftjson.delete_table(l2fw.L2_TABLE, l2fw.FAMILY))
+            l2_text = nftjson.batch_json(l2)
+        host_due, l2_due = text != self._host, l2_text != self._l2
+        if host_due and l2_due:
+            try:
+                self.nft.apply([*host, *l2], self.host_netns)
+                self._host, self._l2 = text, l2_text
+                return []
+            except AgentError:
+                pass  # find out which: the forwarding table alone first
+        if host_due:
+            self.nft.apply(host, self.host_netns)
+            self._host = text
+        if not l2_due:
             return []
         try:
             self.nft.apply(l2, self.host_netns)
         except AgentError as exc:
             self._l2 = None
             return [f"layer-2 rules (bridge {l2fw.L2_TABLE}): {exc.message}"]
-        self._l2 = text
+        self._l2 = l2_text
         return []
-

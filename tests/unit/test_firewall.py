@@ -417,15 +417,19 @@ class FakeNft:
     applied: list[tuple[str | None, str]] = field(default_factory=list)
     fail_netns: set[str] = field(default_factory=set)
     fail_tables: set[str] = field(default_factory=set)
+    runs: int = 0  # nft invocations
 
     def apply(self, batch: Sequence[dict[str, Any]], netns: Path | None = None) -> None:
+        self.runs += 1
         if netns is not None and netns.name in self.fail_netns:
             raise AgentError("E_NFT", f"nft apply batch in {netns}: boom")
-        table = batch[0]["add"]["table"]["name"]
-        if table in self.fail_tables:
+        tables = [c["add"]["table"]["name"] for c in batch if "table" in c.get("add", {})]
+        if set(tables) & self.fail_tables:
             raise AgentError("E_NFT", "nft apply batch: Could not process rule")
-        self.applied.append((None if netns is None else netns.name, table if len(batch) > 2
-                             else f"-{table}"))
+        deleting = len(tables) == len(batch) / 2  # add+delete of each table, nothing else
+        for table in dict.fromkeys(tables):  # a table's add, delete, add: once
+            self.applied.append((None if netns is None else netns.name,
+                                 f"-{table}" if deleting else table))
 
     def delete_table(self, table: str, netns: Path | None = None) -> None:
         self.applied.append((None if netns is None else netns.name, f"-{table}"))
@@ -439,8 +443,9 @@ def test_sync_applies_only_what_changed(tmp_path: Path) -> None:
     assert sync.refresh([web], ["demo-web"]) == []
     assert nft.applied == [("cell-demo-web", "agent_cell"), (None, "agent_host"),
                            (None, "agent_l2")]
+    assert nft.runs == 2  # the host's two tables in one batch, one transaction
     assert sync.refresh([web], ["demo-web"]) == []  # nothing changed: no nft at all
-    assert len(nft.applied) == 3
+    assert len(nft.applied) == 3 and nft.runs == 2
     # the client arrives: host tables and the web cell's table (new input rule) change
     assert sync.refresh([web, client], ["demo-web"]) == []
     assert nft.applied[3:] == [(None, "agent_host"), (None, "agent_l2"),
@@ -466,7 +471,7 @@ def test_sync_layer2_failure_is_reported_not_raised(tmp_path: Path) -> None:
     sync = FirewallSync(nft, "agbr0", lambda c: tmp_path / f"cell-{c}")  # type: ignore[arg-type]
     web, _ = demo_cells()
     errs = sync.refresh([web], [])
-    assert nft.applied == [(None, "agent_host")]
+    assert nft.applied == [(None, "agent_host")] and nft.runs == 3  # both, host, l2
     assert len(errs) == 1 and "layer-2" in errs[0] and "agent_l2" in errs[0]
     assert len(sync.refresh([web], [])) == 1  # tried again: not remembered as applied
     off = FirewallSync(FakeNft(), "agbr0", lambda c: tmp_path / c, l2=False)  # type: ignore[arg-type]

@@ -289,3 +289,14 @@ def test_a_new_cell_gets_its_socket_from_its_create_plan(
         assert sync.on_cell_table == []
 
     asyncio.run(main())
+
+
+def test_conntrack_events_switched_off_is_a_clear_error(tmp_path: Path) -> None:
+    from agent.monitor.net import adapter
+
+    sysctl = tmp_path / adapter.EVENTS_SYSCTL
+    sysctl.parent.mkdir(parents=True)
+    sysctl.write_text("0\n")
+    with pytest.raises(KernelError) as exc:
+        adapter.open_conntrack(POOL, proc=tmp_path)
+    assert "nf_conntrack_events" in str(exc.value) and exc.value.hint

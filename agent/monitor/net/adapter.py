@@ -161,10 +161,22 @@ def _attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) -
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))  # copied by the kernel
 
 
+EVENTS_SYSCTL = "sys/net/netfilter/nf_conntrack_events"
+
+
 def open_conntrack(pool: IPv4Network, netns: Path | None = None,
-                   rcvbuf: int = 1 << 20) -> NfSocket:
-    """New-connection events between addresses of ``pool`` in ``netns`` (None: ours)."""
+                   rcvbuf: int = 1 << 20, proc: Path = Path("/proc")) -> NfSocket:
+    """New-connection events between addresses of ``pool`` in ``netns`` (None: ours).
+    ``proc``: where to read ``net.netfilter.nf_conntrack_events`` (of our netns)."""
     what = f"conntrack events{f' in {netns}' if netns else ''}"
+    try:
+        off = netns is None and (proc / EVENTS_SYSCTL).read_text().strip() == "0"
+    except OSError:
+        off = False  # read after the module is loaded, below: absent now is no answer
+    if off:
+        raise KernelError("read", str(proc / EVENTS_SYSCTL), errno.EOPNOTSUPP,
+                          "conntrack events are switched off: sysctl "
+                          "net.netfilter.nf_conntrack_events=2 (or 1)")
     sock = _setup(netns, what, [(wire.ct_stats_request(1), "the kernel needs "
                                  "CONFIG_NF_CT_NETLINK (module nf_conntrack_netlink)")],
                   rcvbuf)

@@ -157,6 +157,7 @@ class Client:
     def _send(self, op: str, args: dict[str, Any]) -> int:
         self.connect()
         assert self._sock is not None
+        self._sock.settimeout(self.timeout)  # it may have changed since the connect
         rid = next(self._ids)
         frame = encode_request(rid, op, args)
         if len(frame) > MAX_FRAME:

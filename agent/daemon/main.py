@@ -61,6 +61,7 @@ from agent.kernel.net import HostNet
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
 from agent.kernel.ports import set_cell_port
+from agent.monitor.net.service import ManagerCells, NetMonitor
 
 __all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
 
@@ -199,6 +200,8 @@ def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
     """Register the cell services on ``daemon``: built at start, closed at shutdown."""
     cells, tuning = CellOps(), TunerOps()
+    # channel 3: flow, refusal, layer-2 and scan events (docs/channel3.md)
+    netmon = NetMonitor(daemon.bus, daemon.config.address_pool)
 
     async def startup() -> None:
         try:
@@ -217,9 +220,13 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
         responder.attach()
         daemon.add_status("responses", responder.status)
         daemon.on_shutdown(_closer(responder.close))
+        netmon.start(asyncio.get_running_loop(), ManagerCells(mgr, mgr.ctx.net.netns_path),
+                     mgr.firewall)
 
     daemon.on_startup(startup)
     daemon.on_shutdown(cells.close)
+    daemon.on_shutdown(netmon.aclose)
+    daemon.add_status("net_monitor", netmon.status)
     daemon.on_shutdown(tuning.close)  # shutdown hooks run in reverse: tuning goes first
     for op, handler in {**cells.handlers(), **tuning.handlers()}.items():
         daemon.register(op, handler)

@@ -334,7 +334,16 @@ def _wake(fut: asyncio.Future[None]) -> None:
 async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, frame: bytes,
                 timeout: float) -> None:
     """Send one reply; a client that has not taken it within ``timeout`` is cut off (both
-    directions shut: the connection's reader sees the end and cleans up)."""
+    directions shut: the connection's reader sees the end and cleans up).  Sent at once
+    when the socket has room (the usual case): a reply leaves before anything the handler
+    scheduled with ``call_soon`` runs (``respawn`` replies, then re-executes agentd)."""
+    try:
+        sent = conn.send(frame)  # SOCK_SEQPACKET: all of it or nothing
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    if sent == len(frame):
+        return
+    frame = frame[sent:]
     try:
         await asyncio.wait_for(loop.sock_sendall(conn, frame), timeout)
     except TimeoutError:

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -44,7 +45,7 @@ from agent.daemon.history import EventHistory
 from agent.daemon.manager import CellManager
 from agent.daemon.reclaim import Reclaimer
 from agent.daemon.server import Daemon
-from agent.daemon.spawner import CellSpawner
+from agent.daemon.spawner import CellSpawner, ListenerCallback
 from agent.daemon.tuner import Tuner
 from agent.daemon.tunerapi import TunerOps
 from agent.kernel.cgroupdetect import open_backend
@@ -55,8 +56,11 @@ from agent.kernel.lock import InstanceLock
 from agent.kernel.net import HostNet
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
+from agent.monitor.syscall.adapter_keeper import KeeperLink
+from agent.monitor.syscall.service import SyscallService
 
-__all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
+__all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells",
+           "wire_syscalls"]
 
 log = logging.getLogger("agentd")
 
@@ -151,10 +155,12 @@ def wire_history(daemon: Daemon) -> EventHistory:
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
     """Register the cell services on ``daemon``: built at start, closed at shutdown."""
     cells, tuning = CellOps(), TunerOps()
+    channel2 = wire_syscalls(daemon, cells)  # first: its start-up takes back the listeners
 
     async def startup() -> None:
         try:
-            cells.manager = await build_manager(daemon.config, daemon.bus)
+            cells.manager = await build_manager(daemon.config, daemon.bus,
+                                                on_listener=channel2.on_listener)
         except (AgentError, OSError) as exc:
             cells.problem = str(exc)
             tuning.problem = f"no cell manager: {exc}"
@@ -174,6 +180,32 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
     for key, fn in cells.status_fields().items():
         daemon.add_status(key, fn)
     return cells, tuning
+
+
+def wire_syscalls(daemon: Daemon, cells: CellOps) -> SyscallService:
+    """Channel 2 (agent.monitor.syscall): the service that answers every cell's trapped
+    syscalls, the listener keeper that outlives agentd (its socket in the run dir), the
+    reboot a cell granted ``reboot`` asks for, and the ``syscall`` status field."""
+
+    def granted(cell: str) -> frozenset[str] | None:
+        if cells.manager is None:
+            return None  # starting: the trap waits (a while) for the cell's manifest
+        e = cells.manager.cells.get(cell)
+        return frozenset(e.manifest.privileges.ops) if e is not None else frozenset()
+
+    def reboot(how: str) -> None:  # an orderly shutdown by init, as an operator would
+        log.warning("a cell asked to %s the box; running `%s`", how, how)
+        try:
+            subprocess.Popen([how], start_new_session=True, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            log.error("%s: %s", how, exc)
+
+    keeper = KeeperLink(str(daemon.config.run_dir / "listeners.sock"))
+    service = SyscallService(daemon.bus, granted, reboot=reboot, keeper=keeper)
+    daemon.on_startup(service.start)
+    daemon.on_shutdown(service.close)
+    daemon.add_status("syscall", service.status)
+    return service
 
 
 def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> None:
@@ -200,7 +232,8 @@ def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> Non
              f" and every {s.period_s:g}s (no box PSI)" if reclaimer.polled else "")
 
 
-async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
+async def build_manager(config: AgentConfig, bus: EventBus,
+                        on_listener: ListenerCallback | None = None) -> CellManager:
     """The real thing: cgroup v2 subtree (agentd moved to ``agent-master``), the bridge,
     the policy, capacity and PSI readers, the spawner; then journal replay and adoption."""
     loop = asyncio.get_running_loop()
@@ -218,7 +251,8 @@ async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
     paths = Paths(config.state_dir, config.run_dir)
 
     def make_spawner(on_exit: ExitCallback) -> CellSpawner:
-        return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes)
+        return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes,
+                           on_listener=on_listener)
 
     # Channels 1 and 3: each cell's own nftables table and the host's forwarding table
     # (docs/firewall.md); a create plan refuses to start a cell unfiltered without it.

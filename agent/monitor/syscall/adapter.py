@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from agent.core.errors import KernelError
 from agent.kernel import seccomp as notify
 from agent.monitor.syscall.ops import TIMEX_SIZE, Need, Refused, map_id
 
-__all__ = ["CellMemory", "Gone", "HostOps", "adjtime", "host_ids", "proc_attrs", "set_clock",
-           "set_hostname", "tgid"]
+__all__ = ["CellMemory", "Gone", "HostOps", "adjtime", "host_ids", "kill_trapped", "proc_attrs",
+           "set_clock", "set_hostname", "tgid"]
 
 _CHUNK = 256
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -165,6 +166,28 @@ def tgid(hpid: int, proc: Path = Path("/proc")) -> int | None:
         return int(_status(hpid, proc)["Tgid"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+def kill_trapped(listener: int, nid: int, hpid: int, proc: Path = Path("/proc")) -> bool:
+    """SIGKILL the process of trapped thread ``hpid``: through a pidfd of its thread group
+    opened before the id check, so the signal cannot reach a process that reused the pid.
+    False if it was gone already."""
+    group = tgid(hpid, proc)
+    if group is None:
+        return False
+    try:
+        pidfd = os.pidfd_open(group)
+    except OSError:
+        return False
+    try:
+        if not notify.id_valid(listener, nid):
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except (OSError, KernelError):
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def host_ids(hpid: int, uid: int | None, gid: int | None, proc: Path = Path("/proc")

@@ -25,14 +25,13 @@ import contextlib
 import errno
 import logging
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent.core import syscalls as abi
-from agent.core.errors import AgentError, KernelError
+from agent.core.errors import KernelError
 from agent.core.events import Severity
 from agent.core.ratelimit import TokenBucket
 from agent.kernel import seccomp as notify
@@ -93,6 +92,7 @@ class SyscallService:
         self.counts = {"trap": 0, "denied": 0, "killed": 0, "throttled": 0, "lost": 0}
         self.rebooting = False
         self._keeper_wait = 1.0
+        self._keeper_restarting = False
 
     # -- hand-over -------------------------------------------------------------------------
 
@@ -162,9 +162,11 @@ class SyscallService:
             self._keeper_died()
 
     def _keeper_died(self) -> None:
-        """Start a new keeper and hand it every listener again (backing off)."""
-        if self.keeper is None or self.loop is None:
+        """Start a new keeper and hand it every listener again (backing off; one
+        restart at a time)."""
+        if self.keeper is None or self.loop is None or self._keeper_restarting:
             return
+        self._keeper_restarting = True
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.keeper.fileno())
         self.keeper.close()
@@ -174,11 +176,15 @@ class SyscallService:
         self.loop.call_later(wait, self._restart_keeper)
 
     def _restart_keeper(self) -> None:
+        assert self.keeper is not None and self.loop is not None
+        task = self.loop.create_task(asyncio.to_thread(self.keeper.open))
+        task.add_done_callback(self._keeper_opened)
+
+    def _keeper_opened(self, task: asyncio.Future[bool]) -> None:
         assert self.keeper is not None
-        try:
-            self.keeper.open()
-        except OSError as exc:
-            log.error("listener keeper not restarted: %s", exc)
+        self._keeper_restarting = False
+        if task.exception() is not None:
+            log.error("listener keeper not restarted: %s", task.exception())
             self._keeper_died()
             return
         if all(self.keeper.put(c.cell, c.pid, c.fd) for c in self.cells.values()):
@@ -268,7 +274,7 @@ class SyscallService:
     def _decide(self, c: _Listener, n: notify.Notif, t: Trapped, waited: float) -> None:
         proc = adapter.proc_attrs(n.pid, self.proc)
         if t.kind == "killed":
-            self._kill(c, n)
+            adapter.kill_trapped(c.fd, n.id, n.pid, self.proc)
             return self._answer(c, n, t, "killed", proc, errno.ENOSYS)
         if t.kind == "denied":
             return self._answer(c, n, t, "denied", proc, deny_errno(t.name))
@@ -361,24 +367,6 @@ class SyscallService:
         else:
             c.mounts.discard(mid)
         return self._answer(c, n, t, "allowed", proc, **extra)
-
-    def _kill(self, c: _Listener, n: notify.Notif) -> None:
-        """SIGKILL the process of a foreign-ABI call: a pidfd of its thread group, taken
-        before the id check, so the signal cannot reach a process that reused the pid."""
-        tgid = adapter.tgid(n.pid, self.proc)
-        if tgid is None:
-            return
-        try:
-            pidfd = os.pidfd_open(tgid)
-        except OSError:
-            return
-        try:
-            if notify.id_valid(c.fd, n.id):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except (OSError, AgentError) as exc:
-            log.info("cell %s: kill %d: %s", c.cell, tgid, exc)
-        finally:
-            os.close(pidfd)
 
     # -- status and shutdown ---------------------------------------------------------------
 

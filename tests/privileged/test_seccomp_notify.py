@@ -32,7 +32,7 @@ from agent.core import syscalls as abi
 from agent.kernel import libc as ksys
 from agent.kernel import seccomp as notify
 from agent.monitor.syscall import adapter
-from agent.monitor.syscall.service import SyscallService, TrapLimits
+from agent.monitor.syscall.service import Granted, SyscallService, TrapLimits
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -129,7 +129,7 @@ class Run:
         return [r[0] for r in self.results]
 
 
-def run(calls: Sequence[Call], granted: frozenset[str] = frozenset(), *,
+def run(calls: Sequence[Call], granted: frozenset[str] | Granted = frozenset(), *,
         host: adapter.HostOps | None = None, limits: TrapLimits | None = None) -> Run:
     """Fork a probe making ``calls`` under the cell filter; answer it with the service."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -144,7 +144,8 @@ def run(calls: Sequence[Call], granted: frozenset[str] = frozenset(), *,
     bus, reboots = Bus(), []  # type: ignore[var-annotated]
 
     async def master() -> int:
-        svc = SyscallService(bus, lambda cell: granted, reboot=reboots.append,
+        grants = granted if callable(granted) else (lambda cell: granted)
+        svc = SyscallService(bus, grants, reboot=reboots.append,
                              host=host or Host(), limits=limits or TrapLimits())  # fmt: skip
         await svc.start()
         loop = asyncio.get_running_loop()
@@ -350,3 +351,16 @@ def test_a_trap_flood_is_metered_and_stays_answered() -> None:
     throttled = [e for e in got.bus.events if e["kind"] == "throttled"]
     assert throttled and all(e["what"] == "traps" for e in throttled)
     assert len(got.bus.of("trap")) == 300
+
+
+def test_a_trap_waits_for_the_cells_grants_while_agentd_starts() -> None:
+    """Until the manager knows the cell (None), its trap waits instead of being refused."""
+    t0 = time.monotonic()
+
+    def granted(cell: str) -> frozenset[str] | None:
+        return None if time.monotonic() - t0 < 1.0 else frozenset({"set_hostname"})
+
+    host = Host()
+    got = run([("sethostname", (b"later", 5))], granted, host=host)
+    assert got.errnos() == ["ok"] and host.names == ["later"]
+    assert time.monotonic() - t0 >= 1.0

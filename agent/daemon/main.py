@@ -194,11 +194,12 @@ def wire_syscalls(daemon: Daemon, cells: CellOps) -> SyscallService:
         return frozenset(e.manifest.privileges.ops) if e is not None else frozenset()
 
     def reboot(how: str) -> None:  # an orderly shutdown by init, as an operator would
-        log.warning("a cell asked to %s the box; running `%s`", how, how)
+        command = {"restart": "reboot"}.get(how, how)  # poweroff, halt
+        log.warning("a cell asked to %s the box; running `%s`", how, command)
         try:
-            subprocess.Popen([how], start_new_session=True, stdin=subprocess.DEVNULL)
+            subprocess.Popen([command], start_new_session=True, stdin=subprocess.DEVNULL)
         except OSError as exc:
-            log.error("%s: %s", how, exc)
+            log.error("%s: %s", command, exc)
 
     keeper = KeeperLink(str(daemon.config.run_dir / "listeners.sock"))
     service = SyscallService(daemon.bus, granted, reboot=reboot, keeper=keeper)

@@ -140,18 +140,23 @@ class CellMemory:
 
 def proc_attrs(hpid: int, proc: Path = Path("/proc")) -> dict[str, Any]:
     """``pid`` (in the cell's pid namespace), ``hpid``, ``comm``, ``exe`` (as the cell
-    sees it) of a process; None for what could not be read (it may be gone)."""
+    sees it) of a process; None for what could not be read (it may be gone).  Read for
+    every notification, so with as few calls as can be: one read of ``status``, one
+    ``readlink``."""
     out: dict[str, Any] = {"pid": None, "hpid": hpid, "comm": None, "exe": None}
-    base = proc / str(hpid)
+    base = f"{proc}/{hpid}"
     with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in (base / "status").read_text(errors="replace").splitlines():
-            if line.startswith("Name:"):
-                out["comm"] = line.partition("\t")[2]
-            elif line.startswith("NSpid:"):
-                out["pid"] = int(line.split()[-1])
-                break
+        fd = os.open(base + "/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        out["comm"] = data[6:data.index(b"\n")].decode(errors="replace")  # "Name:\t..."
+        at = data.find(b"\nNSpid:")
+        if at >= 0:
+            out["pid"] = int(data[at + 7:data.index(b"\n", at + 1)].split()[-1])
     with contextlib.suppress(OSError):
-        out["exe"] = os.readlink(base / "exe").removesuffix(" (deleted)")
+        out["exe"] = os.readlink(base + "/exe").removesuffix(" (deleted)")
     return out
 
 

@@ -56,8 +56,11 @@ class Emitter(Protocol):
 
 @dataclass(frozen=True)
 class TrapLimits:
-    rate: float = 1000.0  # notifications answered per second and cell
-    burst: float = 200.0
+    # Notifications answered per second and cell.  A cell's privileged operations are
+    # rare (an NTP client's adjtimex, a mount); the rate is what one cell may cost the
+    # loop: well under its capacity even on a slow box (bench/run syscall).
+    rate: float = 50.0
+    burst: float = 100.0
     undecided_s: float = 30.0  # how long a trap waits for the cell's grants at start
     retry_s: float = 0.1
 
@@ -223,6 +226,8 @@ class SyscallService:
             self.keeper.drop(c.cell, c.pid)
 
     def _on_readable(self, c: _Listener) -> None:
+        if c.busy:
+            return
         try:
             if notify.listener_dead(c.fd):
                 self._forget(c)
@@ -236,9 +241,13 @@ class SyscallService:
             return
         t = classify(self.arch, n.arch, n.nr, n.args)
         self.counts[t.kind] += 1
-        self._unread(c)
-        c.busy = True
+        c.busy = True  # until answered: its reader goes if the answer has to wait
         self._decide(c, n, t, 0.0)
+
+    def _hold(self, c: _Listener) -> None:
+        """The answer to ``c``'s notification waits (for the cell's grants, or for a
+        worker thread): read nothing more of ``c`` meanwhile."""
+        self._unread(c)
 
     def _done(self, c: _Listener) -> None:
         """A notification answered: meter the cell, read on (now or after its wait)."""
@@ -247,6 +256,7 @@ class SyscallService:
             return
         wait = c.bucket.take(self.loop.time())
         if wait > 0:
+            self._unread(c)
             self.counts["throttled"] += 1
             c.paused = self.loop.call_later(wait, self._resume, c)
             self.bus.emit("master", "throttled", cell=c.cell, severity="notice", what="traps",
@@ -280,6 +290,7 @@ class SyscallService:
             return self._answer(c, n, t, "denied", proc, deny_errno(t.name))
         granted = self.granted(c.cell)
         if granted is None and waited < self.limits.undecided_s and self.loop is not None:
+            self._hold(c)
             step = self.limits.retry_s
             self.loop.call_later(step, self._decide, c, n, t, waited + step)
             return None
@@ -309,6 +320,7 @@ class SyscallService:
             return self._answer(c, n, t, d.verdict, proc, d.error, reason=d.reason)
         if isinstance(act, ops.MountUsb | ops.Umount):
             assert mem is not None and self.loop is not None
+            self._hold(c)
             task = self.loop.create_task(asyncio.to_thread(self._mount_op, c, act, mem, n))
             task.add_done_callback(lambda f: self._mounted(c, n, t, proc, act, mem, f))
             return None

@@ -56,11 +56,12 @@ class Emitter(Protocol):
 
 @dataclass(frozen=True)
 class TrapLimits:
-    # Notifications answered per second and cell.  A cell's privileged operations are
-    # rare (an NTP client's adjtimex, a mount); the rate is what one cell may cost the
-    # loop: well under its capacity even on a slow box (bench/run syscall).
-    rate: float = 50.0
-    burst: float = 100.0
+    # Notifications answered per second and cell: what one cell may cost the loop.  A
+    # cell's privileged operations are rare (an NTP client's adjtimex, a mount).  On the
+    # emulated box, loaded, a notification costs agentd ~25 ms of CPU (bench/run
+    # syscall), so 10/s is a quarter of the loop at worst; on an A53 board about 1 %.
+    rate: float = 10.0
+    burst: float = 50.0
     undecided_s: float = 30.0  # how long a trap waits for the cell's grants at start
     retry_s: float = 0.1
 

@@ -1,28 +1,38 @@
 """Cell start/stop latency, agent vs crun vs bwrap, side by side in one boot of the box.
 
 Run it with ``bench/run cells`` (boots the emulated box and runs this inside), or in the
-box as ``python3 /mnt/src/bench/cellbench.py``.  It prints figures, never pass/fail.
+box as ``python3 /mnt/src/bench/cellbench.py``.  It prints figures, never pass/fail;
+``-n 3 --background 4 --burst 4`` is a short run that exercises every row.
 
-What is measured, for each runtime, over N sequential cells (default 50):
+What is measured, for each row, over N sequential cells (default 50):
 
-* start: from the request (the control message to agentd; the ``crun run`` or ``bwrap``
-  command for the peers) to the service's first instruction.  "First instruction" is
-  the kernel's exec event for the service's binary, taken from the proc connector: its
-  timestamp is CLOCK_MONOTONIC in the kernel, so the figure does not depend on when
-  this process gets to read the event.
+* start: from the request (the control message to agentd; the network script and the
+  ``crun run`` or the ``bwrap`` command for the peers) to the service's first
+  instruction.  "First instruction" is the kernel's exec event for the service's
+  binary, taken from the proc connector: its timestamp is CLOCK_MONOTONIC in the
+  kernel, so the figure does not depend on when this process gets to read the event.
 * stop: from the stop request to everything freed (agentd's reply comes after its
   destroy plan; for crun: kill, delete, veth and netns removed; for bwrap: the
   sandbox's processes reaped).
 
+The rows: ``agent``; ``agent@32``, the same with 32 other cells running (flat in the
+number of cells?); ``crun``, whose network is made by a fixed iproute2 script
+(CRUN_NET_UP), never by the agent's code, so the reference stays put when the agent gets
+faster; ``bwrap`` (no network); ``net``, the agent's own network set-up alone (no
+process); ``floor`` = bwrap + net.  Ratios to crun's medians have their own columns.
+Also: a burst of 16 ``run`` requests sent at once against 16 sent one after the other
+(time to the last service's first instruction), agentd's RSS with 1 and with 32 cells
+running, and the helper processes each runtime leaves per cell.
+
 The same read-only image (the demo image), the same namespaces (pid, mount, uts, ipc,
-net, cgroup) and, for agentd and crun, a veth on the same VLAN-filtering bridge.
-Also: agentd's RSS with 1 and with 32 cells running, and the number of helper
-processes each runtime leaves per cell.
+net, cgroup) and, for agentd, crun and net, a veth on a VLAN of the same VLAN-filtering
+bridge (each on a VLAN of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +42,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,11 +75,20 @@ class ExecEvents:
 
     def wait_exec(self, marker: str, timeout: float = 20.0) -> int:
         """Kernel timestamp (ns) of the exec whose argv contains ``marker``."""
+        return self.wait_execs({marker}, timeout)[marker]
+
+    def wait_execs(self, markers: set[str], timeout: float = 20.0,
+                   since: int = 0) -> dict[str, int]:
+        """``{marker: kernel timestamp (ns)}`` of the first exec at or after ``since``
+        whose argv contains each marker; other events are dropped."""
+        want = {m.encode(): m for m in markers}
+        seen: dict[str, int] = {}
         deadline = time.monotonic() + timeout
-        while True:
+        while len(seen) < len(want):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no exec of {marker!r} within {timeout} s")
+                missing = sorted(set(markers) - set(seen))
+                raise TimeoutError(f"no exec of {missing} within {timeout} s")
             self.sock.settimeout(left)
             data = self.sock.recv(65536)
             off = 0
@@ -79,15 +99,17 @@ class ExecEvents:
                 if len(ev) < 24:
                     continue
                 what, _cpu, ts = struct.unpack_from("=IIQ", ev)
-                if what != PROC_EVENT_EXEC:
+                if what != PROC_EVENT_EXEC or ts < since:
                     continue
                 pid = struct.unpack_from("=I", ev, 16)[0]
                 try:
                     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 except OSError:
                     continue
-                if marker.encode() in argv:
-                    return int(ts)
+                for arg in argv:
+                    if arg in want and want[arg] not in seen:
+                        seen[want[arg]] = int(ts)
+        return seen
 
     def close(self) -> None:
         self.sock.close()
@@ -128,9 +150,9 @@ class AgentRuntime:
                     raise
                 time.sleep(0.2)
 
-    def manifest(self, i: int, marker: str) -> None:
-        (SERVICES / f"bench-{i}.toml").write_text(f'''
-name = "bench-{i}"
+    def manifest(self, name: str, marker: str, vlan: int = 100) -> None:
+        (SERVICES / f"{name}.toml").write_text(f'''
+name = "{name}"
 [service]
 command = "/bin/busybox"
 args = ["sleep", "{marker}"]
@@ -141,11 +163,14 @@ cpu_max = "200m"
 memory_max = "16M"
 pids_max = 8
 [network]
-vlan = 100
+vlan = {vlan}
 [lifecycle]
 mode = "service"
 restart = "no"
 ''')
+
+    def prepare(self, i: int, marker: str) -> None:
+        self.manifest(f"bench-{i}", marker)
 
     def start(self, i: int, marker: str) -> None:
         self.client.call("run", name=f"bench-{i}")
@@ -153,27 +178,87 @@ restart = "no"
     def stop(self, i: int) -> None:
         self.client.call("stop", name=f"bench-{i}")
 
+    @staticmethod
+    def remove(names: list[str]) -> None:
+        for name in names:
+            (SERVICES / f"{name}.toml").unlink(missing_ok=True)
+
     def cleanup(self, n: int) -> None:
-        for i in range(n):
-            (SERVICES / f"bench-{i}.toml").unlink(missing_ok=True)
+        self.remove([f"bench-{i}" for i in range(max(n, 4))])
+
+
+# The crun row's network, made the way crun users make it: a fixed shell script of
+# iproute2's `ip` and `bridge` commands (a CNI-style hook), never the agent's own code, so
+# the reference does not move when the agent gets faster.  $IP and $BRIDGE_CMD are the
+# absolute paths of iproute2's tools (in the box, busybox sh would run its own `ip`).
+CRUN_NET_UP = r"""set -eu
+"$IP" netns add "$NS"
+"$IP" link add "$HOST" type veth peer name "$PEER"
+"$IP" link set "$PEER" netns "$NS"
+"$IP" link set "$HOST" master "$BR" up
+"$BRIDGE_CMD" vlan add dev "$HOST" vid "$VID" pvid untagged
+"$BRIDGE_CMD" vlan del dev "$HOST" vid 1
+"$IP" -n "$NS" link set "$PEER" name eth0
+"$IP" -n "$NS" link set lo up
+"$IP" -n "$NS" link set eth0 up
+"$IP" -n "$NS" addr add "$ADDR" dev eth0
+"$IP" -n "$NS" route add default via "$GW"
+"""
+CRUN_NET_DOWN = r"""set -u
+"$IP" link del "$HOST" 2>/dev/null || true
+"$IP" netns del "$NS" 2>/dev/null || true
+"""
+# The VLAN's gateway, made once before the crun cells and removed after them.
+CRUN_GW_UP = r"""set -eu
+"$IP" link show "$BR" >/dev/null 2>&1 ||
+    "$IP" link add "$BR" type bridge vlan_filtering 1 vlan_default_pvid 0
+"$IP" link set "$BR" up
+"$BRIDGE_CMD" vlan add dev "$BR" vid "$VID" self
+"$IP" link add link "$BR" name "$BR.$VID" type vlan id "$VID"
+"$IP" addr add "$GW/24" dev "$BR.$VID"
+"$IP" link set "$BR.$VID" up
+"""
+CRUN_GW_DOWN = r"""set -u
+"$IP" link del "$BR.$VID" 2>/dev/null || true
+"$BRIDGE_CMD" vlan del dev "$BR" vid "$VID" self 2>/dev/null || true
+"""
+CRUN_VLAN, CRUN_GW = 300, "10.78.0.1"
+
+
+def iproute2() -> dict[str, str]:
+    """``{"IP": path, "BRIDGE_CMD": path}`` of iproute2's tools (not busybox's)."""
+    out = {}
+    for var, tool, mark in (("IP", "ip", "iproute2"), ("BRIDGE_CMD", "bridge", "bridge")):
+        path = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        version = subprocess.run([path or tool, "-V"], capture_output=True,
+                                 text=True).stdout if path else ""
+        if not path or mark not in version or "BusyBox" in version:
+            raise RuntimeError(f"iproute2's {tool} is missing (qemu/packages.txt: iproute2)")
+        out[var] = os.path.realpath(path)
+    return out
+
+
+def script(text: str, **env: str) -> None:
+    """Run one of the fixed scripts above with ``env`` (names upper-cased)."""
+    subprocess.run(["/bin/sh", "-c", text], check=True, capture_output=True,
+                   env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env})
 
 
 class CrunRuntime:
-    """Debian's crun with an OCI bundle over the same image, netns with a veth on the bridge."""
+    """Debian's crun with an OCI bundle over the same image; its netns and a veth on the
+    bridge made by the fixed iproute2 script CRUN_NET_UP (no agent code)."""
 
     def __init__(self, work: Path) -> None:
-        from pyroute2 import IPRoute
-
-        from agent.kernel import bridge as kbr
-        from agent.kernel import net, netns
-
-        self.kbr, self.net, self.kns = kbr, net, netns
-        self.ipr = IPRoute()
         self.work = work
-        kbr.ensure_bridge(self.ipr, BRIDGE)
-        kbr.ensure_vlan_gateway(self.ipr, BRIDGE, 300, "10.78.0.1/24")
+        self.env = {**iproute2(), "BR": BRIDGE, "VID": str(CRUN_VLAN), "GW": CRUN_GW}
+        script(CRUN_GW_DOWN, **self.env)  # a previous run's leftover
+        script(CRUN_GW_UP, **self.env)
 
-    def config(self, i: int, marker: str, netns: Path) -> dict[str, object]:
+    def net_env(self, i: int) -> dict[str, str]:
+        return {**self.env, "NS": f"crun{i}", "HOST": f"crh{i}", "PEER": f"crp{i}",
+                "ADDR": f"10.78.0.{2 + i % 250}/24"}
+
+    def config(self, i: int, marker: str) -> dict[str, object]:
         return {
             "ociVersion": "1.0.2",
             "process": {
@@ -193,7 +278,7 @@ class CrunRuntime:
             ],
             "linux": {
                 "namespaces": [{"type": t} for t in ("pid", "mount", "uts", "ipc", "cgroup")]
-                + [{"type": "network", "path": str(netns)}],
+                + [{"type": "network", "path": f"/run/netns/crun{i}"}],
                 "cgroupsPath": f"/bench-crun/c{i}",
                 "resources": {"memory": {"limit": 16 << 20},
                               "cpu": {"quota": 20000, "period": 100000},
@@ -202,12 +287,10 @@ class CrunRuntime:
         }
 
     def start(self, i: int, marker: str) -> None:
-        netns = self.kns.create_cell_netns(f"crun{i}")
-        self.net.create_cell_link(self.ipr, f"crun{i}", netns, BRIDGE, 300,
-                                  f"10.78.0.{2 + i % 250}/24", "10.78.0.1")
+        script(CRUN_NET_UP, **self.net_env(i))
         bundle = self.work / f"c{i}"
         bundle.mkdir(exist_ok=True)
-        (bundle / "config.json").write_text(json.dumps(self.config(i, marker, netns)))
+        (bundle / "config.json").write_text(json.dumps(self.config(i, marker)))
         # The container inherits crun's stdio: not a pipe, or run() would wait for it.
         subprocess.run(["crun", "run", "--detach", "--bundle", str(bundle), f"c{i}"],
                        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -216,12 +299,39 @@ class CrunRuntime:
     def stop(self, i: int) -> None:
         subprocess.run(["crun", "kill", f"c{i}", "KILL"], capture_output=True)
         _sh("crun", "delete", "--force", f"c{i}")
-        self.net.destroy_cell_link(self.ipr, f"crun{i}")
-        self.kns.destroy_cell_netns(f"crun{i}")
+        script(CRUN_NET_DOWN, **self.net_env(i))
 
     def cleanup(self, n: int) -> None:
-        self.kbr.remove_vlan_gateway(self.ipr, BRIDGE, 300)
-        self.ipr.close()
+        script(CRUN_GW_DOWN, **self.env)
+
+
+class NetRuntime:
+    """The agent's own network set-up alone, in this process: what a cell's plan does
+    for its network (make-netns, ensure-gateway, make-link; remove-link, remove-netns,
+    remove-gateway: the bench's cells are each the last of their VLAN), through the
+    same adapter agentd uses (agent.kernel.net.HostNet).  Its start ends when the
+    set-up returns (there is no exec)."""
+
+    VLAN, GW = 301, "10.79.0.1/24"
+
+    def __init__(self, work: Path) -> None:
+        from agent.kernel.net import HostNet
+
+        self.hn = HostNet(BRIDGE, work / "netns")  # its own pins: not agentd's cells
+
+    def start(self, i: int, marker: str) -> None:
+        self.hn.create_netns(f"nb{i}")
+        self.hn.ensure_gateway(self.VLAN, self.GW)
+        self.hn.create_link(f"nb{i}", self.VLAN, f"10.79.0.{2 + i % 250}/24", "10.79.0.1")
+
+    def stop(self, i: int) -> None:
+        self.hn.destroy_link(f"nb{i}")
+        self.hn.destroy_netns(f"nb{i}")
+        self.hn.remove_gateway(self.VLAN)
+
+    def cleanup(self, n: int) -> None:
+        self.hn.remove_gateway(self.VLAN)
+        subprocess.run(["umount", str(self.hn.netns_dir)], capture_output=True)
 
 
 class BwrapRuntime:
@@ -254,13 +364,14 @@ def quantiles(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), p90
 
 
-def measure(rt: Runtime, events: ExecEvents, n: int, base: int) -> None:
+def measure(rt: Runtime, events: ExecEvents | None, n: int, base: int) -> None:
+    """n sequential start/stop pairs; without ``events`` a start ends when it returns."""
     for i in range(n):
         marker = str(base + i)
         rt.prepare(i, marker)
         t0 = time.monotonic_ns()
         rt.start(i, marker)
-        ts = events.wait_exec(marker)
+        ts = events.wait_exec(marker) if events is not None else time.monotonic_ns()
         rt.starts.append((ts - t0) / 1e6)
         t1 = time.monotonic_ns()
         rt.stop(i)
@@ -305,105 +416,226 @@ def helpers_per_cell(rt: Runtime, events: ExecEvents, k: int, base: int) -> floa
     return (added - k) / k
 
 
+def burst(agent: AgentRuntime, events: ExecEvents, k: int, base: int,
+          at_once: bool) -> float:
+    """ms from the first of k ``run`` requests to the last service's first instruction:
+    k clients sending together (``at_once``) or one request after the other.  Every
+    request must complete; the cells are stopped afterwards (not timed)."""
+    names = [f"burst-{i}" for i in range(k)]
+    markers = [str(base + i) for i in range(k)]
+    for name, marker in zip(names, markers, strict=True):
+        agent.manifest(name, marker, vlan=102)
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        from agent.cli.client import Client
+
+        try:
+            with Client("/run/agent/agentd.sock", timeout=300) as c:
+                c.call("run", name=name)
+        except BaseException as e:
+            errors.append(e)
+
+    t0 = time.monotonic_ns()
+    if at_once:
+        threads = [threading.Thread(target=run, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for name in names:
+            run(name)
+    try:
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {k} runs failed: {errors[0]!r}")
+        seen = events.wait_execs(set(markers), timeout=60.0, since=t0)
+        return (max(seen.values()) - t0) / 1e6
+    finally:
+        for name in names:
+            with contextlib.suppress(Exception):
+                agent.client.call("stop", name=name)
+        agent.remove(names)
+
+
+class Bench:
+    """One run of the whole table (see the module docstring)."""
+
+    def __init__(self, n: int, background: int, burst_k: int) -> None:
+        self.n, self.background, self.burst_k = n, background, burst_k
+        self.events = ExecEvents()
+        self.work = Path(tempfile.mkdtemp(prefix="cellbench-"))
+        self.base = 700000
+        self.rows: list[Runtime] = []
+        self.extra: dict[str, object] = {}
+
+    def marker_base(self) -> int:
+        self.base += 1000
+        return self.base
+
+    def run(self, only: list[str]) -> None:
+        for name in only:
+            if name in ("crun", "bwrap") and not shutil.which(name):
+                continue
+            print(f"[bench] {name}: {self.n} sequential cells ...", file=sys.stderr,
+                  flush=True)
+            impl: AgentRuntime | CrunRuntime | BwrapRuntime | NetRuntime | None = None
+            rt = Runtime(name, lambda i, m: None, lambda i: None)
+            try:
+                impl = self.make(name)
+                rt.start, rt.stop = impl.start, impl.stop
+                if isinstance(impl, AgentRuntime):
+                    rt.prepare = impl.prepare
+                self.rows.append(rt)
+                measure(rt, None if name == "net" else self.events, self.n,
+                        self.marker_base())
+                if name != "net":
+                    self.extra[f"{name}_helpers_per_cell"] = helpers_per_cell(
+                        rt, self.events, 4, self.marker_base())
+                if isinstance(impl, AgentRuntime):
+                    self.agent_extras(impl)
+            except Exception as e:  # a figure missing is reported, never hidden
+                import traceback
+
+                traceback.print_exc()
+                rt.error = f"{type(e).__name__}: {e}"
+            finally:
+                if impl is not None:
+                    impl.cleanup(self.n)
+
+    def make(self, name: str) -> AgentRuntime | CrunRuntime | BwrapRuntime | NetRuntime:
+        if name == "agent":
+            return AgentRuntime()
+        if name == "crun":
+            return CrunRuntime(self.work)
+        if name == "net":
+            return NetRuntime(self.work)
+        return BwrapRuntime()
+
+    def agent_extras(self, agent: AgentRuntime) -> None:
+        """RSS at 1 and ``background`` cells; start/stop with those cells running (on
+        another VLAN: a measured cell still makes and removes its own VLAN's gateway, as
+        with none); the burst, at once and sequential."""
+        pid = agentd_pid()
+        self.extra["agentd_rss_kib_idle"] = rss_kib(pid)
+        bg = [f"bg-{i}" for i in range(self.background)]
+        base = self.marker_base()
+        try:
+            for i, name in enumerate(bg):
+                agent.manifest(name, str(base + i), vlan=101)
+                agent.client.call("run", name=name)
+                self.events.wait_exec(str(base + i))
+                if i == 0:
+                    self.extra["agentd_rss_kib_1"] = rss_kib(pid)
+            if bg:
+                self.extra[f"agentd_rss_kib_{len(bg)}"] = rss_kib(pid)
+                loaded = Runtime(f"agent@{len(bg)}", agent.start, agent.stop, agent.prepare)
+                self.rows.append(loaded)
+                print(f"[bench] agent with {len(bg)} cells running: {self.n} cells ...",
+                      file=sys.stderr, flush=True)
+                measure(loaded, self.events, self.n, self.marker_base())
+        finally:
+            for name in bg:
+                with contextlib.suppress(Exception):
+                    agent.client.call("stop", name=name)
+            agent.remove(bg)
+        if self.burst_k:
+            print(f"[bench] agent: a burst of {self.burst_k} runs ...", file=sys.stderr,
+                  flush=True)
+            for at_once in (True, False):
+                key = f"burst_{self.burst_k}_{'at_once' if at_once else 'sequential'}_ms"
+                try:
+                    self.extra[key] = burst(agent, self.events, self.burst_k,
+                                            self.marker_base(), at_once)
+                except Exception as e:
+                    self.extra[key] = f"error: {type(e).__name__}: {e}"
+
+    def close(self) -> None:
+        self.events.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-n", type=int, default=50, help="cells per runtime (sequential)")
-    ap.add_argument("--only", nargs="*", default=["agent", "crun", "bwrap"])
+    ap.add_argument("-n", type=int, default=50, help="cells per row (sequential)")
+    ap.add_argument("--only", nargs="*", default=["agent", "crun", "bwrap", "net"],
+                    help="rows: agent crun bwrap net (the floor needs bwrap and net)")
+    ap.add_argument("--background", type=int, default=32,
+                    help="cells kept running for the agent's loaded row (0: none)")
+    ap.add_argument("--burst", type=int, default=16, help="run requests at once (0: none)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("cellbench: run as root in the box")
-    work = Path(tempfile.mkdtemp(prefix="cellbench-"))
-    events = ExecEvents()
+    bench = Bench(args.n, args.background, args.burst)
+    try:
+        bench.run(args.only)
+    finally:
+        bench.close()
     results: dict[str, object] = {"n": args.n, "kernel": os.uname().release,
                                   "machine": os.uname().machine}
-    runtimes: list[Runtime] = []
-    extra: dict[str, object] = {}
-    base = 700000
-    for name in args.only:
-        impl: AgentRuntime | CrunRuntime | BwrapRuntime
-        if name == "agent":
-            impl = AgentRuntime()
-        elif name == "crun":
-            if not shutil.which("crun"):
-                continue
-            impl = CrunRuntime(work)
-        else:
-            if not shutil.which("bwrap"):
-                continue
-            impl = BwrapRuntime()
-        rt = Runtime(name, impl.start, impl.stop)
-        if isinstance(impl, AgentRuntime):
-            rt.prepare = impl.manifest
-        print(f"[bench] {name}: {args.n} sequential cells ...", file=sys.stderr, flush=True)
-        try:
-            measure(rt, events, args.n, base)
-            base += 1000
-            extra[f"{name}_helpers_per_cell"] = helpers_per_cell(rt, events, 4, base)
-            base += 1000
-            if name == "agent":
-                pid = agentd_pid()
-                idle = rss_kib(pid)
-                for i in range(32):
-                    rt.prepare(i, str(base + i))
-                impl.start(0, str(base))
-                events.wait_exec(str(base))
-                one = rss_kib(pid)
-                for i in range(1, 32):
-                    impl.start(i, str(base + i))
-                    events.wait_exec(str(base + i))
-                many = rss_kib(pid)
-                for i in range(32):
-                    impl.stop(i)
-                base += 1000
-                extra.update(agentd_rss_kib_idle=idle, agentd_rss_kib_1=one,
-                             agentd_rss_kib_32=many)
-        except Exception as e:  # a figure missing is reported, never hidden
-            import traceback
-
-            traceback.print_exc()
-            rt.error = f"{type(e).__name__}: {e}"
-        finally:
-            impl.cleanup(max(args.n, 32))
-        runtimes.append(rt)
-    events.close()
-    shutil.rmtree(work, ignore_errors=True)
-    report(runtimes, extra, results, args.json)
+    print(report(bench.rows, bench.extra, results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
-def report(runtimes: list[Runtime], extra: dict[str, object], results: dict[str, object],
-           path: str | None) -> None:
-    print(f"\ncell start and stop, {results['n']} sequential cells each, "
-          f"{results['machine']} {results['kernel']}")
-    print(f"{'runtime':<8} {'start med':>10} {'start p90':>10} {'stop med':>10} "
-          f"{'stop p90':>10} {'helpers':>8}")
-    by = {}
-    for rt in runtimes:
-        if rt.error or not rt.starts:
-            print(f"{rt.name:<8} error: {rt.error}")
+def _ratio(x: float, ref: float | None) -> str:
+    return f"x{x / ref:.2f}" if ref else "-"
+
+
+def report(rows: list[Runtime], extra: dict[str, object], results: dict[str, object]) -> str:
+    """The table (ratios to crun's medians in their own columns), the floor row (bwrap's
+    start plus the network alone), the burst and RSS lines; fills ``results``."""
+    out = [f"cell start and stop, {results['n']} sequential cells per row, "
+           f"{results.get('machine', '?')} {results.get('kernel', '?')}",
+           f"{'row':<9} {'start med':>10} {'start p90':>10} {'stop med':>10} "
+           f"{'stop p90':>10} {'helpers':>8} {'start/crun':>10} {'stop/crun':>10}"]
+    figs: dict[str, tuple[float, float, float, float]] = {}
+    for rt in rows:
+        if rt.starts and not rt.error:
+            figs[rt.name] = (*quantiles(rt.starts), *quantiles(rt.stops))
+            s50, s90, t50, t90 = figs[rt.name]
+            results[rt.name] = {"start_ms": rt.starts, "stop_ms": rt.stops,
+                                "start_median": s50, "start_p90": s90,
+                                "stop_median": t50, "stop_p90": t90}
+    if "bwrap" in figs and "net" in figs:  # the floor: medians and p90s added
+        figs["floor"] = tuple(a + b for a, b in  # type: ignore[assignment]
+                              zip(figs["bwrap"], figs["net"], strict=True))
+        results["floor"] = dict(zip(("start_median", "start_p90", "stop_median",
+                                     "stop_p90"), figs["floor"], strict=True))
+    crun = figs.get("crun")
+    for name in [r.name for r in rows] + (["floor"] if "floor" in figs else []):
+        if name not in figs:
+            err = next((r.error for r in rows if r.name == name), "?")
+            out.append(f"{name:<9} error: {err or 'no figures'}")
             continue
-        s50, s90 = quantiles(rt.starts)
-        t50, t90 = quantiles(rt.stops)
-        by[rt.name] = (s50, t50)
-        h = extra.get(f"{rt.name}_helpers_per_cell", "?")
-        print(f"{rt.name:<8} {s50:>8.1f}ms {s90:>8.1f}ms {t50:>8.1f}ms {t90:>8.1f}ms "
-              f"{h!s:>8}")
-        results[rt.name] = {"start_ms": rt.starts, "stop_ms": rt.stops,
-                            "start_median": s50, "start_p90": s90,
-                            "stop_median": t50, "stop_p90": t90}
-    if "agent" in by:
-        for peer in ("crun", "bwrap"):
-            if peer in by:
-                a, p = by["agent"], by[peer]
-                print(f"agent/{peer}: start x{a[0] / p[0]:.2f}, stop x{a[1] / p[1]:.2f} "
-                      "(medians; < 1 means the agent is faster)")
-    for k in ("agentd_rss_kib_idle", "agentd_rss_kib_1", "agentd_rss_kib_32"):
-        if k in extra:
-            print(f"{k}: {extra[k]} KiB")
+        s50, s90, t50, t90 = figs[name]
+        h = extra.get(f"{name}_helpers_per_cell", "-")
+        out.append(f"{name:<9} {s50:>8.1f}ms {s90:>8.1f}ms {t50:>8.1f}ms {t90:>8.1f}ms "
+                   f"{h!s:>8} {_ratio(s50, crun and crun[0]):>10} "
+                   f"{_ratio(t50, crun and crun[2]):>10}")
+    out.append("net = the agent's network set-up alone (netns, gateway, veth on its VLAN); "
+               "floor = bwrap + net (medians added, p90s added)")
+    loaded = next((k for k in figs if k.startswith("agent@")), None)
+    if "agent" in figs and loaded:
+        a, b = figs["agent"], figs[loaded]
+        out.append(f"{loaded} / agent (flat in the number of cells): start "
+                   f"{_ratio(b[0], a[0])}, stop {_ratio(b[2], a[2])}")
+    if "agent" in figs and "floor" in figs:
+        out.append(f"agent / floor: start {_ratio(figs['agent'][0], figs['floor'][0])}")
+    bursts = sorted(k for k in extra if k.startswith("burst_"))
+    for k in bursts:
+        v = extra[k]
+        out.append(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}")
+    once = [extra[k] for k in bursts if k.endswith("at_once_ms")]
+    seq = [extra[k] for k in bursts if k.endswith("sequential_ms")]
+    if once and seq and isinstance(once[0], float) and isinstance(seq[0], float):
+        out.append(f"burst at once / sequential: {_ratio(once[0], seq[0])}")
+    for k in sorted(k for k in extra if k.startswith("agentd_rss_kib_")):
+        out.append(f"{k}: {extra[k]} KiB")
     results.update(extra)
-    if path:
-        Path(path).write_text(json.dumps(results, indent=1))
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

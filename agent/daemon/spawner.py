@@ -47,7 +47,7 @@ from agent.daemon.bus import EventBus
 from agent.kernel.spawn import Spawned, spawn_cell
 
 __all__ = ["FINISHED_LOGS_KEPT", "CellLimits", "CellSpawner", "ExitCallback", "ListenerCallback",
-           "exit_of"]
+           "ended", "exit_of"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,14 @@ class CellLimits:
     output_rate: float = 256 << 10  # bytes per second read from a cell's stdout+stderr
     output_burst: float = 1 << 20
     read_size: int = 65536  # one read per callback: the loop serves other fds in between
+
+
+def ended(pidfd: int, timeout: float = 0.0) -> bool:
+    """Has the process of ``pidfd`` ended (waiting up to ``timeout`` s)?  A pidfd is
+    readable once its process has exited, reaped or not (poll: any fd number)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(max(0, round(timeout * 1000))))
 
 
 def exit_of(res: os.waitid_result | None) -> Exit:
@@ -186,7 +194,7 @@ class CellSpawner:
         try:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
-            select.select([fd], [], [], self.kill_wait)
+            ended(fd, self.kill_wait)
             with contextlib.suppress(ChildProcessError):
                 os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
         finally:
@@ -219,9 +227,17 @@ class CellSpawner:
         self._register(h)
 
     def signal(self, cell: str, sig: int) -> bool:
-        """Send ``sig`` to pid 1; False if the cell has no live pid 1 here."""
+        """Send ``sig`` to pid 1; False if the cell has no live pid 1 here: none, or one
+        that has ended (its pidfd is readable) even if the loop has not seen it yet (a
+        zombie still takes the signal).  The manager's stop then goes on at once: no
+        SIGTERM, no grace timer, no cgroup kill for a cell whose pid 1 is gone.  On the
+        loop, the pidfd's callback runs first, so its exit status is reported before."""
         h = self._handles.get(cell)
         if h is None or h.released:
+            return False
+        if ended(h.pidfd):
+            if self._on_loop():
+                self._on_pidfd(h)
             return False
         try:
             signal.pidfd_send_signal(h.pidfd, sig)

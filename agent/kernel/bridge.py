@@ -20,7 +20,7 @@ from agent.core.errors import ConfigError, KernelError
 from agent.kernel.netlink import EXISTS, GONE, attr, index, nl, require
 
 __all__ = ["BRIDGE_VLAN_INFO_PVID", "BRIDGE_VLAN_INFO_UNTAGGED", "DEFAULT_BRIDGE", "BridgeVlan",
-           "bridge_mac", "delete_bridge", "enable_ip_forward", "ensure_bridge",
+           "add_vlan_gateway", "bridge_mac", "delete_bridge", "enable_ip_forward", "ensure_bridge",
            "ensure_vlan_gateway", "gateway_ifname", "list_bridge_vlans", "list_vlan_gateways",
            "remove_vlan_gateway"]
 
@@ -110,21 +110,31 @@ def ensure_vlan_gateway(ipr: Any, bridge: str, vlan: int, gateway: IPv4Interface
     member of the VLAN (``bridge vlan add dev agbr0 vid N self``) and a VLAN
     interface ``agbr0.N`` on top of it carries the gateway address.  Returns
     the VLAN interface's index.  Idempotent."""
+    return add_vlan_gateway(ipr, bridge, vlan, gateway)[0]
+
+
+def add_vlan_gateway(ipr: Any, bridge: str, vlan: int,
+                     gateway: IPv4Interface | str) -> tuple[int, bool]:
+    """:func:`ensure_vlan_gateway`, also telling whether this call made the VLAN
+    interface (False: it was there).  Every lookup is by name, never a dump of the
+    host's links: the cost does not grow with the number of cells."""
     gw = IPv4Interface(gateway)
     br = require(ipr, bridge, "bridge")
     with nl("vlan_filter add", f"bridge {bridge} vid {vlan} self"):
         ipr.vlan_filter("add", index=br, vlan_info={"vid": vlan}, vlan_flags="self")
     name = gateway_ifname(bridge, vlan)
     idx = index(ipr, name)
+    created = False
     if idx is None:
         with nl("link add", f"vlan {name}", ignore=EXISTS):
             ipr.link("add", ifname=name, kind="vlan", link=br, vlan_id=vlan)
+            created = True  # not reached when it exists (made meanwhile): not ours
         idx = require(ipr, name, "vlan")
     with nl("addr add", f"{gw} on {name}", ignore=EXISTS):
         ipr.addr("add", index=idx, address=str(gw.ip), prefixlen=gw.network.prefixlen)
     with nl("link set", f"vlan {name} up"):
         ipr.link("set", index=idx, state="up")
-    return idx
+    return idx, created
 
 
 def remove_vlan_gateway(ipr: Any, bridge: str, vlan: int) -> None:

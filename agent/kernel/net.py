@@ -40,9 +40,9 @@ from agent.kernel.bridge import (
     BRIDGE_VLAN_INFO_PVID,
     BRIDGE_VLAN_INFO_UNTAGGED,
     DEFAULT_BRIDGE,
+    add_vlan_gateway,
     enable_ip_forward,
     ensure_bridge,
-    ensure_vlan_gateway,
     list_vlan_gateways,
     remove_vlan_gateway,
 )
@@ -230,11 +230,10 @@ class HostNet:
         return netns_path(cell, self.netns_dir)
 
     def ensure_gateway(self, vlan: int, gateway: str) -> bool:
-        """True if this call created the gateway (undo removes only what it made)."""
+        """True if this call created the gateway (undo removes only what it made).
+        Looked up by name: no dump of the host's links, flat in the number of cells."""
         with self._ipr() as ipr:
-            existed = vlan in list_vlan_gateways(ipr, self.bridge)
-            ensure_vlan_gateway(ipr, self.bridge, vlan, gateway)
-            return not existed
+            return add_vlan_gateway(ipr, self.bridge, vlan, gateway)[1]
 
     def remove_gateway(self, vlan: int) -> None:
         with self._ipr() as ipr:

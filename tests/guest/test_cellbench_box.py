@@ -21,20 +21,21 @@ from cellkit import clean  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import cellbench  # bench/cellbench.py
+import cellrefs  # bench/cellrefs.py
 
 BR, VID, GW = "agtcbr0", "320", "10.80.0.1"
 
 
 @pytest.fixture
 def env() -> Iterator[dict[str, str]]:
-    base = {**cellbench.iproute2(), "BR": BR, "VID": VID, "GW": GW}
+    base = {**cellrefs.iproute2(), "BR": BR, "VID": VID, "GW": GW}
     net = {**base, "NS": "agtc-ns", "HOST": "agtch0", "PEER": "agtcp0",
            "ADDR": "10.80.0.5/24"}
     try:
         yield net
     finally:
-        cellbench.script(cellbench.CRUN_NET_DOWN, **net)
-        cellbench.script(cellbench.CRUN_GW_DOWN, **base)
+        cellrefs.script(cellrefs.CRUN_NET_DOWN, **net)
+        cellrefs.script(cellrefs.CRUN_GW_DOWN, **base)
         subprocess.run([base["IP"], "link", "del", BR], capture_output=True)
 
 
@@ -44,8 +45,8 @@ def run(*argv: str) -> str:
 
 def test_crun_network_script_wires_a_vlan_port(env: dict[str, str]) -> None:
     ip, bridge = env["IP"], env["BRIDGE_CMD"]
-    cellbench.script(cellbench.CRUN_GW_UP, **env)
-    cellbench.script(cellbench.CRUN_NET_UP, **env)
+    cellrefs.script(cellrefs.CRUN_GW_UP, **env)
+    cellrefs.script(cellrefs.CRUN_NET_UP, **env)
     port = json.loads(run(bridge, "-j", "vlan", "show", "dev", "agtch0"))
     vlans = [v for entry in port for v in entry["vlans"]]
     assert vlans == [{"vlan": 320, "flags": ["PVID", "Egress Untagged"]}]
@@ -58,7 +59,7 @@ def test_crun_network_script_wires_a_vlan_port(env: dict[str, str]) -> None:
     ping = subprocess.run([ip, "netns", "exec", "agtc-ns", "/bin/busybox", "ping", "-c", "1",
                            "-W", "5", GW], capture_output=True, text=True)
     assert ping.returncode == 0, ping.stdout + ping.stderr
-    cellbench.script(cellbench.CRUN_NET_DOWN, **env)
+    cellrefs.script(cellrefs.CRUN_NET_DOWN, **env)
     assert subprocess.run([ip, "link", "show", "agtch0"], capture_output=True).returncode
     assert "agtc-ns" not in run(ip, "netns", "list")
 

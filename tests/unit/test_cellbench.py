@@ -1,4 +1,4 @@
-"""bench/cellbench.py: its reference rows stay references, its table adds up.
+"""bench/cellbench.py and cellrefs.py: the reference rows stay references, its table adds up.
 
 The figures themselves come from the box (``bench/run cells``); here: the crun row's
 network is made by iproute2's commands only (no agent code, so the reference cannot move
@@ -19,10 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 import cellbench  # bench/cellbench.py  # noqa: E402
+import cellrefs  # bench/cellrefs.py  # noqa: E402
 
 
 def test_crun_row_uses_no_agent_code() -> None:
-    src = inspect.getsource(cellbench.CrunRuntime)
+    src = inspect.getsource(cellrefs.CrunRuntime)
     tree = ast.parse(src)
     imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert imports == []
@@ -34,7 +35,7 @@ def test_crun_row_uses_no_agent_code() -> None:
 @pytest.mark.parametrize("name", ["CRUN_NET_UP", "CRUN_NET_DOWN", "CRUN_GW_UP",
                                   "CRUN_GW_DOWN"])
 def test_crun_scripts_are_iproute2_commands(name: str) -> None:
-    text: str = getattr(cellbench, name)
+    text: str = getattr(cellrefs, name)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     assert lines[0].startswith("set -")
     for ln in lines[1:]:
@@ -43,7 +44,7 @@ def test_crun_scripts_are_iproute2_commands(name: str) -> None:
 
 
 def test_crun_net_up_wires_the_vlan_port() -> None:
-    up = cellbench.CRUN_NET_UP
+    up = cellrefs.CRUN_NET_UP
     for step in ('netns add "$NS"', 'type veth peer name "$PEER"', 'master "$BR" up',
                  'vid "$VID" pvid untagged', 'vlan del dev "$HOST" vid 1',
                  'name eth0', 'link set lo up', 'addr add "$ADDR"',
@@ -72,7 +73,8 @@ def test_report_floor_ratios_flatness_burst_rss() -> None:
     broken.error = "RuntimeError: boom"
     extra: dict[str, object] = {
         "burst_16_at_once_ms": 1500.0, "burst_16_sequential_ms": 3000.0,
-        "agentd_rss_kib_1": 40000, "agentd_rss_kib_32": 48000, "agent_helpers_per_cell": 0.0}
+        "agentd_rss_kib_32": 48000, "agentd_rss_kib_1": 40000,
+        "agentd_rss_kib_idle": 39000, "agent_helpers_per_cell": 0.0}
     results: dict[str, object] = {"n": 3}
     text = cellbench.report([*rows, broken], extra, results)
     table = [ln for ln in text.splitlines()[2:]
@@ -91,7 +93,9 @@ def test_report_floor_ratios_flatness_burst_rss() -> None:
     assert "agent@32 / agent (flat in the number of cells): start x1.20, stop x1.10" in text
     assert "agent / floor: start x4.17" in text
     assert "burst at once / sequential: x0.50" in text
-    assert "agentd_rss_kib_32: 48000 KiB" in text
+    rss = [ln for ln in text.splitlines() if ln.startswith("agentd_rss")]
+    assert rss == ["agentd_rss_kib_idle: 39000 KiB", "agentd_rss_kib_1: 40000 KiB",
+                   "agentd_rss_kib_32: 48000 KiB"]
     assert results["burst_16_at_once_ms"] == 1500.0
 
 

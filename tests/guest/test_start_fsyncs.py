@@ -84,6 +84,8 @@ def test_one_start_and_stop_fsync_count(clean: dict[str, Any], tracer: Path) -> 
     print(f"fsyncs of one stop: {sum(stop.values())} {dict(stop)}")
     (SERVICES / "fsy.toml").unlink()
     figures = {"start": dict(start), "stop": dict(stop)}
+    # the records' syncs (fdatasync); a compaction's fsync of its new file, should the
+    # journal reach its size limit in the window, is the compaction's cost, not the start's
     assert start[f"fdatasync {JOURNAL}"] > 0  # the control: the tracepoints see agentd's
-    assert start[f"fdatasync {JOURNAL}"] + start[f"fsync {JOURNAL}"] <= START_MAX, figures
-    assert stop[f"fdatasync {JOURNAL}"] + stop[f"fsync {JOURNAL}"] <= STOP_MAX, figures
+    assert start[f"fdatasync {JOURNAL}"] <= START_MAX, figures
+    assert stop[f"fdatasync {JOURNAL}"] <= STOP_MAX, figures

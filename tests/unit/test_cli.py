@@ -94,6 +94,10 @@ def test_ping_and_events(agentd: Agentd, capsys: pytest.CaptureFixture[str]) -> 
     assert all(len(line) <= 80 for line in out.splitlines())
     rc, out, _ = run(capsys, "--socket", sock, "events", "--kind", "nomatch*")
     assert rc == 0 and out == ""
+    rc, out, err = run(capsys, "--socket", sock, "events", "--persisted", "-f")
+    assert rc == 2 and "E_USAGE" in err and out == ""
+    rc, out, _ = run(capsys, "--socket", sock, "--json", "events", "--persisted", "-n", "5")
+    assert rc == 0 and isinstance(json.loads(out), list)
 
 
 def test_whoami_reports_the_calling_process(agentd: Agentd) -> None:

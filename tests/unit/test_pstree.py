@@ -31,7 +31,7 @@ class Cgroup:
 
 @dataclass
 class Entry:
-    class state:  # noqa: N801
+    class state:
         value = "running"
 
 

@@ -12,8 +12,8 @@ Sources, each started on its own (one that fails is reported, ``master/monitor-f
   is seeded by a dump in a worker thread (no events for what already exists) and dumped
   again after an overflow of the socket;
 * ``sysctl``: the watched sysctls, read at start and again :data:`SYSCTL_SETTLE_S` after
-  each hint (a trapped syscall, a module loaded or removed, a link added or removed);
-  sysctl writes have no event of their own.
+  a hint (a trapped syscall, a module loaded or removed, a link added or removed), at most
+  once per :data:`SYSCTL_MIN_INTERVAL_S`; sysctl writes have no event of their own.
 
 Attribution: a raw bus sink on channel ``syscall`` feeds the allowed traps to the
 :class:`~agent.monitor.host.rules.Attributor`; every change then asks it which cell, if
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 SLICE = 32  # datagrams per wake-up
 MOUNT_SETTLE_S = 0.05
 SYSCTL_SETTLE_S = 0.05
+SYSCTL_MIN_INTERVAL_S = 1.0  # a storm of hints (a cell trapping in a loop): one check/s
 
 
 class Bus(Protocol):
@@ -110,6 +111,7 @@ class HostMonitor:
         self._sysctl_timer: asyncio.TimerHandle | None = None
         self._fds: list[int] = []
         self._resyncing = False
+        self._last_check = float("-inf")
 
     # -- start and stop --------------------------------------------------------------------
 
@@ -341,10 +343,14 @@ class HostMonitor:
         burst of hints)."""
         self.counts["hints"] += 1
         if self._sysctl_timer is None and self.loop is not None:
-            self._sysctl_timer = self.loop.call_later(SYSCTL_SETTLE_S, self.check_sysctls)
+            delay = max(SYSCTL_SETTLE_S,
+                        self._last_check + SYSCTL_MIN_INTERVAL_S - self.loop.time())
+            self._sysctl_timer = self.loop.call_later(delay, self.check_sysctls)
 
     def check_sysctls(self) -> None:
         self._sysctl_timer = None
+        if self.loop is not None:
+            self._last_check = self.loop.time()
         self.counts["sysctl_checks"] += 1
         new = adapter.read_sysctls(self.sysctl_names, self.proc)
         old, self.sysctls = self.sysctls, new

@@ -1,12 +1,16 @@
 """``agentctl ps --tree NAME``: a cell's process tree, one line per process.
 
 The rows come from agentd's ``ps`` op with ``tree`` (agent.daemon.cellapi.process_tree),
-depth first; pids and uids as the cell sees them, ``HPID`` the host's.
+depth first; pids and uids as the cell sees them, ``HPID`` the host's.  Names and paths
+come from the cell (a process sets its own ``comm``): every line is escaped
+(agent.core.tty) so none can drive the terminal.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from agent.core.tty import escape
 
 __all__ = ["format_tree"]
 
@@ -30,7 +34,7 @@ def format_tree(d: dict[str, Any]) -> list[str]:
             f"{comm or '?'} ({exe})" if exe else comm or "?"
         line = (f"{'-' if pid is None else pid:>7} {r.get('hpid', '-'):>7} "
                 f"{'-' if uid is None else uid:>5}  {'  ' * depth}{'└─' if depth else ''}{what}")
-        lines.append(line[:WIDTH])
+        lines.append(line)
     if not procs:
         lines.append("(no processes)")
-    return lines
+    return [escape(x)[:WIDTH] for x in lines]

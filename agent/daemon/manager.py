@@ -269,6 +269,7 @@ class CellManager(Adoption):
     async def stop(self, name: str, uid: int, gid: int) -> dict[str, Any]:
         check_cell_name(name)
         self.policy.authorize(uid, gid, "stop", name, None, self._owned(uid))
+        self.entry(name)  # E_NOT_FOUND before a lock is made for the name: one per name kept
         async with self._lock(name):
             e = self.entry(name)
             self.post(e, Event.STOP_REQUESTED)
@@ -285,6 +286,11 @@ class CellManager(Adoption):
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+    def cell_lock(self, cell: str) -> asyncio.Lock:
+        """The lock ``run`` and ``stop`` of ``cell`` hold (the reclaim loop collects an
+        orphan of that name under it)."""
+        return self._lock(cell)
 
     async def _wait(self, e: CellEntry, pred: Callable[[Cell], bool]) -> None:
         if pred(e.cell):

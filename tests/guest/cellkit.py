@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -240,26 +241,32 @@ def restart_agentd() -> None:
 
 
 @contextlib.contextmanager
-def agentd_userns(enabled: bool) -> Iterator[None]:
-    """agentd with ``[userns] enabled = <enabled>`` in /etc/agent/agentd.toml (restarted
-    if that changes it); afterwards the file as it was, and agentd restarted again."""
-    from agent.core.config import load_config
+def agentd_setting(section: str, key: str, value: Any) -> Iterator[None]:
+    """agentd with ``[section] key = value`` in /etc/agent/agentd.toml (restarted if that
+    changes it); afterwards the file as it was, and agentd restarted again."""
+    from agent.core.config import load_config, parse_config
 
     original = CONFIG.read_text() if CONFIG.exists() else ""
-    if load_config(CONFIG).userns == enabled:
+    before = load_config(CONFIG)
+    line = f"{key} = {json.dumps(value)}\n"
+    head = f"[{section}]\n"
+    text = (original.replace(head, head + line, 1) if head in original
+            else original + "\n" + head + line)
+    if parse_config(tomllib.loads(text)) == before:
         yield
         return
-    line = f"enabled = {'true' if enabled else 'false'}\n"
-    text = (original.replace("[userns]\n", "[userns]\n" + line, 1) if "[userns]\n" in original
-            else original + "\n[userns]\n" + line)
     CONFIG.write_text(text)
     try:
-        assert load_config(CONFIG).userns == enabled, text
         restart_agentd()
         yield
     finally:
         CONFIG.write_text(original)
         restart_agentd()
+
+
+def agentd_userns(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """agentd with ``[userns] enabled = <enabled>``: see :func:`agentd_setting`."""
+    return agentd_setting("userns", "enabled", enabled)
 
 
 def kill9_agentd() -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -602,16 +601,14 @@ result({{"look": {{p: look('/proc/' + p) for p in {list(paths)!r}}}, "mounts": m
 
 
 def test_cell_owns_no_host_inode(clean: dict[str, Any]) -> None:
-    """Its stdout FIFO and the host's /dev nodes stay host root's (chmod refused); without
-    user namespaces what it writes to its data dir on the host's flash belongs to its own
-    non-zero host uid.  (With them, data-dir ownership is the data-dir work's: the bind of
-    /var/lib/agent/data/<source> needs that path searchable by the mapped uid.)"""
-    data = DATA / "iso-inode"
-    with_data = MODE["name"] == "nouserns"
+    """Its stdout FIFO and the host's /dev nodes stay host root's (chmod refused); what it
+    writes to its data dir (an image on the host's flash, mounted below its run dir)
+    belongs to its own non-zero host uid, in both modes."""
+    image = DATA / "iso-inode.img"
+    with_data = True
     areas = '[[writable]]\nkind = "tmpfs"\npath = "/tmp"\nsize = "1M"\n'
-    if with_data:
-        areas += '[[writable]]\nkind = "data"\npath = "/data"\nsource = "iso-inode"\n'
-    shutil.rmtree(data, ignore_errors=True)
+    areas += '[[writable]]\nkind = "data"\npath = "/data"\nsize = "4M"\n'
+    image.unlink(missing_ok=True)
     try:
         row, r = start_probe("iso-inode", f"""
 import stat
@@ -643,12 +640,12 @@ import time; time.sleep(100000)
         host_uid = _host_ids(row["pid"])[0]
         assert host_uid != 0, host_uid
         if with_data:
-            f = (data / "f").stat()
+            f = (RUN_CELLS / "iso-inode" / "data" / "f").stat()
             assert f.st_uid == host_uid and f.st_gid != 0, (f.st_uid, f.st_gid, host_uid)
             assert stat.S_IMODE(f.st_mode) == 0o4755  # set-uid to its own host uid only
     finally:
         sh("agentctl", "stop", "iso-inode", check=False, timeout=120)
-        shutil.rmtree(data, ignore_errors=True)
+        image.unlink(missing_ok=True)
 
 
 NOT_WITHOUT_USERNS = sorted(c for c, m in CAPABILITY_MODES.items() if not m.keep_without_userns)

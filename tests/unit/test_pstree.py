@@ -90,3 +90,12 @@ def test_the_view_names_a_renamed_process_and_unknown_values() -> None:
     assert "(truncated)" in lines[0]
     assert lines[2].split() == ["1", "500", "0", "worker", "(/bin/httpd)"]
     assert lines[3].split() == ["-", "501", "-", "└─?"]
+
+
+def test_what_a_cell_names_cannot_drive_the_terminal() -> None:
+    d = {"name": "web", "state": "running", "procs": [
+        {"pid": 1, "hpid": 500, "euid": 0, "comm": "\x1b]0;pwned\x07", "exe": "/bin/\u202ex",
+         "depth": 0}]}
+    line = format_tree(d)[2]
+    assert "\x1b" not in line and "\x07" not in line and "\u202e" not in line
+    assert "\\x1b" in line

@@ -1,11 +1,13 @@
 """Channel 2's process and host halves against the live agentd in the box (issue 11).
 
 * A cell cannot change a host sysctl: ``/proc/sys`` is read-only in every cell, a fresh
-  proc mount is refused, and what it reads of ``net.*`` is its own netns's copy; the host's
-  values are unchanged and agentd's sysctl check finds no drift.  Control: the host's root
+  proc mount or a read-write remount is refused (and reported: a ``syscall`` event of the
+  cell), and what it reads of ``net.*`` is its own netns's copy; the host's values are
+  unchanged and agentd's sysctl check finds no drift.  Control: the host's root
   writing a watched sysctl is reported (``host/sysctl``, cell null, a ``notice``).
-* A cell cannot create a device node (``mknod`` of a character device is refused); the
-  control: the host's root can, in the same box.
+* A cell cannot create a device node (``mknod`` of a character or block device is
+  refused and reported, a ``syscall`` event of the cell); the controls: a FIFO in the
+  cell, and the host's root making the same node.
 * A busy benign cell (a shell forking and exec'ing in a loop) raises nothing above
   ``info`` and does not flood: its ``proc`` events are coalesced by the bus into a burst,
   a rate and ``suppressed`` summaries, while agentd counts every message.
@@ -96,6 +98,11 @@ def test_a_cell_cannot_change_a_host_sysctl() -> None:
     assert not set(r["net_conf"]) & (set(host_conf) - {"all", "default", "lo", "eth0"}), r
     assert r["read_modprobe"] == before["kernel.modprobe"]
     assert {n: host_sysctl(n) for n in before} == before
+    # the mounts that would have made /proc/sys writable were trapped, refused and
+    # reported by channel 2's seccomp half (the writes themselves fail in the VFS: EROFS)
+    refusals = [e for e in since(events(cell="host-sysctl", channel="syscall"), seq)
+                if e["attrs"]["syscall"] == "mount"]
+    assert refusals and all(e["attrs"]["verdict"] == "denied" for e in refusals), refusals
     checks = status("host")["sysctl_checks"]
     hint_sysctls()
     wait_for(lambda: status("host")["sysctl_checks"] > checks, "a sysctl check")
@@ -126,16 +133,24 @@ out = {}
 out["chr"] = oserr(os.mknod, "/tmp/mem", stat.S_IFCHR | 0o600, os.makedev(1, 1))
 out["blk"] = oserr(os.mknod, "/tmp/sda", stat.S_IFBLK | 0o600, os.makedev(8, 0))
 out["exists"] = os.path.exists("/tmp/mem") or os.path.exists("/tmp/sda")
+out["fifo"] = oserr(os.mkfifo, "/tmp/fifo")
 out["file"] = oserr(lambda: open("/tmp/plain", "w").close())
 result(out)
 """
 
 
 def test_a_cell_cannot_create_a_device_node() -> None:
+    seq = last_seq()
     r = probe("host-mknod", MKNOD_PROBE, resources={"memory_max": "64M"},
               extra=TMP)
     assert r["chr"] == "EPERM" and r["blk"] == "EPERM" and not r["exists"], r
-    assert r["file"] == "ok", r  # the cell may write its /tmp: only the node is refused
+    # controls in the cell: the same call for a FIFO, and a plain file, are allowed
+    assert r["fifo"] == "ok" and r["file"] == "ok", r
+    # reported: each refused node is a syscall event of the cell (channel 2's seccomp half)
+    refusals = [e for e in since(events(cell="host-mknod", channel="syscall"), seq)
+                if e["attrs"]["syscall"] in ("mknod", "mknodat")]
+    assert len(refusals) >= 2 and all(e["attrs"]["verdict"] == "denied" and
+                                      e["severity"] != "info" for e in refusals), refusals
     # control: the box's root may (the same call, outside every cell)
     node = Path("/tmp/attack-test-mem")
     node.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from agent import __version__
 from agent.cli import top as clitop
 from agent.cli.client import Client, ConnectError, RemoteError, TransportError
+from agent.cli.pstree import format_tree
 from agent.cli.views import (
     format_event,
     format_inspect,
@@ -171,6 +172,10 @@ def _cmd_stop(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_ps(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    if ns.tree:
+        d = client.call("ps", tree=ns.tree)
+        print(json_text(d, indent=2) if ns.json else "\n".join(format_tree(d)), file=out)
+        return EXIT_OK
     rows = client.call("ps")
     print(json_text(rows, indent=2) if ns.json else "\n".join(format_ps(rows)), file=out)
     return EXIT_OK
@@ -321,6 +326,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.set_defaults(func=_cmd_stop)
     sp = sub.add_parser("ps", parents=[common], help="one line per cell")
+    sp.add_argument("--tree", metavar="NAME", help="the process tree of cell NAME")
     sp.set_defaults(func=_cmd_ps)
     sp = sub.add_parser("inspect", parents=[common],
                         help="a cell's manifest, allocation, plan, limits, seccomp, events")

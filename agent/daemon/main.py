@@ -8,6 +8,7 @@ imports another (docs/architecture.md):
 * at start, before the socket serves: the cell manager (:func:`build_manager`: cgroup
   backend, host network, policy, firewall, spawner, journal replay and adoption), then
   the tuner and the reclaim loop over it (:func:`start_tuning`);
+* after it, channel 2's process and host monitors (:func:`wire_watchers`);
 * the op handlers of each (:class:`~agent.daemon.cellapi.CellOps`,
   :class:`~agent.daemon.tunerapi.TunerOps`) and their status fields;
 * at shutdown, in reverse: the tuner and reclaim loop, then the manager (cells keep
@@ -37,6 +38,7 @@ from agent.core.cell import State
 from agent.core.cellctx import Paths
 from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
 from agent.core.errors import AgentError, ConfigError
+from agent.core.names import NETNS_PREFIX
 from agent.core.policy import Policy, load_policy
 from agent.core.protocol import Peer
 from agent.core.settings import Settings, load_settings
@@ -59,15 +61,18 @@ from agent.kernel.eventlog import EventLog
 from agent.kernel.host import read_capacity, read_host_pressure
 from agent.kernel.lock import InstanceLock
 from agent.kernel.net import HostNet
+from agent.kernel.netns import NETNS_DIR
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
 from agent.kernel.ports import set_cell_port
+from agent.monitor.host.service import HostMonitor
 from agent.monitor.net.service import ManagerCells, NetMonitor
+from agent.monitor.proc.service import ProcMonitor
 from agent.monitor.syscall.adapter_keeper import KeeperLink
 from agent.monitor.syscall.service import SyscallService, TrapLimits
 
 __all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells",
-           "wire_syscalls"]
+           "wire_syscalls", "wire_watchers"]
 
 # The installed agent's seal, written when the image was built (docs/master.md).
 AGENT_SEAL = Path("/usr/share/agent/agent.seal")
@@ -145,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         inherited=inherited)
         history = wire_history(daemon)
         cells = None if ns.no_cells else wire_cells(daemon)[0]
+        if cells is not None:
+            wire_watchers(daemon, cells)
         wire_respawn(daemon, lock, history, cells,
                      list(sys.argv[1:] if argv is None else argv))
         asyncio.run(daemon.run())
@@ -239,6 +246,37 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
     for key, fn in cells.status_fields().items():
         daemon.add_status(key, fn)
     return cells, tuning
+
+
+def wire_watchers(daemon: Daemon, cells: CellOps) -> tuple[ProcMonitor, HostMonitor]:
+    """Channel 2's process and host halves (agent.monitor.proc, agent.monitor.host,
+    docs/host-monitor.md): started after the cell manager (processes are attributed
+    through its cgroup backend), closed before it; the ``proc`` and ``host`` status
+    fields.  The host monitor watches this agent's run and state dirs and netns pins as
+    its own mounts, and its bridge's links as its own links."""
+    config = daemon.config
+
+    def cell_of(pid: int) -> str | None:
+        mgr = cells.manager
+        return None if mgr is None else mgr.cgroup.pid_to_cell(pid)
+
+    procs = ProcMonitor(daemon.bus, cell_of)
+    run, state, netns = str(config.run_dir), str(config.state_dir), str(NETNS_DIR)
+    host = HostMonitor(daemon.bus, bridge=config.bridge,
+                       own_mounts=(run, run + "/", state, state + "/", netns,
+                                   netns + "/" + NETNS_PREFIX + "*"))
+
+    async def startup() -> None:
+        await host.start()
+        if cells.manager is not None:
+            await procs.start()
+
+    daemon.on_startup(startup)
+    daemon.on_shutdown(procs.close)
+    daemon.on_shutdown(host.close)
+    daemon.add_status("proc", procs.status)
+    daemon.add_status("host", host.status)
+    return procs, host
 
 
 def _closer(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:

@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,12 @@ from agent.kernel.lock import InstanceLock
 from agent.kernel.net import HostNet
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
+from agent.monitor.correlation.service import CorrelationService
+from agent.monitor.correlation.service_ops import PatternOps
+from agent.monitor.correlation.settings import parse_settings
 
-__all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
+__all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells",
+           "wire_correlation"]
 
 log = logging.getLogger("agentd")
 
@@ -122,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None)
         wire_history(daemon)
+        wire_correlation(daemon)
         if not ns.no_cells:
             wire_cells(daemon)
         asyncio.run(daemon.run())
@@ -146,6 +151,25 @@ def wire_history(daemon: Daemon) -> EventHistory:
 
     daemon.on_shutdown(shutdown)
     return history
+
+
+def wire_correlation(daemon: Daemon, table: Mapping[str, Any] | None = None
+                     ) -> CorrelationService | None:
+    """Channel 4: the correlation engine on the bus, its pattern bundles (shipped,
+    stored, dropped in the update directory), its ops (``patterns``,
+    ``patterns.install``, ``patterns.rollback``) and its status field.  ``table``: the
+    ``[correlation]`` settings (docs/patterns.md); its start-up runs before the cell
+    manager's, so that the patterns see the manager's first events."""
+    settings = parse_settings(table, daemon.config.state_dir)
+    if not settings.enabled:
+        return None
+    svc = CorrelationService(daemon.bus, settings, policy_path=daemon.config.policy_path)
+    daemon.on_startup(svc.start)
+    daemon.on_shutdown(svc.close)
+    for op, handler in PatternOps(svc).handlers().items():
+        daemon.register(op, handler)
+    daemon.add_status("correlation", svc.status)
+    return svc
 
 
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:

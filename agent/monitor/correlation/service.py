@@ -228,7 +228,7 @@ class CorrelationService:
             try:
                 pair = files.read_pair(d, stem)
             except OSError as exc:
-                self._problem("update_dir", f"cannot read {d / stem}: {exc.strerror or exc}")
+                self._problem("update_file", f"cannot read {d / stem}: {exc.strerror or exc}")
                 continue
             if pair is not None:
                 pairs.append(pair)
@@ -247,7 +247,7 @@ class CorrelationService:
             try:
                 files.consume(d, pair)
             except OSError as exc:
-                self._problem("update_dir", f"cannot remove {pair.stem}: {exc}")
+                self._problem("update_file", f"cannot remove {pair.stem}: {exc}")
         return out
 
     def rollback(self) -> Outcome:

@@ -58,7 +58,6 @@ EXCLUDE = {
     "coreutils",
     "tar",
     "cpio",
-    "e2fsprogs",
     "logsave",
     "dmsetup",
     "kpartx",
@@ -102,6 +101,7 @@ MODULES = (
     "virtio_blk",
     "virtio_rng",
     "ext4",
+    "loop",  # data images (docs/data-dirs.md)
     "crc32c_generic",
     "libcrc32c",
     "veth",
@@ -111,6 +111,7 @@ MODULES = (
     "9p",
     "9pnet_virtio",
     "overlay",
+    "snd",  # only for /proc/asound: a directory the cells' /proc masks (tests/guest)
 )
 # Modules the initramfs needs to mount the root disk, in load order.
 INITRD_MODULES = (
@@ -549,6 +550,13 @@ def install_wheel(whl: Path, root: Path) -> None:
         p.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {func} import main\nsys.exit(main())\n")
         p.chmod(0o755)
     compile_bytecode(root, ["usr/lib/python3/dist-packages/agent"])
+    # The installed agent's seal, bytecode included (what runs): the master checks its
+    # files against it before it re-executes itself (docs/master.md, respawn).
+    seal = root / "usr/share/agent/agent.seal"
+    seal.parent.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "agent.cli.seal", "build",
+         str(root / "usr/lib/python3/dist-packages/agent"), "-o", str(seal)],
+        cwd=REPO, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def copy_tree(src: Path, dst: Path) -> None:

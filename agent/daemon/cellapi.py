@@ -40,7 +40,7 @@ def ps_row(mgr: CellManager, e: CellEntry) -> dict[str, Any]:
         "memory_max": e.manifest.resources.memory_max, "pids": None,
         "uptime_s": (round(mgr.clock() - e.cell.started_at, 1)
                      if e.state is State.RUNNING and e.cell.started_at else None),
-        "restarts": e.cell.restarts}
+        "restarts": e.cell.restarts, "alerts": e.alerts}
     try:
         st = mgr.cgroup.stats(e.name)
     except (AgentError, OSError):

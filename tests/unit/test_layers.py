@@ -33,7 +33,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "monitor": frozenset({"core", "kernel", "monitor"}),
     "daemon": frozenset({"core", "kernel", "monitor", "daemon"}),
     # the CLI reads what it can without the daemon through the kernel probes only
-    "cli": frozenset({"core", "cli", "kernel.probes", "kernel.cgroupdetect"}),
+    "cli": frozenset({"core", "cli", "kernel.probes", "kernel.cgroupdetect", "kernel.seal"}),
 }
 # The core does no I/O: no module of the standard library that talks to the kernel.
 CORE_BANNED = frozenset({

@@ -43,6 +43,7 @@ from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
 from agent.daemon.cells import ExitCallback
 from agent.daemon.history import EventHistory
+from agent.daemon.integrity import IntegrityWatch
 from agent.daemon.manager import CellManager
 from agent.daemon.reclaim import Reclaimer
 from agent.daemon.respawn import Respawner
@@ -143,10 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None,
                         inherited=inherited)
         history = wire_history(daemon)
-        wire_correlation(daemon)
+        correlation = wire_correlation(daemon)
         cells = None if ns.no_cells else wire_cells(daemon)[0]
-        wire_respawn(daemon, lock, history, cells,
-                     list(sys.argv[1:] if argv is None else argv))
+        respawner = wire_respawn(daemon, lock, history, cells,
+                                 list(sys.argv[1:] if argv is None else argv))
+        hook_master_attack(correlation, respawner)
+        wire_integrity(daemon, respawner)
         asyncio.run(daemon.run())
     except AgentError as exc:
         log.error("%s", exc)
@@ -218,6 +221,28 @@ def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
 
     daemon.on_startup(unclaimed)
     return respawner
+
+
+def hook_master_attack(svc: CorrelationService | None, respawner: Respawner) -> None:
+    """A match of a pattern tagged ``master`` re-makes the master (design step I): on
+    the loop's next turn, once the alert is out; the respawn checks the seal first."""
+    if svc is not None:
+        svc.on_master_attack = lambda m: respawner.request(
+            "pattern", pattern=m.pattern, cells=list(m.cells))
+
+
+def wire_integrity(daemon: Daemon, respawner: Respawner) -> IntegrityWatch:
+    """The installed agent's files watched against their seal: a difference is an
+    ``agent/integrity`` alert and a respawn request (refused while the files differ:
+    tampered code is never run).  Status field ``integrity``."""
+    watch = IntegrityWatch(
+        daemon.bus, respawner.package_root / "agent", respawner.seal_path or AGENT_SEAL,
+        on_tamper=lambda bad: respawner.request(
+            "integrity", files=[f"{m.path} ({m.reason})" for m in bad[:20]]))
+    daemon.on_startup(watch.start)
+    daemon.on_shutdown(watch.close)
+    daemon.add_status("integrity", watch.status)
+    return watch
 
 
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:

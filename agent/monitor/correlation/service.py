@@ -98,7 +98,7 @@ class CorrelationService:
         self.store = files.Store(settings.store_dir)
         self.policy = policy
         self.policy_path = policy_path
-        self.on_master_attack: Callable[[Match], None] | None = None
+        self.on_master_attack: Callable[[Match], object] | None = None
         self.alerts: collections.deque[dict[str, Any]] = \
             collections.deque(maxlen=settings.alerts_kept)
         self.problems: dict[str, str] = {}  # what keeps the service from doing all it should

@@ -178,6 +178,7 @@ class IntegrityWatch:
 
     def status(self) -> dict[str, Any]:
         """The ``integrity`` field of ``agentctl status``."""
-        return {"seal": str(self.seal_path), "watching": self._ino is not None,
-                "directories": len(self._dirs), "checks": self.checks,
+        return {"root": str(self.root), "seal": str(self.seal_path),
+                "watching": self._ino is not None, "directories": len(self._dirs),
+                "checks": self.checks,
                 "differences": self.differences[:REPORTED_MAX], "problem": self.problem}

@@ -24,6 +24,7 @@ import pytest
 from cellkit import (
     SERVICES,
     agentd_pid,
+    call,
     clean,
     ctl,
     logs,
@@ -224,18 +225,35 @@ def test_memfd_across_cells(clean: dict[str, Any]) -> None:
     assert sorted(alert["attrs"]["chain"][0]["values"]) == ["corr-memfd-a", "corr-memfd-b"]
 
 
-@pending("the master's agent/integrity event")
 def test_master_files_changed(clean: dict[str, Any]) -> None:
-    policy = Path("/etc/agent/policy.toml")
-    text = policy.read_text()
-    since = last_seq()
+    """An installed file of the agent changed: the integrity watch's agent/integrity
+    alert, the pattern's alert, and the respawn it asks for refused (tampered code is
+    never run: master/integrity); the file put back, the tree is clean again.  (The
+    watch covers the installed package against its seal, not /etc/agent.)"""
+    st = wait_for(lambda: (s := call("status")["integrity"])["checks"] >= 1 and s,
+                  "the first integrity check")
+    assert st["watching"] and st["differences"] == [] and st["problem"] is None, st
+    pid, since = agentd_pid(), last_seq()
+    target = Path(st["root"]) / "cli" / "seal.py"  # imported by no agentd or agentctl run
+    before, stat = target.read_bytes(), target.stat()
     try:
-        policy.write_text(text + "# changed behind the agent's back\n")
+        target.write_bytes(before + b"\nimport os  # tampered\n")
         alert = expect_alert("master-files-changed", since)
+        (ev,) = [e for e in call("events", n=500, channel="agent", kind="integrity")
+                 if e["seq"] > since]
+        assert (ev["attrs"]["path"], ev["attrs"]["reason"]) == (str(target), "changed")
+        refused = wait_for(lambda: [e for e in call("events.log", n=200, channel="master",
+                                                    kind="integrity") if e["seq"] > since],
+                           "the refused respawn")[0]
+        assert refused["attrs"]["reason"] == "integrity" and refused["attrs"]["ok"] is False
+        assert "cli/seal.py (changed)" in refused["attrs"]["files"]
+        assert agentd_pid() == pid  # no exec
     finally:
-        policy.write_text(text)
+        target.write_bytes(before)
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # its .pyc stays valid
     assert chain_of(alert) == [("changed", "agent/integrity", None)]
-    assert "master" in alert["attrs"]["tags"]
+    assert "master" in alert["attrs"]["tags"] and ev["severity"] == "alert"
+    wait_for(lambda: call("status")["integrity"]["differences"] == [], "a clean tree again")
 
 
 @pending("the master's agent/signal event")

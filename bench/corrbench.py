@@ -8,7 +8,10 @@ box, ``python3 -P /mnt/src/bench/corrbench.py``).  Prints figures, never pass/fa
   ``--rounds`` (20) times; median, 90th percentile and maximum.  Measured idle and
   while a fourth cell floods agentd with trapped calls (``hostname`` in a loop), with
   the default library and with ``--patterns`` (500) installed (the default library
-  plus generated ones, bench/correlate.py's templates);
+  plus generated ones, bench/correlate.py's templates).  Both are installed as updates
+  with every response ``record``: the default ``freeze`` would stop the next round (a
+  frozen cell takes no signal); the response comes after the alert, so the latency is
+  the same;
 * agentd's resident set (VmRSS) with the default library, right after installing the
   500 patterns, and after the floods (the partial matches then alive); and how long
   the install took (agentctl, chunks, checks, swap).
@@ -37,8 +40,9 @@ PIDFILE = Path("/var/run/agentd.pid")
 IMAGE = "/usr/share/agent/images/demo"
 TRIGGERED = ["cb-esc-a", "cb-esc-b", "cb-esc-c"]
 FLOOD = "cb-flood"
-# One refused mount per SIGUSR1; the shell waits in `wait` (no CPU) between signals.
-ON_SIGNAL = ("trap 'mount -t tmpfs none /tmp 2>/dev/null; echo m' USR1; "
+# One refused mount per SIGUSR1; the shell waits in `wait` (no CPU) between signals,
+# and ends the interrupted sleep (each round's sleep would otherwise stay: pids_max).
+ON_SIGNAL = ("trap 'mount -t tmpfs none /tmp 2>/dev/null; echo m; kill $! 2>/dev/null' USR1; "
              "while :; do sleep 3600 & wait; done")
 
 
@@ -90,7 +94,12 @@ def latencies(rounds: int) -> list[float]:
         deadline = time.monotonic() + 60
         while not (got := alerts_after(seq)):
             if time.monotonic() > deadline:
-                raise SystemExit("no alert within 60 s")
+                seen = [(e["cell"], e["attrs"].get("syscall"))
+                        for e in call("events", n=500, channel="syscall")
+                        if e["seq"] > seq and e["cell"] in TRIGGERED]
+                raise SystemExit(f"round {len(out) + 1}: no alert within 60 s; traps of "
+                                 f"the three cells since: {seen}; "
+                                 f"correlation: {call('status')['correlation']}")
             time.sleep(0.2)
         a = got[0]
         out.append(a["mono"] - a["attrs"]["chain"][-1]["mono"])
@@ -104,7 +113,9 @@ def summary(xs: list[float]) -> dict[str, float]:
 
 
 def measure(rounds: int) -> dict[str, Any]:
+    print(f"idle, {rounds} rounds", file=sys.stderr, flush=True)
     idle = latencies(rounds)
+    print(f"under a trap flood, {rounds} rounds", file=sys.stderr, flush=True)
     manifest(FLOOD, "while :; do hostname x 2>/dev/null; done")
     ctl("run", FLOOD)
     time.sleep(2)
@@ -118,16 +129,20 @@ def measure(rounds: int) -> dict[str, Any]:
 
 
 def big_bundle(n: int, version: int, where: Path) -> Path:
-    """The default library and generated patterns (bench/correlate.py), ``n`` in all,
+    """The default library (responses ``record``) and generated patterns
+    (bench/correlate.py), ``n`` in all (the default library alone if ``n`` is smaller),
     signed with the development key the box pins."""
+    import re
+
     from correlate import generated
     from corrkit import DEFAULT_PAT, DEV_KEY
 
     from agent.monitor.correlation import bundle as bnd
     from agent.monitor.correlation.language import parse
 
-    default = list(parse(DEFAULT_PAT.read_text(), "default.pat"))
-    pats = [*default, *generated(n - len(default))]
+    text = re.sub(r"(?m)^(\s*)response \w+$", r"\1response record", DEFAULT_PAT.read_text())
+    default = list(parse(text, "default.pat"))
+    pats = [*default, *generated(max(0, n - len(default)))]
     secret = bnd.parse_key(DEV_KEY.read_text(), "secret")
     data = bnd.stamp(bnd.encode(pats, version), bnd.key_id(bnd.public_key(secret)))
     path = where / "big.bundle"
@@ -146,12 +161,15 @@ def main() -> int:
         manifest(name, ON_SIGNAL)
         ctl("run", name)
     time.sleep(1)
-    res: dict[str, Any] = {"rss_default_kib": rss_kib()}
+    shipped = int(call("patterns")["version"])
+    res: dict[str, Any] = {"rss_shipped_kib": rss_kib()}
+    with tempfile.TemporaryDirectory() as tmp:
+        ctl("patterns", "install", str(big_bundle(0, shipped + 1, Path(tmp))))
+    res["rss_default_kib"] = rss_kib()
     res["default"] = measure(ns.rounds)
     res["rss_default_after_kib"] = rss_kib()
-    version = int(call("patterns")["version"]) + 1
     with tempfile.TemporaryDirectory() as tmp:
-        path = big_bundle(ns.patterns, version, Path(tmp))
+        path = big_bundle(ns.patterns, shipped + 2, Path(tmp))
         res["bundle_bytes"] = path.stat().st_size
         t = time.monotonic()
         ctl("patterns", "install", str(path))
@@ -177,7 +195,8 @@ def main() -> int:
             print(f"  {label:<16} {mode:<6} median {s['median_ms']:6.2f} ms  p90 "
                   f"{s['p90_ms']:6.2f} ms  max {s['max_ms']:6.2f} ms{extra}")
         print(f"  {label:<16} dropped by the engine's queue: {m['dropped']}")
-    print(f"  agentd RSS: {res['rss_default_kib'] / 1024:.1f} MiB with the default library "
+    print(f"  agentd RSS: {res['rss_shipped_kib'] / 1024:.1f} MiB with the shipped library, "
+          f"{res['rss_default_kib'] / 1024:.1f} MiB with it installed again as an update "
           f"({res['rss_default_after_kib'] / 1024:.1f} after its floods); "
           f"{res['rss_installed_kib'] / 1024:.1f} MiB with {ns.patterns} patterns installed "
           f"({res['rss_many_after_kib'] / 1024:.1f} after the floods, {res['partials']} "

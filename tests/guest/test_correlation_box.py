@@ -92,7 +92,7 @@ def test_escape_calls_from_three_cells_raise_one_alert(clean: dict[str, Any],
                                                        shipped: int) -> None:
     if pattern_row("escapes-across-cells")["partials"]:
         restart_agentd()  # another test's escapes within its window: begin afresh
-    since = last_seq()
+    since, before = last_seq(), call("status")["correlation"]
     mount_in("corr-esc-a")
     mount_in("corr-esc-a")  # the same cell again: still one cell
     mount_in("corr-esc-b")
@@ -115,8 +115,8 @@ def test_escape_calls_from_three_cells_raise_one_alert(clean: dict[str, Any],
     # persisted (the event log), and counted
     assert [e["seq"] for e in persisted_alerts(since, "escapes-across-cells")] == [alert["seq"]]
     assert pattern_row("escapes-across-cells")["matches"] == 1
-    st = call("status")["correlation"]
-    assert st["matches"] == 1 and st["dropped"] == 0
+    st = call("status")["correlation"]  # other modules' matches came before
+    assert st["matches"] == before["matches"] + 1 and st["dropped"] == before["dropped"]
     listed = call("patterns")["alerts"]
     assert listed[-1]["seq"] == alert["seq"]
     print(f"alert {alert['seq']} {link['values']}; latency in agentd "

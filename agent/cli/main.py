@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent import __version__
+from agent.cli import patternsctl
 from agent.cli import top as clitop
 from agent.cli.client import Client, ConnectError, RemoteError, TransportError
 from agent.cli.pstree import format_tree
@@ -341,6 +342,7 @@ def _parser() -> argparse.ArgumentParser:
                          "and all (default: escaped, as journalctl does)")
     sp.set_defaults(func=_cmd_logs)
     clitop.add_parsers(sub, common)  # top, pin, unpin
+    patternsctl.add_parsers(sub, common)  # patterns [list|install|rollback]
     sp = sub.add_parser("checkconfig", add_help=False,
                         help="kernel features the agent uses: present, degraded, missing")
     sp.set_defaults(func=None)

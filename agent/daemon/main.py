@@ -26,7 +26,7 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
 from agent.daemon.cells import ExitCallback
 from agent.daemon.history import EventHistory
+from agent.daemon.integrity import IntegrityWatch
 from agent.daemon.manager import CellManager
 from agent.daemon.reclaim import Reclaimer
 from agent.daemon.respawn import Respawner
@@ -65,6 +66,9 @@ from agent.kernel.netns import NETNS_DIR
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
 from agent.kernel.ports import set_cell_port
+from agent.monitor.correlation.service import CorrelationService
+from agent.monitor.correlation.service_ops import PatternOps
+from agent.monitor.correlation.settings import parse_settings
 from agent.monitor.host.service import HostMonitor
 from agent.monitor.net.service import ManagerCells, NetMonitor
 from agent.monitor.proc.service import ProcMonitor
@@ -72,7 +76,7 @@ from agent.monitor.syscall.adapter_keeper import KeeperLink
 from agent.monitor.syscall.service import SyscallService, TrapLimits
 
 __all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells",
-           "wire_syscalls", "wire_watchers"]
+           "wire_correlation", "wire_syscalls", "wire_watchers"]
 
 # The installed agent's seal, written when the image was built (docs/master.md).
 AGENT_SEAL = Path("/usr/share/agent/agent.seal")
@@ -149,11 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None,
                         inherited=inherited)
         history = wire_history(daemon)
+        correlation = wire_correlation(daemon)
         cells = None if ns.no_cells else wire_cells(daemon)[0]
         if cells is not None:
             wire_watchers(daemon, cells)
-        wire_respawn(daemon, lock, history, cells,
-                     list(sys.argv[1:] if argv is None else argv))
+        respawner = wire_respawn(daemon, lock, history, cells,
+                                 list(sys.argv[1:] if argv is None else argv))
+        hook_master_attack(correlation, respawner)
+        wire_integrity(daemon, respawner)
         asyncio.run(daemon.run())
     except AgentError as exc:
         log.error("%s", exc)
@@ -176,6 +183,25 @@ def wire_history(daemon: Daemon) -> EventHistory:
 
     daemon.on_shutdown(shutdown)
     return history
+
+
+def wire_correlation(daemon: Daemon, table: Mapping[str, Any] | None = None
+                     ) -> CorrelationService | None:
+    """Channel 4: the correlation engine on the bus, its pattern bundles (shipped,
+    stored, dropped in the update directory), its ops (``patterns``,
+    ``patterns.install``, ``patterns.rollback``) and its status field.  ``table``: the
+    ``[correlation]`` settings (docs/patterns.md); its start-up runs before the cell
+    manager's, so that the patterns see the manager's first events."""
+    settings = parse_settings(table, daemon.config.state_dir)
+    if not settings.enabled:
+        return None
+    svc = CorrelationService(daemon.bus, settings, policy_path=daemon.config.policy_path)
+    daemon.on_startup(svc.start)
+    daemon.on_shutdown(svc.close)
+    for op, handler in PatternOps(svc).handlers().items():
+        daemon.register(op, handler)
+    daemon.add_status("correlation", svc.status)
+    return svc
 
 
 def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
@@ -206,6 +232,28 @@ def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
 
     daemon.on_startup(unclaimed)
     return respawner
+
+
+def hook_master_attack(svc: CorrelationService | None, respawner: Respawner) -> None:
+    """A match of a pattern tagged ``master`` re-makes the master (design step I): on
+    the loop's next turn, once the alert is out; the respawn checks the seal first."""
+    if svc is not None:
+        svc.on_master_attack = lambda m: respawner.request(
+            "pattern", pattern=m.pattern, cells=list(m.cells))
+
+
+def wire_integrity(daemon: Daemon, respawner: Respawner) -> IntegrityWatch:
+    """The installed agent's files watched against their seal: a difference is an
+    ``agent/integrity`` alert and a respawn request (refused while the files differ:
+    tampered code is never run).  Status field ``integrity``."""
+    watch = IntegrityWatch(
+        daemon.bus, respawner.package_root / "agent", respawner.seal_path or AGENT_SEAL,
+        on_tamper=lambda bad: respawner.request(
+            "integrity", files=[f"{m.path} ({m.reason})" for m in bad[:20]]))
+    daemon.on_startup(watch.start)
+    daemon.on_shutdown(watch.close)
+    daemon.add_status("integrity", watch.status)
+    return watch
 
 
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:

@@ -100,6 +100,9 @@ SERVICES = Path("/etc/agent/services")
 JOURNAL = Path("/var/lib/agent/agent.journal")
 CONFIG = Path("/etc/agent/agentd.toml")
 DEMO = "/usr/share/agent/images/demo"
+# S50agentd start waits up to 120 s (its START_WAIT) for agentd to answer, then returns
+# saying it is still starting: more than that before the script itself is a hang.
+START_S = 150
 PYIMG = Path("/var/lib/agent-tests/pyimage")
 
 # Imported by every probe (python3 -S inside the cell): exact syscalls, errno names.
@@ -219,7 +222,7 @@ def up() -> bool:
 
 def ensure_agentd() -> None:
     if not up():
-        sh("/etc/init.d/S50agentd", "start")
+        sh("/etc/init.d/S50agentd", "start", timeout=START_S)
         wait_for(up, "agentd ping", timeout=60)
 
 
@@ -234,7 +237,7 @@ def restart_agentd() -> None:
     """Stop agentd (asked again until it is down), start it, and wait until it answers
     and its cell manager is up (``status`` has a budget): it reads its config anew."""
     wait_for(_stopped, "agentd to stop", timeout=60, every=1)
-    sh("/etc/init.d/S50agentd", "start")
+    sh("/etc/init.d/S50agentd", "start", timeout=START_S)
     wait_for(up, "agentd ping", timeout=60)
     wait_for(lambda: isinstance(call("status").get("budget"), dict), "the cell manager",
              timeout=60)
@@ -281,7 +284,7 @@ def kill9_agentd() -> int:
 
 def kill9_and_restart() -> None:
     kill9_agentd()
-    sh("/etc/init.d/S50agentd", "start")
+    sh("/etc/init.d/S50agentd", "start", timeout=START_S)
     wait_for(up, "agentd restarted", timeout=60)
 
 

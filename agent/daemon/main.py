@@ -7,7 +7,8 @@ imports another (docs/architecture.md):
 
 * at start, before the socket serves: the cell manager (:func:`build_manager`: cgroup
   backend, host network, policy, firewall, spawner, journal replay and adoption), then
-  the tuner and the reclaim loop over it (:func:`start_tuning`);
+  the tuner and the reclaim loop over it (:func:`start_tuning`), and channel 1's exec
+  monitor (:func:`wire_exec`: its spawn hook and its groups passed across a respawn);
 * the op handlers of each (:class:`~agent.daemon.cellapi.CellOps`,
   :class:`~agent.daemon.tunerapi.TunerOps`) and their status fields;
 * at shutdown, in reverse: the tuner and reclaim loop, then the manager (cells keep
@@ -38,6 +39,7 @@ from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load
 from agent.core.errors import AgentError, ConfigError
 from agent.core.policy import Policy, load_policy
 from agent.core.protocol import Peer
+from agent.core.sandbox import SpawnSpec
 from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
@@ -61,8 +63,12 @@ from agent.kernel.net import HostNet
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
 from agent.kernel.ports import set_cell_port
+from agent.kernel.spawn import Spawned, spawn_cell
+from agent.monitor.exec.service import INHERIT_PREFIX, ExecService
+from agent.monitor.exec.settings import ExecSettings, settings_from_text
 
-__all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
+__all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells",
+           "wire_exec"]
 
 # The installed agent's seal, written when the image was built (docs/master.md).
 AGENT_SEAL = Path("/usr/share/agent/agent.seal")
@@ -139,9 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None,
                         inherited=inherited)
         history = wire_history(daemon)
-        cells = None if ns.no_cells else wire_cells(daemon)[0]
-        wire_respawn(daemon, lock, history, cells,
-                     list(sys.argv[1:] if argv is None else argv))
+        execmon = None if ns.no_cells else wire_exec(daemon)
+        cells = None if ns.no_cells else wire_cells(daemon, execmon)[0]
+        respawner = wire_respawn(daemon, lock, history, cells,
+                                 list(sys.argv[1:] if argv is None else argv))
+        if execmon is not None:  # its groups survive a respawn; what it read is answered
+            respawner.keep(execmon.kept)
+            respawner.flush.insert(0, execmon.flush)
         asyncio.run(daemon.run())
     except AgentError as exc:
         log.error("%s", exc)
@@ -196,13 +206,43 @@ def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
     return respawner
 
 
-def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
+def wire_exec(daemon: Daemon) -> ExecService | None:
+    """Channel 1, exec protection (docs/exec.md), with the settings of ``exec.toml``
+    beside the policy (defaults, enforcing, and an alert, when it is invalid; None when
+    its mode is ``off``).  The groups a previous master passed on are claimed now,
+    before anything closes what is unclaimed; the manager attaches it and starts it."""
+    path = daemon.config.policy_path.parent / "exec.toml"
+    problem = None
+    try:
+        settings = settings_from_text(path.read_text(), daemon.config.state_dir, str(path))
+    except FileNotFoundError:
+        settings = settings_from_text("", daemon.config.state_dir)
+    except (ConfigError, OSError) as exc:
+        problem = str(exc)
+        log.error("%s; channel 1 uses its defaults", exc)
+        settings = ExecSettings(signatures=daemon.config.state_dir / "exec/signatures.txt")
+    if settings.mode == "off":
+        log.warning("exec protection is off (%s)", path)
+        return None
+    inherited = {n: fd for n in daemon.inherited.names(INHERIT_PREFIX)
+                 if (fd := daemon.inherited.claim(n)) is not None}
+    svc = ExecService(daemon.bus, settings, inherited=inherited)
+    daemon.add_status("exec", svc.status)
+    daemon.on_shutdown(_closer(svc.close))
+    if problem is not None:
+        daemon.bus.emit("exec", "settings-refused", severity="alert", path=str(path),
+                        error=problem)
+    return svc
+
+
+def wire_cells(daemon: Daemon, execmon: ExecService | None = None
+               ) -> tuple[CellOps, TunerOps]:
     """Register the cell services on ``daemon``: built at start, closed at shutdown."""
     cells, tuning = CellOps(), TunerOps()
 
     async def startup() -> None:
         try:
-            cells.manager = await build_manager(daemon.config, daemon.bus)
+            cells.manager = await build_manager(daemon.config, daemon.bus, execmon)
         except (AgentError, OSError) as exc:
             cells.problem = str(exc)
             tuning.problem = f"no cell manager: {exc}"
@@ -213,6 +253,8 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
         log.info("cell manager ready: %d cells from the journal (%d running)",
                  len(mgr.cells), running)
         start_tuning(daemon.config, mgr, tuning)
+        if execmon is not None:
+            await execmon.start()
         responder = Responder(mgr.bus, mgr, mgr.cgroup, isolate=set_cell_port)
         responder.attach()
         daemon.add_status("responses", responder.status)
@@ -259,9 +301,11 @@ def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> Non
              f" and every {s.period_s:g}s (no box PSI)" if reclaimer.polled else "")
 
 
-async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
+async def build_manager(config: AgentConfig, bus: EventBus,
+                        execmon: ExecService | None = None) -> CellManager:
     """The real thing: cgroup v2 subtree (agentd moved to ``agent-master``), the bridge,
-    the policy, capacity and PSI readers, the spawner; then journal replay and adoption."""
+    the policy, capacity and PSI readers, the spawner (through the exec monitor's spawn
+    hook when there is one); then journal replay and adoption."""
     loop = asyncio.get_running_loop()
     cg = open_backend(config.cgroup_root)  # v2, or v1 on legacy BSP kernels
     if isinstance(cg, CgroupV2):
@@ -276,8 +320,11 @@ async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
         policy = Policy(source=str(config.policy_path))
     paths = Paths(config.state_dir, config.run_dir)
 
+    spawn: Callable[[SpawnSpec], Spawned] = spawn_cell if execmon is None else execmon.spawn
+
     def make_spawner(on_exit: ExitCallback) -> CellSpawner:
-        return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes)
+        return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes,
+                           spawn=spawn)
 
     # Channels 1 and 3: each cell's own nftables table and the host's forwarding table
     # (docs/firewall.md); a create plan refuses to start a cell unfiltered without it.
@@ -285,5 +332,7 @@ async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
     mgr = CellManager(config, bus, policy, cgroup=cg, net=hostnet, make_spawner=make_spawner,
                       capacity=read_capacity(), pressure=read_host_pressure, firewall=firewall)
     mgr.open_journal(loop)
+    if execmon is not None:  # before start: adoption may restart a cell (a spawn)
+        execmon.attach(mgr, cg)
     await mgr.start()
     return mgr

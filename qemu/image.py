@@ -108,9 +108,18 @@ MODULES = (
     "bridge",
     "8021q",
     "nf_tables",
+    # channel 3 (agent/monitor/net): conntrack events, NFLOG, the rate-limited log
+    # rules; the kernel loads them on first use (nft, nfnetlink requests)
+    "nf_conntrack",
+    "nf_conntrack_netlink",
+    "nfnetlink_log",
+    "nft_ct",
+    "nft_log",
+    "nft_limit",
     "9p",
     "9pnet_virtio",
     "overlay",
+    "snd",  # only for /proc/asound: a directory the cells' /proc masks (tests/guest)
 )
 # Modules the initramfs needs to mount the root disk, in load order.
 INITRD_MODULES = (

@@ -10,6 +10,7 @@ typo never silently falls back to a default.  Layout (see rootfs-overlay/etc/age
     [host_reserve] cpu, memory, pids
     [logs]         cell_buffer, journal_max
     [data]         default_size, max_size, state_reserve
+    [limits]       output_rate, output_burst, trap_rate, trap_burst
 
 Sizes are integers (bytes) or strings such as "96M", "64K", "1G" (binary multiples).
 """
@@ -101,6 +102,11 @@ class AgentConfig:
     # free space on state_dir's file system that data images may never take: the
     # journal (and its compaction copy) always has room
     data_state_reserve: int = 16 << 20
+    # [limits]: what one cell may cost agentd's loop (agent.daemon.spawner.CellLimits)
+    output_rate: int = 256 << 10  # bytes per second read from a cell's stdout+stderr
+    output_burst: int = 1 << 20
+    trap_rate: int = 10  # trapped syscalls answered per second, per cell (channel 2)
+    trap_burst: int = 50
 
     @property
     def pidfile(self) -> Path:
@@ -153,6 +159,8 @@ class AgentConfig:
                      "journal_max": self.journal_max_bytes},
             "data": {"default_size": self.data_default_size, "max_size": self.data_max_size,
                      "state_reserve": self.data_state_reserve},
+            "limits": {"output_rate": self.output_rate, "output_burst": self.output_burst,
+                       "trap_rate": self.trap_rate, "trap_burst": self.trap_burst},
         }
 
 
@@ -252,6 +260,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, Conv]]] = {
         "default_size": ("data_default_size", _size), "max_size": ("data_max_size", _size),
         "state_reserve": ("data_state_reserve", _size),
     },
+    "limits": {
+        "output_rate": ("output_rate", _size), "output_burst": ("output_burst", _size),
+        "trap_rate": ("trap_rate", _int(1, 1_000_000)),
+        "trap_burst": ("trap_burst", _int(1, 1_000_000)),
+    },
 }
 
 
@@ -302,6 +315,13 @@ def parse_config(data: Mapping[str, Any], source: str = "agentd.toml") -> AgentC
         raise ConfigError("E_CONFIG", f"`userns.uid_base` + `userns.uid_size` * `userns.slots` "
                           f"overflow 32 bits in {source}", "lower uid_base, uid_size or slots")
     _check_data(cfg, source)
+    if cfg.output_rate < 1 << 10:
+        raise ConfigError("E_CONFIG", f"`limits.output_rate` ({cfg.output_rate} B/s) is below "
+                          f"1K in {source}: a cell's output would stall",
+                          'write e.g. output_rate = "256K"')
+    if cfg.output_burst < 64 << 10:
+        raise ConfigError("E_CONFIG", f"`limits.output_burst` ({cfg.output_burst}) is below one "
+                          f"64K read in {source}", 'write e.g. output_burst = "1M"')
     return cfg
 
 

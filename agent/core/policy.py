@@ -8,7 +8,9 @@ Entries are tried in file order and the first whose every given field (``uid``,
 :meth:`Policy.authorize` is pure; it returns a :class:`Decision` naming the rule that
 allowed the request, or raises :class:`~agent.core.errors.RefusedError` with one of the codes
 ``E_POLICY_ROLE``, ``E_POLICY_OP``, ``E_POLICY_SERVICE``, ``E_POLICY_CEILING``,
-``E_POLICY_PRIVILEGE``, ``E_POLICY_SHARE``, naming the identity, the rule and the numbers.
+``E_POLICY_PRIVILEGE``, ``E_POLICY_SHARE``, naming the identity, the rule and the numbers,
+or ``E_POLICY_USERNS`` when agentd runs without user namespaces and the manifest asks for
+what a cell may have only inside one (:func:`agent.core.grants.without_userns`).
 
 A data dir belongs to one service (docs/data-dirs.md).  A manifest whose data ``source``
 names another service is run only if a ``[[share]]`` entry lists it among that
@@ -27,7 +29,7 @@ from typing import Any
 
 from agent.core import units
 from agent.core.errors import RefusedError
-from agent.core.grants import PRIVILEGED_OPS
+from agent.core.grants import CAPABILITY_MODES, PRIVILEGED_OPS, without_userns
 from agent.core.manifest import NAME_RE, Manifest
 from agent.core.units import ConfigProblems, Problem, TableReader
 
@@ -170,7 +172,9 @@ class Policy:
 
     def authorize(self, peer_uid: int, peer_gid: int, op: str, service: str | None,
                   manifest: Manifest | None, current_cells: int,
-                  *, peer_groups: Sequence[int] = ()) -> Decision:
+                  *, peer_groups: Sequence[int] = (), userns: bool = True) -> Decision:
+        """``userns``: agentd runs cells in user namespaces (``[userns] enabled``);
+        without them a ``run`` is also checked against what a cell may have there."""
         who = f"uid {peer_uid} gid {peer_gid}"
         ident = self.identify(peer_uid, peer_gid, peer_groups)
         if ident is None or self.roles is None:
@@ -193,6 +197,8 @@ class Policy:
             self._check_ceilings(who, rule, role, manifest)
         if op == "run" and manifest is not None:
             self.check_data_source(manifest)
+        if op == "run" and manifest is not None and not userns:
+            _check_without_userns(who, rule, manifest)
         if op == "run" and role.max_cells is not None and current_cells >= role.max_cells:
             raise RefusedError("E_POLICY_CEILING", f"{who} ({rule}): already runs "
                                f"{current_cells} cells, role {role.name} max_cells is "
@@ -219,6 +225,25 @@ class Policy:
                 f"are not granted to role {role.name}",
                 f"role {role.name} may ask for: "
                 f"{', '.join(sorted(role.privileged_ops)) or 'none'}")
+
+
+def _check_without_userns(who: str, rule: str, m: Manifest) -> None:
+    problems = without_userns(m.privileges.capabilities, m.service.uid, m.service.gid)
+    if not problems:
+        return
+    hints = []
+    if any(key.startswith("service.") for key, _ in problems):
+        hints.append("give the service a non-zero uid and gid of its own (service.uid, "
+                     "service.gid)")
+    if any(key == "privileges.capabilities" for key, _ in problems):
+        keep = sorted(c.removeprefix("CAP_").lower() for c, mode in CAPABILITY_MODES.items()
+                      if mode.keep_without_userns)
+        hints.append(f"without user namespaces a cell may keep only: {', '.join(keep)}")
+    raise RefusedError(
+        "E_POLICY_USERNS", f"{who} ({rule}): {m.name}: agentd runs cells without user "
+        "namespaces ([userns] enabled = false), where the cell's ids and capabilities are "
+        "the host's: " + "; ".join(f"{key}: {why}" for key, why in problems),
+        "; ".join(hints) + " (docs/isolation.md)")
 
 
 # --------------------------------------------------------------------------------------------

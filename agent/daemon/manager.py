@@ -227,7 +227,8 @@ class CellManager(Adoption):
                   ) -> dict[str, Any]:
         m = self.load(name)
         try:
-            self.policy.authorize(uid, gid, "run", name, m, self._owned(uid))
+            self.policy.authorize(uid, gid, "run", name, m, self._owned(uid),
+                                  userns=self.config.userns)
             check_image(m, self.fs_root)
             if dry_run:
                 alloc = self._preview(m, self.pressure())
@@ -268,6 +269,7 @@ class CellManager(Adoption):
     async def stop(self, name: str, uid: int, gid: int) -> dict[str, Any]:
         check_cell_name(name)
         self.policy.authorize(uid, gid, "stop", name, None, self._owned(uid))
+        self.entry(name)  # E_NOT_FOUND before a lock is made for the name: one per name kept
         async with self._lock(name):
             e = self.entry(name)
             self.post(e, Event.STOP_REQUESTED)
@@ -284,6 +286,11 @@ class CellManager(Adoption):
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+    def cell_lock(self, cell: str) -> asyncio.Lock:
+        """The lock ``run`` and ``stop`` of ``cell`` hold (the reclaim loop collects an
+        orphan of that name under it)."""
+        return self._lock(cell)
 
     async def _wait(self, e: CellEntry, pred: Callable[[Cell], bool]) -> None:
         if pred(e.cell):

@@ -16,6 +16,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -29,7 +30,7 @@ from agent.core.cell import State
 from agent.core.errors import AgentError
 from agent.core.events import Event
 from agent.core.manifest import Manifest, parse_manifest
-from agent.core.sandbox import DEFAULT_MOUNTS, Mount, SpawnSpec
+from agent.core.sandbox import DEFAULT_MOUNTS, Mount, SpawnSpec, UidMap
 from agent.daemon.bus import EventBus
 from agent.kernel.cgroupdetect import detect
 from agent.kernel.cgroupv1 import CONTROLLERS, CgroupV1
@@ -136,7 +137,7 @@ async def run_cell(svc: ExecService, image: Path, cg: CgroupV1, script: str,
     r, w = os.pipe()
     spec = SpawnSpec(argv=("/bin/sh", "-c", script), rootfs=str(image),
                      env=(("PATH", "/bin"),), hostname=CELL, stdout=w, stderr=w,
-                     cgroup_path=str(cg.leaf(CELL)),
+                     cgroup_path=str(cg.leaf(CELL)), userns=UidMap(300000, 65536),
                      mounts=(*DEFAULT_MOUNTS, Mount("tmpfs", "/tmp", size=8 << 20,
                                                     flags=frozenset({"nosuid", "nodev"}))))
     try:
@@ -288,9 +289,8 @@ def test_a_host_process_through_the_cells_mount_is_allowed(image: Path, cgroup: 
                                                           tmp_path: Path) -> None:
     """An operator on the host (no cell's cgroup) runs the cell's dropped file through
     /proc/PID/root: allowed and counted, not reported; the cell's own exec is denied."""
-    script = ("cp /bin/busybox /tmp/true; chmod 755 /tmp/true; "
-              "while [ ! -e /tmp/go ]; do /bin/busybox sleep 0.05; done; "
-              "/tmp/true; echo cell=$?")
+    script = ("cp /bin/busybox /tmp/true; chmod 755 /tmp/true; mkfifo /tmp/go; "
+              "read -r _ < /tmp/go; /tmp/true; echo cell=$?")
     bus, directory = EventBus(), _Dir()
     svc = ExecService(bus, ExecSettings(signatures=tmp_path / "none.txt"))
     directory.cells[CELL] = _Entry(manifest(image))
@@ -299,16 +299,19 @@ def test_a_host_process_through_the_cells_mount_is_allowed(image: Path, cgroup: 
     async def host_exec() -> None:
         for _ in range(100):
             pid = directory.cells[CELL].pid
-            if pid and os.path.exists(f"/proc/{pid}/root/tmp/true"):
+            if pid and os.path.exists(f"/proc/{pid}/root/tmp/go"):
                 break
             await asyncio.sleep(0.05)
         # a host shell exec's the cell's file.  Never exec a marked file straight from
         # the loop's own interpreter: subprocess uses vfork and holds the GIL until the
-        # child's exec, which waits for the loop's answer (docs/exec.md, "agentd itself")
-        proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", f'exec "/proc/{pid}/root/tmp/true"')
-        result["host"] = await asyncio.wait_for(proc.wait(), 30)
-        Path(f"/proc/{pid}/root/tmp/go").touch()
+        # child's exec, which waits for the loop's answer (docs/exec.md, "agentd itself");
+        # /bin/sh is not on a marked mount
+        done = await asyncio.to_thread(subprocess.run, [
+            "/bin/sh", "-c", f'exec "/proc/{pid}/root/tmp/true"'], timeout=30)
+        result["host"] = done.returncode
+        # a fifo the cell made: host root cannot create a file on a tmpfs mounted in
+        # the cell's user namespace (its uid is not mapped there)
+        await asyncio.to_thread(Path(f"/proc/{pid}/root/tmp/go").write_text, "go\n")
 
     async def go() -> tuple[int, str]:
         svc.attach(directory, cgroup)

@@ -81,6 +81,41 @@ def test_refusals(shipped: Policy, uid: int, gid: int, op: str, service: str | N
         assert f in ei.value.message
 
 
+def _svc(uid: int = 0, gid: int = 0, caps: list[str] | None = None) -> Any:
+    return manifest_from_dict({
+        "name": "vendor-app", "service": {"command": "/bin/app", "uid": uid, "gid": gid},
+        "image": {"root": "/img"}, "privileges": {"capabilities": caps or []}})
+
+
+@pytest.mark.parametrize(("m", "fragments", "hint"), [
+    (_svc(), ["service.uid: uid 0", "service.gid: gid 0", "host root"], "service.uid"),
+    (_svc(1000, 0), ["service.gid: gid 0"], "non-zero uid and gid"),
+    (_svc(1000, 1000, ["net_raw", "kill", "sys_nice"]),
+     ["CAP_NET_RAW: raw and packet", "CAP_SYS_NICE: real-time"], "may keep only: audit_write"),
+    (_svc(1000, 1000, ["chown", "setuid"]), ["CAP_CHOWN: chown of any inode",
+                                             "CAP_SETUID: setuid(0)"], "net_bind_service"),
+])
+def test_without_userns_host_root_and_host_caps_are_refused(shipped: Policy, m: Any,
+                                                            fragments: list[str],
+                                                            hint: str) -> None:
+    with pytest.raises(RefusedError) as ei:
+        shipped.authorize(1000, 1000, "run", "vendor-app", m, 0, userns=False)
+    assert ei.value.code == "E_POLICY_USERNS"
+    assert "[userns] enabled = false" in ei.value.message
+    for f in fragments:
+        assert f in ei.value.message
+    assert hint in (ei.value.hint or "") and "docs/isolation.md" in (ei.value.hint or "")
+    # the control: with user namespaces the same manifest is the cell's own business
+    assert shipped.authorize(1000, 1000, "run", "vendor-app", m, 0).op == "run"
+
+
+def test_without_userns_a_non_root_service_with_kept_caps_runs(shipped: Policy) -> None:
+    m = _svc(1000, 1000, ["net_bind_service", "kill", "sys_chroot", "audit_write"])
+    assert shipped.authorize(1000, 1000, "run", "vendor-app", m, 0, userns=False).op == "run"
+    # only run creates a cell: the other operations are not checked against the mode
+    assert shipped.authorize(1000, 1000, "stop", "vendor-app", _svc(), 0, userns=False)
+
+
 def test_ceilings_only_for_sized_ops(shipped: Policy) -> None:
     big = manifest(mem="1G")
     assert shipped.authorize(1000, 1000, "inspect", "vendor-app", big, 99).op == "inspect"

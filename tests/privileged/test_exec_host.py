@@ -362,3 +362,36 @@ def test_a_group_keeps_its_marks_when_handed_on(tmp_path: Path) -> None:
         assert os.waitstatus_to_exitcode(status) == 100 + errno.EPERM
     finally:
         os.system(f"umount {d}")
+
+
+class _Broken(ExecService):
+    """A check that fails inside (a bug, a /proc read error): fail closed."""
+
+    def _attribute(self, w: Any, ev: Any) -> str | None:
+        raise RuntimeError("attribution broke")
+
+
+def test_a_failing_check_denies_the_exec_and_says_why(image: Path, cgroup: CgroupV1,
+                                                      tmp_path: Path) -> None:
+    """Even the service's first exec: the cell does not start, the refusal is an alert
+    with reason ``error``, and nothing is left waiting in the kernel."""
+    bus, directory = EventBus(), _Dir()
+    svc = _Broken(bus, ExecSettings(signatures=tmp_path / "none.txt"))
+    directory.cells[CELL] = _Entry(manifest(image))
+
+    async def go() -> None:
+        svc.attach(directory, cgroup)
+        try:
+            with pytest.raises(AgentError) as exc:
+                await run_cell(svc, image, cgroup, "echo ran", directory)
+            assert "execve" in str(exc.value) and "EPERM" in str(exc.value), exc.value
+            assert svc.status()["waiting"] == 0
+        finally:
+            svc.close()
+
+    asyncio.run(go())
+    errors = [e for e in bus.recent(channel="exec") if e.kind == "exec-denied"]
+    assert errors and all(e.attrs["reason"] == "error" and e.severity == "alert"
+                          and "attribution broke" in e.attrs["error"] for e in errors)
+    assert errors[0].attrs["path"] == "/bin/busybox"  # /bin/sh -> busybox, the first exec
+    assert cgroup.procs(CELL) == []

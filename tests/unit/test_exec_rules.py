@@ -105,7 +105,12 @@ def test_seal_relpath_cases() -> None:
 def test_the_seal_is_beside_the_image_unless_the_manifest_names_it() -> None:
     text = 'name = "c"\n[service]\ncommand = "/bin/sh"\n[image]\nroot = "/img/demo"\n'
     assert seal_path_of(parse_manifest(text)) == "/img/demo.seal"
-    assert seal_path_of(parse_manifest(text + 'seal = "/etc/s.seal"\n')) == "/etc/s.seal"
+    m = parse_manifest(text + 'seal = "/etc/s.seal"\n')
+    assert seal_path_of(m) == "/etc/s.seal"
+    assert m.to_dict()["image"] == {"root": "/img/demo", "seal": "/etc/s.seal"}
+    with pytest.raises(ConfigError) as exc:
+        parse_manifest(text + 'seal = "relative.seal"\n')
+    assert "seal" in str(exc.value)
 
 
 # -- the signature file ---------------------------------------------------------------

@@ -395,3 +395,51 @@ def test_a_failing_check_denies_the_exec_and_says_why(image: Path, cgroup: Cgrou
                           and "attribution broke" in e.attrs["error"] for e in errors)
     assert errors[0].attrs["path"] == "/bin/busybox"  # /bin/sh -> busybox, the first exec
     assert cgroup.procs(CELL) == []
+
+
+def test_a_respawned_master_takes_the_groups_over(image: Path, cgroup: CgroupV1,
+                                                  tmp_path: Path) -> None:
+    """The respawn path: the old service's groups (``kept``) are inherited by a new one,
+    which claims them for the live cell at its start; the cell's later execs are judged
+    by the new service.  The old one is closed in between: the marks stayed with the
+    group (its duplicate), so nothing ran unchecked."""
+    script = ("cp /bin/busybox /tmp/true; chmod 755 /tmp/true; mkfifo /tmp/go; "
+              "read -r _ < /tmp/go; /tmp/true; echo dropped=$?; /bin/true; echo sealed=$?")
+    bus, directory = EventBus(), _Dir()
+    old = ExecService(bus, ExecSettings(signatures=tmp_path / "none.txt"))
+    directory.cells[CELL] = _Entry(manifest(image))
+    heirs: list[ExecService] = []
+
+    async def respawn() -> None:
+        for _ in range(200):
+            pid = directory.cells[CELL].pid
+            if pid and os.path.exists(f"/proc/{pid}/root/tmp/go"):
+                break
+            await asyncio.sleep(0.05)
+        kept = {name: os.dup(fd) for name, fd in old.kept().items()}
+        assert list(kept) == [f"fanotify:exec:perm:{CELL}"]
+        old.flush()
+        old.close()
+        new = ExecService(bus, ExecSettings(signatures=tmp_path / "none.txt"),
+                          inherited=kept)
+        heirs.append(new)
+        new.attach(directory, cgroup)
+        await new.start()
+        assert new.status()["cells"] == 1
+        await asyncio.to_thread(Path(f"/proc/{pid}/root/tmp/go").write_text, "go\n")
+
+    async def go() -> tuple[int, str]:
+        old.attach(directory, cgroup)
+        task = asyncio.create_task(respawn())
+        try:
+            out = await run_cell(old, image, cgroup, script, directory)
+            await task
+            return out
+        finally:
+            for s in heirs:
+                s.close()
+
+    code, out = asyncio.run(go())
+    assert code == 0 and "dropped=126" in out and "sealed=0" in out, out
+    assert heirs and heirs[0].counts["denied"] == 1 and heirs[0].counts["allowed"] >= 1
+    assert set(denied(bus.recent(channel="exec"))) == {"/tmp/true"}

@@ -53,6 +53,8 @@ FAN_UNLIMITED_QUEUE = 0x10
 FAN_MARK_ADD = 0x01
 FAN_MARK_REMOVE = 0x02
 FAN_MARK_MOUNT = 0x10
+FAN_MARK_IGNORED_MASK = 0x20
+FAN_MARK_FLUSH = 0x80
 FAN_OPEN_EXEC = 0x00001000
 FAN_Q_OVERFLOW = 0x00004000
 FAN_OPEN_EXEC_PERM = 0x00040000
@@ -162,6 +164,29 @@ class Group:
             err = ctypes.get_errno()
             raise KernelError("fanotify_mark", what or os.fsdecode(target), err,
                               _HINTS.get(err))
+
+    def ignore(self, fd: int) -> None:
+        """Stop asking about the file of ``fd`` (an ignored mask on its inode) until it
+        is next written to: the kernel clears such a mask on a modification, through
+        any mount."""
+        if _libc.fanotify_mark(self.fileno(), FAN_MARK_ADD | FAN_MARK_IGNORED_MASK,
+                               self.mask, _AT_FDCWD, _mark_target(fd)) < 0:
+            err = ctypes.get_errno()
+            raise KernelError("fanotify_mark", "ignore", err, _HINTS.get(err))
+
+    def unignore(self, fd: int) -> None:
+        """Ask about the file of ``fd`` again (its ignored mask removed)."""
+        if _libc.fanotify_mark(self.fileno(), FAN_MARK_REMOVE | FAN_MARK_IGNORED_MASK,
+                               self.mask, _AT_FDCWD, _mark_target(fd)) < 0:
+            err = ctypes.get_errno()
+            if err != errno.ENOENT:
+                raise KernelError("fanotify_mark", "unignore", err, _HINTS.get(err))
+
+    def forget(self) -> None:
+        """Ask again about every file: all inode marks (the ignored masks) flushed; the
+        mount marks stay."""
+        if _libc.fanotify_mark(self.fileno(), FAN_MARK_FLUSH, 0, _AT_FDCWD, None) < 0:
+            raise KernelError("fanotify_mark", "flush", ctypes.get_errno())
 
     def read(self) -> list[FanEvent]:
         """The events queued now (an empty list when there are none)."""

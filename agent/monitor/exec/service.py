@@ -1,28 +1,16 @@
 """Channel 1 on agentd's loop: every exec in a cell checked before it runs (docs/exec.md).
 
-One fanotify group per cell (:class:`agent.kernel.fanotify.Group`), made when the cell's
-pid 1 has built its root and before it may exec (:meth:`ExecService.on_root`, called by
-the spawn handshake from the plan's worker thread), marking every mount of the cell
-(:func:`~agent.monitor.exec.adapter.mark_cell`): each event belongs to one cell's mounts,
-and one cell's flood is held back alone.  On the loop:
-
-* the group's fd is read one buffer per callback.  The process's cell comes from its
-  cgroup (``pid_to_cell``): a host process (an operator's ``nsenter``) is allowed, a
-  process of another cell is judged as that cell's, against a file not on its image;
-* the file's SHA-256 comes from a cache keyed by (device, inode, size, mtime, ctime) for
-  files on the cell's image, or :func:`agent.kernel.seal.hash_fd` of the fanotify fd in
-  a worker thread: the loop never reads a file;
-* :func:`agent.monitor.exec.rules.decide` gives the verdict, answered at once
-  (``FAN_ALLOW``/``FAN_DENY``); a refusal is an alert, ``exec/exec-denied``
-  (``exec/exec-unverified`` in report mode: the file ran);
-* any error while checking an event denies it (fail closed) and is reported (``reason``
-  "error").  Every event read is answered exactly once;
-* a cell over its rate (:class:`agent.core.ratelimit.TokenBucket`) is not read for a
-  while: its exec'ing threads wait in the kernel, nobody else does.
-
-The signature database is reloaded when its file changes
-(:mod:`agent.monitor.exec.service_signatures`).  A cell's group closes when the cell is
-destroyed; across a respawn of the master the groups are passed on (:meth:`kept`).
+One fanotify group per cell, made when the cell's pid 1 has built its root and before it
+may exec (:meth:`ExecService.on_root`, from the spawn handshake's worker thread),
+marking every mount of the cell (:func:`~agent.monitor.exec.adapter.mark_cell`).  On the
+loop, one read per callback; the process's cell from its cgroup (a live host process is
+allowed); the file's SHA-256 cached by (device, inode, size, mtime, ctime) for image
+files, else hashed in a worker thread on the fanotify fd; :func:`~agent.monitor.exec.
+rules.decide` answers.  Every event read is answered exactly once, any error denies
+(fail closed, reported).  An allowed image file gets an ignored mask: the kernel answers
+its next execs until it is written to (or the signature database changes: flushed).  A
+cell over its rate (a TokenBucket) is not read for a while: its threads wait, no others.
+Across a respawn of the master the groups are passed on (:meth:`kept`).
 """
 
 from __future__ import annotations
@@ -59,6 +47,7 @@ from agent.monitor.exec.service_watch import (
     Watch,
     denial_attrs,
     hash_and_close,
+    ignore_unchanged,
     load_seal,
 )
 from agent.monitor.exec.settings import ExecSettings
@@ -84,9 +73,9 @@ class ExecService:
         self.directory: Directory | None = None
         self.backend: Backend | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.signatures = SignatureKeeper(bus, settings.signatures)
+        self.signatures = SignatureKeeper(bus, settings.signatures, self._forget)
         self.counts = collections.Counter[str]({k: 0 for k in (
-            "allowed", "denied", "unverified", "cached", "hashed", "host", "errors",
+            "allowed", "denied", "unverified", "cached", "hashed", "ignored", "host", "errors",
             "throttled", "read_errors")})
         self._watches: dict[str, Watch] = {}
         self._lock = threading.Lock()
@@ -209,6 +198,11 @@ class ExecService:
                 os.close(fd)
         return Group.open(self.permission)
 
+    def _forget(self) -> None:  # a new signature database: ask about every file again
+        for w in list(self._watches.values()):
+            with contextlib.suppress(AgentError):
+                w.group.forget()
+
     def _register(self, w: Watch) -> None:
         if w.closed or w.registered or self.loop is None:
             return
@@ -318,6 +312,9 @@ class ExecService:
         obs = Observed(p.facts.path, digest, size, p.facts.mode, p.on_image)
         verdict = decide(obs, seal, self.signatures.db.digests)
         if verdict.allow:
+            if p.on_image and p.event.permission and not w.closed and ignore_unchanged(
+                    w.group, p.event.fd, p.facts):
+                self.counts["ignored"] += 1  # the kernel answers its next execs
             self._answer(w, p, True)
             self.counts["allowed"] += 1
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ _MISSING = object()
 
 
 class SignatureKeeper:
-    def __init__(self, bus: Any, path: Path) -> None:
+    def __init__(self, bus: Any, path: Path,
+                 on_load: Callable[[], None] | None = None) -> None:
         self.bus = bus
         self.path = path
+        self.on_load = on_load  # a new database: files allowed before are asked again
         self.db = SignatureDB()
         self.loads = 0
         self._watch: DirWatch | None = None
@@ -112,6 +115,8 @@ class SignatureKeeper:
         added, removed = db.diff(self.db)
         self.db = db
         self.loads += 1
+        if self.on_load is not None:
+            self.on_load()
         log.info("exec: %d signatures from %s (%d bad lines)", len(db), path, len(bad))
         self.bus.emit("exec", "signatures-loaded", severity="notice", path=path,
                       count=len(db), added=added, removed=removed, bad=len(bad),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.core.cell import State
-from agent.core.errors import ConfigError
+from agent.core.errors import AgentError, ConfigError
 from agent.core.manifest import Manifest
 from agent.core.ratelimit import TokenBucket
 from agent.core.seal import Seal
@@ -22,7 +22,7 @@ from agent.monitor.exec.adapter import Facts, SealCache
 from agent.monitor.exec.rules import SEAL_SUFFIX, Observed, Verdict, seal_path_of
 
 __all__ = ["Backend", "Directory", "Entry", "Pending", "Watch", "denial_attrs",
-           "hash_and_close", "load_seal"]
+           "hash_and_close", "ignore_unchanged", "load_seal"]
 
 
 class Entry(Protocol):
@@ -74,6 +74,22 @@ def hash_and_close(fd: int) -> tuple[str, int]:
         return hash_fd(fd)
     finally:
         os.close(fd)
+
+
+def ignore_unchanged(group: Group, fd: int, f: Facts) -> bool:
+    """Let the kernel answer the next execs of an allowed image file itself (an ignored
+    mask, cleared by the kernel when the file is written), unless it changed since it
+    was hashed (then a write may have come before the mask: removed).  Whether it is
+    ignored; a kernel refusing the mark (marks used up) only costs the fast path."""
+    try:
+        group.ignore(fd)
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
+            group.unignore(fd)
+            return False
+    except (AgentError, OSError):
+        return False
+    return True
 
 
 def load_seal(seals: SealCache, cell: str, rootfs: str, m: Manifest | None,

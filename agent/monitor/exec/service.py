@@ -168,6 +168,7 @@ class ExecService:
                 self._watches[cell] = w
             else:
                 w.seal, w.image_dev, w.data = seal, dev, data
+                w.group.forget()  # its seal may differ: what the kernel ignored is asked
         try:
             marked = mark_cell(w.group, pid, self.proc)
         except BaseException:
@@ -193,7 +194,9 @@ class ExecService:
         for k in ("perm", "notif"):
             fd = self._inherited.pop(f"{INHERIT_PREFIX}{k}:{cell}", None)
             if fd is not None and k == kind:
-                return Group.adopt(fd, self.permission)
+                g = Group.adopt(fd, self.permission)
+                g.forget()  # the previous master's ignored files: asked again
+                return g
             if fd is not None:
                 os.close(fd)
         return Group.open(self.permission)

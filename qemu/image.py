@@ -610,6 +610,11 @@ def build_demo_image(base: Path, stage: Path) -> None:
     (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
     (root / "www/index.html").write_text("<h1>hello from demo-web, a cell</h1>\n")
     (root / "tmp").chmod(0o1777)
+    # Its seal, beside it (<image>.seal, docs/exec.md): channel 1 lets its cells execute
+    # only what it lists; the writable areas are left out.
+    run([sys.executable, "-m", "agent.cli.seal", "build", str(root), "-o",
+         f"{root}.seal", "--skip", "tmp", "--skip", "data", "--skip", "run"],
+        cwd=REPO, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @dataclass

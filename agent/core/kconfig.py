@@ -222,7 +222,8 @@ FEATURES: tuple[Feature, ...] = (
         consequence="exec allow-list and signature checks are off (channel 1 sees "
         "no file events; without permission events it can alert but not block)",
         why="channel 1: exec allow-list and signature check on cell files",
-        degraded="without permission events exec checks can alert but not block",
+        degraded="no FAN_OPEN_EXEC_PERM: exec protection is report-only (FAN_OPEN_EXEC: "
+        "an unsealed or listed file runs, then exec/exec-unverified is an alert)",
     ),
     Feature(
         "proc_connector", "proc connector (process events)",

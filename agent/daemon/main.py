@@ -7,7 +7,8 @@ imports another (docs/architecture.md):
 
 * at start, before the socket serves: the cell manager (:func:`build_manager`: cgroup
   backend, host network, policy, firewall, spawner, journal replay and adoption), then
-  the tuner and the reclaim loop over it (:func:`start_tuning`);
+  the tuner and the reclaim loop over it (:func:`start_tuning`), and channel 1's exec
+  monitor (:func:`wire_exec`: its spawn hook and its groups passed across a respawn);
 * after it, channel 2's process and host monitors (:func:`wire_watchers`);
 * the op handlers of each (:class:`~agent.daemon.cellapi.CellOps`,
   :class:`~agent.daemon.tunerapi.TunerOps`) and their status fields;
@@ -41,6 +42,7 @@ from agent.core.errors import AgentError, ConfigError
 from agent.core.names import NETNS_PREFIX
 from agent.core.policy import Policy, load_policy
 from agent.core.protocol import Peer
+from agent.core.sandbox import SpawnSpec
 from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
@@ -66,9 +68,12 @@ from agent.kernel.netns import NETNS_DIR
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
 from agent.kernel.ports import set_cell_port
+from agent.kernel.spawn import Spawned, spawn_cell
 from agent.monitor.correlation.service import CorrelationService
 from agent.monitor.correlation.service_ops import PatternOps
 from agent.monitor.correlation.settings import parse_settings
+from agent.monitor.exec.service import INHERIT_PREFIX, ExecService
+from agent.monitor.exec.settings import ExecSettings, settings_from_text
 from agent.monitor.host.service import HostMonitor
 from agent.monitor.net.service import ManagerCells, NetMonitor
 from agent.monitor.proc.service import ProcMonitor
@@ -76,7 +81,7 @@ from agent.monitor.syscall.adapter_keeper import KeeperLink
 from agent.monitor.syscall.service import SyscallService, TrapLimits
 
 __all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells",
-           "wire_correlation", "wire_syscalls", "wire_watchers"]
+           "wire_correlation", "wire_exec", "wire_syscalls", "wire_watchers"]
 
 # The installed agent's seal, written when the image was built (docs/master.md).
 AGENT_SEAL = Path("/usr/share/agent/agent.seal")
@@ -154,11 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         inherited=inherited)
         history = wire_history(daemon)
         correlation = wire_correlation(daemon)
-        cells = None if ns.no_cells else wire_cells(daemon)[0]
+        execmon = None if ns.no_cells else wire_exec(daemon)
+        cells = None if ns.no_cells else wire_cells(daemon, execmon)[0]
         if cells is not None:
             wire_watchers(daemon, cells)
         respawner = wire_respawn(daemon, lock, history, cells,
                                  list(sys.argv[1:] if argv is None else argv))
+        if execmon is not None:  # its groups survive a respawn; what it read is answered
+            respawner.keep(execmon.kept)
+            respawner.flush.insert(0, execmon.flush)
         hook_master_attack(correlation, respawner)
         wire_integrity(daemon, respawner)
         asyncio.run(daemon.run())
@@ -256,7 +265,37 @@ def wire_integrity(daemon: Daemon, respawner: Respawner) -> IntegrityWatch:
     return watch
 
 
-def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
+def wire_exec(daemon: Daemon) -> ExecService | None:
+    """Channel 1, exec protection (docs/exec.md), with the settings of ``exec.toml``
+    beside the policy (defaults, enforcing, and an alert, when it is invalid; None when
+    its mode is ``off``).  The groups a previous master passed on are claimed now,
+    before anything closes what is unclaimed; the manager attaches it and starts it."""
+    path = daemon.config.policy_path.parent / "exec.toml"
+    problem = None
+    try:
+        settings = settings_from_text(path.read_text(), daemon.config.state_dir, str(path))
+    except FileNotFoundError:
+        settings = settings_from_text("", daemon.config.state_dir)
+    except (ConfigError, OSError) as exc:
+        problem = str(exc)
+        log.error("%s; channel 1 uses its defaults", exc)
+        settings = ExecSettings(signatures=daemon.config.state_dir / "exec/signatures.txt")
+    if settings.mode == "off":
+        log.warning("exec protection is off (%s)", path)
+        return None
+    inherited = {n: fd for n in daemon.inherited.names(INHERIT_PREFIX)
+                 if (fd := daemon.inherited.claim(n)) is not None}
+    svc = ExecService(daemon.bus, settings, inherited=inherited)
+    daemon.add_status("exec", svc.status)
+    daemon.on_shutdown(_closer(svc.close))
+    if problem is not None:
+        daemon.bus.emit("exec", "settings-refused", severity="alert", path=str(path),
+                        error=problem)
+    return svc
+
+
+def wire_cells(daemon: Daemon, execmon: ExecService | None = None
+               ) -> tuple[CellOps, TunerOps]:
     """Register the cell services on ``daemon``: built at start, closed at shutdown."""
     cells, tuning = CellOps(), TunerOps()
     channel2 = wire_syscalls(daemon, cells)  # first: its start-up takes back the listeners
@@ -265,7 +304,7 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
 
     async def startup() -> None:
         try:
-            cells.manager = await build_manager(daemon.config, daemon.bus,
+            cells.manager = await build_manager(daemon.config, daemon.bus, execmon,
                                                 on_listener=channel2.on_listener)
         except (AgentError, OSError) as exc:
             cells.problem = str(exc)
@@ -277,6 +316,8 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
         log.info("cell manager ready: %d cells from the journal (%d running)",
                  len(mgr.cells), running)
         start_tuning(daemon.config, mgr, tuning)
+        if execmon is not None:
+            await execmon.start()
         responder = Responder(mgr.bus, mgr, mgr.cgroup, isolate=set_cell_port)
         responder.attach()
         daemon.add_status("responses", responder.status)
@@ -387,9 +428,11 @@ def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> Non
 
 
 async def build_manager(config: AgentConfig, bus: EventBus,
+                        execmon: ExecService | None = None,
                         on_listener: ListenerCallback | None = None) -> CellManager:
     """The real thing: cgroup v2 subtree (agentd moved to ``agent-master``), the bridge,
-    the policy, capacity and PSI readers, the spawner; then journal replay and adoption."""
+    the policy, capacity and PSI readers, the spawner (through the exec monitor's spawn
+    hook when there is one); then journal replay and adoption."""
     loop = asyncio.get_running_loop()
     cg = open_backend(config.cgroup_root)  # v2, or v1 on legacy BSP kernels
     if isinstance(cg, CgroupV2):
@@ -404,10 +447,12 @@ async def build_manager(config: AgentConfig, bus: EventBus,
         policy = Policy(source=str(config.policy_path))
     paths = Paths(config.state_dir, config.run_dir)
 
+    spawn: Callable[[SpawnSpec], Spawned] = spawn_cell if execmon is None else execmon.spawn
+
     def make_spawner(on_exit: ExitCallback) -> CellSpawner:
         limits = CellLimits(output_rate=config.output_rate, output_burst=config.output_burst)
         return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes,
-                           limits=limits, on_listener=on_listener)
+                           spawn=spawn, limits=limits, on_listener=on_listener)
 
     # Channels 1 and 3: each cell's own nftables table and the host's forwarding table
     # (docs/firewall.md); a create plan refuses to start a cell unfiltered without it.
@@ -415,5 +460,7 @@ async def build_manager(config: AgentConfig, bus: EventBus,
     mgr = CellManager(config, bus, policy, cgroup=cg, net=hostnet, make_spawner=make_spawner,
                       capacity=read_capacity(), pressure=read_host_pressure, firewall=firewall)
     mgr.open_journal(loop)
+    if execmon is not None:  # before start: adoption may restart a cell (a spawn)
+        execmon.attach(mgr, cg)
     await mgr.start()
     return mgr

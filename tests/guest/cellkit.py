@@ -25,6 +25,7 @@ runs in the box.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -41,6 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from agent.core.seal import Seal
+from agent.kernel.seal import seal_tree
+
 if TYPE_CHECKING:
     from agent.kernel.cgroupv2 import CgroupV2
 
@@ -53,6 +57,7 @@ __all__ = [
     "PROBE_LIB",
     "RUN_CELLS",
     "SERVICES",
+    "WRITABLE",
     "agentd_pid",
     "agentd_userns",
     "call",
@@ -78,6 +83,7 @@ __all__ = [
     "refused",
     "restart_agentd",
     "run_until_gone",
+    "seal_image",
     "sh",
     "start",
     "start_probe",
@@ -438,6 +444,8 @@ def manifest_text(name: str, args: list[str], *, command: str = "/bin/busybox",
 
 
 def write_manifest(name: str, args: list[str], **kw: Any) -> Path:
+    image = str(kw.get("image", DEMO))
+    seal_image(image, again=("probes",) if image == str(PYIMG) else ())
     path = SERVICES / f"{name}.toml"
     path.write_text(manifest_text(name, args, **kw))
     return path
@@ -461,8 +469,50 @@ def py_image() -> str:
     (tmp / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (tmp / "etc/group").write_text("root:x:0:\n")
     (tmp / "probes/probelib.py").write_text(PROBE_LIB)
+    seal_image(str(tmp), f"{PYIMG}.seal")
     tmp.rename(PYIMG)
     return str(PYIMG)
+
+
+WRITABLE = ("tmp", "data", "run")
+
+
+def seal_image(image: str, seal: str | None = None, *, skip: tuple[str, ...] = WRITABLE,
+               again: tuple[str, ...] = ()) -> str:
+    """Seal a test image as a firmware build does (``agent-seal build``, docs/exec.md):
+    channel 1 refuses to start a cell whose image has no seal, and runs only what it
+    lists.  Sealed when there is no seal or a file changed since; ``again``: folders
+    re-sealed every time, the rest kept (py_image's probes, written per test).  The seal
+    file's path."""
+    root, out = Path(image), Path(seal or image.rstrip("/") + ".seal")
+    if out.exists() and again:
+        old = Seal.parse(out.read_text(), str(out)).entries.values()
+        entries = [e for e in old if not any(e.path == a or e.path.startswith(a + "/")
+                                             for a in again)]
+        for a in again:
+            entries += [dataclasses.replace(e, path=f"{a}/{e.path}")
+                        for e in seal_tree(root / a).entries.values()]
+        new = Seal.of(entries)
+    elif out.exists() and not _changed_since(root, out.stat().st_mtime, skip):
+        return str(out)
+    else:
+        new = seal_tree(root, skip=skip)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(new.text())
+    os.replace(tmp, out)
+    return str(out)
+
+
+def _changed_since(root: Path, when: float, skip: tuple[str, ...]) -> bool:
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel == ".":
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        for n in filenames:
+            st = os.lstat(os.path.join(dirpath, n))
+            if st.st_mtime >= when:
+                return True
+    return False
 
 
 def run_until_gone(name: str, timeout: float = 60) -> list[str]:

@@ -226,6 +226,12 @@ class CellManager(Adoption):
             raise self._refused(name, exc) from None
         async with self._lock(name):
             old = self.cells.get(name)
+            if old is not None and old.state in LEAVING:
+                # On its way out (a stop, or adoption after a power cut destroying a cell
+                # whose processes are gone): the boot's S60agent-cells asks for it again
+                # right then, and must get it, not E_EXISTS for a cell about to vanish.
+                await self._wait(old, lambda c: c.state in (State.DESTROYED, State.FAILED))
+                old = self.cells.get(name)
             if old is not None:
                 raise StateError("E_EXISTS", f"cell {name} exists ({old.state.value})",
                                  f"agentctl stop {name} first")

@@ -199,12 +199,18 @@ class CellManager(Adoption):
         base = self.config.uid_range(slot)[0] if slot is not None else None
         return Allocation.from_lease(lease, base)
 
-    def _journal_room(self, m: Manifest) -> None:
-        """E_JOURNAL_FULL unless the journal has room for one more cell: its record, its
-        lease and its create plan's records are each about the size of its manifest."""
-        if self.journal is not None:
-            need = 4 * len(encode_record("cell", 0, 0.0, {"manifest": m.to_dict()}))
-            self.journal.check_room(need, f"cell {m.name}")
+    def _journal_room(self, m: Manifest, alloc: Allocation) -> None:
+        """E_JOURNAL_FULL unless the journal has room for one more cell: its record and
+        lease, and a plan in flight (records the size of its create plan's) for it and for
+        each cell there is, which may all be stopped at once (docs/journal.md)."""
+        if self.journal is None:
+            return
+        plan = plan_create(m, alloc, self.config, peers=self._fw_peers(m.name)).to_wire()
+        each = (len(encode_record("cell", 0, 0.0, {"manifest": m.to_dict()})) + 512
+                + len(encode_record("plan-begin", 0, 0.0, plan)) + 128 * len(plan["ops"]))
+        n = len(self.cells)
+        self.journal.check_room(each * (n + 1), f"cell {m.name} and a plan in flight for "
+                                f"each of the {n + 1} cells")
 
     def _refused(self, name: str, exc: AgentError) -> AgentError:
         self.bus.emit("lifecycle", "refused", cell=name, severity="notice", code=exc.code,
@@ -239,7 +245,7 @@ class CellManager(Adoption):
             try:
                 pressure = self.pressure()
                 alloc = self._preview(m, pressure)
-                self._journal_room(m)
+                self._journal_room(m, alloc)
                 if m.network is not None:
                     lease = self.pool.allocate(name, alloc.vlan)
                     assert str(lease.address) == alloc.address

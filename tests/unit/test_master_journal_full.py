@@ -159,7 +159,7 @@ def test_the_journal_bound_refuses_new_cells_and_keeps_room_to_stop_them(
             f'name = "{n}"\n[service]\ncommand = "/bin/busybox"\nargs = ["sleep", "99"]\n'
             '[image]\nroot = "/usr/share/agent/images/demo"\n'
             '[network]\nvlan = "auto"\n[resources]\nmemory_max = "8M"\n')
-    env["cfg"] = replace(env["cfg"], journal_max_bytes=32 << 10)
+    env["cfg"] = replace(env["cfg"], journal_max_bytes=64 << 10)
 
     async def main() -> None:
         mgr, _ = await manager(env)
@@ -173,9 +173,10 @@ def test_the_journal_bound_refuses_new_cells_and_keeps_room_to_stop_them(
                 refusal = exc
                 break
             running.append(n)
-            assert path.stat().st_size <= 32 << 10
+            assert path.stat().st_size <= 64 << 10
         assert refusal is not None and refusal.code == "E_JOURNAL_FULL", refusal
-        assert "journal_max" in (refusal.hint or "") and len(running) >= 3
+        assert "journal_max" in (refusal.hint or "") and len(running) >= 3, running
+        print(f"{len(running)} cells admitted")
         assert n not in mgr.cells and n not in env["kernel"].leaves
         # every running cell can still be pinned, stopped and started again, many times
         for round_ in range(3):
@@ -183,7 +184,7 @@ def test_the_journal_bound_refuses_new_cells_and_keeps_room_to_stop_them(
                 mgr.keep_pin(r, {"cpu": 100 + round_, "memory_high": 7 << 20,
                                  "memory_max": 8 << 20})
             await asyncio.gather(*(mgr.stop(r, 0, 0) for r in running))
-            assert path.stat().st_size <= 32 << 10
+            assert path.stat().st_size <= 64 << 10
             for r in running:
                 await mgr.run(r, 0, 0)
         assert mgr.journal is not None and mgr.journal.journal.stats.compactions > 3

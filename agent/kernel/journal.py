@@ -178,7 +178,9 @@ class Journal:
 
         Raises, with nothing appended and the sequence number not used: JournalError (not
         encodable, too large), JournalFullError (no room within ``max_bytes`` even after
-        compaction, or the file system is full), KernelError (another I/O error).
+        compaction, or the file system is full), KernelError (another I/O error).  After a
+        failed fdatasync the record may be in the file, unacknowledged: its sequence number
+        is used, and the next append rewrites the file from the snapshot first.
         """
         self._require_fd()
         d, ts = dict(data or {}), self.clock()
@@ -240,8 +242,8 @@ class Journal:
         if live + extra > self.max_bytes // 2:
             self.stats.refused += 1
             raise JournalFullError(
-                f"journal {self.path} has no room for {what}: the live state takes {live} "
-                f"bytes, {what} about {extra} more, over half of journal_max "
+                f"journal {self.path} has no room for {what}: about {extra} bytes beside "
+                f"the {live} of the live state, over half of journal_max "
                 f"({self.max_bytes} bytes)",
                 "stop cells that are no longer needed, or raise [logs] journal_max in "
                 "agentd.toml")

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cellkit import (
     JOURNAL,
     agentd_pid,
@@ -58,7 +59,7 @@ from agent.core.plan import recover
 from agent.kernel.journal import Record, read_journal, scan
 
 __all__ = ["PHASES", "JournalWatch", "Soak", "SoakReport", "box_state", "call",
-           "journal_max", "ps", "ready", "start_agentd", "stop_agentd"]
+           "journal_max", "ps", "quiet_box", "ready", "start_agentd", "stop_agentd"]
 
 CONFIG = Path("/etc/agent/agentd.toml")
 TMP = JOURNAL.with_name(JOURNAL.name + ".tmp")
@@ -123,6 +124,27 @@ def journal_max(size: str) -> Iterator[None]:
         CONFIG.write_text(text)
         stop_agentd()
         start_agentd()
+
+
+@pytest.fixture
+def quiet_box() -> Iterator[dict[str, Any]]:
+    """As cellkit's ``clean``, with room for a loaded host (a first cell of a boot may take
+    minutes there): agentd ready, a first networked cell run and stopped (the netns tmpfs
+    and the bridge's link-local address stay), the box's state before; after the test,
+    every cell stopped and the box exactly as before, addresses included."""
+    if not ready():
+        start_agentd()
+    write_manifest("soak-warm", ["sleep", "100000"], network={"vlan": "auto"})
+    call("run", name="soak-warm")
+    call("stop", name="soak-warm")
+    before = box_state()
+    yield before
+    if not ready():
+        start_agentd()
+    for name in ps():
+        call("stop", name=name)
+    after = box_state()
+    assert after == before, "left behind:\n" + diff(before, after)
 
 
 def box_state() -> dict[str, Any]:

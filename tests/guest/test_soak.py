@@ -14,16 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from cellkit import clean
-from soakkit import Soak, journal_max
+from soakkit import Soak, journal_max, quiet_box
 
-__all__ = ["clean"]
+__all__ = ["quiet_box"]
 
 CYCLES = 100
 
 
 def test_cycles_with_agentd_killed_at_chosen_points_leave_the_box_as_before(
-        clean: dict[str, Any]) -> None:
+        quiet_box: dict[str, Any]) -> None:
     with journal_max("64K"):
         soak = Soak(CYCLES, workers=3, kill_every=8, log=print)
         report = soak.run()

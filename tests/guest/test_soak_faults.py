@@ -29,16 +29,15 @@ from cellkit import (
     CG,
     JOURNAL,
     NETNS,
-    clean,
     kill9_agentd,
     log_tail,
     sh,
     wait_for,
     write_manifest,
 )
-from soakkit import call, journal_max, ps, start_agentd, stop_agentd
+from soakkit import call, journal_max, ps, quiet_box, start_agentd, stop_agentd
 
-__all__ = ["clean"]
+__all__ = ["quiet_box"]
 
 STATE = JOURNAL.parent
 FILLER = STATE / "filler"
@@ -92,7 +91,7 @@ def objects(name: str) -> dict[str, bool]:
 
 
 def test_a_full_state_disk_refuses_what_it_cannot_record_and_loses_nothing(
-        clean: dict[str, Any]) -> None:
+        quiet_box: dict[str, Any]) -> None:
     a, b = "full-a", "full-b"
     for n in (a, b):
         write_manifest(n, ["sleep", "100000"], network={"vlan": "auto"},
@@ -154,7 +153,7 @@ def test_a_full_state_disk_refuses_what_it_cannot_record_and_loses_nothing(
 
 
 def test_the_journal_bound_refuses_new_cells_and_keeps_room_for_the_others(
-        clean: dict[str, Any]) -> None:
+        quiet_box: dict[str, Any]) -> None:
     names = [f"bound-{i}" for i in range(8)]
     for n in names:
         write_manifest(n, ["sleep", "100000"], network={"vlan": "auto"},

@@ -58,7 +58,6 @@ EXCLUDE = {
     "coreutils",
     "tar",
     "cpio",
-    "e2fsprogs",
     "logsave",
     "dmsetup",
     "kpartx",
@@ -102,6 +101,7 @@ MODULES = (
     "virtio_blk",
     "virtio_rng",
     "ext4",
+    "loop",  # data images (docs/data-dirs.md)
     "crc32c_generic",
     "libcrc32c",
     "veth",
@@ -111,6 +111,7 @@ MODULES = (
     "9p",
     "9pnet_virtio",
     "overlay",
+    "snd",  # only for /proc/asound: a directory the cells' /proc masks (tests/guest)
 )
 # Modules the initramfs needs to mount the root disk, in load order.
 INITRD_MODULES = (
@@ -447,9 +448,12 @@ def build_wheel() -> Path:
     found = list(d.glob("agent-*.whl")) if d.exists() else []
     if found:
         return found[0]
-    for old in CACHE.glob("wheel-*"):
+    # Several work trees may build at once (one cache): keep the newest few wheels, and
+    # build into a private directory renamed into place, never into a shared one.
+    olds = sorted(CACHE.glob("wheel-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in olds[6:]:
         shutil.rmtree(old, ignore_errors=True)
-    d.mkdir(parents=True)
+    out = Path(tempfile.mkdtemp(prefix=f"part-wheel-{key}-", dir=CACHE))
     src = Path(tempfile.mkdtemp(prefix="src-", dir=CACHE))
     try:
         # Build from a clean copy: no stale build/ or egg-info from the work tree.
@@ -460,9 +464,13 @@ def build_wheel() -> Path:
             elif s.exists():
                 shutil.copy2(s, src / name)
         run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(d), str(src)],
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
             capture_output=True,
         )
+        try:
+            out.rename(d)
+        except OSError:  # another build of the same inputs won: use its wheel
+            shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(src, ignore_errors=True)
     (whl,) = d.glob("agent-*.whl")
@@ -542,6 +550,13 @@ def install_wheel(whl: Path, root: Path) -> None:
         p.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {func} import main\nsys.exit(main())\n")
         p.chmod(0o755)
     compile_bytecode(root, ["usr/lib/python3/dist-packages/agent"])
+    # The installed agent's seal, bytecode included (what runs): the master checks its
+    # files against it before it re-executes itself (docs/master.md, respawn).
+    seal = root / "usr/share/agent/agent.seal"
+    seal.parent.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "agent.cli.seal", "build",
+         str(root / "usr/lib/python3/dist-packages/agent"), "-o", str(seal)],
+        cwd=REPO, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -651,16 +666,16 @@ def build(verbose: bool = True) -> Image:
             ):
                 (stage / d).mkdir(parents=True, exist_ok=True)
             (stage / "tmp").chmod(0o1777)
-            # As Debian's base-files (not in the closure) and every firmware has it: the
-            # init scripts' pid files live in /var/run.  Without it, S50agentd cannot
-            # write its launch file and, under load, gives up on an agentd still starting.
-            (stage / "var/run").symlink_to("../run")
+            # /var/run is /run, as in Buildroot's skeleton and Yocto's base-files (the
+            # init scripts keep their pid files there).
+            if not (stage / "var/run").exists() and not (stage / "var/run").is_symlink():
+                (stage / "var/run").symlink_to("../run")
             # The kernel is passed to QEMU directly; keep only its config, which
             # `agentctl checkconfig` reads as /boot/config-<release> (like lxc-checkconfig).
             for f in (stage / "boot").iterdir():
                 if not f.name.startswith("config-"):
                     f.unlink()
-            part = disk.with_suffix(".part")
+            part = disk.with_suffix(f".part-{os.getpid()}")
             used = int(run(["du", "-sm", str(stage)], capture_output=True).stdout.split()[0])
             size_mb = used + 160  # room for the agent's state, logs and test files
             run(
@@ -716,9 +731,10 @@ def read_from_disk(disk: Path, inner: str) -> bytes | None:
 
 
 def prune_old(keep: Path) -> None:
-    """Keep the newest few root disks only; they are 300+ MB each."""
+    """Keep the newest few root disks only; they are 300+ MB each (a few: several work
+    trees may be booting boxes from their own disks at once)."""
     disks = sorted(CACHE.glob("root-*.ext4"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in disks[3:]:
+    for old in disks[8:]:
         if old != keep:
             old.unlink()
 

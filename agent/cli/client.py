@@ -64,9 +64,21 @@ class Client:
     def __init__(self, socket_path: Path | str = DEFAULT_SOCKET,
                  timeout: float | None = 5.0) -> None:
         self.socket_path = Path(socket_path)
-        self.timeout = timeout
         self._sock: socket.socket | None = None
+        self._timeout = timeout
         self._ids = itertools.count(1)
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds to wait for each reply (None: for ever); a change applies to an open
+        connection too (``agentctl run`` raises it after connecting)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = value
+        if self._sock is not None:
+            self._sock.settimeout(value)
 
     def connect(self) -> None:
         if self._sock is not None:

@@ -7,18 +7,18 @@ passes the real adapters (:class:`Context`); tests pass recording fakes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent.core.cgroup import Limits
-from agent.core.errors import ConfigError
+from agent.core.errors import AgentError, ConfigError
 from agent.core.names import check_cell_name
 from agent.core.sandbox import SpawnSpec
 
 __all__ = ["CellCgroups", "CellContext", "CellDirs", "CellFirewall", "CellNet", "Context",
-           "Paths", "Spawner", "same_path"]
+           "DataMount", "Paths", "Spawner", "same_path"]
 
 
 
@@ -68,10 +68,24 @@ class Paths:
     def cell_run_dir(self, cell: str) -> Path:
         return self.run_dir / "cells" / check_cell_name(cell)
 
-    def data_dir(self, source: str) -> Path:
-        if not source or "/" in source or source.startswith("."):
-            raise ConfigError("E_PATH", f"data source {source!r} is not a plain name")
-        return self.state_dir / "data" / source
+    @property
+    def images_dir(self) -> Path:
+        """Where the data images live (on the state file system)."""
+        return self.state_dir / "data"
+
+    def data_image(self, service: str) -> Path:
+        """The data image of ``service``: keyed by the service's name, never by order."""
+        try:
+            check_cell_name(service)
+        except AgentError:
+            raise ConfigError("E_PATH", f"data source {service!r} is not a service name",
+                              "a data dir belongs to a service") from None
+        return self.images_dir / f"{service}.img"
+
+    def data_mount(self, cell: str) -> Path:
+        """Where the cell's data image is mounted on the host, below its run dir (so the
+        reclaim loop collects it with the cell's other mounts if the cell is forgotten)."""
+        return self.cell_run_dir(cell) / "data"
 
 
 class CellFirewall(Protocol):
@@ -82,13 +96,32 @@ class CellFirewall(Protocol):
 
 
 class CellDirs(Protocol):
-    """agent.kernel.dirs.CellDirs: the cell's run dir and data dir on the host."""
+    """agent.kernel.dirs.CellDirs: the cell's run dir and its data image's mount."""
 
     def make_run_dir(self, run: Path, hosts: str) -> None: ...
     def discard_run_dir(self, run: Path) -> None: ...
     def remove_run_dir(self, run: Path) -> None: ...
-    def make_data_dir(self, data: Path, uid: int, gid: int) -> bool: ...
-    def remove_data_dir_if_empty(self, data: Path) -> None: ...
+    def mount_data(self, req: DataMount) -> Mapping[str, Any]: ...
+    def unmount_data(self, mount: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class DataMount:
+    """What :class:`agent.core.cellops.MountData` asks of the adapter (paths checked).
+
+    ``size`` 0: a reader, which never creates, grows or re-owns the image; else the
+    image is made (ext4, root owned by ``uid:gid``) if missing and grown to ``size``.
+    ``id_base``/``id_count``: the host ids the cell's user namespace maps (0 and
+    2**32-1 without one): files owned by another range are shifted into this one."""
+
+    image: Path
+    mount: Path
+    size: int
+    uid: int
+    gid: int
+    id_base: int
+    id_count: int
+    readonly: bool
 
 
 class CellContext(Protocol):

@@ -23,68 +23,103 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from agent.core import seccomp, units
-from agent.core.cellctx import CellContext, same_path
+from agent.core.cellctx import CellContext, DataMount, same_path
 from agent.core.cgroup import Limits
 from agent.core.errors import ConfigError
 from agent.core.names import HOSTS_FILE, HOSTS_TARGET, NETNS_PREFIX, veth_names
 from agent.core.plan import DataOp, register_op
 from agent.core.sandbox import Mount, SpawnSpec, UidMap
 
-__all__ = ["ApplyCellFirewall", "EnsureGateway", "MakeCgroup", "MakeLink", "MakeNetns", "MountWire",
-           "PrepareDirs", "StartService", "mount_from_wire", "mount_to_wire"]
+__all__ = ["ApplyCellFirewall", "EnsureGateway", "MakeCgroup", "MakeLink", "MakeNetns",
+           "MountData", "MountWire", "PrepareDirs", "StartService", "mount_from_wire",
+           "mount_to_wire"]
 
 
 @register_op
 @dataclass(frozen=True)
 class PrepareDirs(DataOp):
-    """The cell's run dir (0700) and, if it has one, its persistent data dir.
+    """The cell's run dir (0700).
 
     With ``hosts`` (the text of the cell's /etc/hosts) the run dir also holds the file
     ``hosts`` (0644) and is 0711, so the cell's mapped root can reach the file for the
-    read-only bind mount over /etc/hosts; everything else in the dir stays 0600."""
+    read-only bind mount over /etc/hosts (and the data mount below it); everything
+    else in the dir stays 0600."""
 
     kind: ClassVar[str] = "prepare-dirs"
     cell: str
     run_dir: str
-    data_dir: str = ""  # "" = none; kept across runs, never deleted by destroy
-    uid: int = 0  # host ids owning the data dir (the cell's mapped uid/gid)
-    gid: int = 0
     hosts: str = ""  # "" = no hosts file
 
     def describe(self) -> str:
-        data = f", data dir {self.data_dir} owned by {self.uid}:{self.gid}" if self.data_dir else ""
+        data = ""
         if self.hosts:
             names = [ln.split()[1] for ln in self.hosts.splitlines()[2:] if len(ln.split()) > 1]
             data += f", {HOSTS_FILE} ({' '.join(names)})"
         return f"create run dir {self.run_dir}{data}"
 
-    def _data(self, ctx: CellContext) -> Path | None:
-        if not self.data_dir:
-            return None
-        path = Path(self.data_dir)
-        return same_path(self.data_dir, ctx.paths.data_dir(path.name), "data dir")
-
     def apply(self, ctx: CellContext) -> Mapping[str, Any]:
         run = same_path(self.run_dir, ctx.paths.cell_run_dir(self.cell), "run dir")
-        data = self._data(ctx)
         try:
             ctx.dirs.make_run_dir(run, self.hosts)
-            made_data = data is not None and ctx.dirs.make_data_dir(data, self.uid, self.gid)
         except BaseException:
             self.undo(ctx, {})
             raise
-        return {"made_data": made_data}
+        return {}
 
     def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
         ctx.dirs.discard_run_dir(same_path(self.run_dir, ctx.paths.cell_run_dir(self.cell),
                                        "run dir"))
-        data = self._data(ctx)
-        if data is not None and undo_data.get("made_data") is True:
-            ctx.dirs.remove_data_dir_if_empty(data)
+
+
+@register_op
+@dataclass(frozen=True)
+class MountData(DataOp):
+    """The data image of service ``source`` mounted at the cell's data mount point
+    (docs/data-dirs.md).  The owner's image is made on first use (sparse, ext4, its root
+    owned by the service's mapped ids), checked (``e2fsck -p``) when nothing has it
+    mounted, grown to ``size`` and re-owned if its files belong to another uid range; a
+    reader (``readonly``, size 0) only mounts an image that exists, read-only.
+
+    Undo unmounts; the image is never deleted (not by undo, not by destroy)."""
+
+    kind: ClassVar[str] = "mount-data"
+    cell: str
+    source: str  # the service whose data image it is (the cell's own unless shared)
+    image: str
+    mount: str
+    size: int = 0  # bytes; 0: a reader
+    uid: int = 0  # host ids owning the image's root (the service's mapped uid/gid)
+    gid: int = 0
+    id_base: int = 0  # the cell's mapped range (0, 2**32-1: no user namespace)
+    id_count: int = 0
+    readonly: bool = False
+
+    def describe(self) -> str:
+        if self.readonly:
+            return (f"mount the data dir of service {self.source} read-only (shared by the "
+                    f"policy): image {self.image} at {self.mount}")
+        return (f"mount data dir: image {self.image} (ext4, {units.format_size(self.size)}, "
+                f"made if missing, root {self.uid}:{self.gid}) at {self.mount}")
+
+    def _request(self, ctx: CellContext) -> DataMount:
+        image = same_path(self.image, ctx.paths.data_image(self.source), "data image")
+        mount = same_path(self.mount, ctx.paths.data_mount(self.cell), "data mount")
+        if self.readonly != (self.source != self.cell) or self.readonly != (self.size == 0):
+            raise ConfigError("E_PLAN", f"data mount of {self.cell}: a cell owns its own "
+                              "data image read-write and mounts another's read-only",
+                              "the plan was not made by agent.core.planner")
+        return DataMount(image, mount, self.size, self.uid, self.gid, self.id_base,
+                         self.id_count, self.readonly)
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        return ctx.dirs.mount_data(self._request(ctx))
+
+    def undo(self, ctx: CellContext, undo_data: Mapping[str, Any]) -> None:
+        ctx.dirs.unmount_data(same_path(self.mount, ctx.paths.data_mount(self.cell),
+                                        "data mount"))
 
 
 @register_op
@@ -303,8 +338,7 @@ class StartService(DataOp):
                 same_path(m.source or "", ctx.paths.cell_run_dir(self.cell) / HOSTS_FILE,
                       "hosts file")
             elif m.kind == "bind":
-                src = Path(m.source or "")
-                same_path(str(src), ctx.paths.data_dir(src.name), "bind source")
+                same_path(m.source or "", ctx.paths.data_mount(self.cell), "bind source")
         prog = seccomp.compile_filter(self.filter_spec())
         return SpawnSpec(
             argv=self.argv, rootfs=self.rootfs, env=self.env, cwd=self.cwd,

@@ -6,9 +6,11 @@ typo never silently falls back to a default.  Layout (see rootfs-overlay/etc/age
 
     socket_path, state_dir, run_dir, services_dir, policy_path, cgroup_root, log_level
     [network]      bridge, address_pool, vlan_min, vlan_max
-    [userns]       enabled, uid_base, uid_size
+    [userns]       enabled, uid_base, uid_size, slots
     [host_reserve] cpu, memory, pids
     [logs]         cell_buffer, journal_max
+    [data]         default_size, max_size, state_reserve
+    [limits]       output_rate, output_burst, trap_rate, trap_burst
 
 Sizes are integers (bytes) or strings such as "96M", "64K", "1G" (binary multiples).
 """
@@ -27,6 +29,7 @@ from typing import Any
 from agent.core.errors import ConfigError
 
 __all__ = [
+    "DATA_MIN_SIZE",
     "DEFAULT_CONFIG_PATH",
     "LOG_LEVELS",
     "AgentConfig",
@@ -41,6 +44,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 _DEFAULT_POOL = ipaddress.IPv4Network("10.77.0.0/16")
 _MULT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# The smallest data dir: an ext4 image below this is mostly its own journal and metadata.
+DATA_MIN_SIZE = 4 << 20
 
 
 def parse_size(value: int | str, key: str = "size") -> int:
@@ -87,9 +92,21 @@ class AgentConfig:
     userns: bool = True
     uid_base: int = 100000
     uid_size: int = 65536
+    uid_slots: int = 1024  # uid ranges cells' services may hold (agent.core.slots)
     host_reserve: HostReserve = field(default_factory=HostReserve)
     log_buffer_bytes: int = 64 << 10
     journal_max_bytes: int = 1 << 20
+    # [data]: a data dir is an ext4 image of its own size (docs/data-dirs.md)
+    data_default_size: int = 16 << 20  # when the manifest gives no writable.size
+    data_max_size: int = 256 << 20  # ceiling on any one data dir's size
+    # free space on state_dir's file system that data images may never take: the
+    # journal (and its compaction copy) always has room
+    data_state_reserve: int = 16 << 20
+    # [limits]: what one cell may cost agentd's loop (agent.daemon.spawner.CellLimits)
+    output_rate: int = 256 << 10  # bytes per second read from a cell's stdout+stderr
+    output_burst: int = 1 << 20
+    trap_rate: int = 1000  # trapped syscalls answered per second, per cell
+    trap_burst: int = 200
 
     @property
     def pidfile(self) -> Path:
@@ -114,8 +131,17 @@ class AgentConfig:
         return self.subnet_for_vlan(vlan).network_address + 1
 
     def uid_range(self, slot: int) -> tuple[int, int]:
-        """(first host uid, count) mapped into the cell in user-namespace slot ``slot``."""
+        """(first host uid, count) mapped into the cell in user-namespace slot ``slot``
+        (0 <= slot < ``uid_slots``; the slot follows the service name: agent.core.slots)."""
+        if not 0 <= slot < self.uid_slots:
+            raise ConfigError("E_CONFIG", f"user-namespace slot {slot} is outside 0.."
+                              f"{self.uid_slots - 1}", "raise userns.slots")
         return self.uid_base + slot * self.uid_size, self.uid_size
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the data images live: ``<state_dir>/data``."""
+        return self.state_dir / "data"
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -126,11 +152,15 @@ class AgentConfig:
             "network": {"bridge": self.bridge, "address_pool": str(self.address_pool),
                         "vlan_min": self.vlan_min, "vlan_max": self.vlan_max},
             "userns": {"enabled": self.userns, "uid_base": self.uid_base,
-                       "uid_size": self.uid_size},
+                       "uid_size": self.uid_size, "slots": self.uid_slots},
             "host_reserve": {"cpu": self.host_reserve.cpu, "memory": self.host_reserve.memory,
                              "pids": self.host_reserve.pids},
             "logs": {"cell_buffer": self.log_buffer_bytes,
                      "journal_max": self.journal_max_bytes},
+            "data": {"default_size": self.data_default_size, "max_size": self.data_max_size,
+                     "state_reserve": self.data_state_reserve},
+            "limits": {"output_rate": self.output_rate, "output_burst": self.output_burst,
+                       "trap_rate": self.trap_rate, "trap_burst": self.trap_burst},
         }
 
 
@@ -217,6 +247,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Conv]]] = {
     "userns": {
         "enabled": ("userns", _bool), "uid_base": ("uid_base", _int(1, 2**32 - 2)),
         "uid_size": ("uid_size", _int(1, 2**32 - 2)),
+        "slots": ("uid_slots", _int(1, 1 << 20)),
     },
     "host_reserve": {
         "cpu": ("host_reserve.cpu", _cpu), "memory": ("host_reserve.memory", _size),
@@ -224,6 +255,15 @@ _SCHEMA: dict[str, dict[str, tuple[str, Conv]]] = {
     },
     "logs": {
         "cell_buffer": ("log_buffer_bytes", _size), "journal_max": ("journal_max_bytes", _size),
+    },
+    "data": {
+        "default_size": ("data_default_size", _size), "max_size": ("data_max_size", _size),
+        "state_reserve": ("data_state_reserve", _size),
+    },
+    "limits": {
+        "output_rate": ("output_rate", _size), "output_burst": ("output_burst", _size),
+        "trap_rate": ("trap_rate", _int(1, 1_000_000)),
+        "trap_burst": ("trap_burst", _int(1, 1_000_000)),
     },
 }
 
@@ -271,10 +311,36 @@ def parse_config(data: Mapping[str, Any], source: str = "agentd.toml") -> AgentC
         raise ConfigError("E_CONFIG",
                           f"`network.vlan_min` ({cfg.vlan_min}) exceeds `network.vlan_max` "
                           f"({cfg.vlan_max}) in {source}", "swap the two values")
-    if cfg.uid_base + cfg.uid_size > 2**32 - 1:
-        raise ConfigError("E_CONFIG", f"`userns.uid_base` + `userns.uid_size` overflow 32 bits "
-                          f"in {source}", "lower uid_base or uid_size")
+    if cfg.uid_base + cfg.uid_size * cfg.uid_slots > 2**32 - 1:
+        raise ConfigError("E_CONFIG", f"`userns.uid_base` + `userns.uid_size` * `userns.slots` "
+                          f"overflow 32 bits in {source}", "lower uid_base, uid_size or slots")
+    _check_data(cfg, source)
+    if cfg.output_rate < 1 << 10:
+        raise ConfigError("E_CONFIG", f"`limits.output_rate` ({cfg.output_rate} B/s) is below "
+                          f"1K in {source}: a cell's output would stall",
+                          'write e.g. output_rate = "256K"')
+    if cfg.output_burst < 64 << 10:
+        raise ConfigError("E_CONFIG", f"`limits.output_burst` ({cfg.output_burst}) is below one "
+                          f"64K read in {source}", 'write e.g. output_burst = "1M"')
     return cfg
+
+
+def _check_data(cfg: AgentConfig, source: str) -> None:
+    """[data]: sizes within the data dir floor, and a reserve the journal fits in."""
+    floor = DATA_MIN_SIZE
+    for key, v in (("default_size", cfg.data_default_size), ("max_size", cfg.data_max_size)):
+        if v < floor:
+            raise ConfigError("E_CONFIG", f"`data.{key}` ({v} bytes) is below the smallest "
+                              f"data dir ({floor >> 20}M) in {source}", f'write {key} = "16M"')
+    if cfg.data_default_size > cfg.data_max_size:
+        raise ConfigError("E_CONFIG", f"`data.default_size` is above `data.max_size` in "
+                          f"{source}", "raise max_size or lower default_size")
+    need = 2 * cfg.journal_max_bytes
+    if cfg.data_state_reserve < need:
+        raise ConfigError("E_CONFIG", f"`data.state_reserve` ({cfg.data_state_reserve} bytes) "
+                          f"is below twice `logs.journal_max` ({need} bytes) in {source}: "
+                          "a compaction writes a second copy of the journal",
+                          "raise state_reserve or lower journal_max")
 
 
 def load_config(path: Path | str | None = DEFAULT_CONFIG_PATH, *,

@@ -9,7 +9,8 @@ cell's pid 1.  The two talk over a CLOEXEC status pipe (child -> agentd, one lin
 * ``PID``: the intermediate forked pid 1 (its host pid follows) and exits;
 * ``CGROUP``: pid 1 built its root and wants its cgroup; agentd moves it there (it may
   come before ``PID``: the two are written by different processes);
-* ``EXEC``: everything is set up; execve follows;
+* ``EXEC``: everything is set up; execve follows (it too may come before ``PID`` when
+  pid 1 has no cgroup to join: nothing makes it wait for the intermediate);
 * ``FAILED``: a step failed (step, target, errno follow); the child exits 127;
 * ``TRACE``: a timestamp per step when AGENT_SPAWN_TRACE is set (any time).
 
@@ -50,6 +51,7 @@ class Phase(enum.Enum):
     JOIN_ASKED = "join-asked"  # pid 1 asked for its cgroup before its pid was known
     PID1 = "pid1"            # pid 1's host pid is known
     JOINED = "joined"        # pid 1 is in its cgroup
+    EXEC_EARLY = "exec-early"  # pid 1 execs, but its pid is not known yet
     READY = "ready"          # it execs now
     FAILED = "failed"        # a step failed; only traces may follow
 
@@ -59,7 +61,10 @@ TRANSITIONS: dict[tuple[Phase, Msg], Phase] = {
     (P.STARTED, M.USERNS): P.STARTED,
     (P.STARTED, M.PID): P.PID1,
     (P.STARTED, M.CGROUP): P.JOIN_ASKED,
+    (P.STARTED, M.EXEC): P.EXEC_EARLY,  # no cgroup: pid 1 outran the intermediate
     (P.STARTED, M.FAILED): P.FAILED,
+    (P.EXEC_EARLY, M.PID): P.READY,
+    (P.EXEC_EARLY, M.FAILED): P.FAILED,
     (P.JOIN_ASKED, M.PID): P.JOINED,
     (P.JOIN_ASKED, M.FAILED): P.FAILED,
     (P.PID1, M.CGROUP): P.JOINED,

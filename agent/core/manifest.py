@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.core import units
+from agent.core.config import DATA_MIN_SIZE
 from agent.core.grants import CAPABILITIES, PRIVILEGED_OPS, REFUSED_CAPABILITIES
 from agent.core.units import ConfigProblems, Problem, TableReader
 
@@ -40,7 +41,6 @@ __all__ = [
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")  # DNS label, <= 32 chars
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PORT_RE = re.compile(r"^([0-9]{1,5})(?:/(tcp|udp))?$")
 
 MIN_CPU_MAX = 10  # millicpu: cpu.max cannot go below 1 ms of quota per 100 ms period
@@ -77,8 +77,13 @@ class Tmpfs:
 
 @dataclass(frozen=True)
 class DataDir:
+    """The persistent data dir: the data image of service ``source`` (the manifest's own
+    name unless it reads another service's, which the policy must share), of ``size``
+    bytes (None: agentd's data.default_size).  docs/data-dirs.md."""
+
     path: str
-    source: str  # directory name under the agent's state dir
+    source: str
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,11 @@ class Manifest:
                                     "size": units.format_size(t.size), "exec": t.exec}
                                    for t in self.tmpfs]
         if self.data:
-            w.append({"kind": "data", "path": self.data.path, "source": self.data.source})
+            dd: dict[str, Any] = {"kind": "data", "path": self.data.path,
+                                  "source": self.data.source}
+            if self.data.size is not None:
+                dd["size"] = units.format_size(self.data.size)
+            w.append(dd)
         d["writable"] = w
         d["resources"] = {"cpu_min": units.format_cpu(r.cpu_min),
                           "cpu_max": units.format_cpu(r.cpu_max),
@@ -235,7 +244,8 @@ def _service(rd: TableReader) -> Service | None:
     return Service(command, args, tuple(env), workdir, uid, gid)
 
 
-def _writable(top: TableReader) -> tuple[tuple[Tmpfs, ...], DataDir | None]:
+def _writable(top: TableReader, name: str | None
+              ) -> tuple[tuple[Tmpfs, ...], DataDir | None]:
     tmpfs: list[Tmpfs] = []
     data: list[DataDir] = []
     seen: set[str] = set()
@@ -261,16 +271,27 @@ def _writable(top: TableReader) -> tuple[tuple[Tmpfs, ...], DataDir | None]:
             if isinstance(path, str) and isinstance(size, int):
                 tmpfs.append(Tmpfs(path, size, exe))
         elif kind == "data":
-            source = rd.string("source")
-            if isinstance(source, str) and not _SOURCE_RE.match(source):
-                rd.error("source", f"{source!r} is not a plain directory name",
-                         "a name relative to the agent's state dir: letters, digits, . _ -, "
-                         "no /, not starting with . or -")
+            source = rd.string("source", name)
+            if isinstance(source, str) and not NAME_RE.match(source):
+                rd.error("source", f"{source!r} is not a service name",
+                         "a data dir belongs to a service: leave source out for the "
+                         "service's own, or name the service whose data dir the policy "
+                         "shares with this one (docs/data-dirs.md)")
                 source = None
+            dsize = rd.unit("size", units.parse_size, None)
+            if isinstance(dsize, int) and dsize < DATA_MIN_SIZE:
+                rd.error("size", f"{units.format_size(dsize)} is below the smallest data dir "
+                         f"({units.format_size(DATA_MIN_SIZE)})",
+                         "an ext4 image smaller than that is mostly its own metadata")
+                dsize = None
+            elif isinstance(dsize, int) and isinstance(source, str) and source != name:
+                rd.error("size", f"a data dir read from service {source} has its owner's "
+                         "size", "leave size out, or set it in the manifest of " + source)
+                dsize = None
             if data:
                 rd.error("kind", "only one persistent data area is allowed per cell")
             elif isinstance(path, str) and isinstance(source, str):
-                data.append(DataDir(path, source))
+                data.append(DataDir(path, source, dsize))
         elif kind is not None:
             rd.error("kind", f"{kind!r} is not one of: tmpfs, data")
         rd.finish()
@@ -458,7 +479,7 @@ def manifest_from_dict(data: dict[str, Any], source: str = "<string>") -> Manife
             img.error("root", "the host root cannot be an image", "point at an image directory")
             root = None
         img.finish()
-    tmpfs, data_dir = _writable(top)
+    tmpfs, data_dir = _writable(top, name)
     res = _resources(top.sub("resources"))
     net = _network(top.sub("network"), name)
     life = _lifecycle(top.sub("lifecycle"))

@@ -2,8 +2,9 @@
 
 The order of a create plan, and why it is safe::
 
-    prepare-dirs     run dir (with the cell's /etc/hosts); persistent data dir, owned by
-                     the cell's mapped ids
+    prepare-dirs     run dir (with the cell's /etc/hosts)
+    mount-data       the service's data image (made, checked, grown, owned by the cell's
+                     mapped ids) mounted below the run dir; another's read-only if shared
     make-cgroup      the leaf and its limits exist before any process could join it
     make-netns       agent-owned netns: created outside the cell's user namespace
     ensure-gateway   the VLAN's gateway on the host (only with [network])
@@ -12,8 +13,9 @@ The order of a create plan, and why it is safe::
     start-service    last: the process starts inside everything above, already limited
 
 If step *k* fails the executor undoes *k-1..0*, so a half-made cell never runs.  A destroy
-plan kills first (nothing can hold the rest busy), then removes link, netns, cgroup and
-run dir.  ``Plan.explain()`` of these plans is what ``agentctl run --dry-run`` shows.
+plan kills first (nothing can hold the rest busy), then removes link, netns, cgroup,
+the data mount (the image stays) and the run dir.  ``Plan.explain()`` of these plans
+is what ``agentctl run --dry-run`` shows.
 
 Derivations (docs/lifecycle.md has the rationale):
 
@@ -26,7 +28,8 @@ Derivations (docs/lifecycle.md has the rationale):
   ``memory_max`` (the tuner lowers it); ``pids.max`` = ``pids_max``; ``io.weight`` = ``io_weight``;
 * mounts: the image is the read-only root; ``/proc``, a minimal ``/dev``, each tmpfs area
   ``nosuid,nodev`` plus ``noexec`` unless ``exec = true``; the data area is a bind of
-  ``<state_dir>/data/<source>`` ``nosuid,nodev,noexec``;
+  the data mount ``<run_dir>/cells/<cell>/data`` ``nosuid,nodev,noexec`` (plus ``ro``
+  for another service's data dir), docs/data-dirs.md;
 * rlimits: :data:`RLIMITS`; capabilities: exactly the manifest's; seccomp:
   :meth:`agent.core.seccomp.FilterSpec.for_cell` of the manifest's privileged operations.
 """
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
-from agent.core import firewall
+from agent.core import datavol, firewall
 from agent.core.addrpool import Lease
 from agent.core.cellctx import Paths
 from agent.core.cellops import (
@@ -47,6 +50,7 @@ from agent.core.cellops import (
     MakeCgroup,
     MakeLink,
     MakeNetns,
+    MountData,
     PrepareDirs,
     StartService,
     mount_to_wire,
@@ -66,6 +70,7 @@ from agent.core.teardown import (
     RemoveGateway,
     RemoveLink,
     RemoveNetns,
+    UnmountData,
 )
 
 __all__ = [
@@ -77,6 +82,7 @@ __all__ = [
     "cpu_weight",
     "filter_spec",
     "hosts_file",
+    "mount_data",
     "plan_create",
     "plan_destroy",
     "plan_restart",
@@ -138,8 +144,9 @@ def _mounts(m: Manifest, paths: Paths) -> tuple[Mount, ...]:
         flags = {"nosuid", "nodev"} | (set() if t.exec else {"noexec"})
         out.append(Mount("tmpfs", t.path, size=t.size, flags=frozenset(flags)))
     if m.data is not None:
-        out.append(Mount("bind", m.data.path, source=str(paths.data_dir(m.data.source)),
-                         flags=frozenset({"nosuid", "nodev", "noexec"})))
+        ro = {"ro"} if datavol.is_reader(m) else set()
+        out.append(Mount("bind", m.data.path, source=str(paths.data_mount(m.name)),
+                         flags=frozenset({"nosuid", "nodev", "noexec"} | ro)))
     # Last, so a writable area on /etc cannot hide it; skipped if the image has no
     # /etc/hosts to mount over.
     out.append(Mount("bind", HOSTS_TARGET, source=str(paths.cell_run_dir(m.name) / HOSTS_FILE),
@@ -173,6 +180,21 @@ def _check(m: Manifest, alloc: Allocation, config: AgentConfig) -> None:
                           "was allocated", "pass Allocation(uid_base=...)")
 
 
+def mount_data(m: Manifest, alloc: Allocation, config: AgentConfig) -> MountData:
+    """The data step: the service's own image read-write (made at its size, owned by the
+    service's mapped ids), or another service's read-only (the policy shares it)."""
+    assert m.data is not None
+    paths = _paths(config)
+    base = alloc.uid_base if config.userns and alloc.uid_base is not None else 0
+    count = config.uid_size if config.userns else 2**32 - 1
+    image, mount = str(paths.data_image(m.data.source)), str(paths.data_mount(m.name))
+    size = datavol.planned_size(m, config)  # (its ceiling is admission's: datavol.admit)
+    if size is None:  # another service's data dir
+        return MountData(m.name, m.data.source, image, mount, 0, 0, 0, base, count, True)
+    return MountData(m.name, m.data.source, image, mount, size, base + m.service.uid,
+                     base + m.service.gid, base, count, False)
+
+
 def start_service(m: Manifest, alloc: Allocation, config: AgentConfig) -> StartService:
     """The spawn step: every SpawnSpec field derived from the manifest."""
     _check(m, alloc, config)
@@ -204,16 +226,11 @@ def plan_create(m: Manifest, alloc: Allocation, config: AgentConfig, *,
         hosts = {p.name: p.address for p in peers or ()}
     _check(m, alloc, config)
     paths = _paths(config)
-    owner = (m.service.uid, m.service.gid)
-    if config.userns and alloc.uid_base is not None:
-        owner = (alloc.uid_base + owner[0], alloc.uid_base + owner[1])
-    data = str(paths.data_dir(m.data.source)) if m.data is not None else ""
     ops: list[Operation] = [
-        PrepareDirs(m.name, str(paths.cell_run_dir(m.name)), data, *owner,
-                    hosts=hosts_file(m, alloc, hosts)),
-        MakeCgroup(m.name, cgroup_limits(m)),
-        MakeNetns(m.name),
-    ]
+        PrepareDirs(m.name, str(paths.cell_run_dir(m.name)), hosts=hosts_file(m, alloc, hosts))]
+    if m.data is not None:
+        ops.append(mount_data(m, alloc, config))
+    ops += [MakeCgroup(m.name, cgroup_limits(m)), MakeNetns(m.name)]
     if m.network is not None:
         assert alloc.vlan is not None and alloc.address and alloc.gateway
         ops += [EnsureGateway(alloc.vlan, alloc.gateway_interface()),
@@ -235,9 +252,12 @@ def plan_destroy(cell: Manifest | str, config: AgentConfig, alloc: Allocation | 
                  *, last_on_vlan: bool = False) -> Plan:
     """Tear the cell down; with ``last_on_vlan`` also the VLAN's gateway."""
     name = cell.name if isinstance(cell, Manifest) else cell
+    paths = _paths(config)
     ops: list[Operation] = [KillCell(name), RemoveLink(name), RemoveNetns(name),
-                            RemoveCgroup(name),
-                            ReleaseDirs(name, str(_paths(config).cell_run_dir(name)))]
+                            RemoveCgroup(name)]
+    if not isinstance(cell, Manifest) or cell.data is not None:  # (unknown: unmount anyway)
+        ops.append(UnmountData(name, str(paths.data_mount(name))))
+    ops.append(ReleaseDirs(name, str(paths.cell_run_dir(name))))
     if last_on_vlan and alloc is not None and alloc.vlan is not None:
         ops.append(RemoveGateway(name, alloc.vlan))
     return Plan.new(name, "destroy", ops)

@@ -8,7 +8,15 @@ Entries are tried in file order and the first whose every given field (``uid``,
 :meth:`Policy.authorize` is pure; it returns a :class:`Decision` naming the rule that
 allowed the request, or raises :class:`~agent.core.errors.RefusedError` with one of the codes
 ``E_POLICY_ROLE``, ``E_POLICY_OP``, ``E_POLICY_SERVICE``, ``E_POLICY_CEILING``,
-``E_POLICY_PRIVILEGE``, naming the identity, the rule and the numbers.
+``E_POLICY_PRIVILEGE``, ``E_POLICY_SHARE``, naming the identity, the rule and the numbers,
+or ``E_POLICY_USERNS`` when agentd runs without user namespaces and the manifest asks for
+what a cell may have only inside one (:func:`agent.core.grants.without_userns`).
+
+A data dir belongs to one service (docs/data-dirs.md).  A manifest whose data ``source``
+names another service is run only if a ``[[share]]`` entry lists it among that
+service's ``readers``; it then mounts the data dir read-only.  Sharing is box-wide,
+whatever the caller's role: a file one cell drops and another reads is what the
+correlation engine watches for, so it must be explicit.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any
 
 from agent.core import units
 from agent.core.errors import RefusedError
-from agent.core.grants import PRIVILEGED_OPS
+from agent.core.grants import CAPABILITY_MODES, PRIVILEGED_OPS, without_userns
 from agent.core.manifest import NAME_RE, Manifest
 from agent.core.units import ConfigProblems, Problem, TableReader
 
@@ -33,6 +41,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "Role",
+    "Share",
     "load_policy",
     "parse_passwd",
     "parse_policy",
@@ -54,9 +63,10 @@ OPS: dict[str, str] = {
     "unpin": "undo pin",
     "reload": "re-read manifests and policy",
     "patterns": "install a signed pattern database",
+    "respawn": "re-make the master from the installed image (an upgrade takes this path)",
 }
 # Operations that do not name a service: the service globs do not apply.
-GLOBAL_OPS = frozenset({"ps", "status", "events", "reload", "patterns"})
+GLOBAL_OPS = frozenset({"ps", "status", "events", "reload", "patterns", "respawn"})
 # Operations whose manifest is checked against the role's ceilings.
 _SIZED_OPS = frozenset({"run", "resize"})
 
@@ -103,6 +113,18 @@ class Role:
 
 
 @dataclass(frozen=True)
+class Share:
+    """``[[share]]``: service ``data``'s data dir may be mounted read-only by ``readers``."""
+
+    index: int  # position in the file, for messages
+    data: str
+    readers: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"share[{self.index}] {self.data} -> {', '.join(self.readers)}"
+
+
+@dataclass(frozen=True)
 class Decision:
     """Why a request was allowed."""
 
@@ -124,13 +146,35 @@ class Policy:
     roles: Mapping[str, Role] | None = None
     warnings: tuple[str, ...] = ()
     source: str = "<string>"
+    shares: tuple[Share, ...] = ()
+
+    def data_share(self, reader: str, data: str) -> Share | None:
+        """The ``[[share]]`` entry that lets service ``reader`` mount ``data``'s data dir."""
+        return next((s for s in self.shares if s.data == data and reader in s.readers), None)
+
+    def check_data_source(self, m: Manifest) -> Share | None:
+        """Refuse (``E_POLICY_SHARE``) a manifest that names another service's data dir
+        without a share; the share that allows it (None: its own, or no data dir)."""
+        if m.data is None or m.data.source == m.name:
+            return None
+        share = self.data_share(m.name, m.data.source)
+        if share is None:
+            raise RefusedError(
+                "E_POLICY_SHARE", f"{m.name}: writable data source {m.data.source!r} is the "
+                f"data dir of service {m.data.source}, and no [[share]] in {self.source} "
+                f"lets {m.name} read it",
+                f'leave source out (a service\'s own data dir), or add [[share]] data = '
+                f'"{m.data.source}" readers = ["{m.name}"] to the policy (read-only)')
+        return share
 
     def identify(self, uid: int, gid: int, groups: Sequence[int] = ()) -> Identity | None:
         return next((i for i in self.identities if i.matches(uid, gid, groups)), None)
 
     def authorize(self, peer_uid: int, peer_gid: int, op: str, service: str | None,
                   manifest: Manifest | None, current_cells: int,
-                  *, peer_groups: Sequence[int] = ()) -> Decision:
+                  *, peer_groups: Sequence[int] = (), userns: bool = True) -> Decision:
+        """``userns``: agentd runs cells in user namespaces (``[userns] enabled``);
+        without them a ``run`` is also checked against what a cell may have there."""
         who = f"uid {peer_uid} gid {peer_gid}"
         ident = self.identify(peer_uid, peer_gid, peer_groups)
         if ident is None or self.roles is None:
@@ -151,6 +195,10 @@ class Policy:
                     f"role {role.name} services {list(role.services)}")
         if op in _SIZED_OPS and manifest is not None:
             self._check_ceilings(who, rule, role, manifest)
+        if op == "run" and manifest is not None:
+            self.check_data_source(manifest)
+        if op == "run" and manifest is not None and not userns:
+            _check_without_userns(who, rule, manifest)
         if op == "run" and role.max_cells is not None and current_cells >= role.max_cells:
             raise RefusedError("E_POLICY_CEILING", f"{who} ({rule}): already runs "
                                f"{current_cells} cells, role {role.name} max_cells is "
@@ -177,6 +225,25 @@ class Policy:
                 f"are not granted to role {role.name}",
                 f"role {role.name} may ask for: "
                 f"{', '.join(sorted(role.privileged_ops)) or 'none'}")
+
+
+def _check_without_userns(who: str, rule: str, m: Manifest) -> None:
+    problems = without_userns(m.privileges.capabilities, m.service.uid, m.service.gid)
+    if not problems:
+        return
+    hints = []
+    if any(key.startswith("service.") for key, _ in problems):
+        hints.append("give the service a non-zero uid and gid of its own (service.uid, "
+                     "service.gid)")
+    if any(key == "privileges.capabilities" for key, _ in problems):
+        keep = sorted(c.removeprefix("CAP_").lower() for c, mode in CAPABILITY_MODES.items()
+                      if mode.keep_without_userns)
+        hints.append(f"without user namespaces a cell may keep only: {', '.join(keep)}")
+    raise RefusedError(
+        "E_POLICY_USERNS", f"{who} ({rule}): {m.name}: agentd runs cells without user "
+        "namespaces ([userns] enabled = false), where the cell's ids and capabilities are "
+        "the host's: " + "; ".join(f"{key}: {why}" for key, why in problems),
+        "; ".join(hints) + " (docs/isolation.md)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +285,33 @@ def _role(name: str, rd: TableReader) -> Role:
                 frozenset(privs & set(PRIVILEGED_OPS)), cpu, mem, pids, cells)
 
 
+def _shares(top: TableReader) -> tuple[Share, ...]:
+    """``[[share]]``: ``data`` a service name, ``readers`` a non-empty list of service
+    names (no globs: every reader of a data dir is named)."""
+    out: list[Share] = []
+    for i, rd in enumerate(top.tables("share", 1024)):
+        data = rd.string("data")
+        if isinstance(data, str) and not NAME_RE.match(data):
+            rd.error("data", f"{data!r} is not a service name")
+            data = None
+        readers = rd.strings("readers")
+        good: list[str] = []
+        for j, r in enumerate(readers if isinstance(readers, tuple | list) else ()):
+            if not NAME_RE.match(r):
+                rd.error(f"readers[{j}]", f"{r!r} is not a service name",
+                         "name each reader: globs are not allowed here")
+            elif r == data:
+                rd.error(f"readers[{j}]", f"{r!r} owns the data dir already")
+            else:
+                good.append(r)
+        if isinstance(readers, tuple | list) and not readers:
+            rd.error("readers", "empty: list the services that may read the data dir")
+        rd.finish()
+        if isinstance(data, str) and good and len(good) == len(readers):
+            out.append(Share(i, data, tuple(dict.fromkeys(good))))
+    return tuple(out)
+
+
 def policy_from_dict(data: dict[str, Any], source: str = "<string>",
                      users: Mapping[str, int] | None = None) -> Policy:
     """Validate decoded policy TOML; ``users`` maps user names to uids (see parse_passwd)."""
@@ -233,6 +327,7 @@ def policy_from_dict(data: dict[str, Any], source: str = "<string>",
                 roles[name] = _role(name, sub)
     idents: list[Identity] = []
     warnings: list[str] = []
+    shares = _shares(top)
     for i, rd in enumerate(top.tables("identity", 1024)):
         uid = rd.integer("uid", 0, 0xFFFFFFFE, None)
         gid = rd.integer("gid", 0, 0xFFFFFFFE, None)
@@ -255,7 +350,7 @@ def policy_from_dict(data: dict[str, Any], source: str = "<string>",
     top.finish()
     if top.problems:
         raise PolicyError("E_POLICY", source, top.problems)
-    return Policy(tuple(idents), roles, tuple(warnings), source)
+    return Policy(tuple(idents), roles, tuple(warnings), source, shares)
 
 
 def parse_policy(text: str, source: str = "<string>",

@@ -96,8 +96,8 @@ class CellView:
 @dataclass(frozen=True)
 class KernelObject:
     """An agent-owned kernel object found by a scan.  ``cell`` is its owner as its name
-    says (None if unreadable); ``seen_since`` is its creation time if the kernel tells,
-    else when a scan first saw it."""
+    says (None if unreadable); ``seen_since`` is when scans began to see it with no
+    journaled owner (the scan's time when its owner is journaled)."""
 
     kind: ObjectKind
     name: str

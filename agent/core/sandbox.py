@@ -15,16 +15,34 @@ from typing import Literal
 
 from agent.core import syscalls as ksys
 from agent.core.errors import ConfigError
+from agent.core.grants import NOUSERNS_KEEPABLE
 
-__all__ = ["DEFAULT_MOUNTS", "Mount", "MountKind", "MountOp", "SpawnSpec", "UidMap",
-           "check_spec", "exec_paths", "plan_mounts", "unshare_flags"]
+__all__ = ["DEFAULT_MOUNTS", "PROC_MASKED", "PROC_READ_ONLY", "SYS_MASKED", "Mount",
+           "MountKind", "MountOp", "SpawnSpec", "UidMap", "check_spec", "exec_paths",
+           "plan_mounts", "unshare_flags"]
 
 MountKind = Literal["proc", "tmpfs", "bind", "dev"]
 
 _FLAG_BITS = {"ro": ksys.MS_RDONLY, "nosuid": ksys.MS_NOSUID, "nodev": ksys.MS_NODEV,
               "noexec": ksys.MS_NOEXEC}  # fmt: skip
 _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
-_PROC_RO = ("sys", "sysrq-trigger", "irq", "bus", "fs")  # host-wide knobs under /proc
+# The union of what runc, crun, Docker (moby oci/defaults.go), containerd, Podman and
+# Kubernetes (DefaultProcMount) hide under /proc, and what they make read-only; every cell
+# gets both, with or without a user namespace (docs/sandbox.md, "What a cell's /proc
+# hides").  A path the running kernel lacks is skipped.
+PROC_MASKED = ("acpi", "asound", "interrupts", "kcore", "keys", "latency_stats",
+               "sched_debug", "scsi", "timer_list", "timer_stats")  # fmt: skip
+PROC_READ_ONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")  # host-wide knobs
+# Their entries under /sys.  A cell gets no sysfs at all (no mount kind makes one, and
+# check_spec refuses any mount at or below /sys), which hides every one of them.
+SYS_MASKED = ("firmware", "devices/virtual/powercap", "devices/system/cpu/cpu*/thermal_throttle",
+              "dev/block", "fs/selinux")  # fmt: skip
+# A masked directory: an empty read-only tmpfs; a masked file: /dev/null, bound read-only
+# (it reads as empty; the read-only bind keeps its mode and times from being changed).
+_MASK_DIR = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC
+_MASK_DIR_DATA = "mode=0555,size=4096,nr_inodes=1"
+_RO_BIND = ksys.MS_BIND | ksys.MS_REMOUNT | ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NOEXEC
+_RESERVED = ("/proc", "/sys", "/dev")  # made by the plan itself: no area may hide them
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -84,9 +102,12 @@ class MountOp:
     flags: int = 0
     data: str | None = None
     optional: bool = False  # skipped if the target does not exist
+    if_dir: bool | None = None  # optional, and only if the target is (True) / is not a dir
 
     def __str__(self) -> str:
-        return f"{self.op} {self.target} src={self.source} fs={self.fstype} flags={self.flags:#x}"
+        cond = {None: "", True: " if dir", False: " if not dir"}[self.if_dir]
+        return (f"{self.op} {self.target} src={self.source} fs={self.fstype} "
+                f"flags={self.flags:#x}{cond}")
 
 
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
@@ -121,20 +142,17 @@ def plan_mounts(root: str, mounts: Sequence[Mount], uid: int, gid: int,
             ops.append(MountOp("mkdir", t))
         if m.kind == "proc":
             ops.append(MountOp("mount", t, "proc", "proc", _bits(frozenset(_FLAG_BITS) - {"ro"})))
-            for sub in _PROC_RO:
-                ops.append(MountOp("mount", f"{t}/{sub}", f"{t}/{sub}", None,
-                                   ksys.MS_BIND | ksys.MS_REC, optional=True))  # fmt: skip
-                ops.append(MountOp("mount", f"{t}/{sub}", None, None, ksys.MS_BIND
-                                   | ksys.MS_REMOUNT | ksys.MS_RDONLY | ksys.MS_NOSUID
-                                   | ksys.MS_NODEV | ksys.MS_NOEXEC, optional=True))  # fmt: skip
+            ops += _proc_masks(t)
         elif m.kind == "dev":
             flags = ksys.MS_NOSUID | ksys.MS_NOEXEC
             ops.append(MountOp("mount", t, "tmpfs", "tmpfs", flags, "mode=0755,size=65536"))
             for node in _DEV_NODES:
                 ops.append(MountOp("touch", f"{t}/{node}"))
                 ops.append(MountOp("mount", f"{t}/{node}", f"/dev/{node}", None, ksys.MS_BIND))
+                # read-only: the node stays usable (a device is opened for writing on a
+                # read-only mount), its host inode's mode and times cannot be changed
                 ops.append(MountOp("mount", f"{t}/{node}", None, None,
-                                   ksys.MS_BIND | ksys.MS_REMOUNT | flags))  # fmt: skip
+                                   ksys.MS_BIND | ksys.MS_REMOUNT | ksys.MS_RDONLY | flags))
             for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                                ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
                 ops.append(MountOp("symlink", f"{t}/{name}", dest))
@@ -160,6 +178,26 @@ def plan_mounts(root: str, mounts: Sequence[Mount], uid: int, gid: int,
     return tuple(ops)
 
 
+def _proc_masks(t: str) -> list[MountOp]:
+    """Over a fresh procfs at ``t``: read-only binds of PROC_READ_ONLY, then each of
+    PROC_MASKED hidden (a directory under an empty read-only tmpfs, a file under
+    /dev/null bound read-only); paths this kernel lacks are skipped."""
+    ops = []
+    for sub in PROC_READ_ONLY:
+        ops.append(MountOp("mount", f"{t}/{sub}", f"{t}/{sub}", None,
+                           ksys.MS_BIND | ksys.MS_REC, optional=True))  # fmt: skip
+        ops.append(MountOp("mount", f"{t}/{sub}", None, None, _RO_BIND | ksys.MS_NODEV,
+                           optional=True))  # fmt: skip
+    for sub in PROC_MASKED:
+        ops.append(MountOp("mount", f"{t}/{sub}", "tmpfs", "tmpfs", _MASK_DIR, _MASK_DIR_DATA,
+                           optional=True, if_dir=True))  # fmt: skip
+        ops.append(MountOp("mount", f"{t}/{sub}", "/dev/null", None, ksys.MS_BIND,
+                           optional=True, if_dir=False))  # fmt: skip
+        ops.append(MountOp("mount", f"{t}/{sub}", None, None, _RO_BIND, optional=True,
+                           if_dir=False))  # fmt: skip
+    return ops
+
+
 def _config(msg: str, hint: str) -> ConfigError:
     return ConfigError("E_SPAWN", msg, hint)
 
@@ -175,6 +213,10 @@ def check_spec(spec: SpawnSpec) -> tuple[int, ...]:
                           "write it as /tmp or /var/lib/x")
         if (m.kind == "bind") != (m.source is not None) or not m.flags <= set(_FLAG_BITS):
             raise _config(f"mount {m.target}: bad source or flags", "source only for bind")
+        if m.kind in ("tmpfs", "bind") and any(m.target == r or m.target.startswith(r + "/")
+                                               for r in _RESERVED):  # fmt: skip
+            raise _config(f"mount target {m.target} is at or below /proc, /sys or /dev",
+                          "the sandbox makes those itself (masked and read-only parts)")
     try:
         keep = tuple(sorted({ksys.cap_number(c) for c in spec.caps_keep}))
     except KeyError as e:
@@ -182,9 +224,26 @@ def check_spec(spec: SpawnSpec) -> tuple[int, ...]:
     count = spec.userns.count if spec.userns else 2**32 - 1
     if not (0 <= spec.uid < count and 0 <= spec.gid < count):
         raise _config(f"uid {spec.uid}/gid {spec.gid} not mapped", "keep them below the map count")
+    if spec.userns is None:
+        _check_without_userns(spec, keep)
     if spec.seccomp is not None and not spec.no_new_privs and ksys.CAPS["sys_admin"] not in keep:
         raise _config("seccomp without no_new_privs needs CAP_SYS_ADMIN", "keep no_new_privs on")
     return keep
+
+
+def _check_without_userns(spec: SpawnSpec, keep: tuple[int, ...]) -> None:
+    """Without a user namespace the cell's ids and capabilities are the host's: the same
+    rules as agent.core.grants.without_userns, re-checked on every spawn."""
+    if spec.uid == 0 or spec.gid == 0:
+        raise _config(f"uid {spec.uid}/gid {spec.gid} without a user namespace: 0 is host root",
+                      "run the service as a non-zero uid and gid")
+    extra = sorted(set(keep) - NOUSERNS_KEEPABLE)
+    if extra:
+        names = {n: name for name, n in ksys.CAPS.items()}
+        raise _config(f"capabilities {', '.join(names[c] for c in extra)} act on the host "
+                      "without a user namespace", "see docs/isolation.md for the set allowed")
+    if not spec.no_new_privs:
+        raise _config("no_new_privs off without a user namespace", "keep no_new_privs on")
 
 
 def exec_paths(argv0: str, env: dict[str, str]) -> tuple[str, ...]:

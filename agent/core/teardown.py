@@ -18,7 +18,7 @@ from agent.core.names import NETNS_PREFIX, veth_names
 from agent.core.plan import DataOp, register_op
 
 __all__ = ["KillCell", "ReleaseDirs", "RemoveCgroup", "RemoveGateway", "RemoveLink",
-           "RemoveNetns"]
+           "RemoveNetns", "UnmountData"]
 
 
 class _DestroyStep(DataOp):
@@ -83,6 +83,25 @@ class RemoveCgroup(_DestroyStep):
     def apply(self, ctx: CellContext) -> Mapping[str, Any]:
         ctx.cgroup.kill(self.cell)
         ctx.cgroup.remove(self.cell)
+        return {}
+
+
+@register_op
+@dataclass(frozen=True)
+class UnmountData(_DestroyStep):
+    """The cell's data mount goes (lazily: nothing of the cell runs any more); the image
+    stays, with the data, for the service's next cell."""
+
+    kind: ClassVar[str] = "unmount-data"
+    cell: str
+    mount: str
+
+    def describe(self) -> str:
+        return f"unmount data dir {self.mount} (the image and its data are kept)"
+
+    def apply(self, ctx: CellContext) -> Mapping[str, Any]:
+        ctx.dirs.unmount_data(same_path(self.mount, ctx.paths.data_mount(self.cell),
+                                        "data mount"))
         return {}
 
 

@@ -40,7 +40,7 @@ def ps_row(mgr: CellManager, e: CellEntry) -> dict[str, Any]:
         "memory_max": e.manifest.resources.memory_max, "pids": None,
         "uptime_s": (round(mgr.clock() - e.cell.started_at, 1)
                      if e.state is State.RUNNING and e.cell.started_at else None),
-        "restarts": e.cell.restarts}
+        "restarts": e.cell.restarts, "alerts": e.alerts}
     try:
         st = mgr.cgroup.stats(e.name)
     except (AgentError, OSError):
@@ -114,9 +114,10 @@ class CellOps:
         return inspect_cell(mgr, mgr.entry(name))
 
     async def op_logs(self, peer: Peer, args: Mapping[str, Any]) -> dict[str, Any]:
-        check_args(args, ("name", "n", "stream"))
+        check_args(args, ("name", "n", "stream", "raw"))
         mgr, name = self._cell(peer, "logs", args)
         n = arg(args, "n", int, 50)
+        raw = arg(args, "raw", bool, False) is True
         stream = arg(args, "stream", str)
         if n is None or n < 0 or n > 10_000:
             raise AgentError("E_ARGS", "argument `n` must be 0..10000")
@@ -129,9 +130,11 @@ class CellOps:
                 mgr.entry(name)  # E_NOT_FOUND
             return {"name": name, "lines": [], "dropped": 0}
         lines = buf.tail(n, which)
-        out = [x.to_wire() for x in lines]
-        while out and sum(len(x["line"]) + 40 for x in out) > 56 * 1024:
-            out.pop(0)  # keep the reply within one frame
+        out = [x.to_wire(raw) for x in lines]
+        size = sum(len(x["line"]) + len(x.get("raw", b"")) + 40 for x in out)
+        while out and size > 56 * 1024:  # keep the reply within one frame
+            x = out.pop(0)
+            size -= len(x["line"]) + len(x.get("raw", b"")) + 40
         return {"name": name, "lines": out, "dropped": buf.dropped}
 
     def status_cells(self) -> int:

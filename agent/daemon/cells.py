@@ -122,6 +122,7 @@ class CellEntry:
     tuned: Tuned | None = None
     rung: Rung = field(default_factory=Rung)
     cpu_sample: tuple[int, float] | None = None  # (usage_usec, monotonic)
+    alerts: int = 0  # alert events about it since agentd started (agentctl ps)
 
     @property
     def name(self) -> str:
@@ -173,6 +174,9 @@ class CellsHost(Protocol):
     def ledger(self) -> Ledger: ...
     def keep_pin(self, cell: str, pin: Mapping[str, int] | None) -> None: ...
     def post(self, e: CellEntry, ev: Event) -> None: ...
+    def cell_lock(self, cell: str) -> asyncio.Lock:
+        """Held while a cell of that name is started or stopped."""
+        ...
 
 
 class StatsSource(Protocol):

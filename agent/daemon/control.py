@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import errno
 import inspect
 import logging
 import os
@@ -163,6 +164,23 @@ class ControlServer:
                 tmp.unlink()
             raise KernelError.from_oserror("bind", str(path), exc) from None
         self._sock = sock
+
+    def adopt(self, fd: int) -> None:
+        """Serve on a socket a previous agentd bound and passed across exec (the master's
+        respawn): connections that queued meanwhile are accepted now, none is refused."""
+        sock = socket.socket(fileno=fd)
+        # (bound under a temporary name in the same directory, then renamed: see bind)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET or \
+                not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) or \
+                Path(sock.getsockname()).parent != self.path.parent:
+            sock.detach()
+            raise KernelError("adopt", str(self.path), errno.EBADF,
+                              "the passed descriptor is not this control socket")
+        sock.setblocking(False)
+        self._sock = sock
+
+    def fileno(self) -> int | None:
+        return self._sock.fileno() if self._sock is not None else None
 
     async def start(self) -> None:
         if self._sock is None:

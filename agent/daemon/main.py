@@ -24,11 +24,12 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import agent
 from agent import __version__
 from agent.core.args import parse
 from agent.core.cell import State
@@ -36,25 +37,35 @@ from agent.core.cellctx import Paths
 from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
 from agent.core.errors import AgentError, ConfigError
 from agent.core.policy import Policy, load_policy
+from agent.core.protocol import Peer
 from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
 from agent.daemon.cells import ExitCallback
+from agent.daemon.history import EventHistory
 from agent.daemon.manager import CellManager
 from agent.daemon.reclaim import Reclaimer
+from agent.daemon.respawn import Respawner
+from agent.daemon.responder import Responder
 from agent.daemon.server import Daemon
-from agent.daemon.spawner import CellSpawner
+from agent.daemon.spawner import CellLimits, CellSpawner
 from agent.daemon.tuner import Tuner
 from agent.daemon.tunerapi import TunerOps
+from agent.kernel import inherit
 from agent.kernel.cgroupdetect import open_backend
 from agent.kernel.cgroupv2 import CgroupV2
+from agent.kernel.eventlog import EventLog
 from agent.kernel.host import read_capacity, read_host_pressure
 from agent.kernel.lock import InstanceLock
 from agent.kernel.net import HostNet
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
+from agent.kernel.ports import set_cell_port
 
 __all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
+
+# The installed agent's seal, written when the image was built (docs/master.md).
+AGENT_SEAL = Path("/usr/share/agent/agent.seal")
 
 log = logging.getLogger("agentd")
 
@@ -111,16 +122,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log_level)
     # The lock first: nothing (journal, socket, pid file, start-up hooks) before it.
     # --no-cells takes it too: it serves the same socket and writes the same pid file.
+    # A respawned master (or an upgraded one) inherits the lock and its descriptors.
+    inherited = inherit.take()
     lock = InstanceLock(config.state_dir)
     try:
-        lock.acquire()
+        fd = inherited.claim("lock")
+        if fd is not None:
+            lock.adopt(fd)
+            log.warning("respawned: inherited %s", ", ".join(["lock", *inherited.names()]))
+        else:
+            lock.acquire()
     except AgentError as exc:
         log.error("%s", exc)
         return 1
     try:
-        daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None)
-        if not ns.no_cells:
-            wire_cells(daemon)
+        daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None,
+                        inherited=inherited)
+        history = wire_history(daemon)
+        cells = None if ns.no_cells else wire_cells(daemon)[0]
+        wire_respawn(daemon, lock, history, cells,
+                     list(sys.argv[1:] if argv is None else argv))
         asyncio.run(daemon.run())
     except AgentError as exc:
         log.error("%s", exc)
@@ -128,6 +149,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         lock.release()
     return 0
+
+
+def wire_history(daemon: Daemon) -> EventHistory:
+    """The persistent event log on the bus (alerts and state changes, bounded for flash),
+    its ``events.log`` op and the bus's status field."""
+    history = EventHistory(daemon.bus, EventLog(daemon.config.state_dir / "events.log"))
+    for op, handler in history.handlers().items():
+        daemon.register(op, handler)
+    daemon.add_status("event_bus", history.status)
+
+    async def shutdown() -> None:
+        history.close()
+
+    daemon.on_shutdown(shutdown)
+    return history
+
+
+def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
+                 cells: CellOps | None, argv: list[str]) -> Respawner:
+    """The master's respawn (``agentctl respawn``, and the hook the correlation engine's
+    patterns tagged ``master`` call): what it keeps across exec and what it flushes."""
+    def authorize(peer: Peer) -> None:
+        policy = cells.manager.policy if cells is not None and cells.manager is not None \
+            else load_policy(str(daemon.config.policy_path))
+        policy.authorize(peer.uid, peer.gid, "respawn", None, None, 0)
+
+    def kept() -> dict[str, int]:
+        out = {"lock": lock.fileno(), "control": daemon.server.fileno()}
+        return {k: v for k, v in out.items() if v is not None}
+
+    respawner = Respawner(daemon.bus, argv, package_root=Path(agent.__file__).parents[1],
+                          seal_path=AGENT_SEAL, policy_check=authorize,
+                          flush=[daemon.bus.close, history.log.close])
+    respawner.keep(kept)
+    for op, handler in respawner.handlers().items():
+        daemon.register(op, handler)
+
+    async def unclaimed() -> None:
+        left = daemon.inherited.close_unclaimed()
+        if left:
+            log.warning("respawned: inherited descriptors nobody took, closed: %s",
+                        ", ".join(left))
+
+    daemon.on_startup(unclaimed)
+    return respawner
 
 
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
@@ -147,6 +213,10 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
         log.info("cell manager ready: %d cells from the journal (%d running)",
                  len(mgr.cells), running)
         start_tuning(daemon.config, mgr, tuning)
+        responder = Responder(mgr.bus, mgr, mgr.cgroup, isolate=set_cell_port)
+        responder.attach()
+        daemon.add_status("responses", responder.status)
+        daemon.on_shutdown(_closer(responder.close))
 
     daemon.on_startup(startup)
     daemon.on_shutdown(cells.close)
@@ -156,6 +226,13 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
     for key, fn in cells.status_fields().items():
         daemon.add_status(key, fn)
     return cells, tuning
+
+
+def _closer(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        fn()
+
+    return close
 
 
 def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> None:
@@ -200,7 +277,10 @@ async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
     paths = Paths(config.state_dir, config.run_dir)
 
     def make_spawner(on_exit: ExitCallback) -> CellSpawner:
-        return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes)
+        limits = CellLimits(output_rate=config.output_rate, output_burst=config.output_burst,
+                            trap_rate=config.trap_rate, trap_burst=config.trap_burst)
+        return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes,
+                           limits=limits)
 
     # Channels 1 and 3: each cell's own nftables table and the host's forwarding table
     # (docs/firewall.md); a create plan refuses to start a cell unfiltered without it.

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from agent.core import cell as fx  # the lifecycle's effects
+from agent.core import datavol
 from agent.core.addrpool import AddrPool, PoolConfig
 from agent.core.budget import Amount, Budget, HostPressure, Ledger, Request
 from agent.core.cell import (
@@ -51,6 +52,7 @@ from agent.core.names import check_cell_name
 from agent.core.plan import Executor, PlanEvent
 from agent.core.planner import Allocation, cell_firewall, plan_create, plan_destroy, plan_restart
 from agent.core.policy import Policy
+from agent.core.slots import SLOT_RECORD, SlotTable
 from agent.daemon.adoption import Adoption
 from agent.daemon.bus import EventBus
 from agent.daemon.cells import CellEntry, ExitCallback
@@ -96,7 +98,8 @@ class CellManager(Adoption):
         self.paths = Paths(config.state_dir, config.run_dir)
         self.firewall = firewall  # None: no nftables tables (docs/firewall.md)
         self._fw_lock = asyncio.Lock()
-        self.ctx = Context(cgroup, net, self.spawner, self.paths, CellDirs(), firewall)
+        self.dirs = CellDirs()
+        self.ctx = Context(cgroup, net, self.spawner, self.paths, self.dirs, firewall)
         self.ledger = Ledger(Budget.new(capacity, reserve_amount(config)))
         vmax = min(config.vlan_max, config.vlan_min + config.subnet_count - 1)
         self.pool = AddrPool(PoolConfig.make(str(config.address_pool), 24, config.vlan_min,
@@ -112,6 +115,7 @@ class CellManager(Adoption):
         self._tasks: set[asyncio.Task[Any]] = set()
         self.journal: LockedJournal | None = None
         self.executor: Executor | None = None
+        self.slots = SlotTable(config.uid_slots)  # service -> uid range (agent.core.slots)
         bus.mark_state_change(*_STATE_KINDS)
 
     # ------------------------------------------------------------------ journal
@@ -129,19 +133,22 @@ class CellManager(Adoption):
 
         self.executor = Executor(self.journal, self.ctx, on_op_applied=hook,
                                  on_op_undone=hook, on_plan_done=hook)
-        return list(self.journal.replay())
+        records = list(self.journal.replay())
+        self.slots = SlotTable.from_records(self.config.uid_slots, records)
+        return records
 
     def _snapshot(self) -> list[tuple[str, Mapping[str, Any]]]:
         for _ in range(5):  # a worker thread may change a dict while we copy it
             try:
                 cells = list(self.cells.values())
                 plans = self.executor.snapshot_records() if self.executor else []
+                slots = self.slots.records()
                 break
             except RuntimeError:
                 continue
         out: list[tuple[str, Mapping[str, Any]]] = [("cell", e.to_record()) for e in cells]
         out += [("lease", lease.to_wire()) for lease in self.pool.leases()]
-        return out + plans
+        return out + slots + plans
 
     def _record(self, t: str, data: Mapping[str, Any]) -> None:
         assert self.journal is not None
@@ -176,11 +183,26 @@ class CellManager(Adoption):
     def _owned(self, uid: int) -> int:
         return sum(1 for e in self.cells.values() if e.owner == uid)
 
-    def _slot(self) -> int | None:
+    def _slot(self, name: str, *, take: bool = False) -> int | None:
+        """The user-namespace slot of service ``name``: the one it holds, kept across
+        restarts in any order (agent.core.slots); ``take`` journals a new one."""
         if not self.config.userns:
             return None
-        used = {e.slot for e in self.cells.values()}
-        return next(i for i in range(len(used) + 1) if i not in used)
+        table = self.slots if take else self.slots.copy()
+        keep = set(self.cells) | set(self._data_usage().images)
+        slot, rec = table.assign(name, keep)
+        if take and rec is not None:
+            self._record(SLOT_RECORD, rec)
+        return slot
+
+    def _data_usage(self) -> datavol.StateUsage:
+        return self.dirs.data_usage(self.paths.images_dir, self.config.state_dir)
+
+    def _admit_data(self, m: Manifest) -> None:
+        """Data dir admission (agent.core.datavol.admit_manifest, docs/data-dirs.md)."""
+        if m.data is not None:
+            datavol.admit_manifest(m, self.config, self._data_usage(),
+                                   {n: e.manifest for n, e in self.cells.items()})
 
     @property
     def budget(self) -> Budget:
@@ -195,7 +217,8 @@ class CellManager(Adoption):
         if m.network is not None:
             vlan = None if m.network.vlan == "auto" else m.network.vlan
             lease = pool.allocate(m.name, vlan)
-        slot = self._slot()
+        self._admit_data(m)
+        slot = self._slot(m.name)
         base = self.config.uid_range(slot)[0] if slot is not None else None
         return Allocation.from_lease(lease, base)
 
@@ -221,7 +244,8 @@ class CellManager(Adoption):
                   ) -> dict[str, Any]:
         m = self.load(name)
         try:
-            self.policy.authorize(uid, gid, "run", name, m, self._owned(uid))
+            self.policy.authorize(uid, gid, "run", name, m, self._owned(uid),
+                                  userns=self.config.userns)
             check_image(m, self.fs_root)
             if dry_run:
                 alloc = self._preview(m, self.pressure())
@@ -257,7 +281,8 @@ class CellManager(Adoption):
             except AgentError as exc:
                 raise self._refused(name, exc) from None
             self.ledger.admit(Request.from_manifest(m), pressure)  # as previewed: it fits
-            slot = None if alloc.uid_base is None else self._slot()
+            slot = self._slot(name, take=True)
+            assert alloc.uid_base == (None if slot is None else self.config.uid_range(slot)[0])
             pol = CellPolicy.from_manifest(m, **({} if self.grace_ms is None
                                                  else {"stop_grace_ms": self.grace_ms}))
             e = CellEntry(m, Cell.new(name, pol, self.clock()), alloc, slot, owner=uid)
@@ -289,6 +314,11 @@ class CellManager(Adoption):
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+    def cell_lock(self, cell: str) -> asyncio.Lock:
+        """The lock ``run`` and ``stop`` of ``cell`` hold (the reclaim loop collects an
+        orphan of that name under it)."""
+        return self._lock(cell)
 
     async def _wait(self, e: CellEntry, pred: Callable[[Cell], bool]) -> None:
         if pred(e.cell):

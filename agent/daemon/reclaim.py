@@ -34,6 +34,7 @@ from agent.core.errors import AgentError
 from agent.core.events import Event as BusEvent
 from agent.core.events import Severity
 from agent.core.lifecycle import Event
+from agent.core.names import veth_names
 from agent.core.reclaim import (
     Action,
     BoxView,
@@ -248,15 +249,26 @@ class Reclaimer:
         self._last_scan, self._scan_wanted = now, False
         owners = {e.alloc.vlan: name for name, e in self.host.cells.items()
                   if getattr(e, "alloc", None) is not None and e.alloc.vlan is not None}
+        # The scan runs in a thread while cells come and go: a cell journaled when it
+        # starts or when it ends owns what it found (a cell destroyed meanwhile left a
+        # stale sighting of objects its destroy removed, names its next start reuses).
+        journaled = set(self.host.cells)
         found = await asyncio.to_thread(self.objects.scan, owners)
-        keys = {(k, n) for k, n, _ in found}
-        self.seen = {k: v for k, v in self.seen.items() if k in keys}
+        journaled |= set(self.host.cells)
+        # a veth between `link add` and the alias naming its cell: its name is the cell's
+        by_veth = {v: c for c in journaled for v in veth_names(c)}
+        found = [(k, n, by_veth.get(n) if k == "veth" and c is None else c)
+                 for k, n, c in found]
+        # An object's orphan age runs while scans see it with no journaled owner; seen
+        # owned, it starts over (the names of a cell's objects outlive its destroys).
+        unowned = {(k, n) for k, n, c in found if c is None or c not in journaled}
+        self.seen = {k: v for k, v in self.seen.items() if k in unowned}
         out = []
         for kind, name, cell in found:
-            since = self.seen.setdefault((kind, name), now)
+            since = self.seen.setdefault((kind, name), now) if (kind, name) in unowned else now
             out.append(KernelObject(kind, name, cell, since))
         # what later passes must look at again: objects no journaled cell owns
-        self._candidates = tuple(o for o in out if o.cell is None or o.cell not in self.host.cells)
+        self._candidates = tuple(o for o in out if (o.kind, o.name) in unowned)
         return tuple(out)
 
     # ------------------------------------------------------------------ one pass
@@ -274,7 +286,8 @@ class Reclaimer:
         done: list[Action] = []
         for a in actions:
             try:
-                await self._carry_out(a, now)
+                if not await self._carry_out(a, now):
+                    continue  # no longer to be done
             except (AgentError, OSError) as exc:
                 log.error("reclaim %s for %s failed: %s", type(a).__name__, a.cell, exc)
                 self.host.bus.emit("reclaim", "error", cell=a.cell, severity="notice",
@@ -307,12 +320,27 @@ class Reclaimer:
         r = self._rung(cell)
         r.level, r.since = level, now
 
-    async def _carry_out(self, a: Action, now: float) -> None:
+    async def _collect(self, a: CollectOrphan) -> bool:
+        """Collect an orphan, by name.  With an owner: under the manager's lock of that
+        cell and only if it is still not journaled, so no start of a cell of that name
+        (which makes objects of the same names) runs meanwhile.  False: not collected."""
+        assert self.objects is not None
+        if a.cell is None:
+            await asyncio.to_thread(self.objects.collect, a)
+        else:
+            async with self.host.cell_lock(a.cell):
+                if a.cell in self.host.cells:
+                    log.info("reclaim: %s %s kept: cell %s is journaled again",
+                             a.object_kind, a.name, a.cell)
+                    return False
+                await asyncio.to_thread(self.objects.collect, a)
+        self.seen.pop((a.object_kind, a.name), None)
+        return True
+
+    async def _carry_out(self, a: Action, now: float) -> bool:
         k, cell = self.tuner.knobs, a.cell or ""
         if isinstance(a, CollectOrphan):
-            assert self.objects is not None
-            await asyncio.to_thread(self.objects.collect, a)
-            self.seen.pop((a.object_kind, a.name), None)
+            return await self._collect(a)
         elif isinstance(a, ReturnBudget):
             self.host.ledger.replace(cell, a.new)
             self.tuner.set_held(cell, a.new)
@@ -343,3 +371,4 @@ class Reclaimer:
                 with contextlib.suppress(AgentError):
                     await asyncio.to_thread(self.backend.thaw, cell)
                 self.host.post(e, Event.STOP_REQUESTED)
+        return True

@@ -36,6 +36,7 @@ from agent.daemon.bus import EventBus
 from agent.daemon.control import ControlServer, Dispatcher
 from agent.kernel import probes
 from agent.kernel.cgroupdetect import detect
+from agent.kernel.inherit import Inherited
 
 __all__ = ["Daemon", "cgroup_mode"]
 
@@ -59,8 +60,10 @@ class Daemon:
     def __init__(self, config: AgentConfig, *, pidfile: Path | None = None,
                  proc_root: Path = Path("/proc"), fs_root: Path = Path("/"),
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 inherited: Inherited | None = None) -> None:
         self.config = config
+        self.inherited = inherited if inherited is not None else Inherited()
         self.pidfile = pidfile if pidfile is not None else config.pidfile
         self.proc_root = proc_root
         self.fs_root = fs_root
@@ -100,7 +103,11 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._stop = asyncio.Event()
-        self.server.bind()
+        fd = self.inherited.claim("control")
+        if fd is not None:  # respawned: the socket stays, queued connections included
+            self.server.adopt(fd)
+        else:
+            self.server.bind()
         self._write_pidfile()
         await self._log_kernel_features()
         for fn in self._startup:

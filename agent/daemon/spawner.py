@@ -40,18 +40,32 @@ from agent.core.cell import Exit
 from agent.core.cellctx import Paths
 from agent.core.errors import KernelError
 from agent.core.logbuf import LogBuffer, Stream
+from agent.core.ratelimit import TokenBucket
 from agent.core.sandbox import SpawnSpec
 from agent.daemon.bus import EventBus
 from agent.kernel import seccomp
 from agent.kernel.spawn import Spawned, spawn_cell
 
-__all__ = ["FINISHED_LOGS_KEPT", "CellSpawner", "ExitCallback", "exit_of"]
+__all__ = ["FINISHED_LOGS_KEPT", "CellLimits", "CellSpawner", "ExitCallback", "exit_of"]
 
 log = logging.getLogger(__name__)
 
 ExitCallback = Callable[[str, int, Exit], None]
 FINISHED_LOGS_KEPT = 16  # log buffers of destroyed cells still shown by `agentctl logs`
 _STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
+
+
+@dataclass(frozen=True)
+class CellLimits:
+    """What one cell may cost agentd's loop.  Over a limit, the cell's pipes or seccomp
+    listener are not read for a while: the cell blocks in the kernel (its pipe is full,
+    its trapped thread waits for the verdict), nobody else waits."""
+
+    output_rate: float = 256 << 10  # bytes per second read from a cell's stdout+stderr
+    output_burst: float = 1 << 20
+    trap_rate: float = 1000.0  # trapped syscalls answered per second
+    trap_burst: float = 200.0
+    read_size: int = 65536  # one read per callback: the loop serves other fds in between
 
 
 def exit_of(res: os.waitid_result | None) -> Exit:
@@ -72,6 +86,9 @@ class _Handle:
     fifos: dict[Stream, int] = field(default_factory=dict)  # stream -> read fd (non-blocking)
     registered: bool = False
     released: bool = False
+    output: TokenBucket | None = None  # bytes read from its pipes
+    traps: TokenBucket | None = None  # notifications answered
+    paused: dict[str, asyncio.TimerHandle] = field(default_factory=dict)  # what -> resume
 
 
 class CellSpawner:
@@ -80,7 +97,7 @@ class CellSpawner:
     def __init__(self, loop: asyncio.AbstractEventLoop, paths: Paths, bus: EventBus,
                  on_exit: ExitCallback, *, log_bytes: int = 64 << 10,
                  spawn: Callable[[SpawnSpec], Spawned] = spawn_cell,
-                 kill_wait: float = 5.0) -> None:
+                 kill_wait: float = 5.0, limits: CellLimits = CellLimits()) -> None:
         self.loop = loop
         self.paths = paths
         self.bus = bus
@@ -92,7 +109,9 @@ class CellSpawner:
         self._handles: dict[str, _Handle] = {}
         self._logs: dict[str, LogBuffer] = {}
         self._finished: collections.OrderedDict[str, LogBuffer] = collections.OrderedDict()
+        self.limits = limits
         self.traps = 0
+        self.paused = {"output": 0, "traps": 0}  # times a cell was held back
 
     # -- queries (loop) --------------------------------------------------------------------
 
@@ -225,38 +244,81 @@ class CellSpawner:
         if h.released or h.registered:
             return
         h.registered = True
+        lim = self.limits
+        h.output = TokenBucket(lim.output_rate, lim.output_burst)
+        h.traps = TokenBucket(lim.trap_rate, lim.trap_burst)
         self.loop.add_reader(h.pidfd, self._on_pidfd, h)
         if h.listener >= 0:
             self.loop.add_reader(h.listener, self._on_notify, h)
+        self._read_output(h)
+
+    def _read_output(self, h: _Handle) -> None:
         buf = self._buffer(h.cell)
         for stream, fd in h.fifos.items():
             self.loop.add_reader(fd, self._on_output, h, stream, buf)
 
+    def _pause(self, h: _Handle, what: str, wait: float) -> None:
+        """Stop serving ``what`` ("output" or "traps") of ``h`` for ``wait`` seconds."""
+        if what in h.paused or h.released:
+            return
+        if what == "output":
+            for fd in h.fifos.values():
+                self.loop.remove_reader(fd)
+        elif h.listener >= 0:
+            self.loop.remove_reader(h.listener)
+        self.paused[what] += 1
+        h.paused[what] = self.loop.call_later(wait, self._resume, h, what)
+        self.bus.emit("master", "throttled", cell=h.cell, severity="notice", what=what,
+                      wait_ms=round(wait * 1000, 1))
+
+    def _resume(self, h: _Handle, what: str) -> None:
+        h.paused.pop(what, None)
+        if h.released:
+            return
+        if what == "output":
+            self._read_output(h)
+        elif h.listener >= 0:
+            self.loop.add_reader(h.listener, self._on_notify, h)
+
     def _on_output(self, h: _Handle, stream: Stream, buf: LogBuffer) -> None:
+        """One read per callback, metered: the loop serves every other fd in between,
+        and a cell over its output rate is not read until its bucket refills (its pipe
+        fills and its writes block)."""
         fd = h.fifos.get(stream)
         if fd is None:
             return
-        if not self._drain(fd, stream, buf):  # EOF: every writer is gone
+        n = self._read(fd, stream, buf, self.limits.read_size)
+        if n < 0:  # EOF: every writer is gone
             buf.flush(stream)
             self.loop.remove_reader(fd)
             os.close(fd)
             del h.fifos[stream]
+        elif n and h.output is not None:
+            wait = h.output.take(self.loop.time(), n)
+            if wait > 0:
+                self._pause(h, "output", wait)
 
     @staticmethod
-    def _drain(fd: int, stream: Stream, buf: LogBuffer) -> bool:
-        """Read what is there; False at end of file."""
-        for _ in range(64):  # bounded: a chatty cell cannot starve the loop
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return True
-            except OSError as exc:
-                log.warning("read %s: %s", stream, exc)
-                return False
-            if not data:
-                return False
-            buf.feed(stream, data)
-        return True
+    def _read(fd: int, stream: Stream, buf: LogBuffer, size: int) -> int:
+        """One non-blocking read into ``buf``: the bytes read, -1 at end of file."""
+        try:
+            data = os.read(fd, size)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            log.warning("read %s: %s", stream, exc)
+            return -1
+        if not data:
+            return -1
+        buf.feed(stream, data)
+        return len(data)
+
+    def _drain(self, fd: int, stream: Stream, buf: LogBuffer) -> None:
+        """What is left in a pipe being closed: at most one pipe buffer's worth (the
+        writers are gone or no longer read)."""
+        for _ in range(16):
+            if self._read(fd, stream, buf, self.limits.read_size) <= 0:
+                return
 
     def _on_notify(self, h: _Handle, *_: object) -> None:
         fd = h.listener
@@ -275,8 +337,12 @@ class CellSpawner:
             self._close_listener(h)
             return
         self.traps += 1
-        self.bus.emit("seccomp", "trap", cell=h.cell, severity="notice", syscall=n.syscall(),
-                      nr=n.nr, pid=n.pid, verdict="EPERM", delivered=verdict.value)
+        self.bus.emit("syscall", "trap", cell=h.cell, severity="notice", syscall=n.syscall(),
+                      nr=n.nr, hpid=n.pid, verdict="EPERM", delivered=verdict.value)
+        if h.traps is not None:
+            wait = h.traps.take(self.loop.time())
+            if wait > 0:
+                self._pause(h, "traps", wait)
 
     def _close_listener(self, h: _Handle) -> None:
         if h.listener >= 0:
@@ -304,9 +370,13 @@ class CellSpawner:
             if self._handles.get(h.cell) is h:
                 del self._handles[h.cell]
             current = h.cell in self._handles
+        for timer in h.paused.values():
+            timer.cancel()
+        paused_output = "output" in h.paused
+        h.paused.clear()
         buf = self._logs.get(h.cell)
         for stream, fd in list(h.fifos.items()):
-            if h.registered:
+            if h.registered and not paused_output:
                 self.loop.remove_reader(fd)
             if buf is not None:
                 self._drain(fd, stream, buf)

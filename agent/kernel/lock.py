@@ -81,6 +81,27 @@ class InstanceLock:
         self._fd = fd
         return self
 
+    def adopt(self, fd: int) -> InstanceLock:
+        """Take over the lock a previous agentd passed across exec (the master's respawn):
+        ``fd`` must be an open file description of this very lock file that holds the
+        flock (a flock belongs to the open file, so it is held still); KernelError if not."""
+        try:
+            st, here = os.fstat(fd), os.stat(self.path)
+            if (st.st_dev, st.st_ino) != (here.st_dev, here.st_ino):
+                raise KernelError("adopt", str(self.path), errno.EBADF,
+                                  "the passed descriptor is not this state dir's lock")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: a no-op
+            data = f"{os.getpid()}\n".encode()
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        except OSError as exc:
+            raise KernelError.from_oserror("adopt", str(self.path), exc) from None
+        self._fd = fd
+        return self
+
+    def fileno(self) -> int | None:
+        return self._fd
+
     def _holder(self, fd: int) -> int | None:
         """The holder's pid from the file; it may not be written yet just after its flock."""
         deadline = time.monotonic() + self._pid_wait

@@ -12,6 +12,7 @@ the two steps only the host's root can do.  docs/sandbox.md has every step.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import gc
@@ -26,7 +27,15 @@ import time
 from dataclasses import dataclass
 
 from agent.core.errors import ConfigError, KernelError
-from agent.core.handshake import SYNC_FAIL, SYNC_OK, Msg, Phase, decode, next_phase
+from agent.core.handshake import (
+    SYNC_FAIL,
+    SYNC_OK,
+    HandshakeError,
+    Msg,
+    Phase,
+    decode,
+    next_phase,
+)
 from agent.core.sandbox import SpawnSpec, UidMap, check_spec, exec_paths, plan_mounts, unshare_flags
 from agent.kernel import libc
 from agent.kernel.spawnchild import ChildPlan
@@ -253,6 +262,10 @@ def spawn_cell(spec: SpawnSpec) -> Spawned:
     except BaseException:
         if inter_alive:
             _reap(inter)
+        os.close(sync_w)  # a pid 1 waiting for an answer reads EOF and exits
+        sync_w = -1
+        if hs.cell is None:
+            _late_pid(hs, status_r)
         if hs.cell is not None:
             _reap(hs.cell)
         for fd in (hs.pidfd, listener):
@@ -261,5 +274,26 @@ def spawn_cell(spec: SpawnSpec) -> Spawned:
         raise
     finally:
         os.close(status_r)
-        os.close(sync_w)
+        if sync_w >= 0:
+            os.close(sync_w)
         psock.close()
+
+
+def _late_pid(hs: _Handshake, status_r: int, wait: float = 2.0) -> None:
+    """The handshake failed before the intermediate reported pid 1 (which it may still
+    have forked): read what is left of the status pipe for its PID line, so that pid 1
+    is reaped too and no cell process outlives a failed spawn."""
+    deadline, buf = time.monotonic() + wait, b""
+    while hs.cell is None and time.monotonic() < deadline:
+        if not select.select([status_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return
+        chunk = os.read(status_r, 4096)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf and hs.cell is None:
+            raw, buf = buf.split(b"\n", 1)
+            with contextlib.suppress(HandshakeError, ValueError):
+                line = decode(raw)
+                if line.msg is Msg.PID:
+                    hs.cell = int(line.fields[0])

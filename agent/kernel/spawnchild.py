@@ -31,6 +31,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -127,7 +128,9 @@ def _enter(p: ChildPlan, link: _Link, at: _Where, parent: int) -> None:
 
 def _run_mount(op: MountOp) -> None:
     if op.optional and not os.path.lexists(op.target):
-        return
+        return  # e.g. a /proc entry this kernel lacks
+    if op.if_dir is not None and stat.S_ISDIR(os.lstat(op.target).st_mode) != op.if_dir:
+        return  # the plan's other alternative applies (a masked dir or a masked file)
     if op.target != "/" and os.path.realpath(op.target) != op.target:
         # a symlink in the image must not redirect a mount outside the new root
         raise KernelError("resolve", op.target, errno.ELOOP, "mount points must be real dirs")

@@ -104,7 +104,7 @@ def _results(session: pytest.Session) -> dict[str, Any]:
         try:
             rc = box.run_in_box(
                 box.guest_pytest_script(["-q", "-rfEs", *ids], "/mnt/host/report.jsonl"),
-                timeout=float(os.environ.get("AGENT_GUEST_TIMEOUT", "1500")),
+                timeout=float(os.environ.get("AGENT_GUEST_TIMEOUT", "3600")),
                 cpus=int(os.environ.get("AGENT_BOX_CPUS", "2")),
                 mem=int(os.environ.get("AGENT_BOX_MEM", "1024")),
                 verbose=False, out=out, hostio=hostio)

@@ -80,7 +80,7 @@ def test_seccomp_trap_is_answered_eperm_and_published(clean: dict[str, Any]) -> 
     try:
         ctl("run", "e2e-trap")
         wait_for(lambda: "e2e-trap" not in ps(), "e2e-trap to be destroyed")
-        traps = ctl("events", "-n", "20", "--channel", "seccomp", "--cell", "e2e-trap")
+        traps = ctl("events", "-n", "20", "--channel", "syscall", "--cell", "e2e-trap")
         assert any(t["attrs"]["syscall"] == "sethostname" for t in traps), traps
         lines = " ".join(x["line"] for x in ctl("logs", "e2e-trap")["lines"])
         assert "not permitted" in lines.lower(), lines

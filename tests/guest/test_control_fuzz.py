@@ -50,7 +50,7 @@ def victim(clean: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def still_fine(state: dict[str, Any]) -> None:
-    timed_status(5.0)
+    timed_status()
     assert agentd_pid() == state["agentd"]
     row = ps()["fuzz-victim"]
     assert row["state"] == "running" and row["pid"] == state["pid"], row

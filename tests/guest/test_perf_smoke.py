@@ -20,7 +20,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from agent.core import names
-from agent.core.sandbox import SpawnSpec
+from agent.core.sandbox import SpawnSpec, UidMap
 from agent.kernel import bridge as kbr
 from agent.kernel import net
 from agent.kernel import netns as kns
@@ -92,7 +92,8 @@ def test_cell_execs_in_its_throttled_cgroup(tmp_path: Path) -> None:
         if (cg / "cpu.max").exists():  # 10 %: the setup must not run under it
             (cg / "cpu.max").write_text("10000 100000\n")
         spec = SpawnSpec(argv=("/bin/busybox", "sh", "-c", "cat /proc/self/cgroup; sleep 30"),
-                         rootfs=str(IMAGE), cgroup_path=str(cg), stdout=w)
+                         rootfs=str(IMAGE), cgroup_path=str(cg), stdout=w,
+                         userns=UidMap(900000))  # uid 0 without one is refused
         cell = spawn_cell(spec)
         os.close(w)
         w = -1

@@ -158,7 +158,8 @@ def test_trapped_syscalls_reach_the_master_via_asyncio(rootfs: Path) -> None:
 
 def test_dead_process_is_a_verdict_not_an_error(rootfs: Path) -> None:
     r, w = os.pipe()
-    pid, pidfd, lfd = _spawn(rootfs, "busybox mount -t tmpfs none /tmp", w)
+    # no user namespace: a non-zero host uid (the sandbox refuses host root there)
+    pid, pidfd, lfd = _spawn(rootfs, "busybox mount -t tmpfs none /tmp", w, uid=1000, gid=1000)
     os.close(w)
     os.close(r)
     try:
@@ -177,7 +178,7 @@ def test_dead_process_is_a_verdict_not_an_error(rootfs: Path) -> None:
 
 
 def test_listener_fd_is_passed_back_only_with_a_filter(rootfs: Path) -> None:
-    spec = SpawnSpec(argv=("/bin/busybox", "true"), rootfs=str(rootfs))
+    spec = SpawnSpec(argv=("/bin/busybox", "true"), rootfs=str(rootfs), uid=1000, gid=1000)
     cell = spawn_cell(spec)
     try:
         assert cell.seccomp_fd is None

@@ -187,8 +187,13 @@ def test_lock_of_a_killed_agentd_is_free(tmp_path: Path, started: list[Agentd]) 
 
 # ------------------------------------------------- the init script, run for real with busybox
 
-AGENTD_SCRIPT = ("#!{python}\nimport sys\nsys.path.insert(0, {repo!r})\n"
+# /usr/bin/agentd and agentctl as the image writes them; AGENTD_TEST_DELAY seconds before
+# agentd's main stand for a slow Python start-up (a loaded box).
+AGENTD_SCRIPT = ("#!{python}\nimport os, sys, time\nsys.path.insert(0, {repo!r})\n"
+                 "time.sleep(float(os.environ.get('AGENTD_TEST_DELAY', '0')))\n"
                  "from agent.daemon.main import main\nsys.exit(main())\n")
+AGENTCTL_SCRIPT = ("#!{python}\nimport sys\nsys.path.insert(0, {repo!r})\n"
+                   "from agent.cli.main import main\nsys.exit(main())\n")
 
 
 @pytest.fixture
@@ -201,11 +206,12 @@ def initbox(tmp_path: Path) -> Iterator[Path]:
     for d in ("bin", "sbin", "run", "log", "default"):
         (tmp_path / d).mkdir()
     os.symlink(busybox, tmp_path / "sbin/start-stop-daemon")
-    agentd = tmp_path / "bin/agentd"
-    agentd.write_text(AGENTD_SCRIPT.format(python=sys.executable, repo=str(REPO)))
-    agentd.chmod(0o755)
+    os.symlink(busybox, tmp_path / "sbin/setsid")
+    for name, text in (("agentd", AGENTD_SCRIPT), ("agentctl", AGENTCTL_SCRIPT)):
+        (tmp_path / "bin" / name).write_text(text.format(python=sys.executable, repo=str(REPO)))
+        (tmp_path / "bin" / name).chmod(0o755)
     (tmp_path / "default/agentd").write_text(
-        f'STATEDIR="{tmp_path}/state"\n'
+        f'STATEDIR="{tmp_path}/state"\nSOCKET="{tmp_path}/run/agentd.sock"\n'
         f'AGENTD_ARGS="--config {tmp_path}/none.toml --socket {tmp_path}/run/agentd.sock '
         f'--state-dir {tmp_path}/state --no-cells"\n')
     script = (REPO / "rootfs-overlay/etc/init.d/S50agentd").read_text()
@@ -250,8 +256,8 @@ def _reap(pids: set[int], timeout: float = 10.0) -> None:
             time.sleep(0.02)
 
 
-def _init(box: Path, action: str) -> subprocess.Popen[str]:
-    env = {"PATH": f"{box}/sbin:/usr/sbin:/usr/bin:/sbin:/bin"}
+def _init(box: Path, action: str, **env: str) -> subprocess.Popen[str]:
+    env = {"PATH": f"{box}/sbin:/usr/sbin:/usr/bin:/sbin:/bin", **env}
     return subprocess.Popen(["busybox", "sh", str(box / "S50agentd"), action], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -319,6 +325,33 @@ def test_init_script_start_while_agentd_is_starting(initbox: Path) -> None:
     assert again != live
     rc, out = _out(_init(box, "stop"))
     assert rc == 0 and _agentds(box) == []
+
+
+def test_init_script_waits_for_a_slow_agentd(initbox: Path) -> None:
+    """A real agentd slower to start than any fixed grace (3 s before its main, as Python
+    on a loaded box), and no run directory yet (the box has no /var/run): start waits
+    for it to answer, then says OK."""
+    box = initbox
+    shutil.rmtree(box / "run")
+    t0 = time.monotonic()
+    rc, out = _out(_init(box, "start", AGENTD_TEST_DELAY="3"))
+    assert (rc, out) == (0, "Starting agentd: OK\n"), _log(box)
+    assert time.monotonic() - t0 >= 3
+    live = _one_agentd(box)
+    with Client(box / "run/agentd.sock", 0.5) as c:  # it answers at once
+        assert c.call("status")["pid"] == live[0]
+    rc, out = _out(_init(box, "stop"))
+    assert rc == 0 and _agentds(box) == []
+
+
+def test_init_script_says_why_agentd_failed(initbox: Path) -> None:
+    box = initbox
+    (box / "none.toml").write_text("log_level = 7\n")  # not a level: agentd exits 2
+    rc, out = _out(_init(box, "start"))
+    assert rc == 1 and out.startswith("Starting agentd: FAIL (agentd exited with status 2: "
+                                      "agentd: "), out
+    assert out.endswith(f"; see {box}/log/agentd.log)\n") and "log_level" in out, out
+    assert _agentds(box) == []
 
 
 def _one_agentd(box: Path) -> list[int]:

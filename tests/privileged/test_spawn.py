@@ -2,6 +2,8 @@
 
 Each cell runs a static busybox from a root built in tmp_path and reports what
 it sees on a pipe.  Needs root and busybox-static (apt-get install busybox-static).
+Without a user namespace a cell runs as host uid/gid 1000 (``NOUSERNS``): the
+sandbox refuses host root there.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,12 +23,23 @@ from typing import Any
 import pytest
 
 from agent.core import seccomp as sc
-from agent.core.errors import KernelError
-from agent.core.sandbox import DEFAULT_MOUNTS, Mount, SpawnSpec, UidMap
+from agent.core.errors import ConfigError, KernelError
+from agent.core.grants import NOUSERNS_KEEPABLE
+from agent.core.sandbox import (
+    DEFAULT_MOUNTS,
+    PROC_MASKED,
+    PROC_READ_ONLY,
+    Mount,
+    SpawnSpec,
+    UidMap,
+)
+from agent.core.syscalls import CAPS
 from agent.kernel import seccomp as notify
 from agent.kernel.spawn import spawn_cell
 
 BUSYBOX = shutil.which("busybox")
+NOUSERNS = {"uid": 1000, "gid": 1000}  # the ids of a cell without a user namespace
+USERNS = UidMap(300000, 65536)
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +83,9 @@ def run_cell(root: Path, script: str, **kw: Any) -> tuple[int, str]:
     """Spawn ``sh -c script``, refuse every trapped syscall, return (status, output)."""
     r, w = os.pipe()
     kw.setdefault("mounts", (*DEFAULT_MOUNTS, Mount("tmpfs", "/tmp", size=1 << 20)))
+    if kw.get("userns") is None:
+        for k, v in NOUSERNS.items():
+            kw.setdefault(k, v)
     spec = SpawnSpec(argv=("/bin/busybox", "sh", "-c", script), rootfs=str(root),
                      env=(("PATH", "/bin"),), stdout=w, stderr=w, **kw)  # fmt: skip
     try:
@@ -108,7 +125,7 @@ cat /proc/self/uid_map
 """
 
 
-@pytest.mark.parametrize("userns", [None, UidMap(300000, 65536)], ids=["root", "userns"])
+@pytest.mark.parametrize("userns", [None, USERNS], ids=["nouserns", "userns"])
 def test_cell_sees_its_own_world(rootfs: Path, userns: UidMap | None) -> None:
     prog = sc.pack(sc.compile_filter(sc.FilterSpec()))
     code, out = run_cell(rootfs, PROBE + f"ls /proc/{os.getpid()} 2>&1", hostname="cell-a",
@@ -124,10 +141,11 @@ def test_cell_sees_its_own_world(rootfs: Path, userns: UidMap | None) -> None:
     pids = [int(p) for p in out.split("procs=", 1)[1].split("\n", 1)[0].split()]
     assert 1 in pids and max(pids) < 10  # only the cell's few processes, none of the host's
     assert "Read-only file system" in out
-    assert "id=0:0\n" in out
-    mapping = out.split("id=0:0\n", 1)[1].split()[:3]
+    ids = "id=1000:1000\n" if userns is None else "id=0:0\n"
+    assert ids in out
+    mapping = out.split(ids, 1)[1].split()[:3]
     if userns is None:
-        assert mapping == ["0", "0", "4294967295"]
+        assert mapping == ["0", "0", "4294967295"]  # the host's ids: a non-zero host uid
     else:
         assert mapping == ["0", "300000", "65536"]
 
@@ -192,7 +210,7 @@ def test_cell_joins_its_cgroup(rootfs: Path) -> None:
     try:
         r, w = os.pipe()
         spec = SpawnSpec(argv=("/bin/busybox", "sh", "-c", "cat /proc/self/cgroup; sleep 30"),
-                         rootfs=str(rootfs), cgroup_path=str(cg), stdout=w)  # fmt: skip
+                         rootfs=str(rootfs), cgroup_path=str(cg), stdout=w, **NOUSERNS)  # fmt: skip
         cell = spawn_cell(spec)
         os.close(w)
         try:
@@ -209,7 +227,8 @@ def test_cell_joins_its_cgroup(rootfs: Path) -> None:
 
 
 def test_missing_command_names_execve(rootfs: Path) -> None:
-    spec = SpawnSpec(argv=("nosuchcmd",), rootfs=str(rootfs), env=(("PATH", "/bin"),))
+    spec = SpawnSpec(argv=("nosuchcmd",), rootfs=str(rootfs), env=(("PATH", "/bin"),),
+                     **NOUSERNS)
     with pytest.raises(KernelError) as exc:
         spawn_cell(spec)
     assert exc.value.op == "execve" and exc.value.errno == errno.ENOENT
@@ -217,7 +236,7 @@ def test_missing_command_names_execve(rootfs: Path) -> None:
 
 def test_missing_mount_point_names_the_step(rootfs: Path) -> None:
     (rootfs / "proc").rmdir()
-    spec = SpawnSpec(argv=("/bin/busybox", "true"), rootfs=str(rootfs))
+    spec = SpawnSpec(argv=("/bin/busybox", "true"), rootfs=str(rootfs), **NOUSERNS)
     with pytest.raises(KernelError) as exc:
         spawn_cell(spec)
     assert exc.value.op == "mount(proc)" and exc.value.target.endswith("/proc")
@@ -233,8 +252,112 @@ def test_symlinked_mount_point_is_refused(rootfs: Path, tmp_path: Path) -> None:
 
 
 def test_nonexistent_rootfs(tmp_path: Path) -> None:
-    spec = SpawnSpec(argv=("/bin/true",), rootfs=str(tmp_path / "nope"))
+    spec = SpawnSpec(argv=("/bin/true",), rootfs=str(tmp_path / "nope"), **NOUSERNS)
     with pytest.raises(KernelError) as exc:
         spawn_cell(spec)
     assert exc.value.op == "stat"
     assert _no_children()
+
+
+@pytest.mark.parametrize("kw", [
+    {"uid": 0, "gid": 1000}, {"uid": 1000, "gid": 0},
+    {**NOUSERNS, "caps_keep": frozenset({"net_raw"})},
+    {**NOUSERNS, "caps_keep": frozenset({"kill", "dac_override"})},
+    {**NOUSERNS, "no_new_privs": False},
+], ids=["uid0", "gid0", "net_raw", "dac_override", "new_privs"])
+def test_without_userns_host_root_and_host_caps_are_refused(rootfs: Path,
+                                                            kw: dict[str, Any]) -> None:
+    spec = SpawnSpec(argv=("/bin/busybox", "true"), rootfs=str(rootfs), **kw)
+    with pytest.raises(ConfigError) as exc:
+        spawn_cell(spec)
+    assert exc.value.code == "E_SPAWN" and exc.value.hint, exc.value
+    assert _no_children()  # refused before anything was forked
+    # The control: the same ids and capabilities inside a user namespace are the cell's own.
+    code, _ = run_cell(rootfs, "true", **{**kw, "userns": USERNS})
+    assert code == 0
+
+
+def test_without_userns_the_allowed_capabilities_are_kept(rootfs: Path) -> None:
+    caps = {name: n for name, n in CAPS.items() if n in NOUSERNS_KEEPABLE}
+    assert "net_bind_service" in caps and "net_raw" not in caps and "setuid" not in caps
+    code, out = run_cell(rootfs, PROBE, caps_keep=frozenset(caps))
+    assert code == 0, out
+    mask = f"{sum(1 << n for n in caps.values()):016x}"
+    assert _status(out, "CapEff") == _status(out, "CapAmb") == mask
+    assert "id=1000:1000\n" in out
+
+
+def test_net_raw_in_a_user_namespace_has_no_effect_on_the_agents_netns(rootfs: Path) -> None:
+    # docs/isolation.md: CAP_NET_RAW counts in a netns owned by the cell's user namespace
+    # only; the agent makes the cell's netns in the host's, so there it reaches nothing.
+    name = f"agent-test-raw-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        script = "arping -c 1 -w 1 -I lo 127.0.0.1 2>&1"
+        caps = frozenset({"net_raw"})
+        _, out = run_cell(rootfs, script, netns_path=f"/run/netns/{name}", userns=USERNS,
+                          caps_keep=caps)
+        assert "Operation not permitted" in out, out
+        _, out = run_cell(rootfs, script, userns=USERNS, caps_keep=caps)  # its own netns
+        # past socket(AF_PACKET) to the interface checks
+        assert "Operation not permitted" not in out and "interface lo is" in out, out
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def _mountinfo_of(out: str) -> dict[str, tuple[str, str, str]]:
+    """mount point -> (root, options, fs type) from a mountinfo text in ``out``."""
+    points = {}
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) > 8 and "-" in f[6:] and f[4].startswith("/"):
+            points[f[4]] = (f[3], f[5], f[f.index("-", 6) + 1])
+    return points
+
+
+MASK_PROBE = """
+for p in {paths}; do
+  if [ -d /proc/$p ]; then echo "dir $p $(ls -A /proc/$p | wc -l)"
+  elif [ -e /proc/$p ]; then
+    echo "file $p $(cat /proc/$p 2>/dev/null | wc -c) $(stat -c %t:%T /proc/$p)"
+  else echo "none $p"; fi
+done
+chmod 600 /dev/null 2>&1; echo chmod_null=$?
+echo x > /dev/null; echo write_null=$?
+cat /proc/self/mountinfo
+"""
+
+
+@pytest.mark.parametrize("userns", [None, USERNS], ids=["nouserns", "userns"])
+def test_proc_paths_are_masked_and_read_only_in_both_modes(rootfs: Path,
+                                                           userns: UidMap | None) -> None:
+    paths = PROC_MASKED + PROC_READ_ONLY
+    code, out = run_cell(rootfs, MASK_PROBE.format(paths=" ".join(paths)), userns=userns)
+    assert code == 0, out
+    seen = {f[1]: f for f in (line.split() for line in out.splitlines()) if len(f) >= 2
+            and f[0] in ("dir", "file", "none") and f[1] in paths}  # fmt: skip
+    mounts = _mountinfo_of(out)
+    kinds = set()
+    for p in PROC_MASKED:
+        host = Path("/proc") / p
+        if not host.exists():  # this kernel lacks it: skipped, and the cell has none either
+            assert seen[p][0] == "none", seen[p]
+            continue
+        root, opts, fstype = mounts[f"/proc/{p}"]
+        assert "ro" in opts.split(","), (p, opts)
+        if host.is_dir():
+            kinds.add("dir")
+            assert seen[p][:3] == ["dir", p, "0"] and fstype == "tmpfs", (seen[p], fstype)
+        else:
+            kinds.add("file")
+            assert seen[p][:4] == ["file", p, "0", "1:3"] and root == "/null", (seen[p], root)
+        # the control: on the host it is procfs, with what the cell no longer sees
+        assert host.stat().st_dev == Path("/proc/self").stat().st_dev
+    assert kinds == {"dir", "file"}, f"this host has no masked {kinds ^ {'dir', 'file'}}"
+    assert Path("/proc/interrupts").read_bytes() and Path("/proc/timer_list").read_bytes()
+    for p in PROC_READ_ONLY:
+        if (Path("/proc") / p).exists():
+            assert "ro" in mounts[f"/proc/{p}"][1].split(","), (p, mounts[f"/proc/{p}"])
+    # /dev/null is the host's inode, bound read-only: usable, but its mode stays the host's
+    assert "Read-only file system" in out and "chmod_null=1" in out and "write_null=0" in out
+    assert stat.S_IMODE(os.stat("/dev/null").st_mode) == 0o666

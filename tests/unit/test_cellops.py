@@ -17,10 +17,11 @@ import cbor2
 import pytest
 
 from agent.core import seccomp
-from agent.core.cellctx import Paths
+from agent.core.cellctx import DataMount, Paths
 from agent.core.cellops import (
     EnsureGateway,
     MakeCgroup,
+    MountData,
     PrepareDirs,
     StartService,
     mount_from_wire,
@@ -28,7 +29,8 @@ from agent.core.cellops import (
 )
 from agent.core.cgroup import Limits
 from agent.core.config import AgentConfig
-from agent.core.errors import ConfigError, KernelError
+from agent.core.datavol import ImageUse, StateUsage
+from agent.core.errors import ConfigError, KernelError, NotFoundError
 from agent.core.manifest import DataDir, load_manifest
 from agent.core.plan import Executor, Operation, PlanError, op_from_wire, op_to_wire
 from agent.core.planner import Allocation, plan_create, plan_destroy
@@ -156,13 +158,51 @@ class Fake:
 
 
 @dataclass
+class FakeImages:
+    """The data image adapter without loop devices: an image is a file, a mount is the
+    mount point dir plus a record (agent.kernel.dataimage is tested for real in
+    tests/privileged/test_dataimage_host.py and the box)."""
+
+    mounted: dict[Path, DataMount] = field(default_factory=dict)
+    avail: int = 1 << 40  # free bytes on the "state file system"
+
+    def mount(self, req: DataMount) -> dict[str, Any]:
+        made = False
+        if not req.image.exists():
+            if req.readonly:
+                raise NotFoundError("E_DATA_SOURCE", f"no data image {req.image}")
+            req.image.parent.mkdir(parents=True, exist_ok=True)
+            req.image.write_bytes(b"ext4")
+            made = True
+        req.mount.mkdir(mode=0o700, exist_ok=True)
+        self.mounted[req.mount] = req
+        return {"made": made, "grown": False, "device": "/dev/loop9", "shifted_from": None}
+
+    def unmount(self, mount: Path) -> None:
+        self.mounted.pop(mount, None)
+        if mount.exists():
+            mount.rmdir()
+
+    def usage(self, images_dir: Path, state_dir: Path) -> StateUsage:
+        images = {p.stem: ImageUse(16 << 20, p.stat().st_size)
+                  for p in images_dir.glob("*.img")} if images_dir.is_dir() else {}
+        return StateUsage(self.avail, images)
+
+
+@dataclass
 class Ctx:
     cgroup: Fake
     net: Fake
     spawner: Fake
     paths: Paths
-    dirs: CellDirs = field(default_factory=CellDirs)
+    dirs: CellDirs = field(default_factory=lambda: CellDirs(FakeImages()))  # type: ignore[arg-type]
     firewall: None = None  # no nftables in these tests (ApplyCellFirewall refuses)
+
+    @property
+    def images(self) -> FakeImages:
+        images = self.dirs.images
+        assert isinstance(images, FakeImages)
+        return images
 
 
 def files(root: Path) -> set[str]:
@@ -196,7 +236,7 @@ def alloc_for(name: str) -> Allocation:
 def create_plan(name: str, config: AgentConfig, data: bool = False) -> Any:
     m = load_manifest(str(SERVICES / f"{name}.toml"))
     if data:
-        m = replace(m, data=DataDir("/var/lib/web", "web-data"))
+        m = replace(m, data=DataDir("/var/lib/web", name, 8 << 20))
     if not ROOT_USER:
         m = replace(m, service=replace(m.service, uid=os.getuid(), gid=os.getgid()))
     a = alloc_for(name)
@@ -238,7 +278,8 @@ def test_a_failing_step_undoes_the_steps_before_it(tmp_path: Path, ctx: Ctx,
     assert isinstance(ei.value.__cause__, KernelError) and ei.value.undo_errors == ()
     assert fake.state() == before
     assert not ctx.paths.cell_run_dir(m.name).exists()
-    assert not ctx.paths.data_dir("web-data").exists()  # made by this plan, still empty
+    assert ctx.images.mounted == {}
+    assert ctx.paths.data_image(m.name).exists()  # data images are never deleted
 
 
 @pytest.mark.parametrize("crash", ["create", "create_netns", "create_link", "start"])
@@ -274,7 +315,7 @@ def all_ops(config: AgentConfig) -> list[Operation]:
 
 def test_every_op_round_trips_through_the_journal_encoding(config: AgentConfig) -> None:
     ops = all_ops(config)
-    assert len({op.kind for op in ops}) == len(ops) == 12
+    assert len({op.kind for op in ops}) == len(ops) == 14
     for op in ops:
         back = op_from_wire(cbor2.loads(cbor2.dumps(op_to_wire(op))))
         assert back == op and type(back) is type(op)
@@ -303,7 +344,9 @@ def test_each_create_op_apply_then_undo_restores(tmp_path: Path, ctx: Ctx,
         cbor2.dumps(dict(undo))  # undo data is journaled
         assert fake.state() != before or files(tmp_path) != fs_before, op.describe()
         op.undo(ctx, undo)
-        assert fake.state() == before and files(tmp_path) == fs_before, op.describe()
+        kept = {str(ctx.paths.data_image("demo-web").relative_to(tmp_path))}  # never deleted
+        assert fake.state() == before and files(tmp_path) - kept == fs_before - kept, \
+            op.describe()
         for prev in reversed(plan.ops[:i]):
             prev.undo(ctx, {})
 
@@ -318,12 +361,17 @@ def test_empty_undo_data_keeps_what_may_be_shared_or_precious(tmp_path: Path, ct
     assert gw.apply(ctx) == {"created": False}
     gw.undo(ctx, {"created": False})
     assert fake.gateways == {100: "10.77.0.1/24"}
-    d = PrepareDirs("web", str(ctx.paths.cell_run_dir("web")), str(ctx.paths.data_dir("x")),
-                    os.getuid(), os.getgid())
-    assert d.apply(ctx) == {"made_data": True}
-    (ctx.paths.data_dir("x") / "db").write_text("precious")
-    d.undo(ctx, {"made_data": True})
-    assert (ctx.paths.data_dir("x") / "db").read_text() == "precious"
+    d = PrepareDirs("web", str(ctx.paths.cell_run_dir("web")))
+    d.apply(ctx)
+    data = MountData("web", "web", str(ctx.paths.data_image("web")),
+                     str(ctx.paths.data_mount("web")), 8 << 20, os.getuid(), os.getgid(),
+                     0, 1 << 16)
+    assert data.apply(ctx)["made"] is True
+    data.undo(ctx, {})
+    data.undo(ctx, {"made": True})  # made or not, undo only unmounts: the data stays
+    assert ctx.paths.data_image("web").read_bytes() == b"ext4"
+    assert ctx.images.mounted == {} and not ctx.paths.data_mount("web").exists()
+    d.undo(ctx, {})
     assert not ctx.paths.cell_run_dir("web").exists()
 
 
@@ -410,11 +458,13 @@ def test_start_service_builds_the_spawn_spec(ctx: Ctx, config: AgentConfig) -> N
         assert spec.userns is not None and spec.userns.base == a.uid_base
     assert spec.seccomp == seccomp.pack(seccomp.compile_filter(
         seccomp.FilterSpec.for_cell(())))
-    st = ctx.paths.data_dir("web-data").stat()
+    (req,) = ctx.images.mounted.values()
     owner = (101_000, 101_000) if ROOT_USER else (os.getuid(), os.getgid())
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (*owner, 0o700)
+    assert (req.uid, req.gid, req.size, req.readonly) == (*owner, 8 << 20, False)
+    assert req.image == ctx.paths.data_image("demo-web")
     by_target = {m.target: m for m in spec.mounts}
-    assert by_target["/var/lib/web"].source == str(ctx.paths.data_dir("web-data"))
+    assert by_target["/var/lib/web"].source == str(ctx.paths.data_mount("demo-web"))
+    assert by_target["/var/lib/web"].flags == {"nosuid", "nodev", "noexec"}
     undo = {"pid": max(fake.procs["demo-web"])}
     start.undo(ctx, undo)
     assert fake.calls[-2:] == [("stop", "demo-web", undo["pid"]), ("kill", "demo-web")]

@@ -56,6 +56,9 @@ pids = 10
 [logs]
 cell_buffer = 4096
 journal_max = "2MiB"
+[limits]
+output_rate = "64K"
+trap_rate = 50
 """)
     cfg = load_config(p)
     assert cfg.socket_path == Path("/tmp/a.sock") and cfg.log_level == "debug"
@@ -72,6 +75,8 @@ journal_max = "2MiB"
     with pytest.raises(ConfigError):
         cfg.subnet_for_vlan(21)
     assert cfg.uid_range(2) == (202000, 1000)
+    assert (cfg.output_rate, cfg.output_burst, cfg.trap_rate, cfg.trap_burst) == \
+        (64 << 10, 1 << 20, 50, 200)
 
 
 @pytest.mark.parametrize(("data", "names", "hint"), [
@@ -96,6 +101,11 @@ journal_max = "2MiB"
     ({"logs": {"journal_max": 1.5}}, "logs.journal_max", None),
     ({"state_dir": "relative/dir"}, "state_dir", None),
     ({"log_level": "loud"}, "log_level", None),
+    ({"limits": {"trap_rate": 0}}, "limits.trap_rate", None),
+    ({"limits": {"trap_rate": "fast"}}, "limits.trap_rate", None),
+    ({"limits": {"output_rate": 10}}, "limits.output_rate", "256K"),
+    ({"limits": {"output_burst": "4K"}}, "limits.output_burst", "1M"),
+    ({"limits": {"traps_rate": 5}}, "limits.traps_rate", "trap_rate"),
 ])
 def test_errors_name_the_key(data: dict[str, Any], names: str, hint: str | None) -> None:
     with pytest.raises(ConfigError) as info:

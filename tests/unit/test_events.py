@@ -37,21 +37,87 @@ def test_emit_uses_injected_clock() -> None:
     assert bus.published == 2 and len(bus) == 2
 
 
-def test_ring_is_bounded_and_recent_filters() -> None:
-    bus = EventBus(ring_size=10, clock=FakeClock())
+def test_rings_are_bounded_per_cell_and_recent_filters() -> None:
+    bus = EventBus(ring_size=10, cell_ring_size=3, clock=FakeClock())
     for i in range(25):
         bus.emit("tuner" if i % 2 else "reclaim", f"k{i}", cell="tv" if i % 3 == 0 else None,
                  severity="alert" if i == 24 else "info")
-    assert len(bus) == 10 and bus.published == 25
+    # host ring: the last 10 of 16 host events; tv's ring: the last 3 of its 9
+    assert len(bus) == 13 and bus.published == 25
+    host = [i for i in range(25) if i % 3][-10:]
     kinds = [e.kind for e in bus.recent()]
-    assert kinds == [f"k{i}" for i in range(15, 25)]
+    assert kinds == [f"k{i}" for i in sorted([*host, 18, 21, 24])]
+    assert [e.seq for e in bus.recent()] == sorted(e.seq for e in bus.recent())
     assert [e.kind for e in bus.recent(3)] == ["k22", "k23", "k24"]
     assert bus.recent(0) == []
     assert all(e.channel == "tuner" for e in bus.recent(channel="tuner"))
-    assert [e.kind for e in bus.recent(cell="tv")] == ["k15", "k18", "k21", "k24"]
+    assert [e.kind for e in bus.recent(cell="tv")] == ["k18", "k21", "k24"]
     assert [e.kind for e in bus.recent(kind="k2?")] == ["k20", "k21", "k22", "k23", "k24"]
     assert [e.kind for e in bus.recent(min_severity="notice")] == ["k24"]
     assert [e.kind for e in bus.recent(since=bus.recent(2)[0].ts)] == ["k23", "k24"]
+
+
+def test_events_are_numbered_and_stamped_per_instance() -> None:
+    mono = iter(range(100, 200))
+    bus = EventBus(clock=FakeClock(), mono=lambda: float(next(mono)), boot="b1")
+    a, b = bus.emit("master", "one"), bus.emit("master", "two", cell="web")
+    assert (a.seq, b.seq) == (1, 2) and (a.mono, b.mono) == (100.0, 101.0)
+    assert a.boot == b.boot == "b1" and a.to_wire()["seq"] == 1
+    assert Event.from_wire(b.to_wire()) == b
+    assert EventBus().boot != EventBus().boot
+
+
+def test_a_noisy_cell_neither_evicts_nor_hides_the_others() -> None:
+    """10,000 traps from one cell: its own kind is coalesced into a summary, its other
+    kinds and every other cell's events are all kept and delivered."""
+    mono = [0.0]
+    bus = EventBus(clock=FakeClock(), mono=lambda: mono[0])
+    sub = bus.subscribe(maxsize=100)
+    raw: list[Event] = []
+    bus.add_sink(raw.append, raw=True)
+    for i in range(10_000):
+        bus.emit("syscall", "trap", cell="noisy", severity="notice", nr=i)
+        if i % 1000 == 0:
+            bus.emit("lifecycle", "started", cell=f"quiet{i // 1000}")
+            bus.emit("syscall", "denied", cell="noisy", syscall="bpf")
+    assert len(raw) == bus.published == 10_000 + 20  # the correlation engine sees all
+    quiet = [e for e in bus.recent() if e.cell and e.cell.startswith("quiet")]
+    assert len(quiet) == 10
+    assert len(bus.recent(cell="noisy", kind="denied")) == 10
+    traps = bus.recent(cell="noisy", kind="trap")
+    assert len(traps) == 20  # the burst
+    assert sub.queue.qsize() == 20 + 10 + 10 and sub.dropped == 0
+    mono[0] = 1.5  # the window closed: one summary with the count
+    bus.emit("master", "tick")
+    (summary,) = bus.recent(cell="noisy", kind="suppressed")
+    assert summary.channel == "syscall" and summary.attrs["kind"] == "trap"
+    assert summary.attrs["count"] == 10_000 - 20
+    assert summary.seq > traps[-1].seq  # numbered after what it summarises
+
+
+def test_state_changes_are_never_limited() -> None:
+    bus = EventBus(state_change_kinds=["started"])
+    for _ in range(100):
+        bus.emit("lifecycle", "started", cell="web")
+    assert len(bus.recent(cell="web")) == 100
+
+
+def test_a_queued_sink_is_drained_by_the_loop_and_bounded() -> None:
+    async def scenario() -> None:
+        bus = EventBus()
+        got: list[int] = []
+        bus.add_sink(lambda e: got.append(e.seq), all_events=True, queue=50, batch=10,
+                     name="slow")
+        for i in range(200):
+            bus.emit("master", f"k{i}")
+        assert got == []  # nothing ran inside publish
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert got == list(range(151, 201))  # the newest 50: the oldest were dropped
+        assert bus.sink_stats() == [
+            {"name": "slow", "queued": 0, "dropped": 150, "errors": 0}]
+
+    asyncio.run(scenario())
 
 
 def test_sinks_get_only_persistent_events_unless_all() -> None:

@@ -6,6 +6,12 @@ services never import each other, the server or another service's handlers (only
 ``main`` builds and wires them).  Every import counts: top-level, lazy (inside a
 function) and ``TYPE_CHECKING`` ones, since a lazy import is still a dependency.
 
+The security channels' pure modules (every module of ``agent/monitor/<channel>/`` except
+those named ``adapter*`` and ``service*``) follow the core's rules: none of the banned
+standard library, from ``os`` only what does no I/O, and of ours only the core and other
+pure monitor modules.  The CLI may import those pure modules too (``agent-patterns``
+compiles and checks pattern bundles on a build host).
+
 The checker runs over the real tree and, to show it can fail, over a fixture tree with
 one bad import of each kind.
 """
@@ -27,7 +33,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "monitor": frozenset({"core", "kernel", "monitor"}),
     "daemon": frozenset({"core", "kernel", "monitor", "daemon"}),
     # the CLI reads what it can without the daemon through the kernel probes only
-    "cli": frozenset({"core", "cli", "kernel.probes", "kernel.cgroupdetect"}),
+    "cli": frozenset({"core", "cli", "kernel.probes", "kernel.cgroupdetect", "kernel.seal"}),
 }
 # The core does no I/O: no module of the standard library that talks to the kernel.
 CORE_BANNED = frozenset({
@@ -46,6 +52,26 @@ DAEMON_OWNS = {"server": frozenset({"control"}), "cellapi": frozenset({"manager"
                "tunerapi": frozenset({"tuner", "reclaim"}),
                "manager": frozenset({"adoption"})}  # the manager's start-up half
 DAEMON_BUILDERS = frozenset({"main", "__main__"})
+# A channel's kernel-facing modules; every other module of agent/monitor/<channel>/ is pure.
+MONITOR_IMPURE = ("adapter", "service")
+
+
+def is_pure_monitor(rel: tuple[str, ...]) -> bool:
+    """``monitor/<channel>/<module>.py`` (parts below agent/) that is not an adapter or a
+    service: it must keep the core's rules."""
+    return (len(rel) >= 3 and rel[0] == "monitor"
+            and not rel[-1].removesuffix(".py").startswith(MONITOR_IMPURE))
+
+
+def _pure_monitor_target(target: str, pkg: Path) -> bool:
+    """An import target (``monitor.correlation.engine``) that is a pure monitor module
+    (or a channel package, whose ``__init__`` is pure)."""
+    parts = target.split(".")
+    if len(parts) < 2 or parts[0] != "monitor":
+        return False
+    if len(parts) == 2:
+        return (pkg / "monitor" / parts[1]).is_dir()
+    return is_pure_monitor((*parts[:-1], parts[-1] + ".py"))
 
 
 @dataclass(frozen=True)
@@ -98,19 +124,29 @@ def check_tree(pkg: Path) -> list[Violation]:
             continue  # agent/__init__.py: the version only
         layer, leaf = rel.parts[0], path.stem
         shown = f"agent/{rel}"
+        pure = layer == "core" or is_pure_monitor(rel.parts)
+        who = "the core" if layer == "core" else "a pure monitor module"
         for line, name in _imports(ast.parse(path.read_text(), str(path))):
             top = name.split(".")[0]
-            if layer == "core" and top in CORE_BANNED:
-                found.append(Violation(shown, line, name, f"the core does no I/O: no {top}"))
+            if pure and top in CORE_BANNED:
+                found.append(Violation(shown, line, name, f"{who} does no I/O: no {top}"))
                 continue
-            if layer == "core" and top == "os" and name.removeprefix("os.") not in CORE_OS_NAMES:
-                found.append(Violation(shown, line, name, "the core does no I/O: from os "
+            if pure and top == "os" and name.removeprefix("os.") not in CORE_OS_NAMES:
+                found.append(Violation(shown, line, name, f"{who} does no I/O: from os "
                                        "only " + ", ".join(sorted(CORE_OS_NAMES))))
                 continue
             target = _agent_target(name, pkg)
             if target is None or name.startswith("agent.__version__"):
                 continue
             tlayer = target.split(".")[0]
+            if layer in ("monitor", "cli") and tlayer == "monitor" and (
+                    _pure_monitor_target(target, pkg) or (layer == "monitor" and not pure)):
+                continue  # pure monitor modules: for anyone above the core
+            if is_pure_monitor(rel.parts) and tlayer != "core":
+                found.append(Violation(
+                    shown, line, name, "a pure monitor module may import only core and "
+                    "pure monitor modules (no kernel, adapter* or service*)"))
+                continue
             ok = ALLOWED.get(layer, frozenset())
             if tlayer not in ok and not any(target == m or target.startswith(m + ".")
                                             for m in ok if "." in m):
@@ -159,6 +195,18 @@ def fixture_tree(tmp_path: Path) -> Path:
     _write(tmp_path, "daemon/main.py", "from agent.daemon.tuner import Tuner\n")
     _write(tmp_path, "cli/main.py", "from agent.kernel.probes import check\n")
     _write(tmp_path, "kernel/probes.py", "")
+    # a channel: pure modules import the core and each other; its adapter and service
+    # may do I/O and import the kernel; the CLI may use the pure modules
+    _write(tmp_path, "monitor/exec/__init__.py", '"""x"""\n')
+    _write(tmp_path, "monitor/exec/rules.py", "import re\nfrom os import strerror\n"
+           "from agent.core.units import x\nfrom agent.monitor.exec.model import Rule\n")
+    _write(tmp_path, "monitor/exec/model.py", "")
+    _write(tmp_path, "monitor/exec/adapter.py", "import os\nimport socket\n"
+           "from agent.kernel.net import HostNet\nfrom agent.monitor.exec.rules import f\n")
+    _write(tmp_path, "monitor/exec/service_loop.py", "import asyncio\n"
+           "from agent.monitor.exec.adapter import Fan\n")
+    _write(tmp_path, "cli/tool.py", "from agent.monitor.exec.rules import check\n")
+    _write(tmp_path, "daemon/cellapi.py", "from agent.monitor.exec.service_loop import S\n")
     return tmp_path / "agent"
 
 
@@ -189,8 +237,24 @@ def test_a_clean_fixture_passes(fixture_tree: Path) -> None:
     ("cli/diag.py", "from agent.daemon.server import cgroup_mode\n", 1,
      "layer cli may import only"),
     ("cli/diag.py", "from agent.kernel.net import HostNet\n", 1, "layer cli may import only"),
-    ("monitor/exec/rules.py", "from agent.daemon.bus import EventBus\n", 1,
+    ("monitor/exec/adapter.py", "from agent.daemon.bus import EventBus\n", 1,
      "layer monitor may import only"),
+    # the channels' pure modules keep the core's rules
+    ("monitor/exec/rules.py", "import socket\n", 1, "a pure monitor module does no I/O: "
+     "no socket"),
+    ("monitor/correlation/engine.py", "def f():\n    import threading\n", 2,
+     "a pure monitor module does no I/O: no threading"),
+    ("monitor/correlation/bundle.py", "from os import path\n", 1,
+     "a pure monitor module does no I/O: from os only strerror"),
+    ("monitor/exec/__init__.py", "import asyncio\n", 1, "a pure monitor module does no I/O"),
+    ("monitor/exec/rules.py", "from agent.kernel.net import HostNet\n", 1,
+     "a pure monitor module may import only core and pure monitor modules"),
+    ("monitor/exec/rules.py", "from agent.monitor.exec.adapter import Fan\n", 1,
+     "a pure monitor module may import only core and pure monitor modules"),
+    ("monitor/exec/rules.py", "from agent.daemon.bus import EventBus\n", 1,
+     "a pure monitor module may import only core and pure monitor modules"),
+    ("cli/tool.py", "from agent.monitor.exec.adapter import Fan\n", 1,
+     "layer cli may import only"),
 ])
 def test_a_bad_import_is_named(fixture_tree: Path, rel: str, text: str, line: int,
                                rule: str) -> None:

@@ -28,7 +28,7 @@ BASE: dict[str, Any] = {
     "service": {"command": "/bin/busybox", "args": ["httpd", "-f"], "env": {"A_1": "x"}},
     "image": {"root": "/usr/share/agent/images/demo"},
     "writable": [{"kind": "tmpfs", "path": "/tmp", "size": "4M"},
-                 {"kind": "data", "path": "/var/lib/web", "source": "web-data"}],
+                 {"kind": "data", "path": "/var/lib/web", "size": "32M"}],
     "resources": {"cpu_min": "100m", "cpu_max": "0.5", "memory_min": "8M",
                   "memory_max": "32M", "pids_max": 32, "io_weight": 200, "priority": "high"},
     "network": {"vlan": 100, "peers": [{"cell": "db", "ports": [5432]}],
@@ -62,7 +62,7 @@ def test_base_is_valid_and_decoded() -> None:
     assert m.resources.cpu_min == 100 and m.resources.cpu_max == 500
     assert m.resources.memory_max == 32 << 20 and m.resources.priority == 80
     assert m.tmpfs[0].size == 4 << 20 and m.tmpfs[0].exec is False
-    assert m.data is not None and m.data.source == "web-data"
+    assert m.data is not None and (m.data.source, m.data.size) == ("web", 32 << 20)
     assert m.network is not None and m.network.vlan == 100
     assert m.network.egress == (EgressRule("10.0.0.0/8"), EgressRule(None, 53, "udp"))
     assert m.lifecycle.backoff_initial_ms == 500 and m.lifecycle.backoff_max_ms == 30_000
@@ -130,10 +130,14 @@ RULES: list[tuple[str, Any, str, str]] = [
     ("writable.0.size", "64M", "writable", "above resources.memory_max"),
     ("writable.0.exec", "yes", "writable[0].exec", "expected boolean, got string"),
     ("writable.0.source", "x", "writable[0].source", "unknown key"),
-    ("writable.1.source", "../etc", "writable[1].source", "not a plain directory name"),
-    ("writable.1.source", "a/b", "writable[1].source", "not a plain directory name"),
-    ("writable.1.source", ".hidden", "writable[1].source", "not a plain directory name"),
-    ("writable.1.size", "4M", "writable[1].size", "unknown key"),
+    ("writable.1.source", "../etc", "writable[1].source", "not a service name"),
+    ("writable.1.source", "a/b", "writable[1].source", "not a service name"),
+    ("writable.1.source", ".hidden", "writable[1].source", "not a service name"),
+    ("writable.1.source", "Web", "writable[1].source", "not a service name"),
+    ("writable.1.size", "1M", "writable[1].size", "below the smallest data dir (4M)"),
+    ("writable.1.size", 4194303, "writable[1].size", "below the smallest data dir"),
+    ("writable.1.size", "-1M", "writable[1].size", "negative"),
+    ("writable.1.source", "db", "writable[1].size", "has its owner's size"),
     ("writable.0", {"kind": "data", "path": "/d", "source": "d"}, "writable[1].kind",
      "only one persistent data area"),
     ("resources", 1, "resources", "expected table, got integer"),

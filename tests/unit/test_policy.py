@@ -81,6 +81,41 @@ def test_refusals(shipped: Policy, uid: int, gid: int, op: str, service: str | N
         assert f in ei.value.message
 
 
+def _svc(uid: int = 0, gid: int = 0, caps: list[str] | None = None) -> Any:
+    return manifest_from_dict({
+        "name": "vendor-app", "service": {"command": "/bin/app", "uid": uid, "gid": gid},
+        "image": {"root": "/img"}, "privileges": {"capabilities": caps or []}})
+
+
+@pytest.mark.parametrize(("m", "fragments", "hint"), [
+    (_svc(), ["service.uid: uid 0", "service.gid: gid 0", "host root"], "service.uid"),
+    (_svc(1000, 0), ["service.gid: gid 0"], "non-zero uid and gid"),
+    (_svc(1000, 1000, ["net_raw", "kill", "sys_nice"]),
+     ["CAP_NET_RAW: raw and packet", "CAP_SYS_NICE: real-time"], "may keep only: audit_write"),
+    (_svc(1000, 1000, ["chown", "setuid"]), ["CAP_CHOWN: chown of any inode",
+                                             "CAP_SETUID: setuid(0)"], "net_bind_service"),
+])
+def test_without_userns_host_root_and_host_caps_are_refused(shipped: Policy, m: Any,
+                                                            fragments: list[str],
+                                                            hint: str) -> None:
+    with pytest.raises(RefusedError) as ei:
+        shipped.authorize(1000, 1000, "run", "vendor-app", m, 0, userns=False)
+    assert ei.value.code == "E_POLICY_USERNS"
+    assert "[userns] enabled = false" in ei.value.message
+    for f in fragments:
+        assert f in ei.value.message
+    assert hint in (ei.value.hint or "") and "docs/isolation.md" in (ei.value.hint or "")
+    # the control: with user namespaces the same manifest is the cell's own business
+    assert shipped.authorize(1000, 1000, "run", "vendor-app", m, 0).op == "run"
+
+
+def test_without_userns_a_non_root_service_with_kept_caps_runs(shipped: Policy) -> None:
+    m = _svc(1000, 1000, ["net_bind_service", "kill", "sys_chroot", "audit_write"])
+    assert shipped.authorize(1000, 1000, "run", "vendor-app", m, 0, userns=False).op == "run"
+    # only run creates a cell: the other operations are not checked against the mode
+    assert shipped.authorize(1000, 1000, "stop", "vendor-app", _svc(), 0, userns=False)
+
+
 def test_ceilings_only_for_sized_ops(shipped: Policy) -> None:
     big = manifest(mem="1G")
     assert shipped.authorize(1000, 1000, "inspect", "vendor-app", big, 99).op == "inspect"
@@ -188,3 +223,75 @@ def test_policy_syntax_and_missing_file(tmp_path: Path) -> None:
     assert ei.value.message.startswith("p.toml: TOML syntax")
     with pytest.raises(PolicyError):
         load_policy(str(tmp_path / "none.toml"))
+
+
+# -- data dirs: a source naming another service's data dir must be shared ------------------
+
+SHARING = """
+[[identity]]
+uid = 0
+role = "admin"
+
+[role.admin]
+services = ["*"]
+may = ["*"]
+
+[[share]]
+data = "media-store"
+readers = ["media-player", "media-index"]
+"""
+
+
+def data_manifest(name: str, source: str | None) -> Any:
+    d: dict[str, Any] = {"kind": "data", "path": "/data"}
+    if source is not None:
+        d["source"] = source
+    return manifest_from_dict({"name": name, "service": {"command": "/bin/app"},
+                               "image": {"root": "/img"}, "writable": [d]})
+
+
+def test_own_data_dir_needs_no_share_and_a_foreign_one_is_refused(shipped: Policy) -> None:
+    for own in (data_manifest("demo-web", None), data_manifest("demo-web", "demo-web")):
+        assert shipped.authorize(0, 0, "run", "demo-web", own, 0).role.name == "admin"
+    thief = data_manifest("demo-client", "demo-web")
+    with pytest.raises(RefusedError) as ei:  # the administrator too: sharing is box-wide
+        shipped.authorize(0, 0, "run", "demo-client", thief, 0)
+    e = ei.value
+    assert e.code == "E_POLICY_SHARE"
+    assert "data dir of service demo-web" in e.message and "demo-client" in e.message
+    assert e.hint is not None and 'readers = ["demo-client"]' in e.hint
+    # other ops than run do not mount anything
+    assert shipped.authorize(0, 0, "inspect", "demo-client", thief, 0).op == "inspect"
+
+
+def test_a_share_lets_only_its_named_readers_mount_the_data_dir() -> None:
+    p = parse_policy(SHARING, "policy.toml")
+    (share,) = p.shares
+    assert str(share) == "share[0] media-store -> media-player, media-index"
+    for reader in ("media-player", "media-index"):
+        m = data_manifest(reader, "media-store")
+        p.authorize(0, 0, "run", reader, m, 0)
+        assert p.check_data_source(m) == share
+    with pytest.raises(RefusedError, match=r"no \[\[share\]\]"):
+        p.authorize(0, 0, "run", "media-evil", data_manifest("media-evil", "media-store"), 0)
+    with pytest.raises(RefusedError):  # shares do not chain or reverse
+        p.authorize(0, 0, "run", "media-store",
+                    data_manifest("media-store", "media-player"), 0)
+    assert p.data_share("media-player", "media-store") is share
+    assert p.data_share("media-store", "media-player") is None
+
+
+@pytest.mark.parametrize(("share", "key", "fragment"), [
+    ({"data": "a", "readers": []}, "share[0].readers", "empty"),
+    ({"data": "a", "readers": ["b*"]}, "share[0].readers[0]", "not a service name"),
+    ({"data": "a", "readers": ["a"]}, "share[0].readers[0]", "owns the data dir"),
+    ({"data": "../a", "readers": ["b"]}, "share[0].data", "not a service name"),
+    ({"readers": ["b"]}, "share[0].data", "missing"),
+    ({"data": "a", "readers": ["b"], "mode": "rw"}, "share[0].mode", "unknown key"),
+])
+def test_bad_shares_are_refused_with_the_key(share: dict[str, Any], key: str,
+                                             fragment: str) -> None:
+    with pytest.raises(PolicyError) as ei:
+        policy_from_dict({"share": [share]}, "policy.toml")
+    assert ei.value.key == key, ei.value.problems
+    assert fragment in ei.value.message

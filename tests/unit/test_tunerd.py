@@ -78,6 +78,7 @@ class Host:
     cells: dict[str, Entry] = field(default_factory=dict)
     journal: Journal = field(default_factory=Journal)
     posted: list[tuple[str, Any]] = field(default_factory=list)
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def __post_init__(self, initial: Budget) -> None:
         self.ledger = Ledger(initial)
@@ -91,6 +92,9 @@ class Host:
 
     def keep_pin(self, cell: str, pin: Mapping[str, int] | None) -> None:
         self.cells[cell].pin = None if pin is None else dict(pin)
+
+    def cell_lock(self, cell: str) -> asyncio.Lock:
+        return self.locks.setdefault(cell, asyncio.Lock())
 
 
 class Clock:

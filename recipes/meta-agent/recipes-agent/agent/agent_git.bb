@@ -10,23 +10,30 @@ CVE_PRODUCT = "agentd"
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
-# The agent is built from a git checkout of its repository.  By default the
-# one this layer lives in (recipes/meta-agent/ inside it); point AGENT_GIT_DIR
-# elsewhere in local.conf, and pin SRCREV for a release build.
+# The agent is built from a pinned commit of its public repository: the
+# default never asks the network at parse time (no AUTOREV) and does not
+# depend on where this layer sits, so it parses the same when the layer is
+# copied into a BSP's layers/ folder.  Each release moves the pin (both
+# builds pin the same commit: tests/unit/test_recipes_yocto.py checks it is
+# a commit of this repository).
+#
+# Developers building their own tree, in local.conf (docs/firmware.md):
+#   INHERIT += "externalsrc"
+#   EXTERNALSRC:pn-agent = "/path/to/agent"
+# or another clone and branch, at its head:
+#   AGENT_GIT_URI = "git:///path/to/agent;protocol=file"
+#   AGENT_GIT_BRANCH = "my-branch"
+#   SRCREV:pn-agent = "${AUTOREV}"
 PV = "0.1.0+git"
 
-AGENT_GIT_DIR ?= "${THISDIR}/../../../.."
+AGENT_GIT_URI ?= "git://github.com/agent-stb/agent.git;protocol=https"
 AGENT_GIT_BRANCH ?= "main"
-SRC_URI = "git://${AGENT_GIT_DIR};protocol=file;branch=${AGENT_GIT_BRANCH};destsuffix=${BP} \
+SRC_URI = "${AGENT_GIT_URI};branch=${AGENT_GIT_BRANCH};destsuffix=${BP} \
            file://agentd.init \
            file://agentd.service \
            file://agentd.default \
            "
-# A layer kept inside the agent's own repository builds that repository's
-# branch head; a release build pins the commit, e.g. in local.conf:
-#   SRCREV:pn-agent = "<commit>"
-# nooelint: oelint.vars.autorev
-SRCREV ?= "${AUTOREV}"
+SRCREV = "3358b8c63186e8d69ce69cb148df9eee0dfddf97"
 
 inherit python_setuptools_build_meta update-rc.d systemd
 
@@ -57,8 +64,11 @@ PACKAGECONFIG ??= ""
 PACKAGECONFIG[cgroupv1] = ",,,python3-cgroupspy"
 
 # Exactly the standard-library packages (oe-core python3-manifest.json) that
-# the modules of agent/ import; tests/unit/test_recipes_yocto.py checks it.
-RDEPENDS:${PN} += "python3-asyncio \
+# the modules of agent/ import, and the tools agentd runs: nftables (the nft
+# tool, from meta-networking), without which networked cells are refused.
+# tests/unit/test_recipes_yocto.py checks both.
+RDEPENDS:${PN} += "nftables \
+                   python3-asyncio \
                    python3-cbor2 \
                    python3-compression \
                    python3-core \
@@ -71,6 +81,7 @@ RDEPENDS:${PN} += "python3-asyncio \
                    python3-logging \
                    python3-netclient \
                    python3-numbers \
+                   python3-pynacl \
                    python3-pyroute2 \
                    python3-resource \
                    python3-tomllib \

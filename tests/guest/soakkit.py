@@ -372,6 +372,11 @@ class Soak:
             self._busy.add(name)
             return True
 
+    def _finished(self) -> bool:
+        """No cycle left to take and none under way: nothing more will be journaled."""
+        with self._lock:
+            return self._left <= 0 and not self._busy
+
     def _call(self, op: str, **args: Any) -> Any:
         self._up.wait()
         gen = self._kills
@@ -452,16 +457,25 @@ class Soak:
         point = "a random moment"
         if phase == "random":
             time.sleep(self.rng.uniform(0.0, 4.0))
+            if self._finished():
+                return
             kill(point)
         else:
             watch.arm(trigger_for(phase, self.rng), kill)
-            if fired.wait(180):
+            deadline = time.monotonic() + 180
+            while not fired.wait(0.2):
+                if self._finished():  # the last cycles ended first: no kill to make
+                    watch.disarm()
+                    if not fired.is_set():
+                        return
+                elif time.monotonic() > deadline:  # a random moment instead (a stuck worker?)
+                    watch.disarm()
+                    if not fired.is_set():
+                        self.log(f"{phase}: not reached in 180 s ({self.doing()}); ps {ps()}")
+                        kill(point)
+                        phase = "random"
+            if phase != "random":
                 point = watch.fired
-            else:  # not reached: a random moment instead (said in the log: a stuck worker?)
-                watch.disarm()
-                self.log(f"{phase}: not reached in 180 s ({self.doing()}); ps {ps()}")
-                kill(point)
-                phase = "random"
         self._up.clear()
         wait_for(lambda: _dead(pid), "agentd to die", timeout=30)
         self.report.kills[phase] += 1
@@ -527,6 +541,7 @@ class Soak:
             th.start()
         next_kill = self.rng.uniform(1, 2 * self.kill_every)
         next_check = self.check_every or self.cycles + 1
+        phases: list[str] = []
         try:
             while self._left > 0 and not self._errors:
                 if self.report.cycles >= next_check:
@@ -537,7 +552,9 @@ class Soak:
                 if self.report.cycles < next_kill:
                     time.sleep(0.1)
                     continue
-                self._kill(watch, self.rng.choice(PHASES))
+                if not phases:  # every kind of point once before any comes again
+                    phases = self.rng.sample(PHASES, len(PHASES))
+                self._kill(watch, phases.pop())
                 next_kill += self.rng.uniform(1, 2 * self.kill_every)
         except BaseException as exc:
             self._errors.append(f"killer: {type(exc).__name__}: {exc}")

@@ -1,7 +1,9 @@
-"""Soak, short form (issue 10): 100 create/pin/destroy cycles on three cells while agentd
-is killed with SIGKILL every eight cycles or so, at points chosen from the journal as it
+"""Soak, short form (issue 10): 40 create/pin/destroy cycles on three cells while agentd
+is killed with SIGKILL every five cycles or so, at points chosen from the journal as it
 is written (a step of a create or destroy plan, a pin, a compaction, a lease record, a
-random moment); the journal is small (64 KiB) so that compactions are frequent.
+random moment: each kind once before any comes again); the journal is small (64 KiB) so
+that compactions are frequent.  (40 cycles, not 100: the guest tier's time; a kill and
+the restart after it cost more than a cycle.  ``bench/run soak -n 100`` runs 100.)
 
 After each kill the restarted agentd must have adopted every cell that was running (same
 pid 1) and repaired every plan that was open; at the end the box (interfaces, bridge VLAN
@@ -18,17 +20,17 @@ from soakkit import Soak, journal_max, quiet_box
 
 __all__ = ["quiet_box"]
 
-CYCLES = 100
+CYCLES = 40
 
 
 def test_cycles_with_agentd_killed_at_chosen_points_leave_the_box_as_before(
         quiet_box: dict[str, Any]) -> None:
     with journal_max("64K"):
-        soak = Soak(CYCLES, workers=3, kill_every=8, log=print)
+        soak = Soak(CYCLES, workers=3, kill_every=5, log=print)
         report = soak.run()
     print(f"seed {soak.seed}")
     print("\n".join(report.lines()))
     assert report.cycles == CYCLES
-    assert sum(report.kills.values()) >= CYCLES // 16  # the kills happened
+    assert sum(report.kills.values()) >= 4  # the kills happened
     assert report.compactions > 0
     assert report.leaks == [], "\n\n".join(report.leaks)

@@ -108,6 +108,14 @@ MODULES = (
     "bridge",
     "8021q",
     "nf_tables",
+    # channel 3 (agent/monitor/net): conntrack events, NFLOG, the rate-limited log
+    # rules; the kernel loads them on first use (nft, nfnetlink requests)
+    "nf_conntrack",
+    "nf_conntrack_netlink",
+    "nfnetlink_log",
+    "nft_ct",
+    "nft_log",
+    "nft_limit",
     "9p",
     "9pnet_virtio",
     "overlay",

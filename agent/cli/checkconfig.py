@@ -24,7 +24,6 @@ unreadable ``--config``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 from pathlib import Path
@@ -37,6 +36,7 @@ from agent.core.kconfig import (
     parse_config,
     parse_config_gz,
 )
+from agent.core.tty import escape, json_text
 from agent.kernel.probes import check
 
 __all__ = ["cli_main", "render"]
@@ -47,7 +47,8 @@ _MARK = {Status.PRESENT: "present", Status.DEGRADED: "DEGRADED",
 
 
 def render(report: Report, width: int = 80) -> str:
-    """lxc-checkconfig-like text, lines at most ``width`` columns."""
+    """lxc-checkconfig-like text, lines at most ``width`` columns (each escaped: a
+    release string, a path or a probe's detail cannot drive the terminal)."""
     source = report.config_source or "not found (probes only)"
     lines = [f"Kernel {report.release}"]
     if len(source) + 8 > width:  # a long path goes on its own line, unbroken
@@ -77,7 +78,7 @@ def render(report: Report, width: int = 80) -> str:
     lines.append("* required: checkconfig exits 1 when one of these is missing")
     missing = [f.feature.name for f in report.features if f.fatal]
     lines.append("Result: " + ("ok" if not missing else "missing " + ", ".join(missing)))
-    return "\n".join(lines) + "\n"
+    return "".join(escape(x) + "\n" for x in lines)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,16 +110,16 @@ def cli_main(argv: list[str]) -> int:
                 data.decode("utf-8", errors="replace"))
             source = str(ns.config)
     except OSError as exc:
-        print(f"agentctl: error[E_KCONFIG]: cannot read `{ns.config}`: {exc.strerror}",
-              file=sys.stderr)
+        print(escape(f"agentctl: error[E_KCONFIG]: cannot read `{ns.config}`: "
+                     f"{exc.strerror}"), file=sys.stderr)
         return 2
     except AgentError as exc:
-        print(f"agentctl: {exc}", file=sys.stderr)
+        print(escape(f"agentctl: {exc}"), file=sys.stderr)
         return 2
     probe = ns.root is not None or ns.config is None
     report = check(ns.root or Path("/"), config, source, ns.release, probe=probe)
     if ns.json:
-        print(json.dumps(to_json(report), indent=2))
+        print(json_text(to_json(report), indent=2))
     else:
         sys.stdout.write(render(report))
     return 0 if report.ok else 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import time
 from collections.abc import Generator
 from pathlib import Path
 from types import TracebackType
@@ -87,7 +88,7 @@ class Client:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(path)
+            self._connect(sock, path)
         except OSError as exc:
             sock.close()
             for kind, (cls, code, what, hint) in _CONNECT_ERRORS.items():
@@ -95,6 +96,19 @@ class Client:
                     raise cls(code, what.format(path=path, why=exc.strerror), hint) from None
             raise AssertionError("unreachable: OSError is in the table") from exc
         self._sock = sock
+
+    def _connect(self, sock: socket.socket, path: str) -> None:
+        """connect(), waiting while agentd's listen backlog is full: a Unix socket says
+        EAGAIN at once then, even to a socket with a timeout (a burst of connects)."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                sock.connect(path)
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"connect to {path}: backlog full") from None
+                time.sleep(0.005)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -143,6 +157,7 @@ class Client:
     def _send(self, op: str, args: dict[str, Any]) -> int:
         self.connect()
         assert self._sock is not None
+        self._sock.settimeout(self.timeout)  # it may have changed since the connect
         rid = next(self._ids)
         frame = encode_request(rid, op, args)
         if len(frame) > MAX_FRAME:

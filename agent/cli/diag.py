@@ -28,6 +28,7 @@ from agent.cli.client import DEFAULT_SOCKET
 from agent.cli.diagbundle import default_bundle_path, write_bundle
 from agent.cli.diagscreen import Sources, screen
 from agent.core.args import parse
+from agent.core.tty import escape
 
 __all__ = ["cli_main"]
 
@@ -62,10 +63,11 @@ def cli_main(argv: list[str]) -> int:
     try:
         b = write_bundle(src, out)
     except OSError as exc:
-        print(f"agentctl: error[E_DIAG]: cannot write `{out}`: {exc.strerror}", file=sys.stderr)
+        print(escape(f"agentctl: error[E_DIAG]: cannot write `{out}`: {exc.strerror}"),
+              file=sys.stderr)
         print("hint: pass --bundle FILE on a writable filesystem", file=sys.stderr)
         return 1
-    print(f"{out} ({len(b.members)} files, {len(b.errors)} collector errors)")
+    print(escape(f"{out} ({len(b.members)} files, {len(b.errors)} collector errors)"))
     return 0
 
 

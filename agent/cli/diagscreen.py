@@ -1,6 +1,8 @@
 """``agentctl diag``'s screen: where it reads (:class:`Sources`: a root for every path,
 a client for the daemon), what it asks the daemon, and the 24-line, 80-column screen
-(see :mod:`agent.cli.diag`).
+(see :mod:`agent.cli.diag`).  Every line of the screen is escaped
+(:func:`agent.core.tty.escape`) before it is cut to 80 columns: events, errors, the log's
+lines and the daemon's answers are shown, never obeyed, by the terminal.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from agent.core.config import AgentConfig
 from agent.core.config import load_config as load_agent_config
 from agent.core.errors import AgentError
 from agent.core.kconfig import Status
+from agent.core.tty import escape
 from agent.kernel.cgroupdetect import detect
 from agent.kernel.probes import check
 
@@ -124,6 +127,7 @@ def query_daemon(src: Sources, n_events: int = 8) -> DaemonView:
 # ------------------------------------------------------------------------------ screen
 
 def _clip(line: str) -> str:
+    line = escape(line)
     return line if len(line) <= WIDTH else line[: WIDTH - 3] + "..."
 
 
@@ -242,10 +246,10 @@ def _storage_lines(src: Sources) -> list[str]:
 def _log_errors(src: Sources, n: int) -> list[str]:
     """The last ``n`` error lines of agentd's log (level letter E or C)."""
     try:
-        text = src.p(LOG_PATH).read_text(errors="replace")
+        text = src.p(LOG_PATH).read_bytes().decode("utf-8", "surrogateescape")
     except OSError:
         return []
-    errs = [ln for ln in text.splitlines() if ln.split()[2:3] in (["E"], ["C"])]
+    errs = [ln for ln in text.split("\n") if ln.split()[2:3] in (["E"], ["C"])]
     return errs[-n:] if n > 0 else []
 
 

@@ -2,6 +2,12 @@
 
 Exit codes (docs/cli.md): 0 ok; 1 the daemon replied with an error; 2 usage error;
 3 the daemon cannot be reached; 4 protocol error or timeout.
+
+Nothing a cell or a reply controls reaches the terminal raw: every human line goes
+through :func:`agent.core.tty.escape` once, before it is cut to 80 columns (the views
+in :mod:`agent.cli.views`), error lines too, and ``--json`` is pure ASCII
+(:func:`agent.core.tty.json_text`).  ``logs --raw`` alone writes a cell's bytes as
+they are.
 """
 
 from __future__ import annotations
@@ -9,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import sys
 import time
@@ -20,9 +25,19 @@ from typing import Any, TextIO
 
 from agent import __version__
 from agent.cli import top as clitop
-from agent.cli.client import Client, ConnectError, TransportError
+from agent.cli.client import Client, ConnectError, RemoteError, TransportError
+from agent.cli.views import (
+    format_event,
+    format_inspect,
+    format_log_line,
+    format_ps,
+    format_status,
+    show,
+    text,
+)
 from agent.core.args import parse
 from agent.core.errors import AgentError
+from agent.core.tty import escape, json_text
 
 __all__ = [
     "EXIT_CONNECT",
@@ -32,90 +47,14 @@ __all__ = [
     "EXIT_USAGE",
     "format_event",
     "format_inspect",
+    "format_log_line",
     "format_ps",
     "format_status",
     "main",
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_PROTOCOL = 0, 1, 2, 3, 4
-WIDTH = 80
 DEFAULT_SOCKET = os.environ.get("AGENT_SOCKET", "/run/agent/agentd.sock")
-
-
-def _clip(line: str, width: int = WIDTH) -> str:
-    return line if len(line) <= width else line[: width - 3] + "..."
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    return (f"{d}d" if d else "") + (f"{h}h" if d or h else "") + (f"{m:02d}m" if d or h or m
-                                                                   else "") + f"{s:02d}s"
-
-
-def format_status(st: dict[str, Any]) -> list[str]:
-    """Human lines for a status result; known keys first, then any others."""
-    lines = [
-        f"agentd {st.get('version', '?')}  pid {st.get('pid', '?')}  "
-        f"up {_duration(float(st.get('uptime_s', 0)))}",
-        f"kernel    {st.get('kernel', '?')} ({st.get('machine', '?')})",
-        f"cgroup    {st.get('cgroup', '?')}",
-        f"cells     {st.get('cells', '?')}",
-        f"events    {st.get('events', '?')}",
-    ]
-    known = {"version", "pid", "uptime_s", "kernel", "machine", "cgroup", "cells", "events"}
-    budget = st.get("budget")
-    if isinstance(budget, dict) and all(isinstance(budget.get(k), dict) for k in
-                                        ("capacity", "reserve", "committed", "free")):
-        known.add("budget")
-        lines += format_budget(budget)
-    for key in sorted(k for k in st if k not in known):
-        value = st[key]
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        lines.append(f"{key:<9} {text}")
-    return [_clip(line) for line in lines]
-
-
-def format_budget(b: dict[str, Any]) -> list[str]:
-    """The budget block of ``status``: per resource what is free of the capacity, what
-    the host keeps and what cells hold; then cells by state and address leases."""
-    fmt: dict[str, Callable[[int], str]] = {
-        "cpu_m": lambda n: f"{n}m", "memory": lambda n: f"{n / (1 << 20):.1f} MiB",
-        "pids": str}
-    lines = []
-    for key, label in (("cpu_m", "cpu"), ("memory", "memory"), ("pids", "pids")):
-        try:
-            f = fmt[key]
-            lines.append(f"  {label:<7} free {f(int(b['free'][key]))} of "
-                         f"{f(int(b['capacity'][key]))} (host keeps "
-                         f"{f(int(b['reserve'][key]))}, cells hold "
-                         f"{f(int(b['committed'][key]))})")
-        except (KeyError, TypeError, ValueError):
-            continue
-    states = b.get("states")
-    if isinstance(states, dict) and states:
-        lines.append("  cells   " + ", ".join(f"{v} {k}" for k, v in sorted(states.items())))
-    if "leases" in b:
-        lines.append(f"  leases  {b['leases']}")
-    return ["budget", *lines]
-
-
-def format_event(ev: dict[str, Any]) -> str:
-    """One event on one line: time, severity, channel, cell, kind and attributes."""
-    ts = ev.get("ts", 0.0)
-    try:
-        when = time.strftime("%m-%d %H:%M:%S", time.localtime(float(ts)))
-        when += f".{int(float(ts) * 1000) % 1000:03d}"
-    except (TypeError, ValueError, OverflowError):
-        when = "?"
-    attrs = ev.get("attrs") or {}
-    kv = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
-                  for k, v in (attrs.items() if isinstance(attrs, dict) else ()))
-    line = (f"{when} {ev.get('severity', '?')!s:<6} {ev.get('channel', '?')!s:<9} "
-            f"{ev.get('cell') or '-'!s:<10} {ev.get('kind', '?')} {kv}")
-    return _clip(line.rstrip())
 
 
 # --------------------------------------------------------------------------- commands
@@ -125,16 +64,16 @@ def _cmd_ping(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     result = client.call("ping")
     ms = (time.monotonic() - t0) * 1000
     if ns.json:
-        print(json.dumps(result), file=out)
+        print(json_text(result), file=out)
     else:
-        print(f"{result} ({ms:.1f} ms)", file=out)
+        print(show(f"{text(result)} ({ms:.1f} ms)"), file=out)
     return EXIT_OK
 
 
 def _cmd_status(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     result = client.call("status")
     if ns.json:
-        print(json.dumps(result, indent=2, sort_keys=True), file=out)
+        print(json_text(result, indent=2, sort_keys=True), file=out)
     else:
         print("\n".join(format_status(result)), file=out)
     return EXIT_OK
@@ -153,65 +92,20 @@ def _cmd_events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
         client.timeout = None
         for item in client.stream("events.follow", **_event_args(ns)):
             if ns.json:
-                print(json.dumps(item), file=out, flush=True)
-            elif "dropped" in item and "kind" not in item:
-                print(f"-- {item['dropped']} events dropped (too slow) --", file=out, flush=True)
+                print(json_text(item), file=out, flush=True)
+            elif isinstance(item, dict) and "dropped" in item and "kind" not in item:
+                print(show(f"-- {text(item['dropped'])} events dropped (too slow) --"),
+                      file=out, flush=True)
             else:
                 print(format_event(item), file=out, flush=True)
         return EXIT_OK
     result = client.call("events", **_event_args(ns))
     if ns.json:
-        print(json.dumps(result, indent=2), file=out)
+        print(json_text(result, indent=2), file=out)
     else:
         for ev in result:
             print(format_event(ev), file=out)
     return EXIT_OK
-
-
-def _size(n: Any) -> str:
-    if not isinstance(n, int):
-        return "-"
-    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f}{unit}"
-    return str(n)
-
-
-def format_ps(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per cell, 80 columns: name state vlan address cpu memory pids up restarts."""
-    lines = [f"{'NAME':<13} {'STATE':<9} {'VLAN':>4} {'ADDRESS':<15} {'CPU%':>5} "
-             f"{'MEM/MAX':>12} {'PIDS':>4} {'UP':>7} {'R':>2}"]
-    for r in rows:
-        cpu = r.get("cpu_pct")
-        mem = f"{_size(r.get('memory_current'))}/{_size(r.get('memory_max'))}"
-        up = r.get("uptime_s")
-        pids = r.get("pids")
-        lines.append(
-            f"{str(r.get('name', '?'))[:13]:<13} {str(r.get('state', '?'))[:9]:<9} "
-            f"{r.get('vlan') if r.get('vlan') is not None else '-':>4} "
-            f"{r.get('address') or '-':<15} {'-' if cpu is None else f'{cpu:.1f}':>5} "
-            f"{mem:>12} {'-' if pids is None else pids:>4} "
-            f"{'-' if up is None else _duration(float(up)):>7} {r.get('restarts', 0):>2}")
-    return [_clip(x) for x in lines]
-
-
-def format_inspect(d: dict[str, Any]) -> list[str]:
-    """The human view of ``inspect``: record, allocation, limits, plan, seccomp, events."""
-    alloc = d.get("allocation") or {}
-    lines = [f"cell      {d.get('name')}  state {d.get('state')}  pid {d.get('pid') or '-'}",
-             f"image     {(d.get('manifest') or {}).get('image', {}).get('root', '?')}",
-             f"network   vlan {alloc.get('vlan') or '-'}  address {alloc.get('address') or '-'}"
-             f"  gateway {alloc.get('gateway') or '-'}",
-             f"cgroup    {d.get('cgroup')}"]
-    lim = d.get("limits") or {}
-    lines.append("limits    " + " ".join(f"{k}={v}" for k, v in lim.items() if v is not None))
-    if d.get("error"):
-        lines.append(f"error     {d['error']}")
-    lines += ["", "plan:"] + [f"  {x}" for x in d.get("plan") or ["(none: adopted)"]]
-    lines += ["", "seccomp:"] + [f"  {r[0]:<16} {r[1]:>4} {r[2]:<14} {r[3]}"
-                                 for r in d.get("seccomp") or []]
-    lines += ["", "events:"] + [format_event(ev) for ev in d.get("events") or []]
-    return [_clip(x) for x in lines]
 
 
 def _long(client: Client, ns: argparse.Namespace) -> None:
@@ -224,46 +118,81 @@ def _cmd_run(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     _long(client, ns)
     result = client.call("run", name=ns.name, **({"dry_run": True} if ns.dry_run else {}))
     if ns.json:
-        print(json.dumps(result, indent=2), file=out)
+        print(json_text(result, indent=2), file=out)
     elif ns.dry_run:
-        print("\n".join(_clip(x) for x in result.get("plan", [])), file=out)
+        print("\n".join(show(text(x)) for x in result.get("plan", [])), file=out)
     else:
-        where = f" on VLAN {result['vlan']} at {result['address']}" if result.get("vlan") else ""
-        print(_clip(f"{result['name']}: {result['state']}, pid {result.get('pid') or '-'}"
-                    f"{where}"), file=out)
+        where = (f" on VLAN {text(result['vlan'])} at {text(result.get('address'))}"
+                 if result.get("vlan") else "")
+        print(show(f"{text(result['name'])}: {text(result['state'])}, pid "
+                    f"{text(result.get('pid') or '-')}{where}"), file=out)
     return EXIT_OK
 
 
 def _cmd_stop(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     _long(client, ns)
     result = client.call("stop", name=ns.name)
-    print(json.dumps(result) if ns.json else f"{result['name']}: {result['state']}", file=out)
+    print(json_text(result) if ns.json else
+          show(f"{text(result['name'])}: {text(result['state'])}"), file=out)
     return EXIT_OK
 
 
 def _cmd_ps(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     rows = client.call("ps")
-    print(json.dumps(rows, indent=2) if ns.json else "\n".join(format_ps(rows)), file=out)
+    print(json_text(rows, indent=2) if ns.json else "\n".join(format_ps(rows)), file=out)
     return EXIT_OK
 
 
 def _cmd_inspect(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     d = client.call("inspect", name=ns.name)
-    print(json.dumps(d, indent=2) if ns.json else "\n".join(format_inspect(d)), file=out)
+    print(json_text(d, indent=2) if ns.json else "\n".join(format_inspect(d)), file=out)
     return EXIT_OK
+
+
+def _logs(client: Client, args: dict[str, Any], raw: bool) -> Any:
+    """The ``logs`` op, asking for each line's bytes with ``raw``; an agentd that does
+    not know the argument yet is asked again without it (lines then come as text)."""
+    if raw:
+        try:
+            return client.call("logs", **args, raw=True)
+        except RemoteError as exc:
+            if exc.code != "E_ARGS" or "`raw`" not in exc.message:
+                raise
+    return client.call("logs", **args)
+
+
+def _write_raw(lines: list[Any], out: TextIO) -> None:
+    """``logs --raw``: each line's bytes as the cell wrote them, then a newline."""
+    out.flush()
+    sink = getattr(out, "buffer", None)
+    for x in lines:
+        raw = x.get("raw") if isinstance(x, dict) else None
+        if not isinstance(raw, bytes):  # an agentd that sends text only
+            raw = text(x.get("line", "") if isinstance(x, dict) else x).encode(
+                "utf-8", "surrogateescape")
+        if sink is not None:
+            sink.write(raw + b"\n")
+        else:  # a text-only stream (tests)
+            out.write(raw.decode("utf-8", "surrogateescape") + "\n")
+    if sink is not None:
+        sink.flush()
 
 
 def _cmd_logs(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     args: dict[str, Any] = {"name": ns.name, "n": ns.n}
     if ns.stream:
         args["stream"] = ns.stream
-    d = client.call("logs", **args)
+    d = _logs(client, args, raw=ns.raw or not ns.json)
     if ns.json:
-        print(json.dumps(d, indent=2), file=out)
+        print(json_text(d, indent=2), file=out)
         return EXIT_OK
-    for x in d.get("lines", []):
-        mark = "!" if x.get("stream") == "stderr" else " "
-        print(f"{mark}{x.get('line', '')}", file=out)
+    lines = d.get("lines") if isinstance(d, dict) else None
+    lines = lines if isinstance(lines, list) else []
+    if ns.raw:
+        _write_raw(lines, out)
+    else:
+        for x in lines:
+            print(format_log_line(x), file=out)
     return EXIT_OK
 
 
@@ -279,7 +208,7 @@ def _cmd_passthrough(command: str, argv: list[str]) -> int:
     try:
         cli_main = importlib.import_module(module).cli_main
     except (ImportError, AttributeError) as exc:
-        print(f"agentctl: error[E_UNAVAILABLE]: {command} is not available: {exc}",
+        print(escape(f"agentctl: error[E_UNAVAILABLE]: {command} is not available: {exc}"),
               file=sys.stderr)
         print(f"hint: this build lacks {module}; reinstall the agent package",
               file=sys.stderr)
@@ -298,6 +227,7 @@ def count(text: str) -> int:
 
 
 Command = Callable[[Client, argparse.Namespace, TextIO], int]
+_SHAPE_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError)
 
 
 def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -359,6 +289,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("-n", type=count, default=50, metavar="N", help="how many (default 50)")
     sp.add_argument("--stream", choices=("stdout", "stderr"), help="only this stream")
+    sp.add_argument("--raw", action="store_true",
+                    help="write the lines' bytes as the cell wrote them, control characters "
+                         "and all (default: escaped, as journalctl does)")
     sp.set_defaults(func=_cmd_logs)
     clitop.add_parsers(sub, common)  # top, pin, unpin
     sp = sub.add_parser("checkconfig", add_help=False,
@@ -400,7 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = Client(ns.socket, timeout=5.0 if ns.timeout is None else ns.timeout)
     try:
         with client:
-            return func(client, ns, sys.stdout)
+            try:
+                return func(client, ns, sys.stdout)
+            except _SHAPE_ERRORS as exc:  # a result of a shape the formatter did not expect
+                raise TransportError(
+                    "E_PROTOCOL", f"unexpected reply: {type(exc).__name__}: {exc}",
+                    "agentd and agentctl may be of different versions; --json shows the "
+                    "reply") from exc
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `agentctl events | head`
@@ -409,10 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except AgentError as exc:
         if ns.debug:
-            traceback.print_exc()
-        print(f"agentctl: error[{exc.code}]: {exc.message}", file=sys.stderr)
+            sys.stderr.write("".join(escape(x, keep_tab=True) + "\n"
+                                     for x in traceback.format_exc().rstrip("\n").split("\n")))
+        print(f"agentctl: error[{escape(text(exc.code))}]: {escape(text(exc.message))}",
+              file=sys.stderr)
         if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+            print(f"hint: {escape(text(exc.hint))}", file=sys.stderr)
         if isinstance(exc, ConnectError):
             return EXIT_CONNECT
         if isinstance(exc, TransportError):

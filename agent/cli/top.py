@@ -2,18 +2,19 @@
 
 ``top`` works on a plain serial terminal, without curses: when stdout is a tty each
 refresh clears the screen with one ANSI sequence and redraws; otherwise (a pipe, a log)
-each refresh is a new block after a blank line.  Every line fits 80 columns.
+each refresh is a new block after a blank line.  Every line fits 80 columns and is
+escaped (:func:`agent.core.tty.escape`): the one control sequence written is the clear.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from agent.cli.client import Client
+from agent.core.tty import escape, json_text
 
 __all__ = ["CLEAR", "add_parsers", "cmd_pin", "cmd_top", "cmd_unpin", "format_top"]
 
@@ -40,7 +41,7 @@ def format_top(result: dict[str, Any], now: str = "") -> list[str]:
     head = (f"agentd top {now}  cells {len(result.get('cells', []))}  free cpu "
             f"{free.get('cpu', '-')}m mem {_mib(free.get('memory'))}  box mem psi "
             f"{_pct(box)}%")
-    lines = [head[:WIDTH],
+    lines = [escape(head)[:WIDTH],
              f"{'NAME':<14} {'STATE':<8} {'CPU%':>5} {'CPU.MAX':>7} {'MEM':>6} {'HIGH':>6} "
              f"{'MAX':>6} {'PSI.C':>5} {'PSI.M':>5} {'PIDS':>4} {'F':<3}"]
     for r in result.get("cells", []):
@@ -56,7 +57,7 @@ def format_top(result: dict[str, Any], now: str = "") -> list[str]:
                 f"{_mib(r.get('memory_max')):>6} {_pct(r.get('cpu_pressure')):>5} "
                 f"{_pct(r.get('memory_pressure')):>5} "
                 f"{r.get('pids') if r.get('pids') is not None else '-':>4} {flags:<3}")
-        lines.append(line[:WIDTH])
+        lines.append(escape(line)[:WIDTH])
     return lines
 
 
@@ -67,7 +68,7 @@ def cmd_top(client: Client, ns: argparse.Namespace, out: TextIO,
     while True:
         result = client.call("top")
         if ns.json:
-            print(json.dumps(result), file=out, flush=True)
+            print(json_text(result), file=out, flush=True)
         else:
             screen = format_top(result, time.strftime("%H:%M:%S"))
             prefix = CLEAR if tty else ("" if first else "\n")
@@ -86,16 +87,16 @@ def cmd_pin(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     if ns.memory is not None:
         args["memory"] = ns.memory
     r = client.call("pin", **args)
-    print(json.dumps(r) if ns.json else
-          f"{r['name']}: pinned at cpu.max {r['cpu_max']}m, memory.high "
-          f"{_mib(r['memory_high'])}, memory.max {_mib(r['memory_max'])}", file=out)
+    print(json_text(r) if ns.json else
+          escape(f"{r['name']}: pinned at cpu.max {r['cpu_max']}m, memory.high "
+                 f"{_mib(r['memory_high'])}, memory.max {_mib(r['memory_max'])}"), file=out)
     return 0
 
 
 def cmd_unpin(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     r = client.call("unpin", name=ns.name)
-    print(json.dumps(r) if ns.json else f"{r['name']}: unpinned, the tuner resizes it again",
-          file=out)
+    print(json_text(r) if ns.json else
+          escape(f"{r['name']}: unpinned, the tuner resizes it again"), file=out)
     return 0
 
 

@@ -105,8 +105,8 @@ class AgentConfig:
     # [limits]: what one cell may cost agentd's loop (agent.daemon.spawner.CellLimits)
     output_rate: int = 256 << 10  # bytes per second read from a cell's stdout+stderr
     output_burst: int = 1 << 20
-    trap_rate: int = 1000  # trapped syscalls answered per second, per cell
-    trap_burst: int = 200
+    trap_rate: int = 10  # trapped syscalls answered per second, per cell (channel 2)
+    trap_burst: int = 50
 
     @property
     def pidfile(self) -> Path:

@@ -8,32 +8,54 @@ transaction, by agent.kernel.nft:
   they name, and from the host itself (the cell's gateway address: agentd, operator
   tools; a cell can never use that source, see ``output``); ``output`` lets the cell
   open connections only to its own peers' addresses and ports, plus what
-  ``network.egress`` allows.  Both chains drop everything else, and
-  ``output`` drops packets whose source is not the cell's own address (anti-spoofing).
+  ``network.egress`` allows (IPv4 only).  Both chains drop everything else, and
+  ``output`` drops packets whose source is not the cell's own address, or for IPv6 its
+  link-local address (anti-spoofing); IPv6 beyond neighbour discovery never leaves.
 * ``inet agent_host`` in the host's netns (channel 3), for traffic routed between the
   VLAN gateways ``<bridge>.N``: each allowed pair (client -> server address:port/proto),
   cell -> outside only with egress, nothing from outside into cells or from cells to the
   host itself except replies.  Other host traffic is not touched (policy accept, and only
   packets entering or leaving a gateway interface jump into the agent's chains).
 
-A peer whose cell does not exist has no address, so it gets no rule; the master
-regenerates both kinds of table whenever cells come and go (agent.kernel.nft.FirewallSync).
+Refused packets are reported through rate-limited NFLOG rules (agent.core.netlog,
+docs/channel3.md).  A peer whose cell does not exist has no address, so it gets no
+rule; the master regenerates both kinds of table whenever cells come and go
+(agent.kernel.nft.FirewallSync).
 Every batch starts with ``add table`` + ``delete table`` so it replaces the table
 atomically whether or not it existed.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Any, Literal
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Literal
 
+from agent.core import netlog, nftjson
 from agent.core.manifest import EgressRule, Manifest, Peer
+from agent.core.names import cell_link_local
+from agent.core.nftjson import (
+    ACCEPT,
+    COMMENT_MAX,
+    COUNTER,
+    CT_INVALID,
+    CT_OK,
+    DROP,
+    Batch,
+    Json,
+    ip_match,
+    jump,
+    log_limited,
+    match,
+    meta,
+    payload,
+    ports_match,
+)
 
 __all__ = [
     "CELL_TABLE",
+    "COMMENT_MAX",
     "FAMILY",
     "HOST_TABLE",
     "CellFw",
@@ -48,9 +70,7 @@ __all__ = [
 FAMILY = "inet"
 CELL_TABLE = "agent_cell"
 HOST_TABLE = "agent_host"
-COMMENT_MAX = 127  # nft refuses comments longer than 128 bytes (with the NUL)
 
-Json = dict[str, Any]
 Proto = Literal["tcp", "udp"]
 
 
@@ -110,166 +130,159 @@ def allowed_flows(cells: Iterable[CellFw]) -> list[Flow]:
     return flows
 
 
-# -- expression helpers (nft JSON schema 1) ---------------------------------------------------
-
-
-def _match(left: Json, right: Any, op: str = "==") -> Json:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _meta(key: str, value: Any, op: str = "==") -> Json:
-    return _match({"meta": {"key": key}}, value, op)
-
-
-def _ip(field: str, value: str) -> Json:
-    net = IPv4Network(value)
-    right: Any = (str(net.network_address) if net.prefixlen == 32
-                  else {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}})
-    return _match({"payload": {"protocol": "ip", "field": field}}, right)
-
-
-def _ports(proto: str, ports: Sequence[int]) -> Json:
-    right: Any = ports[0] if len(ports) == 1 else {"set": list(ports)}
-    return _match({"payload": {"protocol": proto, "field": "dport"}}, right)
-
-
-_CT_OK = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
-_CT_INVALID = _match({"ct": {"key": "state"}}, ["invalid"], "in")
-_ACCEPT: Json = {"accept": None}
-_DROP: Json = {"drop": None}
-_COUNTER: Json = {"counter": None}
-
-
-def _comment(text: str) -> str:
-    raw = text.encode()
-    return raw[:COMMENT_MAX].decode(errors="ignore")
-
-
-class _Batch:
-    def __init__(self, table: str) -> None:
-        self.table = table
-        t = {"family": FAMILY, "name": table}
-        # add + delete: the delete cannot fail, and the whole batch is one transaction
-        self.cmds: list[Json] = [{"add": {"table": dict(t)}}, {"delete": {"table": dict(t)}},
-                                 {"add": {"table": dict(t)}}]
-
-    def chain(self, name: str, hook: str | None = None, policy: str = "accept") -> None:
-        c: Json = {"family": FAMILY, "table": self.table, "name": name}
-        if hook is not None:
-            c.update(type="filter", hook=hook, prio=0, policy=policy)
-        self.cmds.append({"add": {"chain": c}})
-
-    def rule(self, chain: str, *expr: Json, comment: str = "") -> None:
-        r: Json = {"family": FAMILY, "table": self.table, "chain": chain, "expr": list(expr)}
-        if comment:
-            r["comment"] = _comment(comment)
-        self.cmds.append({"add": {"rule": r}})
-
-    def drop_counted(self, chain: str, comment: str) -> None:
-        self.rule(chain, _COUNTER, _DROP, comment=comment)
-
-
-def _egress_exprs(e: EgressRule) -> list[Json]:
-    out: list[Json] = []
-    if e.cidr is not None:
-        out.append(_ip("daddr", e.cidr))
-    if e.port is not None:
-        if e.proto == "any":
-            out += [_meta("l4proto", {"set": ["tcp", "udp"]}),
-                    _match({"payload": {"protocol": "th", "field": "dport"}}, e.port)]
-        else:
-            out.append(_ports(e.proto, [e.port]))
-    elif e.proto != "any":
-        out.append(_meta("l4proto", e.proto))
-    return out
-
-
-def cell_ruleset(me: CellFw, cells: Iterable[CellFw]) -> list[Json]:
-    """The batch that (re)makes ``inet agent_cell`` in ``me``'s netns.
-
-    ``cells`` are the other cells that exist (``me`` among them or not): they give the
-    addresses of ``me``'s peers and of the clients that name ``me`` as their peer.
-    """
-    others = {c.name: c for c in cells if c.name != me.name}
-    everyone = [me, *others.values()]
-    b = _Batch(CELL_TABLE)
-    b.chain("input", "input", "drop")
-    b.chain("output", "output", "drop")
-    for chain, dev in (("input", "iifname"), ("output", "oifname")):
-        b.rule(chain, _meta(dev, "lo"), _ACCEPT, comment="loopback")
-        b.rule(chain, _CT_OK, _ACCEPT, comment="replies")
-        b.rule(chain, _CT_INVALID, _COUNTER, _DROP, comment="invalid")
-    if me.gateway:
-        b.rule("input", _ip("saddr", me.gateway), _ACCEPT, comment="from the host")
-    for f in allowed_flows(everyone):
-        if f.server == me.name:
-            b.rule("input", _ip("saddr", f.client_addr), _ports(f.proto, f.ports), _ACCEPT,
-                   comment=f"peer {f.client} -> {f.server} {_portlist(f)}")
-    b.drop_counted("input", "drop in")
-    b.rule("output", _match({"payload": {"protocol": "ip", "field": "saddr"}}, me.address,
-                            "!="), _COUNTER, _DROP, comment="spoofed source")
-    for f in allowed_flows(everyone):
-        if f.client == me.name:
-            b.rule("output", _ip("daddr", f.server_addr), _ports(f.proto, f.ports), _ACCEPT,
-                   comment=f"peer {f.client} -> {f.server} {_portlist(f)}")
-    if me.egress_any:
-        b.rule("output", _ACCEPT, comment="egress any")
-    for e in me.egress:
-        b.rule("output", *_egress_exprs(e), _ACCEPT, comment=f"egress {e}")
-    b.drop_counted("output", "drop out")
-    return b.cmds
-
-
 def _portlist(f: Flow) -> str:
     return ",".join(map(str, f.ports)) + "/" + f.proto
 
 
-def host_ruleset(cells: Iterable[CellFw], bridge: str) -> list[Json]:
-    """The batch that (re)makes ``inet agent_host`` in the host netns."""
+IPV4 = meta("nfproto", "ipv4")
+IPV6 = meta("nfproto", "ipv6")
+# Neighbour discovery a cell may send (its own link-local or "::" as source: the spoof
+# rules come first) and receive; untracked by conntrack, so never a "reply".
+ND_OUT = ["nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit",
+          "mld-listener-report", "mld2-listener-report"]
+ND_IN = ["nd-neighbor-solicit", "nd-neighbor-advert"]
+
+
+def _nd(types: list[str], hop255: bool = True) -> list[Json]:
+    # RFC 4861: neighbour discovery is only valid with a hop limit of 255, so what comes
+    # in cannot have been routed from anywhere.  (MLD reports go out with 1.)
+    out = [match(payload("icmpv6", "type"), {"set": types})]
+    return [*out, match(payload("ip6", "hoplimit"), 255)] if hop255 else out
+
+
+def _egress_exprs(e: EgressRule) -> list[Json]:
+    """What an egress rule matches.  IPv4 only: a cell has no IPv6 address beyond its
+    link-local one, so IPv6 egress could only ever reach its own VLAN (other cells)."""
+    out: list[Json] = [IPV4]
+    if e.cidr is not None:
+        out.append(ip_match("daddr", e.cidr))
+    if e.port is not None:
+        if e.proto == "any":
+            out += [meta("l4proto", {"set": ["tcp", "udp"]}),
+                    match(payload("th", "dport"), e.port)]
+        else:
+            out.append(ports_match(e.proto, [e.port]))
+    elif e.proto != "any":
+        out.append(meta("l4proto", e.proto))
+    return out
+
+
+def _log(prefix: str, group: int) -> list[Json]:
+    return log_limited(group, prefix, netlog.RATE, netlog.BURST)
+
+
+def cell_ruleset(me: CellFw, cells: Iterable[CellFw],
+                 group: int = netlog.LOG_GROUP) -> list[Json]:
+    """The batch that (re)makes ``inet agent_cell`` in ``me``'s netns.
+
+    ``cells`` are the other cells that exist (``me`` among them or not): they give the
+    addresses of ``me``'s peers and of the clients that name ``me`` as their peer.
+    Drops worth an event are logged to NFLOG ``group`` in the cell's netns, rate-limited
+    (agent.core.netlog: ``agent:in``, ``agent:out``, ``agent:spoof``).
+    """
+    others = {c.name: c for c in cells if c.name != me.name}
+    everyone = [me, *others.values()]
+    ll = cell_link_local(me.name)
+    b = Batch(FAMILY, CELL_TABLE)
+    b.chain("input", "input", "drop")
+    b.chain("output", "output", "drop")
+    b.chain("spoof")
+    for chain, dev in (("input", "iifname"), ("output", "oifname")):
+        b.rule(chain, meta(dev, "lo"), ACCEPT, comment="loopback")
+        b.rule(chain, CT_OK, ACCEPT, comment="replies")
+        b.rule(chain, CT_INVALID, COUNTER, DROP, comment="invalid")
+    b.rule("input", *_nd(ND_IN), ACCEPT, comment="neighbour discovery")
+    if me.gateway:
+        b.rule("input", ip_match("saddr", me.gateway), ACCEPT, comment="from the host")
+    for f in allowed_flows(everyone):
+        if f.server == me.name:
+            b.rule("input", ip_match("saddr", f.client_addr), ports_match(f.proto, f.ports),
+                   ACCEPT, comment=f"peer {f.client} -> {f.server} {_portlist(f)}")
+    b.rule("input", meta("pkttype", "host"), *_log(netlog.CELL_IN, group),
+           comment="report unicast refused")
+    b.drop_counted("input", "drop in")
+    # no spoofing, in either family: the cell's own address, its link-local address,
+    # and "::" (duplicate address detection, MLD) for ICMPv6 only
+    b.rule("output", IPV4, ip_match("saddr", me.address, "!="), jump("spoof"),
+           comment="spoofed source")
+    b.rule("output", IPV6, match(payload("ip6", "saddr"), {"set": [ll, "::"]}, "!="),
+           jump("spoof"), comment="spoofed source (ipv6)")
+    b.rule("output", IPV6, match(payload("ip6", "saddr"), "::"),
+           meta("l4proto", "ipv6-icmp", "!="), jump("spoof"),
+           comment="unspecified source (ipv6)")
+    b.rule("spoof", *_log(netlog.CELL_SPOOF, group), comment="report spoofed source")
+    b.drop_counted("spoof", "drop spoofed")
+    b.rule("output", *_nd(ND_OUT, hop255=False), ACCEPT, comment="neighbour discovery")
+    for f in allowed_flows(everyone):
+        if f.client == me.name:
+            b.rule("output", ip_match("daddr", f.server_addr), ports_match(f.proto, f.ports),
+                   ACCEPT, comment=f"peer {f.client} -> {f.server} {_portlist(f)}")
+    if me.egress_any:
+        b.rule("output", IPV4, ACCEPT, comment="egress any")
+    for e in me.egress:
+        b.rule("output", *_egress_exprs(e), ACCEPT, comment=f"egress {e}")
+    b.rule("output", *_log(netlog.CELL_OUT, group), comment="report refused")
+    b.drop_counted("output", "drop out")
+    return b.cmds
+
+
+def host_ruleset(cells: Iterable[CellFw], bridge: str,
+                 group: int = netlog.LOG_GROUP) -> list[Json]:
+    """The batch that (re)makes ``inet agent_host`` in the host netns.
+
+    Every refused packet from a cell (to another cell, outside, or the host itself) is
+    reported to NFLOG ``group`` (``agent:deny``) through the chain of its source cell,
+    whose ``limit`` bounds that cell's share of the reports."""
     gw = f"{bridge}.*"
     cells = sorted(cells, key=lambda c: c.name)
-    b = _Batch(HOST_TABLE)
+    b = Batch(FAMILY, HOST_TABLE)
     b.chain("forward", "forward", "accept")
     b.chain("input", "input", "accept")
-    for name in ("from_cell", "cell_to_cell", "into_cell", "cell_to_host"):
+    for name in ("from_cell", "cell_to_cell", "into_cell", "cell_to_host", "deny_log",
+                 *(f"log_{c.name}" for c in cells)):
         b.chain(name)
-    b.rule("forward", _meta("iifname", gw), {"jump": {"target": "from_cell"}},
-           comment="routed from a cell")
-    b.rule("forward", _meta("oifname", gw), {"jump": {"target": "into_cell"}},
+    b.rule("forward", meta("iifname", gw), jump("from_cell"), comment="routed from a cell")
+    b.rule("forward", meta("oifname", gw), jump("into_cell"),
            comment="routed into a cell from outside")
-    b.rule("input", _meta("iifname", gw), {"jump": {"target": "cell_to_host"}},
-           comment="a cell to the host itself")
+    b.rule("input", meta("iifname", gw), jump("cell_to_host"), comment="a cell to the host itself")
     for chain in ("from_cell", "into_cell", "cell_to_host"):
-        b.rule(chain, _CT_OK, _ACCEPT, comment="replies")
-        b.rule(chain, _CT_INVALID, _COUNTER, _DROP, comment="invalid")
-    b.rule("from_cell", _meta("oifname", gw), {"jump": {"target": "cell_to_cell"}},
-           comment="between VLANs")
+        b.rule(chain, CT_OK, ACCEPT, comment="replies")
+        b.rule(chain, CT_INVALID, COUNTER, DROP, comment="invalid")
+    b.rule("cell_to_host", *_nd(ND_IN), ACCEPT, comment="neighbour discovery")
+    b.rule("from_cell", meta("oifname", gw), jump("cell_to_cell"), comment="between VLANs")
     for f in allowed_flows(cells):
-        b.rule("cell_to_cell", _meta("iifname", f"{bridge}.{f.client_vlan}"),
-               _ip("saddr", f.client_addr), _meta("oifname", f"{bridge}.{f.server_vlan}"),
-               _ip("daddr", f.server_addr), _ports(f.proto, f.ports), _ACCEPT,
+        b.rule("cell_to_cell", meta("iifname", f"{bridge}.{f.client_vlan}"),
+               ip_match("saddr", f.client_addr), meta("oifname", f"{bridge}.{f.server_vlan}"),
+               ip_match("daddr", f.server_addr), ports_match(f.proto, f.ports), ACCEPT,
                comment=f"peer {f.client} -> {f.server} {_portlist(f)}")
+    b.rule("cell_to_cell", jump("deny_log"), comment="report")
     b.drop_counted("cell_to_cell", "drop cell to cell")
     for c in cells:
-        src = [_meta("iifname", f"{bridge}.{c.vlan}"), _ip("saddr", c.address)]
+        src = [meta("iifname", f"{bridge}.{c.vlan}"), ip_match("saddr", c.address)]
         if c.egress_any:
-            b.rule("from_cell", *src, _ACCEPT, comment=f"egress {c.name} any")
+            b.rule("from_cell", *src, ACCEPT, comment=f"egress {c.name} any")
         for e in c.egress:
-            b.rule("from_cell", *src, *_egress_exprs(e), _ACCEPT,
+            b.rule("from_cell", *src, *_egress_exprs(e), ACCEPT,
                    comment=f"egress {c.name} {e}")
+    b.rule("from_cell", jump("deny_log"), comment="report")
     b.drop_counted("from_cell", "drop egress")
     b.drop_counted("into_cell", "drop into cell")
+    b.rule("cell_to_host", jump("deny_log"), comment="report")
     b.drop_counted("cell_to_host", "drop cell to host")
+    # reports: unicast only (a cell's broadcasts and router solicitations are no
+    # attempt at anything), each cell through a chain of its own (its own limit)
+    b.rule("deny_log", meta("pkttype", "host", "!="), {"return": None}, comment="unicast only")
+    if cells:
+        b.rule("deny_log", {"vmap": {"key": payload("ip", "saddr"), "data": {"set": [
+            [c.address, jump(f"log_{c.name}")] for c in cells]}}}, comment="by source cell")
+    for c in cells:
+        b.rule(f"log_{c.name}", *_log(netlog.HOST_DENY, group), comment=f"report {c.name}")
     return b.cmds
 
 
 def delete_table(table: str) -> list[Json]:
     """A batch removing ``inet <table>``; succeeds when it does not exist."""
-    t = {"family": FAMILY, "name": table}
-    return [{"add": {"table": dict(t)}}, {"delete": {"table": dict(t)}}]
+    return nftjson.delete_table(table, FAMILY)
 
 
-def batch_json(cmds: Sequence[Mapping[str, Any]]) -> str:
-    """What ``nft -j -f -`` reads."""
-    return json.dumps({"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]},
-                      separators=(",", ":"), sort_keys=True)
+batch_json = nftjson.batch_json

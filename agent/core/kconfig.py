@@ -271,11 +271,27 @@ FEATURES: tuple[Feature, ...] = (
         why="per-cell and inter-cell rules are stateful",
     ),
     Feature(
-        "nft_log", "nftables logging and reject",
-        need=("NFT_LOG", "NETFILTER_NETLINK_LOG"), want=("NFT_REJECT",),
-        consequence="drops are silent: channel 3 gets no flow/drop events",
-        why="nflog groups carry drop events to the agent",
+        "nft_log", "nftables logging to NFLOG, rate-limited",
+        need=("NFT_LOG", "NFT_LIMIT", "NETFILTER_NETLINK_LOG"), want=("NFT_REJECT",),
+        consequence="refusals, spoofing and layer-2 abuse are still dropped but not "
+        "reported: channel 3 has no flow-denied, l2-drop or scan events",
+        why="channel 3: rate-limited log rules carry drops to agentd (NFLOG groups)",
         degraded="blocked connections time out instead of being rejected",
+    ),
+    Feature(
+        "nft_bridge", "nftables bridge family",
+        need=("NF_TABLES_BRIDGE",),
+        consequence="no layer-2 rules on the cells' bridge ports: root in a cell's netns "
+        "could forge MAC, ARP and IP sources on its VLAN, send tagged frames, DHCP or "
+        "router advertisements (the cells' own tables still stop ordinary processes)",
+        why="channel 3: MAC, ARP, IP, VLAN-tag, DHCP and RA rules on each cell port",
+    ),
+    Feature(
+        "conntrack_events", "conntrack events to userspace",
+        need=("NF_CONNTRACK_EVENTS", "NF_CT_NETLINK"),
+        consequence="no flow events for allowed connections between cells "
+        "(refusals are still reported)",
+        why="channel 3: new connections between cells as conntrack events",
     ),
     Feature(
         "nft_nat", "nftables NAT",

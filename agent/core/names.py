@@ -12,7 +12,7 @@ import re
 from agent.core.errors import ConfigError
 
 __all__ = ["CELL_NAME_RE", "HOSTS_FILE", "HOSTS_TARGET", "NETNS_PREFIX", "PEER_PREFIX",
-           "VETH_PREFIX", "check_cell_name", "veth_names"]
+           "VETH_PREFIX", "cell_link_local", "cell_mac", "check_cell_name", "veth_names"]
 
 CELL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 VETH_PREFIX = "vc-"  # host side of a cell's veth
@@ -39,3 +39,22 @@ def veth_names(cell: str) -> tuple[str, str]:
     The cell name itself is kept in the host side's alias."""
     digest = hashlib.blake2s(check_cell_name(cell).encode(), digest_size=6).hexdigest()
     return VETH_PREFIX + digest, PEER_PREFIX + digest
+
+
+def cell_mac(cell: str) -> str:
+    """The MAC address of the cell's ``eth0``: locally administered, unicast, from a hash
+    of the cell name.  The agent sets it when it wires the cell, so the bridge's layer-2
+    rules (agent.core.l2fw) can pin the cell's frames to it."""
+    digest = hashlib.blake2s(b"agent-mac:" + check_cell_name(cell).encode(),
+                             digest_size=5).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest))
+
+
+def cell_link_local(cell: str) -> str:
+    """The IPv6 link-local address the kernel gives the cell's ``eth0``: modified EUI-64
+    of :func:`cell_mac` (RFC 4291 appendix A; the kernel's default ``addr_gen_mode``,
+    which every new netns starts with)."""
+    b = bytes(int(x, 16) for x in cell_mac(cell).split(":"))
+    eui = bytes((b[0] ^ 0x02, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]))
+    groups = [f"{eui[i] << 8 | eui[i + 1]:x}" for i in range(0, 8, 2)]
+    return "fe80::" + ":".join(groups)

@@ -39,6 +39,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_FRAME",
     "MAX_ITEMS",
+    "MAX_REQUEST_ITEMS",
     "OP_RE",
     "VERSION",
     "Handler",
@@ -60,7 +61,10 @@ __all__ = [
 VERSION = 1
 MAX_FRAME = 64 * 1024
 MAX_DEPTH = 32
-MAX_ITEMS = 16384
+MAX_ITEMS = 16384  # in a reply (an events list)
+# In a request: no op takes more than a few dozen, and the scan is pure Python (about
+# 50 us an item on the box's CPU): 16384 items held the loop for 0.8 s (bench/fuzz.py).
+MAX_REQUEST_ITEMS = 1024
 OP_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
 _REQUEST_KEYS = frozenset({"v", "id", "op", "args"})
@@ -99,7 +103,7 @@ def _bad(message: str, hint: str | None = None) -> RequestError:
     return RequestError("E_CBOR", message, hint)
 
 
-def _scan(frame: bytes) -> None:
+def _scan(frame: bytes, max_items: int = MAX_ITEMS) -> None:
     """Check that ``frame`` is exactly one well-formed CBOR item inside our profile."""
     n = len(frame)
     pos = 0
@@ -126,8 +130,8 @@ def _scan(frame: bytes) -> None:
         else:
             raise _bad(f"reserved CBOR additional information {info}")
         items += 1
-        if items > MAX_ITEMS:
-            raise _bad(f"more than {MAX_ITEMS} CBOR items in one frame")
+        if items > max_items:
+            raise _bad(f"more than {max_items} CBOR items in one frame")
         top = stack[-1] if stack else None
         is_key = top is not None and top[1] and top[0][0] % 2 == 0
         key: tuple[int, object] | None = None
@@ -178,11 +182,11 @@ def _scan(frame: bytes) -> None:
         raise _bad(f"{n - pos} trailing bytes after the CBOR item")
 
 
-def _loads(frame: bytes) -> Any:
+def _loads(frame: bytes, max_items: int = MAX_ITEMS) -> Any:
     if len(frame) > MAX_FRAME:
         raise RequestError("E_FRAME_TOO_BIG", f"frame of {len(frame)} bytes exceeds {MAX_FRAME}",
                            "split the request or send smaller arguments")
-    _scan(frame)
+    _scan(frame, max_items)
     try:
         return cbor2.loads(frame)
     except Exception as exc:  # cbor2 raises CBORDecodeError, ValueError, UnicodeDecodeError...
@@ -199,7 +203,7 @@ def _uint(value: object) -> TypeGuard[int]:
 def decode_request(frame: bytes) -> Request:
     """Decode and validate one request frame; raises :class:`RequestError` (E_FRAME_TOO_BIG,
     E_CBOR, E_SHAPE or E_VERSION) with the request id when it could be recovered."""
-    obj = _loads(frame)
+    obj = _loads(frame, MAX_REQUEST_ITEMS)
     if not isinstance(obj, dict):
         raise RequestError("E_SHAPE", f"request must be a CBOR map, got {_kind(obj)}")
     raw_id = obj.get("id")
@@ -293,12 +297,42 @@ def decode_reply(frame: bytes) -> Reply:
 # --------------------------------------------------------------------------- plain values
 
 
+_SCALARS = frozenset({str, bool, float, bytes, type(None)})
+_KEYS = frozenset({str, int, bytes})
+
+
 def plain(obj: Any, _depth: int = 0) -> Any:
     """Convert ``obj`` to plain CBOR data (no tags): tuples/sets become lists, paths and
-    addresses strings, enums their value, objects with ``to_wire()`` their wire form."""
+    addresses strings, enums their value, objects with ``to_wire()`` their wire form.
+
+    The exact built-in types go first, without ``isinstance``: a reply of 500 events is
+    some 10,000 values, and this conversion was 95 % of its encoding (bench/fuzz.py)."""
     if _depth > MAX_DEPTH:
         raise ValueError(f"value nested deeper than {MAX_DEPTH}")
-    if obj is None or isinstance(obj, bool | str | bytes):
+    t = type(obj)
+    if t in _SCALARS:
+        return obj
+    if t is int:
+        if not -_U64 <= obj < _U64:
+            raise ValueError(f"integer {obj} does not fit in 64 bits")
+        return obj
+    if t is dict:
+        out: dict[Any, Any] = {}
+        for k, v in obj.items():
+            if type(k) not in _KEYS and (not isinstance(k, str | int | bytes)
+                                         or isinstance(k, bool)):
+                raise TypeError(f"map key {k!r} is not a string or integer")
+            out[k] = plain(v, _depth + 1)
+        return out
+    if t is list:
+        return [plain(v, _depth + 1) for v in obj]
+    return _plain_other(obj, _depth)
+
+
+def _plain_other(obj: Any, _depth: int) -> Any:
+    """:func:`plain` for subclasses, enums, containers other than dict and list, paths,
+    addresses and objects with a wire form."""
+    if isinstance(obj, bool | str | bytes):
         return obj
     if isinstance(obj, enum.Enum):
         return plain(obj.value, _depth + 1)
@@ -309,12 +343,7 @@ def plain(obj: Any, _depth: int = 0) -> Any:
     if isinstance(obj, float):
         return float(obj)
     if isinstance(obj, dict):
-        out: dict[Any, Any] = {}
-        for k, v in obj.items():
-            if not isinstance(k, str | int | bytes) or isinstance(k, bool):
-                raise TypeError(f"map key {k!r} is not a string or integer")
-            out[k] = plain(v, _depth + 1)
-        return out
+        return plain(dict(obj), _depth)
     if isinstance(obj, list | tuple):
         return [plain(v, _depth + 1) for v in obj]
     if isinstance(obj, set | frozenset):

@@ -1,41 +1,63 @@
-"""Seccomp for cells: a pure policy compiler, a tiny BPF interpreter, and the
-user-notification adapter the master uses to decide trapped syscalls.
+"""Seccomp for cells: a pure policy compiler and a tiny BPF interpreter.
 
-The compiled classic-BPF program is a straight line (see docs/sandbox.md)::
+The policy is data (:mod:`agent.core.syscallpolicy`); :class:`FilterSpec` is one cell's
+copy of it, and :func:`compile_filter` turns it into a classic-BPF program
+(docs/sandbox.md)::
 
-    arch != AUDIT_ARCH(spec.arch)          -> KILL_PROCESS
-    x86_64 only: nr >= 0x40000000 (x32)    -> KILL_PROCESS
-    nr in spec.trap                        -> USER_NOTIF   (the master decides)
-    nr in spec.deny                        -> ERRNO(EPERM)
+    arch != AUDIT_ARCH(spec.arch)          -> USER_NOTIF (the master kills: foreign ABI)
+    x86_64 only: nr >= 0x40000000 (x32)    -> USER_NOTIF (the master kills)
+    nr in spec.trap                        -> USER_NOTIF (the master decides)
+    nr in spec.deny                        -> USER_NOTIF (the master refuses and reports)
     nr in spec.enosys                      -> ERRNO(ENOSYS) (callers fall back)
-    unshare/clone with CLONE_NEW* in arg0  -> ERRNO(EPERM)
-    anything else                          -> ALLOW
+    nr with an argument rule               -> ALLOW, or USER_NOTIF (refused, reported)
+    nr in spec.allow                       -> ALLOW
+    anything else                          -> ERRNO(ENOSYS)
 
-:func:`compile_filter` and :func:`evaluate` are pure and run anywhere;
-:func:`install_filter`, :func:`recv_notif`, :func:`send_resp` and
-:func:`id_valid` talk to the running kernel.
+The syscall number is dispatched by a binary search over ranges of numbers with one
+action (about 8 comparisons for any call, not one per rule); the kernel's action cache
+(5.11+) skips the program entirely for calls allowed whatever their arguments.
+:func:`evaluate` runs a program over one ``struct seccomp_data`` (the BPF the compiler
+emits), and :func:`expected_action` computes the same answer from the spec without BPF:
+the unit tests hold the two against each other.  Installing the program and the user
+notification ioctls are in :mod:`agent.kernel.seccomp`.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.core import syscalls as ksys
 from agent.core.errors import ConfigError
+from agent.core.syscallpolicy import (
+    ARG_RULES,
+    DEFAULT_ALLOW,
+    DEFAULT_DENY,
+    DEFAULT_ENOSYS,
+    DEFAULT_TRAP,
+    OP_SYSCALLS,
+    REASONS,
+    ArgRule,
+    Cond,
+)
 
 __all__ = [
+    "ARG_RULES",
+    "DEFAULT_ALLOW",
     "DEFAULT_DENY",
     "DEFAULT_ENOSYS",
     "DEFAULT_TRAP",
     "OP_SYSCALLS",
     "REASONS",
     "RET_ALLOW",
+    "RET_ENOSYS",
     "RET_ERRNO",
     "RET_KILL_PROCESS",
     "RET_USER_NOTIF",
+    "ArgRule",
+    "Cond",
     "FilterSpec",
     "Insn",
     "action_name",
@@ -52,104 +74,30 @@ RET_KILL_PROCESS = 0x80000000
 RET_ERRNO = 0x00050000
 RET_USER_NOTIF = 0x7FC00000
 RET_ALLOW = 0x7FFF0000
-X32_SYSCALL_BIT = 0x40000000
-
-# Trapped to the master (USER_NOTIF): syscalls that change host-wide state or that a
-# manifest may be granted as a privileged operation.  The master answers each one.
-REASONS: dict[str, str] = {
-    "mount": "master decides (op mount_usb)",
-    "umount2": "master decides (op mount_usb)",
-    "pivot_root": "only agentd sets a cell's root",
-    "reboot": "master decides (op reboot)",
-    "settimeofday": "host clock (op set_time)",
-    "clock_settime": "host clock (op set_time)",
-    "clock_adjtime": "host clock (op set_time)",
-    "adjtimex": "host clock (op set_time)",
-    "sethostname": "set by agentd (op set_hostname)",
-    "setdomainname": "set by agentd (op set_hostname)",
-    "init_module": "kernel code: refused, but seen",
-    "finit_module": "kernel code: refused, but seen",
-    "delete_module": "kernel code: refused, but seen",
-    "kexec_load": "replaces the kernel: refused, but seen",
-    "swapon": "host-wide memory policy",
-    "swapoff": "host-wide memory policy",
-    "acct": "host-wide process accounting",
-    "quotactl": "host filesystem quotas",
-    # denied outright (EPERM), never worth a round trip to the master
-    "bpf": "programs in the host kernel",
-    "perf_event_open": "side channels, kernel attack surface",
-    "kexec_file_load": "replaces the running kernel",
-    "open_by_handle_at": "escapes any mount namespace",
-    "name_to_handle_at": "pair of open_by_handle_at",
-    "userfaultfd": "wins kernel races in exploits",
-    "keyctl": "kernel keyring is not namespaced",
-    "add_key": "kernel keyring is not namespaced",
-    "request_key": "kernel keyring is not namespaced",
-    "ptrace": "debug from the host; old seccomp bypass",
-    "process_vm_readv": "other processes' memory (like ptrace)",
-    "process_vm_writev": "other processes' memory (like ptrace)",
-    "setns": "a cell never joins other namespaces",
-    "iopl": "raw port I/O",
-    "ioperm": "raw port I/O",
-    "syslog": "host kernel log leaks addresses",
-    "vhangup": "hangs up the terminal",
-    "lookup_dcookie": "profiling interface",
-    "uselib": "obsolete loader interface",
-    "io_uring_setup": "io_uring ops bypass this filter",
-    "io_uring_enter": "io_uring ops bypass this filter",
-    "io_uring_register": "io_uring ops bypass this filter",
-    # ENOSYS: the caller falls back to a call this filter can see
-    "clone3": "flags unreadable; libc uses clone",
-    "open_tree": "new mount API; tools fall back to mount",
-    "move_mount": "new mount API; tools fall back to mount",
-    "fsopen": "new mount API; tools fall back to mount",
-    "fsconfig": "new mount API; tools fall back to mount",
-    "fsmount": "new mount API; tools fall back to mount",
-    "fspick": "new mount API; tools fall back to mount",
-    "mount_setattr": "new mount API; tools fall back to mount",
-}
-
-DEFAULT_TRAP = frozenset({
-    "mount", "umount2", "pivot_root", "reboot", "settimeofday", "clock_settime",
-    "clock_adjtime", "adjtimex", "sethostname", "setdomainname", "init_module",
-    "finit_module", "delete_module", "kexec_load", "swapon", "swapoff", "acct", "quotactl",
-})  # fmt: skip
-DEFAULT_ENOSYS = frozenset({
-    "clone3", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
-    "mount_setattr",
-})  # fmt: skip
-DEFAULT_DENY = frozenset(REASONS) - DEFAULT_TRAP - DEFAULT_ENOSYS
-
-# The manifest's privileged operations and the syscalls through which a cell asks for them.
-# Operations done through files (sysctl_net, dvb_tuner, leds) have no syscall to trap.
-OP_SYSCALLS: dict[str, frozenset[str]] = {
-    "set_time": frozenset({"settimeofday", "clock_settime", "clock_adjtime", "adjtimex"}),
-    "set_hostname": frozenset({"sethostname", "setdomainname"}),
-    "mount_usb": frozenset({"mount", "umount2"}),
-    "reboot": frozenset({"reboot"}),
-    "sysctl_net": frozenset(),
-    "dvb_tuner": frozenset(),
-    "leds": frozenset(),
-}
-
-_NS_GUARDED = ("unshare", "clone")  # arg0 holds CLONE_* flags on both arches
+RET_ENOSYS = RET_ERRNO | errno.ENOSYS
+X32_SYSCALL_BIT = ksys.X32_SYSCALL_BIT
+_OUTCOME = {"allow": RET_ALLOW, "deny": RET_USER_NOTIF}
 
 
 @dataclass(frozen=True)
 class FilterSpec:
-    """What the filter does with each syscall name, for one architecture."""
+    """What the filter does with each syscall name, for one architecture.  A name in
+    ``trap``, ``deny`` or ``enosys`` takes that action whatever ``allow`` and ``rules``
+    say; a name with a rule is allowed when its arguments pass."""
 
     trap: frozenset[str] = DEFAULT_TRAP
     deny: frozenset[str] = DEFAULT_DENY
     arch: str = ksys.HOST_ARCH
     enosys: frozenset[str] = DEFAULT_ENOSYS
-    deny_ns_flags: bool = field(default=True)
+    allow: frozenset[str] = DEFAULT_ALLOW
+    rules: Mapping[str, ArgRule] = field(default_factory=lambda: ARG_RULES)
 
     def __post_init__(self) -> None:
         if self.arch not in ksys.AUDIT_ARCH:
             raise ConfigError("E_SECCOMP", f"unknown architecture {self.arch!r}",
                               f"one of {sorted(ksys.AUDIT_ARCH)}")  # fmt: skip
-        sets = {"trap": self.trap, "deny": self.deny, "enosys": self.enosys}
+        sets = {"trap": self.trap, "deny": self.deny, "enosys": self.enosys,
+                "allow": self.allow, "rules": frozenset(self.rules)}
         for label, names in sets.items():
             unknown = sorted(n for n in names if n not in ksys.SYSCALLS)
             if unknown:
@@ -173,15 +121,22 @@ class FilterSpec:
         trap = DEFAULT_TRAP | extra
         return cls(trap=trap, deny=DEFAULT_DENY - trap, arch=arch, enosys=DEFAULT_ENOSYS - trap)
 
-    def action_of(self, name: str) -> int:
-        """The return value for ``name`` regardless of arguments (ALLOW if unlisted)."""
-        if name in self.trap:
+    def rule_of(self, name: str) -> ArgRule | None:
+        """The argument rule that decides ``name``, if its action depends on arguments."""
+        if name in self.trap or name in self.deny or name in self.enosys:
+            return None
+        return self.rules.get(name)
+
+    def action_of(self, name: str, args: Sequence[int] = ()) -> int:
+        """The return value for a call of ``name`` with ``args`` (pure reference)."""
+        if name in self.trap or name in self.deny:
             return RET_USER_NOTIF
-        if name in self.deny:
-            return RET_ERRNO | errno.EPERM
         if name in self.enosys:
-            return RET_ERRNO | errno.ENOSYS
-        return RET_ALLOW
+            return RET_ENOSYS
+        rule = self.rule_of(name)
+        if rule is not None:
+            return _OUTCOME[rule.outcome(tuple(args))]
+        return RET_ALLOW if name in self.allow else RET_ENOSYS
 
 
 # --- compiler ----------------------------------------------------------------
@@ -189,11 +144,77 @@ class FilterSpec:
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k) as in struct sock_filter
 
 _LD_W_ABS = 0x20
+_ALU_AND_K = 0x54
+_JA = 0x05
 _JEQ_K = 0x15
 _JGE_K = 0x35
 _JSET_K = 0x45
 _RET_K = 0x06
-_OFF_NR, _OFF_ARCH, _OFF_ARG0_LO = 0, 4, 16
+_OFF_NR, _OFF_ARCH, _OFF_ARGS = 0, 4, 16
+_Target = int | ArgRule  # a return value, or a rule deciding on the arguments
+
+
+def _arg_lo(arg: int) -> int:
+    return _OFF_ARGS + 8 * arg  # little-endian: the low word first (both arches)
+
+
+def _rule_code(rule: ArgRule) -> list[Insn]:
+    """The cases in order, then ``otherwise``; a failing condition skips to the next
+    case.  Every jump is forward and short (a few instructions)."""
+    code: list[Insn] = []
+    for conds, outcome in reversed(rule.cases):
+        block: list[Insn] = [(_RET_K, 0, 0, _OUTCOME[outcome])]
+        for cond in reversed(conds):
+            vals = sorted(cond.values)
+            rest = len(block)  # a miss on the last value skips what follows this test
+            tests = [(_JEQ_K, len(vals) - 1 - i, 0 if i < len(vals) - 1 else rest, v)
+                     for i, v in enumerate(vals)]
+            load = [(_LD_W_ABS, 0, 0, _arg_lo(cond.arg))]
+            if cond.mask != 0xFFFFFFFF:
+                load.append((_ALU_AND_K, 0, 0, cond.mask))
+            block = load + tests + block
+        code = block + code
+    return [*code, (_RET_K, 0, 0, _OUTCOME[rule.otherwise])]
+
+
+def _ranges(spec: FilterSpec) -> list[tuple[int, _Target]]:
+    """(first number, target) of each run of numbers with one target, over all 2**32."""
+    by_nr: dict[int, _Target] = {}
+    for name in spec.trap | spec.deny | spec.enosys | spec.allow | frozenset(spec.rules):
+        nr = ksys.syscall_nr(name, spec.arch)
+        if nr is None:
+            continue
+        rule = spec.rule_of(name)
+        by_nr[nr] = rule if rule is not None else spec.action_of(name)
+    if spec.arch == "x86_64":
+        by_nr[X32_SYSCALL_BIT] = RET_USER_NOTIF  # and every number above it
+    out: list[tuple[int, _Target]] = []
+
+    def add(first: int, target: _Target) -> None:
+        last = out[-1][1] if out else None
+        if isinstance(target, int) and isinstance(last, int) and last == target:
+            return  # the run goes on
+        out.append((first, target))
+
+    add(0, RET_ENOSYS)
+    for nr in sorted(by_nr):
+        add(nr, by_nr[nr])
+        if nr + 1 < 2**32 and nr + 1 not in by_nr and nr != X32_SYSCALL_BIT:
+            add(nr + 1, RET_ENOSYS)
+    return out
+
+
+def _search(ranges: list[tuple[int, _Target]]) -> list[Insn]:
+    """A balanced binary search over ``ranges`` on the number in the accumulator."""
+    if len(ranges) == 1:
+        target = ranges[0][1]
+        return _rule_code(target) if isinstance(target, ArgRule) else [(_RET_K, 0, 0, target)]
+    mid = len(ranges) // 2
+    left, right = _search(ranges[:mid]), _search(ranges[mid:])
+    first = ranges[mid][0]
+    if len(left) <= 255:
+        return [(_JGE_K, len(left), 0, first), *left, *right]
+    return [(_JGE_K, 0, 1, first), (_JA, 0, 0, len(left)), *left, *right]
 
 
 def compile_filter(spec: FilterSpec) -> tuple[Insn, ...]:
@@ -201,31 +222,10 @@ def compile_filter(spec: FilterSpec) -> tuple[Insn, ...]:
     prog: list[Insn] = [
         (_LD_W_ABS, 0, 0, _OFF_ARCH),
         (_JEQ_K, 1, 0, ksys.AUDIT_ARCH[spec.arch]),
-        (_RET_K, 0, 0, RET_KILL_PROCESS),
+        (_RET_K, 0, 0, RET_USER_NOTIF),  # a foreign ABI: the master kills the process
         (_LD_W_ABS, 0, 0, _OFF_NR),
+        *_search(_ranges(spec)),
     ]
-    if spec.arch == "x86_64":  # x32 ABI shares the arch value; a different table: kill
-        prog += [(_JGE_K, 0, 1, X32_SYSCALL_BIT), (_RET_K, 0, 0, RET_KILL_PROCESS)]
-    rules = []
-    for name in spec.trap | spec.deny | spec.enosys:
-        nr = ksys.syscall_nr(name, spec.arch)
-        if nr is not None:
-            rules.append((nr, spec.action_of(name)))
-    for nr, action in sorted(rules):
-        prog += [(_JEQ_K, 0, 1, nr), (_RET_K, 0, 0, action)]
-    if spec.deny_ns_flags:
-        for name in _NS_GUARDED:
-            nr = ksys.syscall_nr(name, spec.arch)
-            if nr is None or spec.action_of(name) != RET_ALLOW:
-                continue
-            prog += [
-                (_JEQ_K, 0, 4, nr),
-                (_LD_W_ABS, 0, 0, _OFF_ARG0_LO),  # CLONE_NEW* all live in the low word
-                (_JSET_K, 0, 1, ksys.NS_FLAGS),
-                (_RET_K, 0, 0, RET_ERRNO | errno.EPERM),
-                (_RET_K, 0, 0, RET_ALLOW),
-            ]
-    prog.append((_RET_K, 0, 0, RET_ALLOW))
     return tuple(prog)
 
 
@@ -238,21 +238,15 @@ def unpack(raw: bytes) -> tuple[Insn, ...]:
     return tuple(struct.iter_unpack("=HBBI", raw))
 
 
-def expected_action(spec: FilterSpec, nr: int, arch: int, arg0: int = 0) -> int:
+def expected_action(spec: FilterSpec, nr: int, arch: int, args: Sequence[int] = ()) -> int:
     """What the program *should* return, computed from the spec alone (reference)."""
+    nr &= 0xFFFFFFFF
     if arch != ksys.AUDIT_ARCH[spec.arch]:
-        return RET_KILL_PROCESS
+        return RET_USER_NOTIF
     if spec.arch == "x86_64" and nr >= X32_SYSCALL_BIT:
-        return RET_KILL_PROCESS
-    idx = 0 if spec.arch == "x86_64" else 1
-    names = [n for n, nrs in ksys.SYSCALLS.items() if nrs[idx] == nr]
-    for name in names:
-        action = spec.action_of(name)
-        if action != RET_ALLOW:
-            return action
-        if spec.deny_ns_flags and name in _NS_GUARDED and arg0 & ksys.NS_FLAGS:
-            return RET_ERRNO | errno.EPERM
-    return RET_ALLOW
+        return RET_USER_NOTIF
+    name = ksys.syscall_name(nr, spec.arch)
+    return RET_ENOSYS if name is None else spec.action_of(name, args)
 
 
 def evaluate(prog: Sequence[Insn], nr: int, arch: int, args: Sequence[int] = (),
@@ -268,6 +262,13 @@ def evaluate(prog: Sequence[Insn], nr: int, arch: int, args: Sequence[int] = (),
         if code == _LD_W_ABS:
             (acc,) = struct.unpack_from("<I", data, k)
             pc += 1
+            continue
+        if code == _ALU_AND_K:
+            acc &= k
+            pc += 1
+            continue
+        if code == _JA:
+            pc += 1 + k
             continue
         if code == _JEQ_K:
             cond = acc == k
@@ -294,20 +295,25 @@ def action_name(ret: int) -> str:
 
 
 def describe(spec: FilterSpec) -> list[tuple[str, str, str, str]]:
-    """Rows (syscall, number on spec.arch, action, reason) for ``agentctl inspect``."""
+    """Rows (syscall, number on spec.arch, action, reason) for ``agentctl inspect``: each
+    syscall with its own rule, then the allow-list as one row."""
     rows = []
     for name in sorted(spec.trap | spec.deny | spec.enosys):
         nr = ksys.syscall_nr(name, spec.arch)
-        action = action_name(spec.action_of(name)) if nr is not None else "absent"
-        rows.append((name, "-" if nr is None else str(nr), action, REASONS.get(name, "manifest")))
-    if spec.deny_ns_flags:
-        for name in _NS_GUARDED:
-            nr = ksys.syscall_nr(name, spec.arch)
-            if nr is not None and spec.action_of(name) == RET_ALLOW:
-                rows.append((name, str(nr), "errno(EPERM)*", "*only with CLONE_NEW* flags"))
-    rows.append(("*", "-", "allow", "everything else"))
+        action = ("trap" if name in spec.trap else "deny" if name in spec.deny
+                  else action_name(RET_ENOSYS))
+        rows.append((name, "-" if nr is None else str(nr), action if nr is not None else "absent",
+                     REASONS.get(name, "manifest")))
+    for name in sorted(spec.rules):
+        nr = ksys.syscall_nr(name, spec.arch)
+        if spec.rule_of(name) is not None and nr is not None:
+            rows.append((name, str(nr), "allow*", spec.rules[name].why))
+    allowed = sum(1 for n in spec.allow - spec.trap - spec.deny - spec.enosys
+                  if ksys.syscall_nr(n, spec.arch) is not None)
+    rows.append(("(allow-list)", "-", "allow", f"{allowed} syscalls (docs/sandbox.md)"))
+    rows.append(("*", "-", action_name(RET_ENOSYS), "every other syscall"))
     x32 = " or x32" if spec.arch == "x86_64" else ""
-    rows.append(("arch", "-", "kill", f"not {spec.arch}{x32}"))
+    rows.append(("arch", "-", "kill", f"not {spec.arch}{x32}: the master kills"))
     return rows
 
 
@@ -317,8 +323,3 @@ def format_table(rows: Sequence[tuple[str, str, str, str]], width: int = 80) -> 
         line = f"{name:<18} {nr:>4} {action:<14} {reason}"
         out.append(line if len(line) <= width else line[: width - 1] + "…")
     return "\n".join(out)
-
-
-# --- kernel: install and user notification -----------------------------------
-
-

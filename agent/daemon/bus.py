@@ -31,6 +31,7 @@ import fnmatch
 import heapq
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -342,14 +343,22 @@ class EventBus:
         return len(self._rings)
 
 
+def _glob(pattern: str | None) -> Callable[[str], object] | None:
+    """A shell pattern compiled for one filter.  Not ``fnmatch.fnmatchcase``: it keeps
+    every pattern it ever saw compiled in a cache of 32768, which a client sending new
+    patterns grows by megabytes (the ``re`` module's own cache holds 512)."""
+    return None if pattern is None else re.compile(fnmatch.translate(pattern)).match
+
+
 def _matcher(cell: str | None, channel: str | None, kind: str | None,
              min_severity: Severity | None) -> Callable[[Event], bool]:
     floor = SEVERITIES.index(min_severity) if min_severity is not None else 0
+    chan, kin = _glob(channel), _glob(kind)
 
     def match(e: Event) -> bool:
         return ((cell is None or e.cell == cell)
-                and (channel is None or fnmatch.fnmatchcase(e.channel, channel))
-                and (kind is None or fnmatch.fnmatchcase(e.kind, kind))
+                and (chan is None or chan(e.channel) is not None)
+                and (kin is None or kin(e.kind) is not None)
                 and SEVERITIES.index(e.severity) >= floor)
 
     return match

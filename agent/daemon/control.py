@@ -9,7 +9,13 @@
 * Each message is received with ``recv_into(MAX_FRAME + 1, MSG_TRUNC)``: the kernel tells
   the real size of an oversized message (and discards its tail), which gets E_FRAME_TOO_BIG.
 * Connections are bounded (``max_connections``); one above the bound is told E_BUSY and
-  closed.  Requests on one connection run concurrently (bounded) and replies carry ids.
+  closed (reading its first request into a small buffer: a flood of them costs little).
+  The listen backlog is the kernel's maximum, so a burst of connects queues instead of
+  failing with EAGAIN.  Requests on one connection run concurrently (bounded) and
+  replies carry ids.
+* A client that stops reading is dropped: a reply that cannot be sent within
+  ``send_timeout`` (30 s) closes the connection, freeing the replies it held back (up
+  to 16 of 64 KiB each) and its slot.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ __all__ = ["ControlServer", "Dispatcher", "peer_of"]
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_BUSY_PEEK = 1024  # bytes of a refused connection's first request read for its id
+SEND_TIMEOUT = 30.0  # s: a reply not taken by then means the client stopped reading
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -126,11 +134,13 @@ class ControlServer:
     """Listens on ``path``; one task per connection, bounded by ``max_connections``."""
 
     def __init__(self, path: Path | str, dispatcher: Dispatcher, *, max_connections: int = 64,
-                 max_inflight: int = 16, mode: int = 0o660) -> None:
+                 max_inflight: int = 16, mode: int = 0o660,
+                 send_timeout: float = SEND_TIMEOUT) -> None:
         self.path = Path(path)
         self.dispatcher = dispatcher
         self.max_connections = max_connections
         self.max_inflight = max_inflight
+        self.send_timeout = send_timeout
         self.mode = mode
         self.connections = 0
         self._sock: socket.socket | None = None
@@ -156,7 +166,7 @@ class ControlServer:
             sock.bind(str(tmp))
             os.chmod(tmp, self.mode)
             os.rename(tmp, path)
-            sock.listen(min(self.max_connections, socket.SOMAXCONN))
+            sock.listen(socket.SOMAXCONN)  # the kernel caps it (net.core.somaxconn)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
@@ -226,16 +236,18 @@ class ControlServer:
         try:
             if self.connections > self.max_connections:
                 # Read the first request before answering: closing a Unix socket with
-                # unread data makes the peer see ECONNRESET instead of our reply.
+                # unread data makes the peer see ECONNRESET instead of our reply.  Into a
+                # small buffer: a longer request is answered with id 0.
                 rid = 0
-                buf = bytearray(MAX_FRAME + 1)
+                buf = bytearray(_BUSY_PEEK)
                 with contextlib.suppress(OSError, TimeoutError):
                     n = await asyncio.wait_for(_recv(loop, conn, buf), 2.0)
                     with contextlib.suppress(ProtocolError):
-                        rid = decode_request(bytes(buf[:n])).id if n <= MAX_FRAME else 0
-                await _send(loop, conn, encode_error(rid, AgentError(
-                    "E_BUSY", f"more than {self.max_connections} control connections",
-                    "close idle agentctl sessions and retry")))
+                        rid = decode_request(bytes(buf[:n])).id if n <= len(buf) else 0
+                with contextlib.suppress(OSError):  # it may be gone already: not an error
+                    await _send(loop, conn, encode_error(rid, AgentError(
+                        "E_BUSY", f"more than {self.max_connections} control connections",
+                        "close idle agentctl sessions and retry")), 2.0)
                 return
             peer = peer_of(conn)
             inflight = asyncio.Semaphore(self.max_inflight)
@@ -271,16 +283,18 @@ class ControlServer:
                 err = RequestError("E_FRAME_TOO_BIG",
                                    f"request of {size} bytes exceeds {MAX_FRAME}",
                                    "send smaller arguments")
-                await _send(loop, conn, encode_error(0, err))
+                await _send(loop, conn, encode_error(0, err), self.send_timeout)
                 return
             try:
                 req = decode_request(frame)
             except RequestError as exc:
-                await _send(loop, conn, encode_error(exc.request_id, exc))
+                await _send(loop, conn, encode_error(exc.request_id, exc), self.send_timeout)
                 return
             log.debug("op %s id %d from uid %d pid %d", req.op, req.id, peer.uid, peer.pid)
             async for out in self.dispatcher.handle(peer, req):
-                await _send(loop, conn, out)
+                await _send(loop, conn, out, self.send_timeout)
+        except ConnectionAbortedError as exc:  # it stopped reading: cut off (_send)
+            log.warning("control connection of pid %d dropped: %s", peer.pid, exc)
         except OSError as exc:  # the client went away mid-reply
             log.debug("reply not delivered: %s", exc)
         except Exception:
@@ -317,8 +331,26 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, frame: bytes) -> None:
-    await loop.sock_sendall(conn, frame)
+async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, frame: bytes,
+                timeout: float) -> None:
+    """Send one reply; a client that has not taken it within ``timeout`` is cut off (both
+    directions shut: the connection's reader sees the end and cleans up).  Sent at once
+    when the socket has room (the usual case): a reply leaves before anything the handler
+    scheduled with ``call_soon`` runs (``respawn`` replies, then re-executes agentd)."""
+    try:
+        sent = conn.send(frame)  # SOCK_SEQPACKET: all of it or nothing
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    if sent == len(frame):
+        return
+    frame = frame[sent:]
+    try:
+        await asyncio.wait_for(loop.sock_sendall(conn, frame), timeout)
+    except TimeoutError:
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+        raise ConnectionAbortedError(errno.ETIMEDOUT,
+                                     f"reply not taken within {timeout} s") from None
 
 
 def _remove_stale(path: Path) -> None:

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -48,7 +49,7 @@ from agent.daemon.reclaim import Reclaimer
 from agent.daemon.respawn import Respawner
 from agent.daemon.responder import Responder
 from agent.daemon.server import Daemon
-from agent.daemon.spawner import CellLimits, CellSpawner
+from agent.daemon.spawner import CellLimits, CellSpawner, ListenerCallback
 from agent.daemon.tuner import Tuner
 from agent.daemon.tunerapi import TunerOps
 from agent.kernel import inherit
@@ -61,8 +62,12 @@ from agent.kernel.net import HostNet
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
 from agent.kernel.ports import set_cell_port
+from agent.monitor.net.service import ManagerCells, NetMonitor
+from agent.monitor.syscall.adapter_keeper import KeeperLink
+from agent.monitor.syscall.service import SyscallService, TrapLimits
 
-__all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells"]
+__all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells",
+           "wire_syscalls"]
 
 # The installed agent's seal, written when the image was built (docs/master.md).
 AGENT_SEAL = Path("/usr/share/agent/agent.seal")
@@ -199,10 +204,14 @@ def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
 def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
     """Register the cell services on ``daemon``: built at start, closed at shutdown."""
     cells, tuning = CellOps(), TunerOps()
+    channel2 = wire_syscalls(daemon, cells)  # first: its start-up takes back the listeners
+    # channel 3: flow, refusal, layer-2 and scan events (docs/channel3.md)
+    netmon = NetMonitor(daemon.bus, daemon.config.address_pool)
 
     async def startup() -> None:
         try:
-            cells.manager = await build_manager(daemon.config, daemon.bus)
+            cells.manager = await build_manager(daemon.config, daemon.bus,
+                                                on_listener=channel2.on_listener)
         except (AgentError, OSError) as exc:
             cells.problem = str(exc)
             tuning.problem = f"no cell manager: {exc}"
@@ -217,9 +226,13 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
         responder.attach()
         daemon.add_status("responses", responder.status)
         daemon.on_shutdown(_closer(responder.close))
+        netmon.start(asyncio.get_running_loop(), ManagerCells(mgr, mgr.ctx.net.netns_path),
+                     mgr.firewall)
 
     daemon.on_startup(startup)
     daemon.on_shutdown(cells.close)
+    daemon.on_shutdown(netmon.aclose)
+    daemon.add_status("net_monitor", netmon.status)
     daemon.on_shutdown(tuning.close)  # shutdown hooks run in reverse: tuning goes first
     for op, handler in {**cells.handlers(), **tuning.handlers()}.items():
         daemon.register(op, handler)
@@ -233,6 +246,34 @@ def _closer(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
         fn()
 
     return close
+
+
+def wire_syscalls(daemon: Daemon, cells: CellOps) -> SyscallService:
+    """Channel 2 (agent.monitor.syscall): the service that answers every cell's trapped
+    syscalls, the listener keeper that outlives agentd (its socket in the run dir), the
+    reboot a cell granted ``reboot`` asks for, and the ``syscall`` status field."""
+
+    def granted(cell: str) -> frozenset[str] | None:
+        if cells.manager is None:
+            return None  # starting: the trap waits (a while) for the cell's manifest
+        e = cells.manager.cells.get(cell)
+        return frozenset(e.manifest.privileges.ops) if e is not None else frozenset()
+
+    def reboot(how: str) -> None:  # an orderly shutdown by init, as an operator would
+        command = {"restart": "reboot"}.get(how, how)  # poweroff, halt
+        log.warning("a cell asked to %s the box; running `%s`", how, command)
+        try:
+            subprocess.Popen([command], start_new_session=True, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            log.error("%s: %s", command, exc)
+
+    keeper = KeeperLink(str(daemon.config.run_dir / "listeners.sock"))
+    limits = TrapLimits(rate=daemon.config.trap_rate, burst=daemon.config.trap_burst)
+    service = SyscallService(daemon.bus, granted, reboot=reboot, keeper=keeper, limits=limits)
+    daemon.on_startup(service.start)
+    daemon.on_shutdown(service.close)
+    daemon.add_status("syscall", service.status)
+    return service
 
 
 def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> None:
@@ -259,7 +300,8 @@ def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> Non
              f" and every {s.period_s:g}s (no box PSI)" if reclaimer.polled else "")
 
 
-async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
+async def build_manager(config: AgentConfig, bus: EventBus,
+                        on_listener: ListenerCallback | None = None) -> CellManager:
     """The real thing: cgroup v2 subtree (agentd moved to ``agent-master``), the bridge,
     the policy, capacity and PSI readers, the spawner; then journal replay and adoption."""
     loop = asyncio.get_running_loop()
@@ -277,10 +319,9 @@ async def build_manager(config: AgentConfig, bus: EventBus) -> CellManager:
     paths = Paths(config.state_dir, config.run_dir)
 
     def make_spawner(on_exit: ExitCallback) -> CellSpawner:
-        limits = CellLimits(output_rate=config.output_rate, output_burst=config.output_burst,
-                            trap_rate=config.trap_rate, trap_burst=config.trap_burst)
+        limits = CellLimits(output_rate=config.output_rate, output_burst=config.output_burst)
         return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes,
-                           limits=limits)
+                           limits=limits, on_listener=on_listener)
 
     # Channels 1 and 3: each cell's own nftables table and the host's forwarding table
     # (docs/firewall.md); a create plan refuses to start a cell unfiltered without it.

@@ -296,6 +296,7 @@ class CellManager(Adoption):
     async def stop(self, name: str, uid: int, gid: int) -> dict[str, Any]:
         check_cell_name(name)
         self.policy.authorize(uid, gid, "stop", name, None, self._owned(uid))
+        self.entry(name)  # E_NOT_FOUND before a lock is made for the name: one per name kept
         async with self._lock(name):
             e = self.entry(name)
             asked = e.cell  # a FAILED cell is stopped again: wait for the outcome of this stop

@@ -43,6 +43,7 @@ __all__ = ["Daemon", "cgroup_mode"]
 log = logging.getLogger("agentd")
 
 _REPLY_BUDGET = MAX_FRAME - 1024  # room for the reply envelope around an events list
+_MAX_FILTER = 64  # characters of a cell name or channel/kind pattern in an events filter
 
 
 def cgroup_mode(proc_root: Path = Path("/proc"), fs_root: Path = Path("/")) -> str:
@@ -211,10 +212,17 @@ class Daemon:
     def _filters(self, args: Mapping[str, Any]) -> dict[str, Any]:
         sev = arg(args, "severity", str)
         if sev is not None and sev not in SEVERITIES:
-            raise AgentError("E_ARGS", f"unknown severity `{sev}`",
+            raise AgentError("E_ARGS", f"unknown severity `{sev[:64]}`",
                              f"use one of {', '.join(SEVERITIES)}")
-        return {"cell": arg(args, "cell", str), "channel": arg(args, "channel", str),
-                "kind": arg(args, "kind", str), "min_severity": sev}
+        out: dict[str, Any] = {"min_severity": sev}
+        for name in ("cell", "channel", "kind"):
+            value = arg(args, name, str)
+            if value is not None and len(value) > _MAX_FILTER:
+                # A glob is compiled to a regex: one of 60 KB blocks the loop for seconds.
+                raise AgentError("E_ARGS", f"argument `{name}` is longer than {_MAX_FILTER} "
+                                 "characters", "names are at most 64 characters long")
+            out[name] = value
+        return out
 
     async def _op_events(self, peer: Peer, args: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Newest ``n`` matching events (oldest first), trimmed to fit one reply."""

@@ -5,9 +5,10 @@ For each running cell it owns, on the daemon's asyncio loop:
 * the **pidfd** of the cell's pid 1 (``add_reader``): readable when pid 1 ends; the exit
   status comes from ``waitid(P_PIDFD)`` (agentd is a child subreaper, so pid 1 is its
   child; an adopted cell is not, and its status is unknown) and goes to ``on_exit``;
-* the **seccomp listener** (``add_reader``): every notification is answered EPERM for
-  now and published as an event (channel ``seccomp``, kind ``trap``); the reader goes
-  when :func:`agent.kernel.seccomp.listener_dead` says every process under the filter is gone;
+* the **seccomp listener**: handed at once to ``on_listener(cell, fd, pid)`` (channel 2,
+  :mod:`agent.monitor.syscall.service`, which answers, reports and meters the traps);
+  an adopted cell's hook call has ``fd`` None.  Without a hook the listener is closed,
+  and the kernel answers the cell's trapped calls ENOSYS (fail closed);
 * **stdout and stderr**: two FIFOs in the cell's run dir.  The cell gets each opened
   read-write (so it never sees SIGPIPE, even while agentd is down), agentd reads them
   non-blocking into the cell's :class:`~agent.core.logbuf.LogBuffer`.  A restarted agentd
@@ -43,28 +44,27 @@ from agent.core.logbuf import LogBuffer, Stream
 from agent.core.ratelimit import TokenBucket
 from agent.core.sandbox import SpawnSpec
 from agent.daemon.bus import EventBus
-from agent.kernel import seccomp
 from agent.kernel.spawn import Spawned, spawn_cell
 
-__all__ = ["FINISHED_LOGS_KEPT", "CellLimits", "CellSpawner", "ExitCallback", "exit_of"]
+__all__ = ["FINISHED_LOGS_KEPT", "CellLimits", "CellSpawner", "ExitCallback", "ListenerCallback",
+           "exit_of"]
 
 log = logging.getLogger(__name__)
 
 ExitCallback = Callable[[str, int, Exit], None]
+ListenerCallback = Callable[[str, "int | None", int], None]  # cell, listener (None: adopted), pid
 FINISHED_LOGS_KEPT = 16  # log buffers of destroyed cells still shown by `agentctl logs`
 _STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
 
 
 @dataclass(frozen=True)
 class CellLimits:
-    """What one cell may cost agentd's loop.  Over a limit, the cell's pipes or seccomp
-    listener are not read for a while: the cell blocks in the kernel (its pipe is full,
-    its trapped thread waits for the verdict), nobody else waits."""
+    """What one cell may cost agentd's loop.  Over a limit, the cell's pipes are not read
+    for a while: the cell blocks in the kernel (its pipe is full), nobody else waits.
+    (Its trapped syscalls are metered by channel 2's service the same way.)"""
 
     output_rate: float = 256 << 10  # bytes per second read from a cell's stdout+stderr
     output_burst: float = 1 << 20
-    trap_rate: float = 1000.0  # trapped syscalls answered per second
-    trap_burst: float = 200.0
     read_size: int = 65536  # one read per callback: the loop serves other fds in between
 
 
@@ -87,7 +87,6 @@ class _Handle:
     registered: bool = False
     released: bool = False
     output: TokenBucket | None = None  # bytes read from its pipes
-    traps: TokenBucket | None = None  # notifications answered
     paused: dict[str, asyncio.TimerHandle] = field(default_factory=dict)  # what -> resume
 
 
@@ -97,7 +96,8 @@ class CellSpawner:
     def __init__(self, loop: asyncio.AbstractEventLoop, paths: Paths, bus: EventBus,
                  on_exit: ExitCallback, *, log_bytes: int = 64 << 10,
                  spawn: Callable[[SpawnSpec], Spawned] = spawn_cell,
-                 kill_wait: float = 5.0, limits: CellLimits = CellLimits()) -> None:
+                 kill_wait: float = 5.0, limits: CellLimits = CellLimits(),
+                 on_listener: ListenerCallback | None = None) -> None:
         self.loop = loop
         self.paths = paths
         self.bus = bus
@@ -110,8 +110,8 @@ class CellSpawner:
         self._logs: dict[str, LogBuffer] = {}
         self._finished: collections.OrderedDict[str, LogBuffer] = collections.OrderedDict()
         self.limits = limits
-        self.traps = 0
-        self.paused = {"output": 0, "traps": 0}  # times a cell was held back
+        self.on_listener = on_listener
+        self.paused = {"output": 0}  # times a cell was held back
 
     # -- queries (loop) --------------------------------------------------------------------
 
@@ -121,10 +121,6 @@ class CellSpawner:
 
     def logs(self, cell: str) -> LogBuffer | None:
         return self._logs.get(cell) or self._finished.get(cell)
-
-    def has_listener(self, cell: str) -> bool:
-        h = self._handles.get(cell)
-        return h is not None and h.listener >= 0
 
     # -- the Spawner protocol (any thread) --------------------------------------------------
 
@@ -209,8 +205,8 @@ class CellSpawner:
     # -- loop side ---------------------------------------------------------------------------
 
     def adopt(self, cell: str, pid: int) -> None:
-        """Take over a cell left running by a previous agentd (no seccomp listener: it
-        died with that agentd)."""
+        """Take over a cell left running by a previous agentd (its seccomp listener, if a
+        copy survived, is re-adopted by the ``on_listener`` hook's owner)."""
         pidfd = os.pidfd_open(pid)
         try:
             ours, _ = self._open_fifos(cell, create=False)
@@ -246,10 +242,12 @@ class CellSpawner:
         h.registered = True
         lim = self.limits
         h.output = TokenBucket(lim.output_rate, lim.output_burst)
-        h.traps = TokenBucket(lim.trap_rate, lim.trap_burst)
         self.loop.add_reader(h.pidfd, self._on_pidfd, h)
-        if h.listener >= 0:
-            self.loop.add_reader(h.listener, self._on_notify, h)
+        fd, h.listener = h.listener, -1  # the hook's owner has it from now on
+        if self.on_listener is not None:
+            self.on_listener(h.cell, fd if fd >= 0 else None, h.pid)
+        elif fd >= 0:
+            os.close(fd)
         self._read_output(h)
 
     def _read_output(self, h: _Handle) -> None:
@@ -258,14 +256,11 @@ class CellSpawner:
             self.loop.add_reader(fd, self._on_output, h, stream, buf)
 
     def _pause(self, h: _Handle, what: str, wait: float) -> None:
-        """Stop serving ``what`` ("output" or "traps") of ``h`` for ``wait`` seconds."""
+        """Stop serving ``what`` ("output") of ``h`` for ``wait`` seconds."""
         if what in h.paused or h.released:
             return
-        if what == "output":
-            for fd in h.fifos.values():
-                self.loop.remove_reader(fd)
-        elif h.listener >= 0:
-            self.loop.remove_reader(h.listener)
+        for fd in h.fifos.values():
+            self.loop.remove_reader(fd)
         self.paused[what] += 1
         h.paused[what] = self.loop.call_later(wait, self._resume, h, what)
         self.bus.emit("master", "throttled", cell=h.cell, severity="notice", what=what,
@@ -273,12 +268,8 @@ class CellSpawner:
 
     def _resume(self, h: _Handle, what: str) -> None:
         h.paused.pop(what, None)
-        if h.released:
-            return
-        if what == "output":
+        if not h.released:
             self._read_output(h)
-        elif h.listener >= 0:
-            self.loop.add_reader(h.listener, self._on_notify, h)
 
     def _on_output(self, h: _Handle, stream: Stream, buf: LogBuffer) -> None:
         """One read per callback, metered: the loop serves every other fd in between,
@@ -320,33 +311,8 @@ class CellSpawner:
             if self._read(fd, stream, buf, self.limits.read_size) <= 0:
                 return
 
-    def _on_notify(self, h: _Handle, *_: object) -> None:
-        fd = h.listener
-        if fd < 0:
-            return
-        try:
-            if seccomp.listener_dead(fd):
-                self._close_listener(h)
-                return
-            n = seccomp.recv_notif(fd)
-            if n is None:
-                return
-            verdict = seccomp.send_resp(fd, n.id, error=errno.EPERM)
-        except KernelError as exc:
-            log.error("cell %s: seccomp listener: %s", h.cell, exc)
-            self._close_listener(h)
-            return
-        self.traps += 1
-        self.bus.emit("syscall", "trap", cell=h.cell, severity="notice", syscall=n.syscall(),
-                      nr=n.nr, hpid=n.pid, verdict="EPERM", delivered=verdict.value)
-        if h.traps is not None:
-            wait = h.traps.take(self.loop.time())
-            if wait > 0:
-                self._pause(h, "traps", wait)
-
     def _close_listener(self, h: _Handle) -> None:
-        if h.listener >= 0:
-            self.loop.remove_reader(h.listener)
+        if h.listener >= 0:  # never handed over (not registered yet)
             os.close(h.listener)
             h.listener = -1
 

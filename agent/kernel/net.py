@@ -35,7 +35,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.core.errors import KernelError
-from agent.core.names import PEER_PREFIX, VETH_PREFIX, veth_names
+from agent.core.names import PEER_PREFIX, VETH_PREFIX, cell_mac, veth_names
 from agent.kernel.bridge import (
     BRIDGE_VLAN_INFO_PVID,
     BRIDGE_VLAN_INFO_UNTAGGED,
@@ -113,7 +113,7 @@ def create_cell_link(
                 ipr.vlan_filter("add", index=host_idx, vlan_info={"vid": vlan, "flags": flags})
             with nl("vlan_filter del", f"port {host} vid 1", ignore=GONE):
                 ipr.vlan_filter("del", index=host_idx, vlan_info={"vid": 1})
-        _configure_inside(netns_file, peer, addr, gw)
+        _configure_inside(netns_file, peer, addr, gw, cell_mac(cell))
     except BaseException:
         try:
             destroy_cell_link(ipr, cell)
@@ -124,14 +124,16 @@ def create_cell_link(
 
 
 def _configure_inside(netns_file: Path, peer: str, addr: IPv4Interface,
-                      gw: IPv4Address) -> None:
+                      gw: IPv4Address, mac: str) -> None:
     where = f"netns {netns_file}"
     ns = open_netns(netns_file)
     try:
         idx = require(ns, peer, f"veth in {where}:")
-        # one request: the kernel renames before it changes the flags
-        with nl("link set", f"{peer} name {CELL_IFNAME} up in {where}"):
-            ns.link("set", index=idx, ifname=CELL_IFNAME, state="up")
+        # one request: the kernel renames and sets the address before it changes the
+        # flags, so the link-local address (made at up) comes from this MAC, which the
+        # bridge's layer-2 rules pin (agent.core.l2fw)
+        with nl("link set", f"{peer} name {CELL_IFNAME} address {mac} up in {where}"):
+            ns.link("set", index=idx, ifname=CELL_IFNAME, address=mac, state="up")
         with nl("link set", f"lo up in {where}"):
             ns.link("set", index=LOOPBACK_INDEX, state="up")
         with nl("addr add", f"{addr} on {CELL_IFNAME} in {where}", ignore=EXISTS):

@@ -6,15 +6,18 @@ whole or not at all.  Inside a cell's netns ``nft`` runs under ``nsenter --net=P
 between fork and exec.  The netns belongs to the host's user namespace, so only the
 agent (CAP_NET_ADMIN there) can change the cell's table: root in the cell cannot.
 
-:class:`FirewallSync` keeps the host table and the cells' tables in step with the set of
-cells (the master calls :meth:`FirewallSync.refresh` whenever cells come and go) and is
-the ``firewall`` of the executor's context (agent.core.cellops.ApplyCellFirewall).
+:class:`FirewallSync` keeps the host's tables (the forwarding policy ``inet agent_host``
+and the cell ports' layer-2 rules ``bridge agent_l2``) and the cells' tables in step
+with the set of cells (the master calls :meth:`FirewallSync.refresh` whenever cells come
+and go) and is the ``firewall`` of the executor's context
+(agent.core.cellops.ApplyCellFirewall).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -23,13 +26,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.core import firewall
+from agent.core import firewall, l2fw, nftjson
 from agent.core import syscalls as abi
 from agent.core.errors import AgentError, KernelError
 from agent.core.firewall import CellFw
 from agent.kernel import libc as ksys
 
 __all__ = ["FirewallSync", "Nft", "NftError"]
+
+log = logging.getLogger(__name__)
 
 _TIMEOUT = 30.0
 
@@ -83,16 +88,18 @@ class Nft:
         """Apply an agent.core.firewall batch atomically."""
         self._run(["-j", "-f", "-"], firewall.batch_json(batch), netns, "apply batch")
 
-    def delete_table(self, table: str, netns: Path | None = None) -> None:
-        """Remove ``inet <table>``; absent is success."""
-        self._run(["-j", "-f", "-"], firewall.batch_json(firewall.delete_table(table)), netns,
-                  f"delete table inet {table}")
+    def delete_table(self, table: str, netns: Path | None = None,
+                     family: str = firewall.FAMILY) -> None:
+        """Remove ``<family> <table>``; absent is success."""
+        self._run(["-j", "-f", "-"], nftjson.batch_json(nftjson.delete_table(table, family)),
+                  netns, f"delete table {family} {table}")
 
-    def list_table(self, table: str, netns: Path | None = None) -> dict[str, Any] | None:
-        """``nft -j list table inet <table>`` parsed, or ``None`` when there is none."""
+    def list_table(self, table: str, netns: Path | None = None,
+                   family: str = firewall.FAMILY) -> dict[str, Any] | None:
+        """``nft -j list table <family> <table>`` parsed, or ``None`` when there is none."""
         try:
-            out = self._run(["-j", "list", "table", firewall.FAMILY, table], None, netns,
-                            f"list table inet {table}")
+            out = self._run(["-j", "list", "table", family, table], None, netns,
+                            f"list table {family} {table}")
         except NftError as exc:
             if "No such file" in exc.message:
                 return None
@@ -105,27 +112,42 @@ class FirewallSync:
     """The agent's tables, kept in step with the cells.  Thread-safe (plans run in threads).
 
     * :meth:`apply_cell` makes a new cell's table (the create plan's step);
-    * :meth:`refresh` rewrites the host table (removes it when there is no cell) and
-      re-applies the tables of the given cells whose rules changed (a peer came or went);
-      cells not given are forgotten.  What was applied is remembered as text, so a refresh
-      that changes nothing runs no ``nft`` at all.
+    * :meth:`refresh` rewrites the host's tables (removes them when there is no cell)
+      and re-applies the tables of the given cells whose rules changed (a peer came or
+      went); cells not given are forgotten.  What was applied is remembered as text, so
+      a refresh that changes nothing runs no ``nft`` at all.
+
+    ``l2=False`` leaves the bridge's layer-2 table out (benchmarks compare with and
+    without it); it is a separate batch, so a kernel without the nftables bridge family
+    loses only it (an error in :meth:`refresh`'s list), not the forwarding policy.
     """
 
     def __init__(self, nft: Nft, bridge: str, netns_path: Callable[[str], Path],
-                 host_netns: Path | None = None) -> None:
+                 host_netns: Path | None = None, l2: bool = True) -> None:
         self.nft = nft
         self.bridge = bridge
         self.netns_path = netns_path
         self.host_netns = host_netns  # None: agentd's own netns (tests pass one of theirs)
+        self.l2 = l2
         self._lock = threading.Lock()
         self._applied: dict[str, str] = {}  # cell -> batch text its netns holds
         self._host: str | None = None
+        self._l2: str | None = None
+        # called (cell, netns) in the plan's thread once a new cell's table is in, before
+        # its service starts: channel 3 opens the cell's log socket there
+        self.on_cell_table: list[Callable[[str, Path], None]] = []
 
     def apply_cell(self, cell: str, batch: Sequence[dict[str, Any]]) -> None:
         text = firewall.batch_json(batch)
+        path = self.netns_path(cell)
         with self._lock:
-            self.nft.apply(batch, self.netns_path(cell))
+            self.nft.apply(batch, path)
             self._applied[cell] = text
+        for fn in list(self.on_cell_table):
+            try:
+                fn(cell, path)
+            except Exception:  # a listener's failure is its own business
+                log.exception("firewall: cell table listener failed for %s", cell)
 
     def remove_cell(self, cell: str) -> None:
         """Delete the cell's table if its netns is still there (undo of apply_cell)."""
@@ -145,13 +167,7 @@ class FirewallSync:
         want = set(tables_of)
         errors: list[str] = []
         with self._lock:
-            # no cell, no table: the host's ruleset is then exactly as without the agent
-            host = (firewall.host_ruleset(cells, self.bridge) if cells
-                    else firewall.delete_table(firewall.HOST_TABLE))
-            text = firewall.batch_json(host)
-            if text != self._host:
-                self.nft.apply(host, self.host_netns)
-                self._host = text
+            errors += self._refresh_host(cells)
             for cell in list(self._applied):
                 if cell not in want:
                     del self._applied[cell]
@@ -170,3 +186,37 @@ class FirewallSync:
                     errors.append(f"cell {c.name}: {exc.message}")
         return errors
 
+    def _refresh_host(self, cells: list[CellFw]) -> list[str]:
+        """The host's two tables.  Both changed (a cell came or went): one batch, one
+        ``nft`` run, one transaction.  If that fails the forwarding table goes in alone
+        (raising if it cannot) and the layer-2 table's failure is returned."""
+        # no cell, no tables: the host's ruleset is then exactly as without the agent
+        host = (firewall.host_ruleset(cells, self.bridge) if cells
+                else firewall.delete_table(firewall.HOST_TABLE))
+        text = nftjson.batch_json(host)
+        l2: list[dict[str, Any]] = []
+        l2_text = self._l2
+        if self.l2:
+            l2 = (l2fw.l2_ruleset(cells) if cells
+                  else nftjson.delete_table(l2fw.L2_TABLE, l2fw.FAMILY))
+            l2_text = nftjson.batch_json(l2)
+        host_due, l2_due = text != self._host, l2_text != self._l2
+        if host_due and l2_due:
+            try:
+                self.nft.apply([*host, *l2], self.host_netns)
+                self._host, self._l2 = text, l2_text
+                return []
+            except AgentError:
+                pass  # find out which: the forwarding table alone first
+        if host_due:
+            self.nft.apply(host, self.host_netns)
+            self._host = text
+        if not l2_due:
+            return []
+        try:
+            self.nft.apply(l2, self.host_netns)
+        except AgentError as exc:
+            self._l2 = None
+            return [f"layer-2 rules (bridge {l2fw.L2_TABLE}): {exc.message}"]
+        self._l2 = l2_text
+        return []

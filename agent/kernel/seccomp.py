@@ -10,6 +10,8 @@ import ctypes
 import enum
 import errno
 import fcntl
+import functools
+import select
 import struct
 from dataclasses import dataclass
 
@@ -66,8 +68,10 @@ def install_filter(prog: bytes, new_listener: bool = True) -> int | None:
     return fd if new_listener else None
 
 
+@functools.cache
 def notif_sizes() -> tuple[int, int, int]:
-    """(seccomp_notif, seccomp_notif_resp, seccomp_data) sizes of the running kernel."""
+    """(seccomp_notif, seccomp_notif_resp, seccomp_data) sizes of the running kernel
+    (asked once: they do not change while it runs)."""
     sizes = (ctypes.c_uint16 * 3)()
     ksys.seccomp(_GET_NOTIF_SIZES, 0, ctypes.addressof(sizes), "seccomp(GET_NOTIF_SIZES)")
     return sizes[0], sizes[1], sizes[2]
@@ -84,12 +88,8 @@ class Notif:
     args: tuple[int, ...]
 
     def syscall(self) -> str:
-        arch = next((a for a, v in abi.AUDIT_ARCH.items() if v == self.arch), None)
-        if arch is not None:
-            for name in abi.SYSCALLS:
-                if abi.syscall_nr(name, arch) == self.nr:
-                    return name
-        return f"syscall_{self.nr}"
+        """The call's name in its ABI (``i386_11`` for one the tables do not hold)."""
+        return abi.describe_call(self.arch, self.nr)
 
 
 class Verdict(enum.Enum):
@@ -131,8 +131,6 @@ def send_resp(fd: int, nid: int, *, error: int = 0, val: int = 0, cont: bool = F
 def listener_dead(fd: int) -> bool:
     """True once every process under the filter is gone (POLLHUP, nothing to read):
     the caller should unregister and close ``fd``."""
-    import select
-
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     events = dict(poller.poll(0)).get(fd, 0)

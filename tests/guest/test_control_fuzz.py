@@ -1,5 +1,6 @@
-"""Fuzzing the live agentd's control socket (issue 3, Checks): malformed CBOR, wrong types,
-oversized and truncated frames, unknown operations, many connections, hostile manifests.
+"""Fuzzing the live agentd's control socket (issues 3 and 10): malformed CBOR, wrong types,
+oversized and truncated frames, unknown operations, many connections, hostile manifests,
+and the structure-aware fuzz of ``bench/fuzz.py`` in its short form.
 
 Every frame gets an error reply with a code; after each batch agentd (same pid) still
 answers ``status`` and a running cell is still in ``ps`` with the same pid.
@@ -7,9 +8,12 @@ answers ``status`` and a running cell is still in ``ps`` with the same pid.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -17,6 +21,9 @@ import pytest
 from cellkit import SERVICES, agentd_pid, clean, ps, sh, start, timed_status
 
 from agent.core.protocol import MAX_FRAME, decode_reply, encode_request
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import fuzz  # bench/fuzz.py (its long form: `bench/run fuzz`)
 
 __all__ = ["clean"]
 
@@ -50,7 +57,8 @@ def victim(clean: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def still_fine(state: dict[str, Any]) -> None:
-    timed_status()
+    timed_status()  # agentd answers (the time is printed, not asserted: a loaded host)
+    sh("agentctl", "status")  # the CLI works too
     assert agentd_pid() == state["agentd"]
     row = ps()["fuzz-victim"]
     assert row["state"] == "running" and row["pid"] == state["pid"], row
@@ -178,3 +186,24 @@ def test_hostile_manifests_are_refused_with_a_code(victim: dict[str, Any]) -> No
         for n in (*hostile, *specials):
             (SERVICES / f"{n}.toml").unlink(missing_ok=True)
     still_fine(victim)
+
+
+def test_structure_aware_fuzz_short_form(victim: dict[str, Any]) -> None:
+    """bench/fuzz.py's messages (every family, seeded), over 4 connections, while 6
+    connections never read their replies, then a storm of 100 connections: each message
+    answered in time with the right id and an E_ code that is not E_INTERNAL, the storm
+    answered (pong or E_BUSY), agentd the same process, its RSS flat."""
+    count = int(os.environ.get("AGENT_FUZZ_N", "3000"))
+    seed = int(os.environ.get("AGENT_FUZZ_SEED", "10"))
+    services = {f.stem for f in SERVICES.glob("*.toml")}
+    fig = fuzz.run(count, pid=agentd_pid(), seed=seed, connections=4, timeout=60,
+                   cells=set(ps()), services=services, victim="fuzz-victim")
+    fuzz.print_figures(fig, seed, 4)
+    assert fig.failures == 0, "\n".join(fig.failed)
+    assert fig.messages == count and fig.pid_after == fig.pid_before == victim["agentd"]
+    assert set(fig.storm) <= {"pong", "E_BUSY"} and sum(fig.storm.values()) == 100
+    assert {"valid", "args", "shape", "cbor", "bytes", "random"} <= set(fig.families)
+    assert {"ok", "E_CBOR", "E_SHAPE", "E_ARGS", "E_UNKNOWN_OP"} <= set(fig.codes)
+    # RSS from the first tenth on (allocator and caches warm): no growth with the count
+    growth = fig.rss_kib[-1] - fig.rss_kib[1]
+    assert growth < 2048, f"agentd RSS grew {growth} KiB: {fig.rss_kib}"

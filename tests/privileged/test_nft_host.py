@@ -19,10 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.core import firewall as fw
+from agent.core import l2fw
 from agent.core.firewall import CellFw
-from agent.core.manifest import Peer
+from agent.core.manifest import EgressRule, Peer
+from agent.core.names import cell_mac
 from agent.kernel.nft import FirewallSync, Nft
 
 
@@ -84,14 +88,16 @@ def topo() -> Iterator[dict[str, Any]]:
         for ns in (router, web, client):
             sh("ip", "netns", "add", ns)
             made.append(ns)
-        for ns, vlan, addr, peer in ((web, 100, "10.77.0.2/24", "10.77.0.1"),
-                                     (client, 101, "10.77.1.2/24", "10.77.1.1")):
+        for ns, vlan, addr, peer, name in ((web, 100, "10.77.0.2/24", "10.77.0.1", "web"),
+                                           (client, 101, "10.77.1.2/24", "10.77.1.1",
+                                            "client")):
             gw = f"{BR}.{vlan}"
             sh("ip", "-n", router, "link", "add", gw, "type", "veth", "peer", "name", "eth0",
                "netns", ns)
             sh("ip", "-n", router, "addr", "add", f"{peer}/24", "dev", gw)
             sh("ip", "-n", router, "link", "set", gw, "up")
             sh("ip", "-n", ns, "addr", "add", addr, "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "address", cell_mac(name))  # as agentd
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
             sh("ip", "-n", ns, "route", "add", "default", "via", peer)
@@ -205,3 +211,52 @@ def test_errors_name_the_netns_and_nft_words(tmp_path: Path) -> None:
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     assert os.geteuid() == 0
+
+
+# -- every generated ruleset is one the kernel takes --------------------------------------
+
+NAME = st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,62}", fullmatch=True).filter(
+    lambda n: ".." not in n)
+
+
+@st.composite
+def cell_sets(draw: st.DrawFn) -> list[CellFw]:
+    names = draw(st.lists(NAME, min_size=1, max_size=4, unique=True))
+    cells = []
+    for i, name in enumerate(names):
+        vlan = draw(st.integers(100, 355))
+        peers = tuple(Peer(draw(st.sampled_from(names)), tuple(sorted(draw(st.lists(
+            st.integers(1, 65535), min_size=1, max_size=3, unique=True)))),
+            draw(st.sampled_from(["tcp", "udp"]))) for _ in range(draw(st.integers(0, 2))))
+        egress = tuple(draw(st.lists(st.builds(
+            EgressRule, st.sampled_from([None, "0.0.0.0/0", "192.168.1.0/24", "8.8.8.8/32"]),
+            st.one_of(st.none(), st.integers(1, 65535)), st.sampled_from(["tcp", "udp", "any"])),
+            max_size=2)))
+        cells.append(CellFw(name, vlan, f"10.77.{vlan - 100}.{i + 2}", peers, draw(
+            st.booleans()), egress, f"10.77.{vlan - 100}.1"))
+    return cells
+
+
+@pytest.fixture(scope="module")
+def check_ns() -> Iterator[str]:
+    ns = f"fwk-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", ns)
+    try:
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cells=cell_sets())
+def test_kernel_accepts_every_generated_ruleset(check_ns: str, cells: list[CellFw]) -> None:
+    """``nft -c`` (the kernel checks the whole transaction, nothing is applied) for the host
+    table, the layer-2 table and every cell's table, for any names the manifests allow."""
+    batches = [fw.host_ruleset(cells, "agbr0"), l2fw.l2_ruleset(cells),
+               *(fw.cell_ruleset(c, cells) for c in cells)]
+    for batch in batches:
+        r = subprocess.run(["ip", "netns", "exec", check_ns, "nft", "-c", "-j", "-f", "-"],
+                           input=fw.batch_json(batch), capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, (r.stderr[:500], [c.name for c in cells])

@@ -76,7 +76,7 @@ trap_rate = 50
         cfg.subnet_for_vlan(21)
     assert cfg.uid_range(2) == (202000, 1000)
     assert (cfg.output_rate, cfg.output_burst, cfg.trap_rate, cfg.trap_burst) == \
-        (64 << 10, 1 << 20, 50, 200)
+        (64 << 10, 1 << 20, 50, 50)
 
 
 @pytest.mark.parametrize(("data", "names", "hint"), [

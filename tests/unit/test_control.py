@@ -470,3 +470,193 @@ def test_register_rejects_bad_and_duplicate_ops(tmp_path: Path) -> None:
         d.register("ping", _crash)
     with pytest.raises(ValueError):
         d.register("Bad Op", _crash)
+
+
+# ------------------------------------------------------------------ found by the control fuzz
+# (bench/fuzz.py, issue 10): each test reproduces what the fuzzer found.
+
+
+def test_events_filters_are_bounded_and_not_cached_forever(agentd: Running) -> None:
+    """A 60 KB glob blocked the loop for seconds (its regex compile); every distinct
+    pattern stayed compiled in fnmatch's cache (32768 entries: megabytes of RSS)."""
+    import fnmatch
+
+    with agentd.client() as c:
+        for name in ("kind", "channel", "cell"):
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError) as info:
+                c.call("events", **{name: "*a" * 30000})
+            assert info.value.code == "E_ARGS" and name in info.value.message
+            assert time.monotonic() - t0 < 5  # refused before any compile (functional bound)
+        cached = fnmatch._compile_pattern.cache_info().currsize
+        for i in range(300):
+            c.call("events", kind=f"*{i:03d}*" + "x" * 40, channel="m*")
+        assert fnmatch._compile_pattern.cache_info().currsize - cached < 300
+        assert c.call("events", kind="*-features", n=5)[0]["kind"] == "kernel-features"
+        assert [e["kind"] for e in c.call("events", kind="st?rted", channel="[l-n]aster")] \
+            == ["started"]
+        assert c.call("events", kind="x" * 64) == []  # 64 characters are fine
+
+
+async def _block(peer: Peer, args: Mapping[str, Any]) -> Any:
+    time.sleep(arg(args, "s", float, 0.5) or 0.0)  # blocks the loop, as a slow op would
+    return "done"
+
+
+def test_a_burst_of_connects_while_the_loop_is_busy_is_queued(tmp_path: Path) -> None:
+    """listen(64) made the 65th connect of a burst fail at once with EAGAIN while the
+    loop was busy: agentctl said `cannot connect`.  Now every one is queued, accepted
+    and answered (pong, or E_BUSY above the connection limit)."""
+    r = start_daemon(tmp_path, lambda d: d.register("test.block", _block))
+    conns: list[socket.socket] = []
+    try:
+        blocker = r.raw()
+        blocker.send(encode_request(1, "test.block", {"s": 1.0}))
+        time.sleep(0.2)  # the loop is blocked now
+        for _ in range(150):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(10)
+            s.connect(str(r.path))  # raised BlockingIOError past the 64th
+            conns.append(s)
+        for i, s in enumerate(conns):
+            s.send(encode_request(i + 1, "ping"))
+        got = [decode_reply(s.recv(MAX_FRAME + 1)) for s in conns]
+        assert all(x.result == "pong" or (x.error and x.error.code == "E_BUSY") for x in got)
+        assert sum(1 for x in got if x.ok) >= 60
+        assert decode_reply(blocker.recv(MAX_FRAME + 1)).result == "done"
+        blocker.close()
+    finally:
+        for s in conns:
+            s.close()
+        r.stop()
+
+
+def idle(r: Running) -> None:
+    """Wait until the daemon has closed every connection (start_daemon's ping one too)."""
+    deadline = time.monotonic() + 10
+    while r.in_loop(lambda: r.daemon.server.connections):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_refused_connection_reads_its_request_into_a_small_buffer(tmp_path: Path) -> None:
+    """E_BUSY carries the id of a short request; one longer than the small buffer read
+    (a flood of refused connections must not cost 64 KiB each) is answered with id 0."""
+    r = start_daemon(tmp_path, lambda d: setattr(d.server, "max_connections", 1))
+    try:
+        idle(r)
+        with r.raw() as held:
+            assert raw_call(held, encode_request(1, "ping")).result == "pong"
+            with r.raw() as extra:
+                reply = raw_call(extra, encode_request(41, "ping"))
+                assert reply.error is not None and (reply.error.code, reply.id) == ("E_BUSY", 41)
+            with r.raw() as extra:
+                reply = raw_call(extra, encode_request(42, "ping", {"pad": "p" * 2000}))
+                assert reply.error is not None and (reply.error.code, reply.id) == ("E_BUSY", 0)
+    finally:
+        r.stop()
+
+
+def test_client_waits_while_the_backlog_is_full(tmp_path: Path) -> None:
+    """A Unix socket says EAGAIN at once when the listener's backlog is full, even to a
+    socket with a timeout: the client waits (up to its timeout), then says E_TIMEOUT."""
+    path = tmp_path / "full.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):  # fill the backlog (its size is 0 or 1 depending on the kernel)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.setblocking(False)
+            try:
+                s.connect(str(path))
+            except BlockingIOError:
+                s.close()
+                break
+            fillers.append(s)
+        t0 = time.monotonic()
+        with pytest.raises(TransportError) as info:
+            Client(path, timeout=0.3).call("ping")
+        assert info.value.code == "E_TIMEOUT" and time.monotonic() - t0 >= 0.3
+
+        def accept_later() -> None:
+            time.sleep(0.2)
+            for _ in range(len(fillers) + 1):  # the fillers first, the client last
+                conn, _ = listener.accept()
+                conn.settimeout(0.5)
+                fillers.append(conn)
+                try:
+                    if conn.recv(100):
+                        conn.send(cbor2.dumps({"v": 1, "id": 1, "ok": True,
+                                               "result": "pong"}))
+                except TimeoutError:
+                    continue
+
+        t = threading.Thread(target=accept_later, daemon=True)
+        t.start()
+        assert Client(path, timeout=5).call("ping") == "pong"
+        t.join(5)
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+def test_refused_connection_that_leaves_at_once_is_not_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A connection over the limit that sends and closes before reading its E_BUSY logged
+    a traceback (BrokenPipeError) each time: a storm of them flooded the log."""
+    r = start_daemon(tmp_path, lambda d: setattr(d.server, "max_connections", 1))
+    try:
+        idle(r)
+        with r.raw() as held:
+            assert raw_call(held, encode_request(1, "ping")).result == "pong"
+            for i in range(30):
+                s = r.raw()
+                s.send(encode_request(i + 2, "ping"))
+                s.close()
+            deadline = time.monotonic() + 10
+            while r.in_loop(lambda: r.daemon.server.connections) > 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert raw_call(held, encode_request(99, "ping")).result == "pong"
+    finally:
+        r.stop()
+    assert not [x for x in caplog.records if x.levelname == "ERROR"], caplog.text
+
+
+async def _blob(peer: Peer, args: Mapping[str, Any]) -> Any:
+    return "b" * 60_000
+
+
+def test_a_client_that_stops_reading_is_dropped(tmp_path: Path) -> None:
+    """A connection that asked for 16 big replies and never read them held them (about
+    1 MiB of agentd's memory) and its slot for good; now a reply not taken within the
+    send timeout closes it, while other clients are served all along."""
+    def configure(d: Daemon) -> None:
+        d.register("test.blob", _blob)
+        d.server.send_timeout = 0.5
+
+    r = start_daemon(tmp_path, configure)
+    try:
+        mute = r.raw()
+        mute.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for i in range(40):
+            mute.send(encode_request(i + 1, "test.blob"))
+        with r.client() as c:
+            assert c.call("ping") == "pong"
+        deadline = time.monotonic() + 10
+        while r.in_loop(lambda: r.daemon.server.connections):
+            assert time.monotonic() < deadline, "the mute connection was never dropped"
+            time.sleep(0.05)
+        got = 0
+        mute.settimeout(5)
+        while mute.recv(MAX_FRAME + 1):  # what the kernel had taken, then the end
+            got += 1
+        assert got < 40
+        mute.close()
+        with r.client() as c:
+            assert c.call("ping") == "pong"
+    finally:
+        r.stop()

@@ -84,6 +84,10 @@ def rules(batch: Sequence[dict[str, Any]]) -> list[Rule]:
                 verdict = "drop"
             elif "jump" in e:
                 verdict = "jump:" + e["jump"]["target"]
+            elif "goto" in e:
+                verdict = "goto:" + e["goto"]["target"]
+            elif "log" in e:
+                verdict = "log:" + e["log"]["prefix"]
         out.append(Rule(r["chain"], verdict, m, r.get("comment", "")))
     return out
 
@@ -106,10 +110,11 @@ def _proto_ports(r: Rule) -> tuple[str, set[int]]:
 
 
 def meaningful_accepts(batch: Sequence[dict[str, Any]]) -> list[Rule]:
-    """Every accept that is neither loopback, a reply nor the host's way in."""
+    """Every accept that is neither loopback, a reply, neighbour discovery (IPv6 on the
+    link, tests/unit/test_firewall_semantics.py) nor the host's way in."""
     return [r for r in rules(batch) if r.verdict == "accept" and "ct.state" not in r.m
             and r.m.get("iifname") != ("==", "lo") and r.m.get("oifname") != ("==", "lo")
-            and r.comment != "from the host"]
+            and r.comment not in ("from the host", "neighbour discovery")]
 
 
 def host_way_in(batch: Sequence[dict[str, Any]]) -> list[Rule]:
@@ -133,10 +138,12 @@ def test_demo_client_reaches_demo_web_8080_and_nothing_else() -> None:
     others = [r for r in meaningful_accepts(fw.host_ruleset([web, client], "agbr0"))
               if r.chain != "cell_to_cell"]
     assert others == []
-    # the chains end in a counted drop; the hooks do not touch other host traffic
+    # the chains end in a counted drop, reported first (but what comes from outside);
+    # the hooks do not touch other host traffic
     for chain in ("from_cell", "cell_to_cell", "into_cell", "cell_to_host"):
-        last = [r for r in host if r.chain == chain][-1]
-        assert last.verdict == "drop" and not last.m
+        tail = [r for r in host if r.chain == chain][-2:]
+        assert tail[-1].verdict == "drop" and not tail[-1].m
+        assert (tail[0].verdict == "jump:deny_log") == (chain != "into_cell")
     assert [r.verdict for r in host if r.chain == "forward"] == ["jump:from_cell",
                                                                  "jump:into_cell"]
 
@@ -157,10 +164,13 @@ def test_demo_cell_tables() -> None:
         assert me.gateway == me.address.rsplit(".", 1)[0] + ".1"
         chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in b
                   if "chain" in c.get("add", {})}
-        assert {n: c["policy"] for n, c in chains.items()} == {"input": "drop", "output": "drop"}
+        assert {n: c.get("policy") for n, c in chains.items()} == {
+            "input": "drop", "output": "drop", "spoof": None}
         spoof = [r for r in rules(b) if r.m.get("ip.saddr", ("",))[0] == "!="]
         assert len(spoof) == 1 and spoof[0].m["ip.saddr"][1] == me.address
-        assert spoof[0].verdict == "drop" and spoof[0].chain == "output"
+        assert spoof[0].verdict == "jump:spoof" and spoof[0].chain == "output"
+        assert [r.verdict for r in rules(b) if r.chain == "spoof"] == ["log:agent:spoof",
+                                                                       "drop"]
 
 
 def _chain(cmd: dict[str, Any]) -> str:
@@ -191,10 +201,11 @@ def test_egress_any_and_rules() -> None:
     assert a.chain == "from_cell" and a.m == {"iifname": ("==", "agbr0.110"),
                                               "ip.saddr": ("==", "10.77.10.2")}
     (o,) = [r for r in meaningful_accepts(fw.cell_ruleset(anyc, [])) if r.chain == "output"]
-    assert o.m == {}
+    assert o.m == {"nfproto": ("==", "ipv4")}  # IPv6 never leaves by egress
     got = [r.m for r in meaningful_accepts(fw.host_ruleset([listed], "br9"))]
     assert got[0]["ip.daddr"] == ("==", {"prefix": {"addr": "192.168.0.0", "len": 16}})
     assert got[0]["tcp.dport"] == ("==", 443) and got[0]["iifname"] == ("==", "br9.110")
+    assert all(g["nfproto"] == ("==", "ipv4") for g in got)
     assert got[1]["l4proto"] == ("==", {"set": ["tcp", "udp"]})
     assert got[1]["th.dport"] == ("==", 53) and "ip.daddr" not in got[1]
     assert got[2]["ip.daddr"] == ("==", "10.1.2.3")
@@ -281,7 +292,7 @@ def _permitted_pair(cells: list[CellFw], src: str, dst: str, proto: str,
 
 
 def _permitted_egress(c: CellFw, r: Rule) -> bool:
-    if c.egress_any and set(r.m) <= {"iifname", "ip.saddr"}:
+    if c.egress_any and set(r.m) <= {"iifname", "ip.saddr", "nfproto"}:
         return True
     for e in c.egress:
         want: dict[str, Any] = {}
@@ -293,7 +304,8 @@ def _permitted_egress(c: CellFw, r: Rule) -> bool:
             want[f"{e.proto}.dport"] = e.port
         elif e.proto != "any":
             want["l4proto"] = e.proto
-        got = {k: v[1] for k, v in r.m.items() if k not in ("iifname", "ip.saddr", "l4proto")
+        got = {k: v[1] for k, v in r.m.items()
+               if k not in ("iifname", "ip.saddr", "l4proto", "nfproto")
                or (k == "l4proto" and e.port is None)}
         if got == want:
             return True
@@ -404,13 +416,20 @@ def test_apply_cell_firewall_delegates_and_fails_closed() -> None:
 class FakeNft:
     applied: list[tuple[str | None, str]] = field(default_factory=list)
     fail_netns: set[str] = field(default_factory=set)
+    fail_tables: set[str] = field(default_factory=set)
+    runs: int = 0  # nft invocations
 
     def apply(self, batch: Sequence[dict[str, Any]], netns: Path | None = None) -> None:
+        self.runs += 1
         if netns is not None and netns.name in self.fail_netns:
             raise AgentError("E_NFT", f"nft apply batch in {netns}: boom")
-        table = batch[0]["add"]["table"]["name"]
-        self.applied.append((None if netns is None else netns.name, table if len(batch) > 2
-                             else f"-{table}"))
+        tables = [c["add"]["table"]["name"] for c in batch if "table" in c.get("add", {})]
+        if set(tables) & self.fail_tables:
+            raise AgentError("E_NFT", "nft apply batch: Could not process rule")
+        deleting = len(tables) == len(batch) / 2  # add+delete of each table, nothing else
+        for table in dict.fromkeys(tables):  # a table's add, delete, add: once
+            self.applied.append((None if netns is None else netns.name,
+                                 f"-{table}" if deleting else table))
 
     def delete_table(self, table: str, netns: Path | None = None) -> None:
         self.applied.append((None if netns is None else netns.name, f"-{table}"))
@@ -422,24 +441,42 @@ def test_sync_applies_only_what_changed(tmp_path: Path) -> None:
     web, client = demo_cells()
     sync.apply_cell("demo-web", fw.cell_ruleset(web, [web]))
     assert sync.refresh([web], ["demo-web"]) == []
-    assert nft.applied == [("cell-demo-web", "agent_cell"), (None, "agent_host")]
+    assert nft.applied == [("cell-demo-web", "agent_cell"), (None, "agent_host"),
+                           (None, "agent_l2")]
+    assert nft.runs == 2  # the host's two tables in one batch, one transaction
     assert sync.refresh([web], ["demo-web"]) == []  # nothing changed: no nft at all
-    assert len(nft.applied) == 2
-    # the client arrives: host table and the web cell's table (new input rule) change
+    assert len(nft.applied) == 3 and nft.runs == 2
+    # the client arrives: host tables and the web cell's table (new input rule) change
     assert sync.refresh([web, client], ["demo-web"]) == []
-    assert nft.applied[2:] == [(None, "agent_host"), ("cell-demo-web", "agent_cell")]
+    assert nft.applied[3:] == [(None, "agent_host"), (None, "agent_l2"),
+                               ("cell-demo-web", "agent_cell")]
     # a failing cell table is reported, the others go on
     nft.fail_netns.add("cell-demo-client")
     errs = sync.refresh([web, client], ["demo-web", "demo-client"])
     assert len(errs) == 1 and "demo-client" in errs[0]
-    # no cell left: the host table goes
+    # no cell left: the host's tables go
     assert sync.refresh([], []) == []
-    assert nft.applied[-1:] == [(None, "-agent_host")]
+    assert nft.applied[-2:] == [(None, "-agent_host"), (None, "-agent_l2")]
     (tmp_path / "cell-demo-web").touch()
     sync.remove_cell("demo-web")
     assert nft.applied[-1:] == [("cell-demo-web", "-agent_cell")]
     sync.remove_cell("gone")  # no netns: nothing to do
     assert nft.applied[-1:] == [("cell-demo-web", "-agent_cell")]
+
+
+def test_sync_layer2_failure_is_reported_not_raised(tmp_path: Path) -> None:
+    """A kernel without the nftables bridge family loses the layer-2 rules only: the
+    forwarding policy still goes in, and the failure comes back as an error."""
+    nft = FakeNft(fail_tables={"agent_l2"})
+    sync = FirewallSync(nft, "agbr0", lambda c: tmp_path / f"cell-{c}")  # type: ignore[arg-type]
+    web, _ = demo_cells()
+    errs = sync.refresh([web], [])
+    assert nft.applied == [(None, "agent_host")] and nft.runs == 3  # both, host, l2
+    assert len(errs) == 1 and "layer-2" in errs[0] and "agent_l2" in errs[0]
+    assert len(sync.refresh([web], [])) == 1  # tried again: not remembered as applied
+    off = FirewallSync(FakeNft(), "agbr0", lambda c: tmp_path / c, l2=False)  # type: ignore[arg-type]
+    assert off.refresh([web], []) == []
+    assert off.nft.applied == [(None, "agent_host")]  # type: ignore[attr-defined]
 
 
 def test_parse_manifest_peers_feed_the_rules() -> None:

@@ -58,7 +58,7 @@ MANIFEST = {
     "multiprocessing": "multiprocessing", "socketserver": "netserver",
     "tomllib": "tomllib", "zoneinfo": "zoneinfo", "sqlite3": "sqlite3",
     "email": "email", "xml": "xml", "unittest": "unittest", "getpass": "unixadmin",
-    "pty": "terminal", "tty": "terminal",
+    "pty": "terminal", "tty": "terminal", "unicodedata": "unicodedata",
 }
 CORE = {
     "__future__", "abc", "argparse", "array", "ast", "binascii", "bisect", "bz2",

@@ -85,4 +85,5 @@ RDEPENDS:${PN} += "nftables \
                    python3-pyroute2 \
                    python3-resource \
                    python3-tomllib \
+                   python3-unicodedata \
                    "

@@ -1,0 +1,424 @@
+"""Channel 3's service: conntrack and NFLOG sockets on agentd's loop, ``net`` events out.
+
+:class:`NetMonitor` holds, registered with the loop (``add_reader``):
+
+* the host's conntrack NEW events between cell addresses (allowed flows between cells:
+  only connections the host's rules let through are ever confirmed);
+* the host's NFLOG group (agent.core.netlog): the bridge's layer-2 drops and the
+  forwarding table's refusals;
+* one NFLOG socket in each cell's netns whose table is in place (the cell's own
+  refusals and spoofing attempts).  A new cell's socket is opened by the create plan's
+  thread as soon as its table is applied, before its service starts
+  (:meth:`NetMonitor.cell_table_applied`, a listener of
+  :class:`agent.kernel.nft.FirewallSync`), so its first packets are reported too; the
+  lifecycle events (a sink on the bus's ``lifecycle`` channel) trigger a re-sync that
+  opens what is missing (cells adopted at start) and closes the sockets of cells gone.
+
+Each callback reads at most :data:`MAX_DATAGRAMS` datagrams (a conntrack event, or an
+NFLOG batch of up to 16 packets), so a busy kernel cannot hold the loop; the rest waits
+for the next turn.  :class:`agent.monitor.net.rules.NetRules` decides; events go to the
+bus (which also limits and coalesces per cell and kind).  A socket that fails is closed,
+logged, published as ``net/monitor-failed`` (alert) and opened again after
+:data:`RETRY_S`; a receive-buffer overrun is ``net/monitor-lost`` (notice).  Nothing
+here raises into the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.core.cell import State
+from agent.core.errors import AgentError
+from agent.core.events import Event
+from agent.core.lifecycle import HOLDS_TABLE, IN_FIREWALL
+from agent.core.netlog import LOG_GROUP
+from agent.core.planner import Allocation
+from agent.kernel.nft import FirewallSync
+from agent.monitor.net import adapter
+from agent.monitor.net.rules import NetEvent, NetRules
+from agent.monitor.net.wire import iter_messages, parse_ct_new, parse_log
+
+__all__ = ["CellNet", "ManagerCells", "NetMonitor", "Opener"]
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "net"
+MAX_DATAGRAMS = 16
+RETRY_S = 30.0
+MAKING = frozenset({State.CREATING})  # its netns may hold its table (plan under way)
+
+
+@dataclass(frozen=True)
+class CellNet:
+    """A networked cell as channel 3 needs it."""
+
+    name: str
+    address: str
+    gateway: str | None
+    uid_base: int | None
+    netns: Path | None  # its pinned netns (None: not made yet, or gone)
+    table: bool = False  # the netns holds the cell's table (and its log rules)
+
+
+class Cells(Protocol):
+    def net_cells(self) -> list[CellNet]: ...
+
+
+class Readable(Protocol):
+    what: str
+    lost: int
+
+    def fileno(self) -> int: ...
+    def read(self, max_datagrams: int) -> list[bytes]: ...
+    def close(self) -> None: ...
+
+
+class Opener(Protocol):
+    """Makes the sockets (agent.monitor.net.adapter; tests pass fakes)."""
+
+    def conntrack(self, pool: IPv4Network) -> Readable: ...
+    def nflog(self, group: int, netns: Path | None) -> Readable: ...
+
+
+class KernelOpener:
+    def conntrack(self, pool: IPv4Network) -> Readable:
+        return adapter.open_conntrack(pool)
+
+    def nflog(self, group: int, netns: Path | None) -> Readable:
+        return adapter.open_nflog(group, netns)
+
+
+class _Entry(Protocol):
+    @property
+    def state(self) -> Any: ...
+    @property
+    def alloc(self) -> Allocation: ...
+
+
+class _Manager(Protocol):
+    @property
+    def cells(self) -> Mapping[str, _Entry]: ...
+
+
+class ManagerCells:
+    """:class:`Cells` over the cell manager's records (duck-typed: a monitor does not
+    import the daemon).  ``netns_path``: the cell -> pinned netns function of HostNet."""
+
+    def __init__(self, mgr: _Manager, netns_path: Callable[[str], Path]) -> None:
+        self.mgr = mgr
+        self.netns_path = netns_path
+
+    def net_cells(self) -> list[CellNet]:
+        out = []
+        for name, e in list(self.mgr.cells.items()):
+            a = e.alloc
+            if a.address is None or e.state not in IN_FIREWALL:
+                continue
+            table = e.state in HOLDS_TABLE
+            out.append(CellNet(name, str(IPv4Interface(a.address).ip), a.gateway, a.uid_base,
+                               self.netns_path(name) if table or e.state in MAKING else None,
+                               table))
+        return out
+
+
+class _Directory:
+    """agent.monitor.net.rules.Directory over one snapshot of the cells."""
+
+    def __init__(self, cells: list[CellNet]) -> None:
+        self.by_addr = {c.address: c.name for c in cells}
+        self.hosts = {c.gateway for c in cells if c.gateway}
+        self.uids = {c.name: c.uid_base for c in cells}
+
+    def cell_of(self, address: str) -> str | None:
+        return self.by_addr.get(address)
+
+    def is_host(self, address: str) -> bool:
+        return address in self.hosts
+
+    def uid_base(self, cell: str) -> int | None:
+        return self.uids.get(cell)
+
+
+@dataclass(eq=False)
+class _Source:
+    kind: str  # "ct" or "log"
+    sock: Readable
+    cell: str | None = None  # the cell whose netns it reads (None: the host's)
+    netns: Path | None = None
+    lost_seen: int = 0
+
+
+@dataclass
+class Stats:
+    events: dict[str, int] = field(default_factory=dict)
+    lost: int = 0
+    failures: int = 0
+    errors: int = 0
+
+
+class NetMonitor:
+    """See the module doc.  ``start`` once the cells are known; ``close`` at shutdown."""
+
+    def __init__(self, bus: Any, pool: IPv4Network, *, group: int = LOG_GROUP,
+                 opener: Opener | None = None, clock: Callable[[], float] = time.monotonic,
+                 **rules: Any) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.group = group
+        self.opener: Opener = opener or KernelOpener()
+        self.clock = clock
+        self.rules_kw = rules
+        self.rules = NetRules(_Directory([]), **rules)
+        self.stats = Stats()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.cells: Cells | None = None
+        self._host: dict[str, _Source] = {}  # "ct", "log"
+        self._cell: dict[str, _Source] = {}
+        self._failed: dict[str, str] = {}  # socket -> last error
+        self._timer: asyncio.TimerHandle | None = None
+        self._retry: dict[str, asyncio.TimerHandle] = {}
+        self._sync_task: asyncio.Task[None] | None = None
+        self._resync = False
+        self._closed = False
+        self._sink = self._on_lifecycle  # one bound method: the bus removes sinks by identity
+        self._firewall: FirewallSync | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop, cells: Cells,
+              firewall: FirewallSync | None = None) -> None:
+        """Open the host's sockets and the cells'; with ``firewall``, new cells' sockets
+        are opened by their create plan (see the module doc)."""
+        self.loop, self.cells = loop, cells
+        self.rules.dir = _Directory(cells.net_cells())
+        if firewall is not None:
+            firewall.on_cell_table.append(self.cell_table_applied)
+            self._firewall = firewall
+        self._open_host("ct")
+        self._open_host("log")
+        self.bus.add_sink(self._sink, all_events=True, channel="lifecycle",
+                          name="net-monitor")
+        self._schedule_sync()
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._sync_task is not None:
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+
+    def close(self) -> None:
+        self._closed = True
+        self.bus.remove_sink(self._sink)
+        if self._firewall is not None and self.cell_table_applied in \
+                self._firewall.on_cell_table:
+            self._firewall.on_cell_table.remove(self.cell_table_applied)
+        for h in [self._timer, *self._retry.values()]:
+            if h is not None:
+                h.cancel()
+        self._timer = None
+        self._retry.clear()
+        for src in [*self._host.values(), *self._cell.values()]:
+            self._remove(src)
+        self._host.clear()
+        self._cell.clear()
+
+    def status(self) -> dict[str, Any]:
+        return {"sockets": sorted(s.sock.what for s in [*self._host.values(),
+                                                        *self._cell.values()]),
+                "failed": dict(self._failed), "events": dict(self.stats.events),
+                "lost": self.stats.lost, "ignored": self.rules.ignored,
+                "errors": self.stats.errors}
+
+    # ------------------------------------------------------------------ sockets
+    def _open_host(self, kind: str) -> None:
+        self._retry.pop(kind, None)
+        if self._closed:
+            return
+        try:
+            sock = (self.opener.conntrack(self.pool) if kind == "ct"
+                    else self.opener.nflog(self.group, None))
+        except (AgentError, OSError) as exc:
+            self._failure(kind, None, exc)
+            self._retry_later(kind, lambda: self._open_host(kind))
+            return
+        self._add(_Source(kind, sock))
+
+    def _retry_later(self, key: str, fn: Callable[[], None]) -> None:
+        if self.loop is not None and not self._closed and key not in self._retry:
+            self._retry[key] = self.loop.call_later(RETRY_S, fn)
+
+    def _add(self, src: _Source) -> None:
+        assert self.loop is not None
+        (self._host if src.cell is None else self._cell)[src.cell or src.kind] = src
+        self._failed.pop(f"cell:{src.cell}" if src.cell else src.kind, None)
+        self.loop.add_reader(src.sock.fileno(), self._on_readable, src)
+
+    def _remove(self, src: _Source) -> None:
+        if self.loop is not None:
+            try:
+                self.loop.remove_reader(src.sock.fileno())
+            except (ValueError, OSError):
+                pass  # already closed
+        src.sock.close()
+
+    def _failure(self, what: str, cell: str | None, exc: BaseException) -> None:
+        self.stats.failures += 1
+        self._failed[f"cell:{cell}" if cell else what] = str(exc)
+        log.error("net monitor: %s: %s", what, exc)
+        self._emit(NetEvent(cell or "", "monitor-failed", "alert",
+                            {"socket": what, "error": str(exc)}))
+
+    # ------------------------------------------------------------------ reading
+    def _on_readable(self, src: _Source) -> None:
+        try:
+            dgrams = src.sock.read(MAX_DATAGRAMS)
+        except (AgentError, OSError) as exc:
+            self._drop_failed(src, exc)
+            return
+        now = self.clock()
+        events: list[NetEvent] = []
+        try:
+            for d in dgrams:
+                for _, _, msg in iter_messages(d):
+                    if src.kind == "ct":
+                        ct = parse_ct_new(msg)
+                        if ct is not None:
+                            events += self.rules.conntrack(ct, now)
+                    else:
+                        rec = parse_log(msg)
+                        if rec is not None:
+                            events += self.rules.log(rec, now, src.cell)
+        except Exception:  # a bug in a decision must not stop the channel
+            self.stats.errors += 1
+            log.exception("net monitor: reading %s", src.sock.what)
+        if src.sock.lost != src.lost_seen:
+            n, src.lost_seen = src.sock.lost - src.lost_seen, src.sock.lost
+            self.stats.lost += n
+            events.append(NetEvent(src.cell or "", "monitor-lost", "notice",
+                                   {"socket": src.sock.what, "overruns": n}))
+        self._publish(events)
+        self._arm()
+
+    def _drop_failed(self, src: _Source, exc: BaseException) -> None:
+        self._remove(src)
+        if src.cell is None:
+            self._host.pop(src.kind, None)
+            self._failure(src.kind, None, exc)
+            self._retry_later(src.kind, lambda: self._open_host(src.kind))
+        else:
+            self._cell.pop(src.cell, None)
+            self._failure(src.sock.what, src.cell, exc)
+            self._retry_later(f"cell:{src.cell}", lambda: self._retry_cell(src.cell or ""))
+
+    def _retry_cell(self, cell: str) -> None:
+        self._retry.pop(f"cell:{cell}", None)
+        self._schedule_sync()
+
+    def _publish(self, events: list[NetEvent]) -> None:
+        for e in events:
+            self._emit(e)
+
+    def _emit(self, e: NetEvent) -> None:
+        self.stats.events[e.kind] = self.stats.events.get(e.kind, 0) + 1
+        try:
+            self.bus.emit(CHANNEL, e.kind, cell=e.cell or None, severity=e.severity, **e.attrs)
+        except Exception:
+            self.stats.errors += 1
+            log.exception("net monitor: publishing %s", e.kind)
+
+    # ------------------------------------------------------------------ windows
+    def _arm(self) -> None:
+        if self.loop is None or self._closed:
+            return
+        due = self.rules.next_due()
+        if due is None:
+            return
+        if self._timer is not None:
+            if self._timer.when() <= self.loop.time() + max(0.0, due - self.clock()):
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_later(max(0.0, due - self.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
+            self._publish(self.rules.due(self.clock()))
+        except Exception:
+            self.stats.errors += 1
+            log.exception("net monitor: closing windows")
+        self._arm()
+
+    # ------------------------------------------------------------------ cells
+    def cell_table_applied(self, cell: str, netns: Path) -> None:
+        """A create plan applied ``cell``'s table (called in the plan's thread, before
+        the service starts): open its log socket here and hand it to the loop."""
+        loop = self.loop
+        if loop is None or self._closed or cell in self._cell:
+            return
+        try:
+            sock = self.opener.nflog(self.group, netns)
+        except (AgentError, OSError) as exc:
+            loop.call_soon_threadsafe(self._failure, f"nflog group {self.group} in {netns}",
+                                      cell, exc)
+            return
+        loop.call_soon_threadsafe(self._adopt, cell, netns, sock)
+
+    def _adopt(self, cell: str, netns: Path, sock: Readable) -> None:
+        if self._closed or cell in self._cell:
+            sock.close()
+            return
+        self._add(_Source("log", sock, cell, netns))
+
+    def _is_closed(self) -> bool:
+        return self._closed  # (read again after an await: close() may have run meanwhile)
+
+    def _on_lifecycle(self, event: Event) -> None:
+        self._schedule_sync()
+
+    def _schedule_sync(self) -> None:
+        if self.loop is None or self._closed:
+            return
+        if self._sync_task is not None and not self._sync_task.done():
+            self._resync = True
+            return
+        self._sync_task = self.loop.create_task(self._sync())
+
+    async def _sync(self) -> None:
+        """Open the log sockets of cells whose table is in place, close the others'."""
+        assert self.cells is not None
+        while not self._closed:
+            self._resync = False
+            try:
+                cells = self.cells.net_cells()
+            except Exception:
+                self.stats.errors += 1
+                log.exception("net monitor: listing cells")
+                return
+            self.rules.dir = _Directory(cells)
+            keep = {c.name: c.netns for c in cells if c.netns is not None}
+            for name, src in list(self._cell.items()):
+                if keep.get(name) != src.netns:
+                    del self._cell[name]
+                    self._remove(src)
+            want = {c.name: c.netns for c in cells if c.table and c.netns is not None}
+            for name, path in want.items():
+                if name in self._cell or path is None or f"cell:{name}" in self._retry:
+                    continue
+                try:
+                    sock = await asyncio.to_thread(self.opener.nflog, self.group, path)
+                except (AgentError, OSError) as exc:
+                    self._failure(f"nflog group {self.group} in {path}", name, exc)
+                    self._retry_later(f"cell:{name}", functools.partial(self._retry_cell, name))
+                    continue
+                if self._is_closed():
+                    sock.close()
+                    return
+                self._add(_Source("log", sock, name, path))
+            if not self._resync:
+                return

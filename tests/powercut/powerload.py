@@ -36,6 +36,19 @@ BOOT_CELLS = ("demo-web", "demo-client")  # /etc/default/agent-cells
 CELLS = ("pc-0", "pc-1", "pc-2")
 
 
+def _read_acks(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+    except (OSError, ValueError):
+        return []
+
+
+def runs_in_flight(acks: list[dict[str, Any]]) -> set[str]:
+    """As cutkit.runs_in_flight (which needs the host's qemu/ to import)."""
+    last = {a["cell"]: a for a in acks if a.get("cell")}
+    return {c for c, a in last.items() if a["op"] == "run" and a["phase"] == "sent"}
+
+
 def _ready() -> bool:
     try:
         return isinstance(call("status").get("budget"), dict)
@@ -108,9 +121,14 @@ def check(boot: int) -> None:
     at_start = {r["name"]: r["state"] for r in call("ps")}
     sh("/etc/init.d/S60agent-cells", "start", timeout=300)
 
+    # a cell whose run was in flight at the cut may have been carried out (it was admitted)
+    in_flight = runs_in_flight(_read_acks(HOST / f"acks-{boot - 1}.jsonl"))
+
     def settled() -> bool:
         rows = {r["name"]: r["state"] for r in call("ps")}
-        return rows == {n: "running" for n in BOOT_CELLS}
+        extra = {n: s for n, s in rows.items() if n not in BOOT_CELLS}
+        return {n: rows.get(n) for n in BOOT_CELLS} == {n: "running" for n in BOOT_CELLS} \
+            and set(extra) <= in_flight and set(extra.values()) <= {"running"}
 
     ok = True
     try:

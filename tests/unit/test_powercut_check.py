@@ -12,7 +12,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "powercut"))
 
-from cutkit import check_journal  # noqa: E402
+from cutkit import check_after_cut, check_journal, runs_in_flight  # noqa: E402
 
 from agent.kernel.journal import encode_record  # noqa: E402
 
@@ -73,3 +73,35 @@ def test_corruption_before_the_end_and_a_hole_in_the_sequence_are_found() -> Non
     holey = image(RECS[:2]) + image(RECS[2:], first_seq=5)
     _, _, _, problems = check_journal(holey, ACKS)
     assert any("hole in the sequence" in p for p in problems), problems
+
+
+BOOT = {"demo-web": {"state": "running"}, "demo-client": {"state": "running"}}
+
+
+def after(ps: dict[str, Any]) -> dict[str, Any]:
+    """A next boot's check report that found the cells ``ps`` (with their objects)."""
+    names = sorted(ps)
+    return {"settled": True, "journal_at_start": {"skipped_bytes": 0}, "ps": ps,
+            "cgroups": names, "netns": [f"cell-{n}" for n in names],
+            "journal": {"cells": names, "leases": names, "open_plans": []}}
+
+
+def test_after_the_cut_only_the_boot_cells_or_a_run_in_flight_may_be_there() -> None:
+    acks = [ack("pc-0", "run", "sent"), ack("pc-0", "run", "ok", {"pid": 7}),
+            ack("pc-0", "stop", "sent"), ack("pc-0", "stop", "ok"), ack("pc-0", "run", "sent"),
+            ack("pc-1", "run", "sent"), ack("pc-1", "run", "ok", {"pid": 8}),
+            ack("pc-2", "stop", "sent")]
+    assert runs_in_flight(acks) == {"pc-0"}
+    assert check_after_cut(after(BOOT), runs_in_flight(acks)) == []
+    # pc-0's run was admitted before the cut: the next agentd may carry it out
+    carried = after({**BOOT, "pc-0": {"state": "running"}})
+    assert check_after_cut(carried, runs_in_flight(acks)) == []
+    # pc-1 was running when the power went (acknowledged): it must not come back,
+    # nor pc-0 when its run was not in flight
+    for ps, in_flight in (({**BOOT, "pc-1": {"state": "running"}}, {"pc-0"}),
+                          ({**BOOT, "pc-0": {"state": "running"}}, set())):
+        problems = check_after_cut(after(ps), in_flight)
+        assert any(p.startswith("cells after the restart") for p in problems), problems
+    # a boot-time cell missing is found whatever was in flight
+    problems = check_after_cut(after({"demo-web": {"state": "running"}}), {"pc-0"})
+    assert any(p.startswith("cells after the restart") for p in problems), problems

@@ -30,7 +30,7 @@ def main() -> int:
                    "on average")
     p.add_argument("--check-every", type=int, default=100, help="compare the whole box "
                    "with its state before every N cycles")
-    p.add_argument("--journal-max", default="64K")
+    p.add_argument("--journal-max", default="96K")
     p.add_argument("--seed", type=int)
     a = p.parse_args()
     ensure_agentd()

@@ -1,7 +1,7 @@
 """Soak, short form (issue 10): 24 create/pin/destroy cycles on three cells while agentd
 is killed with SIGKILL every four cycles or so, at points chosen from the journal as it
 is written (a step of a create or destroy plan, a pin, a compaction, a lease record, a
-random moment: each kind once before any comes again); the journal is small (64 KiB) so
+random moment: each kind once before any comes again); the journal is small (96 KiB) so
 that compactions are frequent.  (24 cycles, not 100: the guest tier's time; a kill and
 the restart after it cost more than a cycle.  ``bench/run soak -n 100`` runs 100.)
 
@@ -25,7 +25,7 @@ CYCLES = 24
 
 def test_cycles_with_agentd_killed_at_chosen_points_leave_the_box_as_before(
         quiet_box: dict[str, Any]) -> None:
-    with journal_max("64K"):
+    with journal_max("96K"):
         soak = Soak(CYCLES, workers=3, kill_every=4, log=print)
         report = soak.run()
     print(f"seed {soak.seed}")

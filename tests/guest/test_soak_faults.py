@@ -158,8 +158,8 @@ def test_the_journal_bound_refuses_new_cells_and_keeps_room_for_the_others(
     for n in names:
         write_manifest(n, ["sleep", "100000"], network={"vlan": "auto"},
                        resources={"cpu_max": "500m", "memory_max": "32M", "pids_max": 8})
-    size = 40 << 10
-    with journal_max("40K"):
+    size = 80 << 10
+    with journal_max("80K"):
         admitted: list[str] = []
         refusal = ""
         for n in names:

@@ -143,13 +143,20 @@ class JournalWatch:
 
 def trigger_for(phase: str, rng: random.Random) -> Match:
     if phase in ("create", "destroy"):
-        k = rng.randint(-1, 11)  # -1: right after plan-begin; else after op-done k
+        # the first such plan to begin: right after its plan-begin, or after its op-done
+        # k, k drawn from the plan's own steps (so that the point is always reached)
+        chosen: dict[str, object] = {}
 
         def step(rec: Record | None) -> bool:
             if rec is None or not str(rec.data.get("plan", "")).startswith(phase + "-"):
                 return False
-            return (rec.t == "plan-begin" and k < 0) or (
-                rec.t == "op-done" and rec.data.get("i") == k)
+            if rec.t == "plan-begin" and not chosen:
+                ops = rec.data.get("ops")
+                k = rng.randint(-1, max(len(ops) if isinstance(ops, list) else 1, 1) - 1)
+                chosen.update(plan=rec.data["plan"], k=k)
+                return k < 0
+            return (rec.t == "op-done" and rec.data.get("plan") == chosen.get("plan")
+                    and rec.data.get("i") == chosen.get("k"))
         return step
     if phase == "pin":
         return lambda r: r is not None and r.t == "cell" and r.data.get("pin") is not None

@@ -1,5 +1,5 @@
 """Soak, short form (issue 10): 24 create/pin/destroy cycles on three cells while agentd
-is killed with SIGKILL every four cycles or so, at points chosen from the journal as it
+is killed with SIGKILL every three cycles or so, at points chosen from the journal as it
 is written (a step of a create or destroy plan, a pin, a compaction, a lease record, a
 random moment: each kind once before any comes again); the journal is small (96 KiB) so
 that compactions are frequent.  (24 cycles, not 100: the guest tier's time; a kill and
@@ -26,7 +26,7 @@ CYCLES = 24
 def test_cycles_with_agentd_killed_at_chosen_points_leave_the_box_as_before(
         quiet_box: dict[str, Any]) -> None:
     with journal_max("96K"):
-        soak = Soak(CYCLES, workers=3, kill_every=4, log=print)
+        soak = Soak(CYCLES, workers=3, kill_every=3, log=print)
         report = soak.run()
     print(f"seed {soak.seed}")
     print("\n".join(report.lines()))

@@ -31,6 +31,6 @@ def test_cycles_with_agentd_killed_at_chosen_points_leave_the_box_as_before(
     print(f"seed {soak.seed}")
     print("\n".join(report.lines()))
     assert report.cycles == CYCLES
-    assert sum(report.kills.values()) >= 4  # the kills happened
+    assert sum(report.kills.values()) >= 3  # the kills happened (4 in the runs so far)
     assert report.compactions > 0
     assert report.leaks == [], "\n\n".join(report.leaks)

@@ -717,6 +717,32 @@ def build(verbose: bool = True) -> Image:
     return Image(kernel, initrd, disk, kver, time.monotonic() - t0)
 
 
+def make_state_disk(path: Path, size_mb: int = 32) -> Path:
+    """A persistent state disk for the box (``qemu/box --state-disk``): an empty ext4
+    *with* its journal (unlike the root disk), so that a power cut leaves a file system
+    the next mount repairs, as on a box's flash partition."""
+    part = path.with_name(path.name + ".part")
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "agent-state", str(part), f"{size_mb}M"],
+        capture_output=True)
+    part.rename(path)
+    return path
+
+
+def read_from_disk(disk: Path, inner: str) -> bytes | None:
+    """The file ``inner`` of an ext4 image as the next mount would see it: a copy of the
+    image has its ext4 journal replayed (``e2fsck -fy``), then ``debugfs`` dumps the file.
+    The image itself is not touched.  None if the file does not exist."""
+    with tempfile.TemporaryDirectory(prefix="state-disk-") as tmp:
+        copy = Path(tmp) / "disk"
+        shutil.copyfile(disk, copy)
+        fsck = subprocess.run(["e2fsck", "-fy", str(copy)], capture_output=True, text=True)
+        if fsck.returncode not in (0, 1):  # 1: errors corrected (a replayed journal, orphans)
+            raise RuntimeError(f"e2fsck {disk} exited {fsck.returncode}: {fsck.stdout[-2000:]}")
+        out = Path(tmp) / "file"
+        run(["debugfs", "-R", f"dump -p {inner} {out}", str(copy)], capture_output=True)
+        return out.read_bytes() if out.exists() else None
+
+
 def prune_old(keep: Path) -> None:
     """Keep the newest few root disks only; they are 300+ MB each (a few: several work
     trees may be booting boxes from their own disks at once)."""

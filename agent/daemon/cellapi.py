@@ -186,8 +186,18 @@ class CellOps:
         return {"run": self.op_run, "stop": self.op_stop, "ps": self.op_ps,
                 "inspect": self.op_inspect, "logs": self.op_logs}
 
+    def status_journal(self) -> Any:
+        """The journal's size, bound and flash-wear and health counters (docs/journal.md)."""
+        j = None if self.manager is None or self.manager.journal is None \
+            else self.manager.journal.journal
+        if j is None:
+            return None
+        return {"path": str(j.path), "size": j.size, "max_bytes": j.max_bytes,
+                **j.stats.to_wire()}
+
     def status_fields(self) -> dict[str, Callable[[], Any]]:
-        return {"cells": self.status_cells, "budget": self.status_budget}
+        return {"cells": self.status_cells, "budget": self.status_budget,
+                "journal": self.status_journal}
 
     async def close(self) -> None:
         if self.manager is not None:

@@ -60,6 +60,7 @@ __all__ = [
     "ScanResult",
     "Snapshot",
     "encode_record",
+    "fsync_dir",
     "read_journal",
     "scan",
 ]
@@ -99,7 +100,8 @@ class JournalStats:
         return dict(vars(self))
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` durable (its entry on disk)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -149,7 +151,7 @@ class Journal:
                 self.stats.fsyncs += 1
                 self.stats.truncated_bytes = self.opened.torn_bytes
             if not existed:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         except OSError as exc:
             if self._fd is not None:
                 os.close(self._fd)
@@ -345,7 +347,7 @@ class Journal:
         self._stale = self._appended = False
         self.stats.compactions += 1
         try:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             raise KernelError.from_oserror("fsync", str(self.path.parent), exc) from exc
         self.stats.fsyncs += 1

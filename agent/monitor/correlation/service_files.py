@@ -28,6 +28,7 @@ from pathlib import Path
 import cbor2
 
 from agent.core.errors import KernelError
+from agent.kernel.journal import fsync_dir
 from agent.monitor.correlation import bundle as bnd
 
 __all__ = ["Pair", "Store", "consume", "load_keys", "peek_version", "read_pair", "stems",
@@ -165,11 +166,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -610,6 +610,11 @@ def build_demo_image(base: Path, stage: Path) -> None:
     (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
     (root / "www/index.html").write_text("<h1>hello from demo-web, a cell</h1>\n")
     (root / "tmp").chmod(0o1777)
+    # Its seal, beside it (<image>.seal, docs/exec.md): channel 1 lets its cells execute
+    # only what it lists; the writable areas are left out.
+    run([sys.executable, "-m", "agent.cli.seal", "build", str(root), "-o",
+         f"{root}.seal", "--skip", "tmp", "--skip", "data", "--skip", "run"],
+        cwd=REPO, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @dataclass
@@ -710,6 +715,32 @@ def build(verbose: bool = True) -> Image:
         prune_old(disk)
     kernel = base / "boot" / f"vmlinuz-{kver}"
     return Image(kernel, initrd, disk, kver, time.monotonic() - t0)
+
+
+def make_state_disk(path: Path, size_mb: int = 32) -> Path:
+    """A persistent state disk for the box (``qemu/box --state-disk``): an empty ext4
+    *with* its journal (unlike the root disk), so that a power cut leaves a file system
+    the next mount repairs, as on a box's flash partition."""
+    part = path.with_name(path.name + ".part")
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "agent-state", str(part), f"{size_mb}M"],
+        capture_output=True)
+    part.rename(path)
+    return path
+
+
+def read_from_disk(disk: Path, inner: str) -> bytes | None:
+    """The file ``inner`` of an ext4 image as the next mount would see it: a copy of the
+    image has its ext4 journal replayed (``e2fsck -fy``), then ``debugfs`` dumps the file.
+    The image itself is not touched.  None if the file does not exist."""
+    with tempfile.TemporaryDirectory(prefix="state-disk-") as tmp:
+        copy = Path(tmp) / "disk"
+        shutil.copyfile(disk, copy)
+        fsck = subprocess.run(["e2fsck", "-fy", str(copy)], capture_output=True, text=True)
+        if fsck.returncode not in (0, 1):  # 1: errors corrected (a replayed journal, orphans)
+            raise RuntimeError(f"e2fsck {disk} exited {fsck.returncode}: {fsck.stdout[-2000:]}")
+        out = Path(tmp) / "file"
+        run(["debugfs", "-R", f"dump -p {inner} {out}", str(copy)], capture_output=True)
+        return out.read_bytes() if out.exists() else None
 
 
 def prune_old(keep: Path) -> None:

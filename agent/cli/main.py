@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent import __version__
+from agent.cli import patternsctl
 from agent.cli import top as clitop
 from agent.cli.client import Client, ConnectError, RemoteError, TransportError
+from agent.cli.pstree import format_tree
 from agent.cli.views import (
     format_event,
     format_inspect,
@@ -88,6 +90,12 @@ def _event_args(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    if ns.persisted and ns.follow:
+        print("agentctl: error[E_USAGE]: --persisted and --follow do not go together",
+              file=sys.stderr)
+        print("hint: --persisted reads the log on flash; -f follows the live bus",
+              file=sys.stderr)
+        return EXIT_USAGE
     if ns.follow:
         client.timeout = None
         for item in client.stream("events.follow", **_event_args(ns)):
@@ -99,12 +107,39 @@ def _cmd_events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
             else:
                 print(format_event(item), file=out, flush=True)
         return EXIT_OK
-    result = client.call("events", **_event_args(ns))
+    result = client.call("events.log" if ns.persisted else "events", **_event_args(ns))
     if ns.json:
         print(json_text(result, indent=2), file=out)
     else:
         for ev in result:
             print(format_event(ev), file=out)
+    return EXIT_OK
+
+
+def _cmd_respawn(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    """Re-make the master from the installed image (docs/master.md); ``--check`` only
+    compares the installed agent with its seal."""
+    if ns.check:
+        result = client.call("respawn", check=True)
+        diffs = result.get("differences") or []
+        if ns.json:
+            print(json_text(result, indent=2), file=out)
+        elif not result.get("sealed"):
+            print("no seal installed (a development tree): nothing to check against",
+                  file=out)
+        elif not diffs:
+            print("the installed agent matches its seal", file=out)
+        else:
+            print(show(f"{len(diffs)} installed files differ from the seal:"), file=out)
+            for line in diffs:
+                print(show(f"  {text(line)}"), file=out)
+        return EXIT_ERROR if diffs else EXIT_OK
+    result = client.call("respawn")
+    if ns.json:
+        print(json_text(result, indent=2), file=out)
+    else:
+        print(show(f"agentd (pid {text(result.get('pid'))}) is re-made from the installed "
+                   "image; its cells keep running"), file=out)
     return EXIT_OK
 
 
@@ -138,6 +173,10 @@ def _cmd_stop(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_ps(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    if ns.tree:
+        d = client.call("ps", tree=ns.tree)
+        print(json_text(d, indent=2) if ns.json else "\n".join(format_tree(d)), file=out)
+        return EXIT_OK
     rows = client.call("ps")
     print(json_text(rows, indent=2) if ns.json else "\n".join(format_ps(rows)), file=out)
     return EXIT_OK
@@ -270,7 +309,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", "--kind", help="only this kind (shell pattern, e.g. 'resize*')")
     sp.add_argument("--severity", choices=("info", "notice", "alert"),
                     help="at least this severity")
+    sp.add_argument("--persisted", action="store_true",
+                    help="from the event log on flash (alerts and state changes, also of "
+                         "earlier agentd instances: a crash or a respawn)")
     sp.set_defaults(func=_cmd_events)
+    sp = sub.add_parser("respawn", parents=[common],
+                        help="re-make agentd from the installed image (cells keep running)")
+    sp.add_argument("--check", action="store_true",
+                    help="only compare the installed agent with its seal")
+    sp.set_defaults(func=_cmd_respawn)
     sp = sub.add_parser("run", parents=[common], help="create a cell for a service")
     sp.add_argument("name", help="service name (a manifest in agentd's services dir)")
     sp.add_argument("--dry-run", action="store_true",
@@ -280,6 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.set_defaults(func=_cmd_stop)
     sp = sub.add_parser("ps", parents=[common], help="one line per cell")
+    sp.add_argument("--tree", metavar="NAME", help="the process tree of cell NAME")
     sp.set_defaults(func=_cmd_ps)
     sp = sub.add_parser("inspect", parents=[common],
                         help="a cell's manifest, allocation, plan, limits, seccomp, events")
@@ -294,6 +342,7 @@ def _parser() -> argparse.ArgumentParser:
                          "and all (default: escaped, as journalctl does)")
     sp.set_defaults(func=_cmd_logs)
     clitop.add_parsers(sub, common)  # top, pin, unpin
+    patternsctl.add_parsers(sub, common)  # patterns [list|install|rollback]
     sp = sub.add_parser("checkconfig", add_help=False,
                         help="kernel features the agent uses: present, degraded, missing")
     sp.set_defaults(func=None)

@@ -69,8 +69,43 @@ def format_status(st: dict[str, Any]) -> list[str]:
         known.add("budget")
         lines += format_budget(budget)
     for key in sorted(k for k in st if k not in known):
-        lines.append(f"{text(key):<9} {text(st[key])}")
+        lines += _field_lines(text(key), st[key])
     return [show(line) for line in lines]
+
+
+def _flat(value: Any, prefix: str = "") -> list[str]:
+    """``k=v`` items of a status field: nested tables as ``k.sub=v``, lists by length
+    (``[3]``) unless short and flat."""
+    if isinstance(value, dict):
+        out: list[str] = []
+        for k, v in value.items():
+            out += _flat(v, f"{prefix}{text(k)}.") if isinstance(v, dict) else \
+                [f"{prefix}{text(k)}={_scalar(v)}"]
+        return out
+    return [f"{prefix.rstrip('.')}={_scalar(value)}" if prefix else _scalar(value)]
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, list):
+        if len(v) <= 4 and all(not isinstance(x, dict | list) for x in v):
+            return ",".join(text(x) for x in v) or "-"
+        return f"[{len(v)}]"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return text(v)
+
+
+def _field_lines(key: str, value: Any, width: int = 80) -> list[str]:
+    """One status field on as many 80-column lines as it needs: ``key  k=v k=v ...``,
+    continuation lines indented under the first value."""
+    lines, line = [], f"{key:<9}"
+    for item in _flat(value):
+        if len(line) + 1 + len(item) > width and line.strip() != key:
+            lines.append(line)
+            line = " " * 9
+        line += " " + item
+    lines.append(line)
+    return lines
 
 
 def format_budget(b: dict[str, Any]) -> list[str]:

@@ -64,6 +64,8 @@ PRIVILEGED_OPS: dict[str, str] = {
     "sysctl_net": "write net.* sysctls from the master's allow-list",
     "dvb_tuner": "open the DVB tuner/demux device nodes under /dev/dvb",
     "leds": "drive the front-panel LEDs under /sys/class/leds",
+    "memfd": "create memory-only files (memfd_create): exec protection cannot see their "
+             "execs (docs/exec.md)",
 }
 
 

@@ -222,13 +222,21 @@ FEATURES: tuple[Feature, ...] = (
         consequence="exec allow-list and signature checks are off (channel 1 sees "
         "no file events; without permission events it can alert but not block)",
         why="channel 1: exec allow-list and signature check on cell files",
-        degraded="without permission events exec checks can alert but not block",
+        degraded="no FAN_OPEN_EXEC_PERM: exec protection is report-only (FAN_OPEN_EXEC: "
+        "an unsealed or listed file runs, then exec/exec-unverified is an alert)",
     ),
     Feature(
         "proc_connector", "proc connector (process events)",
         need=("CONNECTOR", "PROC_EVENTS"),
-        consequence="process events come from polling /proc: short-lived processes are missed",
-        why="channel 2: fork/exec/exit events of cell processes",
+        consequence="no process events: channel 2 sees no fork, exec, uid change or exit "
+        "in cells (agentctl ps --tree still reads /proc)",
+        why="channel 2: fork/exec/uid/exit events of cell processes",
+    ),
+    Feature(
+        "timerfd", "timerfd (clock-set notification)",
+        need=("TIMERFD",),
+        consequence="a set of the wall clock is not reported (channel 2: host/clock-set)",
+        why="channel 2: a timerfd with TFD_TIMER_CANCEL_ON_SET wakes on every clock set",
     ),
     Feature(
         "bridge", "bridge",

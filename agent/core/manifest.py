@@ -153,6 +153,7 @@ class Manifest:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     privileges: Privileges = field(default_factory=Privileges)
     source: str = field(default="<string>", compare=False)
+    image_seal: str | None = None  # [image] seal; None: <root>.seal (docs/exec.md)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``agentctl inspect``; it is also valid manifest input."""
@@ -163,6 +164,8 @@ class Manifest:
         d["service"] = {"command": s.command, "args": list(s.args), "env": dict(s.env),
                         "workdir": s.workdir, "uid": s.uid, "gid": s.gid}
         d["image"] = {"root": self.image_root}
+        if self.image_seal is not None:
+            d["image"]["seal"] = self.image_seal
         w: list[dict[str, Any]] = [{"kind": "tmpfs", "path": t.path,
                                     "size": units.format_size(t.size), "exec": t.exec}
                                    for t in self.tmpfs]
@@ -472,12 +475,13 @@ def manifest_from_dict(data: dict[str, Any], source: str = "<string>") -> Manife
     svc_rd = top.sub("service", required=True)
     service = _service(svc_rd) if svc_rd else None
     img = top.sub("image", required=True)
-    root = None
+    root = seal = None
     if img is not None:
         root = _image_path(img, "root")
         if root == "/":
             img.error("root", "the host root cannot be an image", "point at an image directory")
             root = None
+        seal = _image_path(img, "seal", None, required=False)
         img.finish()
     tmpfs, data_dir = _writable(top, name)
     res = _resources(top.sub("resources"))
@@ -492,7 +496,8 @@ def manifest_from_dict(data: dict[str, Any], source: str = "<string>") -> Manife
     if top.problems:
         raise ManifestError("E_MANIFEST", source, top.problems)
     assert name is not None and service is not None and root is not None and res is not None
-    return Manifest(name, service, root, desc, tmpfs, data_dir, res, net, life, priv, source)
+    return Manifest(name, service, root, desc, tmpfs, data_dir, res, net, life, priv, source,
+                    seal)
 
 
 def parse_manifest(text: str, source: str = "<string>") -> Manifest:

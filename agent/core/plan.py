@@ -373,7 +373,18 @@ class Executor:
             raise PlanError(f"{msg}: {_err(exc)}", "the steps before it were undone"
                             if not undo_errors else "leftovers are for the reclaim loop",
                             plan_id=plan.id, index=i, undo_errors=undo_errors) from exc
-        self._finish(track, "plan-commit", {}, [])
+        try:
+            self._finish(track, "plan-commit", {}, [])
+        except Exception as exc:  # not committed (journal full?): a restart would undo it
+            undo_errors = self._rollback(track, list(enumerate(applied)))
+            self._finish(track, "plan-abort", {"reason": "not committed", "error": _err(exc),
+                                               "undo_errors": undo_errors}, undo_errors)
+            self._emit(self.on_plan_done, PlanEvent("plan-abort", plan.id, plan.target,
+                                                    plan.purpose, error=_err(exc)))
+            raise PlanError(f"{plan.purpose} {plan.target}: its commit was not journaled, so "
+                            f"its {len(plan.ops)} steps were undone: {_err(exc)}",
+                            "nothing is done that the journal does not record",
+                            plan_id=plan.id, undo_errors=undo_errors) from exc
         self._emit(self.on_plan_done, PlanEvent("plan-commit", plan.id, plan.target,
                                                 plan.purpose))
         return tuple(applied)

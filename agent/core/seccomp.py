@@ -37,6 +37,7 @@ from agent.core.syscallpolicy import (
     DEFAULT_DENY,
     DEFAULT_ENOSYS,
     DEFAULT_TRAP,
+    OP_ALLOWS,
     OP_SYSCALLS,
     REASONS,
     ArgRule,
@@ -111,15 +112,19 @@ class FilterSpec:
 
     @classmethod
     def for_cell(cls, ops: Iterable[str] = (), arch: str = ksys.HOST_ARCH) -> FilterSpec:
-        """Default policy plus a trap for every syscall of the granted privileged ``ops``."""
+        """Default policy plus a trap for every syscall of the granted privileged ``ops``
+        (and what ``OP_ALLOWS`` lets an op make outright: ``memfd``)."""
         extra: set[str] = set()
+        allowed: set[str] = set()
         for op in ops:
             if op not in OP_SYSCALLS:
                 raise ConfigError("E_SECCOMP", f"unknown privileged operation {op!r}",
                                   f"one of {sorted(OP_SYSCALLS)}")  # fmt: skip
             extra |= OP_SYSCALLS[op]
+            allowed |= OP_ALLOWS.get(op, frozenset())
         trap = DEFAULT_TRAP | extra
-        return cls(trap=trap, deny=DEFAULT_DENY - trap, arch=arch, enosys=DEFAULT_ENOSYS - trap)
+        return cls(trap=trap, deny=DEFAULT_DENY - trap - allowed, arch=arch,
+                   enosys=DEFAULT_ENOSYS - trap, allow=DEFAULT_ALLOW | allowed)
 
     def rule_of(self, name: str) -> ArgRule | None:
         """The argument rule that decides ``name``, if its action depends on arguments."""

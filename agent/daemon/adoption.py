@@ -62,6 +62,11 @@ class Adoption:
         for r in reports:
             self.bus.emit("master", "repaired", cell=r.target, severity="notice",
                           plan=r.plan_id, undone=list(r.undone), errors=list(r.errors))
+        # A lease is journaled before its cell's first record: agentd killed in between
+        # leaves a lease no cell holds, which would refuse the name's next run for good.
+        for cell in sorted(set(state.leases) - set(state.cells)):
+            del state.leases[cell]
+            self.bus.emit("master", "lease-dropped", cell=cell, severity="notice")
         snap = {"version": 1, "network": str(self.pool.config.network),
                 "subnet_prefix": self.pool.config.subnet_prefix,
                 "leases": [[d["cell"], d["vlan"], str(d["address"]).split("/")[0]]
@@ -83,7 +88,12 @@ class Adoption:
                 except AgentError as exc:
                     log.error("cell %s: budget not restored: %s", name, exc)
             self._adopt(e, name in repaired)
-        self.journal.compact()
+        try:
+            self.journal.compact()
+        except AgentError as exc:  # full: serve anyway; appends say what they cannot keep
+            log.error("journal not compacted at start: %s", exc)
+            self.bus.emit("master", "journal-failed", severity="alert", code=exc.code,
+                          error=exc.message)
         await self._drop_unheld_gateways()
         await self.refresh_firewall()
 

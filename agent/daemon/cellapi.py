@@ -8,6 +8,7 @@ agentd still serves and these ops answer ``E_UNAVAILABLE`` with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -16,17 +17,20 @@ from typing import Any
 
 from agent.core import seccomp
 from agent.core.cell import State
-from agent.core.errors import AgentError
+from agent.core.errors import AgentError, RefusedError
 from agent.core.logbuf import Stream
 from agent.core.planner import cgroup_limits, filter_spec
 from agent.core.protocol import Handler, Peer, arg, check_args
 from agent.daemon.cells import CellEntry
 from agent.daemon.manager import CellManager
+from agent.monitor.proc.adapter import ProcReader
+from agent.monitor.proc.rules import tree_order
 
-__all__ = ["CellOps", "inspect_cell", "ps_row"]
+__all__ = ["TREE_LIMIT", "CellOps", "inspect_cell", "process_tree", "ps_row"]
 
 log = logging.getLogger(__name__)
 _STREAMS: dict[str, Stream] = {"stdout": "stdout", "stderr": "stderr"}
+TREE_LIMIT = 256  # processes listed by ``ps --tree`` (the reply stays within one frame)
 
 
 def ps_row(mgr: CellManager, e: CellEntry) -> dict[str, Any]:
@@ -53,6 +57,22 @@ def ps_row(mgr: CellManager, e: CellEntry) -> dict[str, Any]:
     e.cpu_sample = (st.cpu_usage_usec, now)
     row.update(memory_current=st.memory_current, pids=st.pids_current)
     return row
+
+
+def process_tree(mgr: CellManager, name: str, limit: int = TREE_LIMIT) -> dict[str, Any]:
+    """``ps --tree NAME``: the cell's processes depth first (blocking reads of ``/proc``:
+    a worker thread).  The processes are those the cell's cgroup holds (one read: every
+    process, also those started before this agentd); each row is read from ``/proc``
+    (agent.monitor.proc.adapter), pids and uids as the cell sees them (``hpid``: on the
+    host).  A process that exited meanwhile is left out."""
+    e = mgr.entry(name)
+    try:
+        hpids = mgr.cgroup.procs(name)
+    except (AgentError, OSError):
+        hpids = []  # not created yet, or gone: no processes
+    rows, more = ProcReader(mgr.cgroup.pid_to_cell).tree_rows(hpids, limit)
+    return {"name": name, "state": e.state.value, "procs": tree_order(rows),
+            "truncated": more}
 
 
 def inspect_cell(mgr: CellManager, e: CellEntry) -> dict[str, Any]:
@@ -95,10 +115,17 @@ class CellOps:
         assert name is not None
         return await self._mgr().stop(name, peer.uid, peer.gid)
 
-    async def op_ps(self, peer: Peer, args: Mapping[str, Any]) -> list[dict[str, Any]]:
-        check_args(args, ())
+    async def op_ps(self, peer: Peer, args: Mapping[str, Any]) -> Any:
+        """Every cell, one row each; or with ``tree``, that cell's process tree."""
+        check_args(args, ("tree",))
+        tree = arg(args, "tree", str)
         mgr = self._mgr()
         d = mgr.policy.authorize(peer.uid, peer.gid, "ps", None, None, 0)
+        if tree is not None:
+            if not d.may_see(tree):
+                raise RefusedError("E_POLICY_SERVICE", f"service {tree!r} is not one of "
+                                   f"role {d.role.name}'s", "agentctl ps lists yours")
+            return await asyncio.to_thread(process_tree, mgr, tree)
         return [ps_row(mgr, e) for name, e in sorted(mgr.cells.items()) if d.may_see(name)]
 
     def _cell(self, peer: Peer, op: str, args: Mapping[str, Any]) -> tuple[CellManager, str]:
@@ -159,8 +186,18 @@ class CellOps:
         return {"run": self.op_run, "stop": self.op_stop, "ps": self.op_ps,
                 "inspect": self.op_inspect, "logs": self.op_logs}
 
+    def status_journal(self) -> Any:
+        """The journal's size, bound and flash-wear and health counters (docs/journal.md)."""
+        j = None if self.manager is None or self.manager.journal is None \
+            else self.manager.journal.journal
+        if j is None:
+            return None
+        return {"path": str(j.path), "size": j.size, "max_bytes": j.max_bytes,
+                **j.stats.to_wire()}
+
     def status_fields(self) -> dict[str, Callable[[], Any]]:
-        return {"cells": self.status_cells, "budget": self.status_budget}
+        return {"cells": self.status_cells, "budget": self.status_budget,
+                "journal": self.status_journal}
 
     async def close(self) -> None:
         if self.manager is not None:

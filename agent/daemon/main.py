@@ -7,7 +7,9 @@ imports another (docs/architecture.md):
 
 * at start, before the socket serves: the cell manager (:func:`build_manager`: cgroup
   backend, host network, policy, firewall, spawner, journal replay and adoption), then
-  the tuner and the reclaim loop over it (:func:`start_tuning`);
+  the tuner and the reclaim loop over it (:func:`start_tuning`), and channel 1's exec
+  monitor (:func:`wire_exec`: its spawn hook and its groups passed across a respawn);
+* after it, channel 2's process and host monitors (:func:`wire_watchers`);
 * the op handlers of each (:class:`~agent.daemon.cellapi.CellOps`,
   :class:`~agent.daemon.tunerapi.TunerOps`) and their status fields;
 * at shutdown, in reverse: the tuner and reclaim loop, then the manager (cells keep
@@ -25,7 +27,7 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,13 +39,16 @@ from agent.core.cell import State
 from agent.core.cellctx import Paths
 from agent.core.config import DEFAULT_CONFIG_PATH, LOG_LEVELS, AgentConfig, load_config
 from agent.core.errors import AgentError, ConfigError
+from agent.core.names import NETNS_PREFIX
 from agent.core.policy import Policy, load_policy
 from agent.core.protocol import Peer
+from agent.core.sandbox import SpawnSpec
 from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
 from agent.daemon.cells import ExitCallback
 from agent.daemon.history import EventHistory
+from agent.daemon.integrity import IntegrityWatch
 from agent.daemon.manager import CellManager
 from agent.daemon.reclaim import Reclaimer
 from agent.daemon.respawn import Respawner
@@ -59,15 +64,24 @@ from agent.kernel.eventlog import EventLog
 from agent.kernel.host import read_capacity, read_host_pressure
 from agent.kernel.lock import InstanceLock
 from agent.kernel.net import HostNet
+from agent.kernel.netns import NETNS_DIR
 from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
 from agent.kernel.ports import set_cell_port
+from agent.kernel.spawn import Spawned, spawn_cell
+from agent.monitor.correlation.service import CorrelationService
+from agent.monitor.correlation.service_ops import PatternOps
+from agent.monitor.correlation.settings import parse_settings
+from agent.monitor.exec.service import INHERIT_PREFIX, ExecService
+from agent.monitor.exec.settings import ExecSettings, settings_from_text
+from agent.monitor.host.service import HostMonitor
 from agent.monitor.net.service import ManagerCells, NetMonitor
+from agent.monitor.proc.service import ProcMonitor
 from agent.monitor.syscall.adapter_keeper import KeeperLink
 from agent.monitor.syscall.service import SyscallService, TrapLimits
 
 __all__ = ["build_manager", "main", "setup_logging", "start_tuning", "wire_cells",
-           "wire_syscalls"]
+           "wire_correlation", "wire_exec", "wire_syscalls", "wire_watchers"]
 
 # The installed agent's seal, written when the image was built (docs/master.md).
 AGENT_SEAL = Path("/usr/share/agent/agent.seal")
@@ -144,9 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None,
                         inherited=inherited)
         history = wire_history(daemon)
-        cells = None if ns.no_cells else wire_cells(daemon)[0]
-        wire_respawn(daemon, lock, history, cells,
-                     list(sys.argv[1:] if argv is None else argv))
+        correlation = wire_correlation(daemon)
+        execmon = None if ns.no_cells else wire_exec(daemon)
+        cells = None if ns.no_cells else wire_cells(daemon, execmon)[0]
+        if cells is not None:
+            wire_watchers(daemon, cells)
+        respawner = wire_respawn(daemon, lock, history, cells,
+                                 list(sys.argv[1:] if argv is None else argv))
+        if execmon is not None:  # its groups survive a respawn; what it read is answered
+            respawner.keep(execmon.kept)
+            respawner.flush.insert(0, execmon.flush)
+        hook_master_attack(correlation, respawner)
+        wire_integrity(daemon, respawner)
         asyncio.run(daemon.run())
     except AgentError as exc:
         log.error("%s", exc)
@@ -169,6 +192,25 @@ def wire_history(daemon: Daemon) -> EventHistory:
 
     daemon.on_shutdown(shutdown)
     return history
+
+
+def wire_correlation(daemon: Daemon, table: Mapping[str, Any] | None = None
+                     ) -> CorrelationService | None:
+    """Channel 4: the correlation engine on the bus, its pattern bundles (shipped,
+    stored, dropped in the update directory), its ops (``patterns``,
+    ``patterns.install``, ``patterns.rollback``) and its status field.  ``table``: the
+    ``[correlation]`` settings (docs/patterns.md); its start-up runs before the cell
+    manager's, so that the patterns see the manager's first events."""
+    settings = parse_settings(table, daemon.config.state_dir)
+    if not settings.enabled:
+        return None
+    svc = CorrelationService(daemon.bus, settings, policy_path=daemon.config.policy_path)
+    daemon.on_startup(svc.start)
+    daemon.on_shutdown(svc.close)
+    for op, handler in PatternOps(svc).handlers().items():
+        daemon.register(op, handler)
+    daemon.add_status("correlation", svc.status)
+    return svc
 
 
 def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
@@ -201,7 +243,59 @@ def wire_respawn(daemon: Daemon, lock: InstanceLock, history: EventHistory,
     return respawner
 
 
-def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
+def hook_master_attack(svc: CorrelationService | None, respawner: Respawner) -> None:
+    """A match of a pattern tagged ``master`` re-makes the master (design step I): on
+    the loop's next turn, once the alert is out; the respawn checks the seal first."""
+    if svc is not None:
+        svc.on_master_attack = lambda m: respawner.request(
+            "pattern", pattern=m.pattern, cells=list(m.cells))
+
+
+def wire_integrity(daemon: Daemon, respawner: Respawner) -> IntegrityWatch:
+    """The installed agent's files watched against their seal: a difference is an
+    ``agent/integrity`` alert and a respawn request (refused while the files differ:
+    tampered code is never run).  Status field ``integrity``."""
+    watch = IntegrityWatch(
+        daemon.bus, respawner.package_root / "agent", respawner.seal_path or AGENT_SEAL,
+        on_tamper=lambda bad: respawner.request(
+            "integrity", files=[f"{m.path} ({m.reason})" for m in bad[:20]]))
+    daemon.on_startup(watch.start)
+    daemon.on_shutdown(watch.close)
+    daemon.add_status("integrity", watch.status)
+    return watch
+
+
+def wire_exec(daemon: Daemon) -> ExecService | None:
+    """Channel 1, exec protection (docs/exec.md), with the settings of ``exec.toml``
+    beside the policy (defaults, enforcing, and an alert, when it is invalid; None when
+    its mode is ``off``).  The groups a previous master passed on are claimed now,
+    before anything closes what is unclaimed; the manager attaches it and starts it."""
+    path = daemon.config.policy_path.parent / "exec.toml"
+    problem = None
+    try:
+        settings = settings_from_text(path.read_text(), daemon.config.state_dir, str(path))
+    except FileNotFoundError:
+        settings = settings_from_text("", daemon.config.state_dir)
+    except (ConfigError, OSError) as exc:
+        problem = str(exc)
+        log.error("%s; channel 1 uses its defaults", exc)
+        settings = ExecSettings(signatures=daemon.config.state_dir / "exec/signatures.txt")
+    if settings.mode == "off":
+        log.warning("exec protection is off (%s)", path)
+        return None
+    inherited = {n: fd for n in daemon.inherited.names(INHERIT_PREFIX)
+                 if (fd := daemon.inherited.claim(n)) is not None}
+    svc = ExecService(daemon.bus, settings, inherited=inherited)
+    daemon.add_status("exec", svc.status)
+    daemon.on_shutdown(_closer(svc.close))
+    if problem is not None:
+        daemon.bus.emit("exec", "settings-refused", severity="alert", path=str(path),
+                        error=problem)
+    return svc
+
+
+def wire_cells(daemon: Daemon, execmon: ExecService | None = None
+               ) -> tuple[CellOps, TunerOps]:
     """Register the cell services on ``daemon``: built at start, closed at shutdown."""
     cells, tuning = CellOps(), TunerOps()
     channel2 = wire_syscalls(daemon, cells)  # first: its start-up takes back the listeners
@@ -210,7 +304,7 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
 
     async def startup() -> None:
         try:
-            cells.manager = await build_manager(daemon.config, daemon.bus,
+            cells.manager = await build_manager(daemon.config, daemon.bus, execmon,
                                                 on_listener=channel2.on_listener)
         except (AgentError, OSError) as exc:
             cells.problem = str(exc)
@@ -222,6 +316,8 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
         log.info("cell manager ready: %d cells from the journal (%d running)",
                  len(mgr.cells), running)
         start_tuning(daemon.config, mgr, tuning)
+        if execmon is not None:
+            await execmon.start()
         responder = Responder(mgr.bus, mgr, mgr.cgroup, isolate=set_cell_port)
         responder.attach()
         daemon.add_status("responses", responder.status)
@@ -239,6 +335,37 @@ def wire_cells(daemon: Daemon) -> tuple[CellOps, TunerOps]:
     for key, fn in cells.status_fields().items():
         daemon.add_status(key, fn)
     return cells, tuning
+
+
+def wire_watchers(daemon: Daemon, cells: CellOps) -> tuple[ProcMonitor, HostMonitor]:
+    """Channel 2's process and host halves (agent.monitor.proc, agent.monitor.host,
+    docs/host-monitor.md): started after the cell manager (processes are attributed
+    through its cgroup backend), closed before it; the ``proc`` and ``host`` status
+    fields.  The host monitor watches this agent's run and state dirs and netns pins as
+    its own mounts, and its bridge's links as its own links."""
+    config = daemon.config
+
+    def cell_of(pid: int) -> str | None:
+        mgr = cells.manager
+        return None if mgr is None else mgr.cgroup.pid_to_cell(pid)
+
+    procs = ProcMonitor(daemon.bus, cell_of)
+    run, state, netns = str(config.run_dir), str(config.state_dir), str(NETNS_DIR)
+    host = HostMonitor(daemon.bus, bridge=config.bridge,
+                       own_mounts=(run, run + "/", state, state + "/", netns,
+                                   netns + "/" + NETNS_PREFIX + "*"))
+
+    async def startup() -> None:
+        await host.start()
+        if cells.manager is not None:
+            await procs.start()
+
+    daemon.on_startup(startup)
+    daemon.on_shutdown(procs.close)
+    daemon.on_shutdown(host.close)
+    daemon.add_status("proc", procs.status)
+    daemon.add_status("host", host.status)
+    return procs, host
 
 
 def _closer(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
@@ -301,9 +428,11 @@ def start_tuning(config: AgentConfig, mgr: CellManager, tuning: TunerOps) -> Non
 
 
 async def build_manager(config: AgentConfig, bus: EventBus,
+                        execmon: ExecService | None = None,
                         on_listener: ListenerCallback | None = None) -> CellManager:
     """The real thing: cgroup v2 subtree (agentd moved to ``agent-master``), the bridge,
-    the policy, capacity and PSI readers, the spawner; then journal replay and adoption."""
+    the policy, capacity and PSI readers, the spawner (through the exec monitor's spawn
+    hook when there is one); then journal replay and adoption."""
     loop = asyncio.get_running_loop()
     cg = open_backend(config.cgroup_root)  # v2, or v1 on legacy BSP kernels
     if isinstance(cg, CgroupV2):
@@ -318,10 +447,12 @@ async def build_manager(config: AgentConfig, bus: EventBus,
         policy = Policy(source=str(config.policy_path))
     paths = Paths(config.state_dir, config.run_dir)
 
+    spawn: Callable[[SpawnSpec], Spawned] = spawn_cell if execmon is None else execmon.spawn
+
     def make_spawner(on_exit: ExitCallback) -> CellSpawner:
         limits = CellLimits(output_rate=config.output_rate, output_burst=config.output_burst)
         return CellSpawner(loop, paths, bus, on_exit, log_bytes=config.log_buffer_bytes,
-                           limits=limits, on_listener=on_listener)
+                           spawn=spawn, limits=limits, on_listener=on_listener)
 
     # Channels 1 and 3: each cell's own nftables table and the host's forwarding table
     # (docs/firewall.md); a create plan refuses to start a cell unfiltered without it.
@@ -329,5 +460,7 @@ async def build_manager(config: AgentConfig, bus: EventBus,
     mgr = CellManager(config, bus, policy, cgroup=cg, net=hostnet, make_spawner=make_spawner,
                       capacity=read_capacity(), pressure=read_host_pressure, firewall=firewall)
     mgr.open_journal(loop)
+    if execmon is not None:  # before start: adoption may restart a cell (a spawn)
+        execmon.attach(mgr, cg)
     await mgr.start()
     return mgr

@@ -49,7 +49,7 @@ from agent.core.lifecycle import (
 from agent.core.logbuf import LogBuffer
 from agent.core.manifest import Manifest, load_manifest
 from agent.core.names import check_cell_name
-from agent.core.plan import Executor, PlanError, PlanEvent
+from agent.core.plan import Executor, PlanEvent
 from agent.core.planner import Allocation, cell_firewall, plan_create, plan_destroy, plan_restart
 from agent.core.policy import Policy
 from agent.core.slots import SLOT_RECORD, SlotTable
@@ -60,7 +60,7 @@ from agent.kernel.cgroup import CgroupBackend
 from agent.kernel.dirs import CellDirs
 from agent.kernel.host import sigterm_caught as default_sigterm_caught
 from agent.kernel.image import check_image
-from agent.kernel.journal import Journal, LockedJournal, Record
+from agent.kernel.journal import Journal, LockedJournal, Record, encode_record
 from agent.kernel.nft import FirewallSync
 
 __all__ = ["CellManager", "ManagedSpawner"]
@@ -160,8 +160,12 @@ class CellManager(Adoption):
         e = self.cells.get(name)
         if e is None:
             return
-        e.pin = None if pin is None else dict(pin)
-        self._record("cell", e.to_record())
+        old, e.pin = e.pin, None if pin is None else dict(pin)
+        try:
+            self._record("cell", e.to_record())
+        except AgentError:
+            e.pin = old  # refused (E_JOURNAL_FULL): the caller changes nothing either
+            raise
 
     # ------------------------------------------------------------------ requests
     def load(self, name: str) -> Manifest:
@@ -218,6 +222,19 @@ class CellManager(Adoption):
         base = self.config.uid_range(slot)[0] if slot is not None else None
         return Allocation.from_lease(lease, base)
 
+    def _journal_room(self, m: Manifest, alloc: Allocation) -> None:
+        """E_JOURNAL_FULL unless the journal has room for one more cell: its record and
+        lease, and a plan in flight (records the size of its create plan's) for it and for
+        each cell there is, which may all be stopped at once (docs/journal.md)."""
+        if self.journal is None:
+            return
+        plan = plan_create(m, alloc, self.config, peers=self._fw_peers(m.name)).to_wire()
+        each = (len(encode_record("cell", 0, 0.0, {"manifest": m.to_dict()})) + 512
+                + len(encode_record("plan-begin", 0, 0.0, plan)) + 128 * len(plan["ops"]))
+        n = len(self.cells)
+        self.journal.check_room(each * (n + 1), f"cell {m.name} and a plan in flight for "
+                                f"each of the {n + 1} cells")
+
     def _refused(self, name: str, exc: AgentError) -> AgentError:
         self.bus.emit("lifecycle", "refused", cell=name, severity="notice", code=exc.code,
                       error=exc.message)
@@ -239,6 +256,12 @@ class CellManager(Adoption):
             raise self._refused(name, exc) from None
         async with self._lock(name):
             old = self.cells.get(name)
+            if old is not None and old.state in LEAVING:
+                # On its way out (a stop, or adoption after a power cut destroying a cell
+                # whose processes are gone): the boot's S60agent-cells asks for it again
+                # right then, and must get it, not E_EXISTS for a cell about to vanish.
+                await self._wait(old, lambda c: c.state in (State.DESTROYED, State.FAILED))
+                old = self.cells.get(name)
             if old is not None:
                 raise StateError("E_EXISTS", f"cell {name} exists ({old.state.value})",
                                  f"agentctl stop {name} first")
@@ -246,9 +269,15 @@ class CellManager(Adoption):
             try:
                 pressure = self.pressure()
                 alloc = self._preview(m, pressure)
+                self._journal_room(m, alloc)
                 if m.network is not None:
                     lease = self.pool.allocate(name, alloc.vlan)
                     assert str(lease.address) == alloc.address
+                    try:  # journaled before anything else is held: a refusal undoes one thing
+                        self._record("lease", lease.to_wire())
+                    except AgentError:
+                        self.pool.release(name)
+                        raise
             except AgentError as exc:
                 raise self._refused(name, exc) from None
             self.ledger.admit(Request.from_manifest(m), pressure)  # as previewed: it fits
@@ -258,8 +287,6 @@ class CellManager(Adoption):
                                                  else {"stop_grace_ms": self.grace_ms}))
             e = CellEntry(m, Cell.new(name, pol, self.clock()), alloc, slot, owner=uid)
             self.cells[name] = e
-            if lease is not None:
-                self._record("lease", lease.to_wire())
             self.post(e, Event.ADMIT)
             await self._wait(e, lambda c: c.state not in IN_FLIGHT)
             if e.state is State.FAILED or e.state is State.DESTROYED:
@@ -272,8 +299,10 @@ class CellManager(Adoption):
         self.entry(name)  # E_NOT_FOUND before a lock is made for the name: one per name kept
         async with self._lock(name):
             e = self.entry(name)
+            asked = e.cell  # a FAILED cell is stopped again: wait for the outcome of this stop
             self.post(e, Event.STOP_REQUESTED)
-            await self._wait(e, lambda c: c.state in (State.DESTROYED, State.FAILED))
+            await self._wait(e, lambda c: c.state is State.DESTROYED
+                             or (c.state is State.FAILED and c is not asked))
             if e.state is State.FAILED:
                 raise e.last_error or StateError("E_STATE", f"cell {name}: {e.cell.error}")
             return {"name": name, "state": e.state.value}
@@ -338,8 +367,11 @@ class CellManager(Adoption):
         if isinstance(ev, Exit):
             e.pid = None
         gone = forgotten(new)
-        self._record("cell-gone" if gone else "cell",
-                     {"name": e.name} if gone else e.to_record())
+        try:
+            self._record("cell-gone" if gone else "cell",
+                         {"name": e.name} if gone else e.to_record())
+        except AgentError as exc:
+            self._not_journaled(e, exc)
         plans: list[RunPlan] = []
         for eff in effects:
             if isinstance(eff, fx.Publish):
@@ -365,11 +397,25 @@ class CellManager(Adoption):
         e.drive.resolve_waiters(e.cell)
         return plans
 
+    def _not_journaled(self, e: CellEntry, exc: AgentError) -> None:
+        """The journal refused a cell's record (full, or its file system is): what it says
+        has happened or is a consequence of what was journaled (a request is journaled
+        before it is acted on: the lease, a plan's begin), so memory goes on and the
+        journal is rewritten from memory at its next append (docs/reliability.md)."""
+        assert self.journal is not None
+        self.journal.mark_stale()
+        log.error("cell %s: state %s not journaled: %s", e.name, e.state.value, exc)
+        self.bus.emit("master", "journal-failed", cell=e.name, severity="alert",
+                      code=exc.code, error=exc.message, state=e.state.value)
+
     def _release(self, e: CellEntry) -> None:
         self.ledger.release(e.name)
         if self.pool.lease(e.name) is not None:
             self.pool.release(e.name)
-            self._record("lease-free", {"cell": e.name})
+            try:
+                self._record("lease-free", {"cell": e.name})
+            except AgentError as exc:
+                self._not_journaled(e, exc)
 
     def _schedule_restart(self, e: CellEntry, eff: fx.ScheduleRestart) -> None:
         loop = asyncio.get_running_loop()
@@ -449,7 +495,7 @@ class CellManager(Adoption):
             await self._apply(e, events.start)
         try:
             undo = await asyncio.to_thread(self.executor.run, plan)
-        except PlanError as exc:
+        except AgentError as exc:  # PlanError, or the journal refused the plan's begin
             e.last_error = exc
             await self._apply(e, events.failed, exc.message)
             await self.refresh_firewall()
@@ -478,7 +524,10 @@ class CellManager(Adoption):
         self.spawner.close()
         if self.journal is not None:
             with self.journal.lock:
-                self.journal.journal.close()
+                try:
+                    self.journal.journal.close()
+                except AgentError as exc:  # buffered records only (the tuner's): not kept
+                    log.error("journal not flushed at shutdown: %s", exc)
 
 
 def _cancel(handle: asyncio.TimerHandle | None) -> None:

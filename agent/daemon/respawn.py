@@ -25,9 +25,11 @@ old master goes on serving and reports the failure.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from agent.daemon.bus import EventBus
 from agent.kernel import inherit
 from agent.kernel.seal import seal_tree
 
-__all__ = ["BOOT", "Respawner"]
+__all__ = ["BOOT", "RETRY_S", "Respawner"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 # (``-I`` drops PYTHONPATH and the current directory from the path).
 BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from agent.daemon.main import main; "
         "sys.exit(main(sys.argv[2:]))")
+RETRY_S = 10.0  # a detector's next request after an attempt that did not exec
 
 
 class Respawner:
@@ -67,6 +70,9 @@ class Respawner:
         self.interpreter = interpreter
         self._keep: list[Callable[[], Mapping[str, int]]] = []
         self.respawns = 0
+        self.requests = 0  # requests made through :meth:`request`
+        self._pending = False
+        self._last_attempt = float("-inf")
 
     def keep(self, fds: Callable[[], Mapping[str, int]]) -> None:
         """Register a source of named descriptors to pass to the next master."""
@@ -114,6 +120,31 @@ class Respawner:
             self.bus.emit("master", "respawn-failed", severity="alert", error=str(exc))
             log.error("respawn: exec failed: %s; this master goes on", exc)
 
+    def request(self, reason: str, **attrs: Any) -> bool:
+        """Ask for a respawn on the next turn of the loop (after the caller's events are
+        out), from a detector (a pattern tagged ``master``, the integrity watch).  While
+        one is pending, or within ``RETRY_S`` of an attempt that did not exec (tampered
+        files: refused), a request joins it: an attack that keeps firing costs one check,
+        not one per event.  True if this request schedules one."""
+        self.requests += 1
+        now = time.monotonic()
+        if self._pending or now - self._last_attempt < RETRY_S:
+            return False
+        self._pending = True
+
+        def attempt() -> None:
+            try:
+                self.respawn(reason, **attrs)
+            finally:  # only reached when no exec happened
+                self._pending = False
+                self._last_attempt = time.monotonic()
+
+        try:
+            asyncio.get_running_loop().call_soon(attempt)
+        except RuntimeError:  # no loop (a tool, a test): now
+            attempt()
+        return True
+
     def handlers(self) -> dict[str, Handler]:
         return {"respawn": self.op_respawn}
 
@@ -127,8 +158,6 @@ class Respawner:
             return {"sealed": bad is not None,
                     "differences": [] if bad is None else [f"{m.path} ({m.reason})"
                                                             for m in bad]}
-        import asyncio
-
         asyncio.get_running_loop().call_soon(
             lambda: self.respawn("operator", uid=peer.uid, by_pid=peer.pid))
         return {"respawning": True, "pid": os.getpid()}

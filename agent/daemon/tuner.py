@@ -449,16 +449,16 @@ class Tuner:
                     s.memory_high if memory is None else high_for(memory, t.bounds, self.config),
                     s.memory_max if memory is None else memory)
         state, actions = pin(t.state, size, t.bounds, BudgetGate(self.host.ledger.budget))
+        self.host.keep_pin(cell, _size(state.size))  # journaled first (E_JOURNAL_FULL: no pin)
         t.state = state
         self.apply(cell, actions)
-        self.host.keep_pin(cell, _size(state.size))
         self._plan(t)
         return state.size
 
     def unpin(self, cell: str) -> None:
         t = self.get(cell)
-        t.state = unpin(t.state)
         self.host.keep_pin(cell, None)
+        t.state = unpin(t.state)
         self._emit(cell, "unpin", "info")
         self._record(cell, "unpin", {})
         self._plan(t, soon=True)

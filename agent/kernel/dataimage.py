@@ -41,6 +41,7 @@ from agent.core.cellctx import DataMount
 from agent.core.datavol import IMAGE_SUFFIX, ImageUse, StateUsage
 from agent.core.errors import AgentError, KernelError, NotFoundError
 from agent.kernel import libc, loopdev
+from agent.kernel.journal import fsync_dir
 
 __all__ = ["TOOLS_PATH", "DataImages", "fs_size"]
 
@@ -120,7 +121,7 @@ class DataImages:
             finally:
                 os.close(fd)
             os.rename(tmp, req.image)
-            _fsync_dir(req.image.parent)
+            fsync_dir(req.image.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise KernelError.from_oserror("make image", str(req.image), exc) from exc
@@ -276,10 +277,3 @@ def _shift(root: Path, uid_base: int, gid_base: int, req: DataMount) -> None:
             if (uid, gid) != (st.st_uid, st.st_gid):
                 os.lchown(path, uid, gid)
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,10 +1,6 @@
 """An append-only journal of checksummed CBOR records on flash.
 
-Every record is framed as (see docs/journal.md for the byte-by-byte layout)::
-
-    magic b"\\xf7J" | version u8 | payload length u32 BE | CRC32 u32 BE | CBOR payload
-
-and the payload is a map ``{"t": type, "seq": n, "ts": time, "d": {...data}}``.
+Records are framed as :mod:`agent.kernel.journalfmt` says (docs/journal.md has the layout).
 
 * ``append(t, data, sync=True)`` writes the record and ``fdatasync``\\ s: use it for state
   changes.  ``sync=False`` keeps the record in a small user-space buffer that is written
@@ -15,28 +11,41 @@ and the payload is a map ``{"t": type, "seq": n, "ts": time, "d": {...data}}``.
   off when the journal is opened for writing.  Corruption in the middle is skipped by
   scanning for the next magic that starts a record with a valid CRC; skipped regions are
   counted and reported, never raised.
-* The file is bounded: when it would grow past ``max_bytes`` the owner's *snapshot*
-  function is asked for the current state as records, which are written to a temporary
-  file, fsynced, renamed over the journal and the directory fsynced (atomic compaction).
+* The file is bounded: when a record would take it past ``max_bytes`` the owner's
+  *snapshot* function is asked for the current state as records, which are written to a
+  temporary file, fsynced, renamed over the journal and the directory fsynced (atomic
+  compaction).  A record that still does not fit is refused (``E_JOURNAL_FULL``), and so
+  is one the file system has no room for: nothing is written, nothing written before is
+  lost, replay keeps working.  ``check_room`` lets the owner refuse new state early.
 
 Paths and the clock are parameters; the journal is not thread-safe (one event loop).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cbor2
-
 from agent.core.errors import AgentError, KernelError
+from agent.kernel.journalfmt import (
+    HEADER,
+    MAGIC,
+    MAX_PAYLOAD,
+    VERSION,
+    JournalError,
+    Record,
+    ScanResult,
+    encode_record,
+    read_journal,
+    scan,
+)
 
 __all__ = [
     "HEADER",
@@ -45,53 +54,31 @@ __all__ = [
     "VERSION",
     "Journal",
     "JournalError",
+    "JournalFullError",
     "JournalStats",
     "Record",
     "ScanResult",
     "Snapshot",
     "encode_record",
+    "fsync_dir",
     "read_journal",
     "scan",
 ]
-
-MAGIC = b"\xf7J"
-VERSION = 1
-HEADER = struct.Struct(">2sBII")  # magic, version, payload length, crc32(payload)
-MAX_PAYLOAD = 256 * 1024
 
 Snapshot = Callable[[], Iterable[tuple[str, Mapping[str, Any]]]]
 """Returns the owner's current state as ``(type, data)`` records, in replay order."""
 
 
-class JournalError(AgentError):
-    """A record cannot be journaled (not CBOR-encodable, too large)."""
+class JournalFullError(JournalError):
+    """A record was refused for want of room: the journal's bound (``errno`` None) or its
+    file system (``errno`` ENOSPC, EDQUOT or EFBIG).  Nothing was written."""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__("E_JOURNAL", message, hint)
-
-
-@dataclass(frozen=True)
-class Record:
-    """One journal record: its type ``t``, sequence number, timestamp and data map."""
-
-    t: str
-    seq: int
-    ts: float
-    data: Mapping[str, Any]
+    def __init__(self, message: str, hint: str, *, errno: int | None = None) -> None:
+        super().__init__(message, hint, code="E_JOURNAL_FULL")
+        self.errno = errno
 
 
-@dataclass
-class ScanResult:
-    """What replay found in a journal image."""
-
-    records: list[Record] = field(default_factory=list)
-    skipped: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
-    end: int = 0  # offset just past the last valid record
-    torn_bytes: int = 0  # bytes after ``end`` that form no valid record
-
-    @property
-    def skipped_bytes(self) -> int:
-        return sum(length for _, length in self.skipped)
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass
@@ -106,86 +93,15 @@ class JournalStats:
     compactions: int = 0
     truncated_bytes: int = 0  # torn tail cut off at open
     skipped_bytes: int = 0  # corrupt bytes skipped in the middle at open
+    refused: int = 0  # appends refused: bound reached, file system full, I/O error
+    rewrites: int = 0  # compactions made to resynchronise the file after a failed write
 
     def to_wire(self) -> dict[str, int]:
         return dict(vars(self))
 
 
-def encode_record(t: str, seq: int, ts: float, data: Mapping[str, Any]) -> bytes:
-    """Frame one record; raises :class:`JournalError` if it cannot be journaled."""
-    try:
-        payload = cbor2.dumps({"t": t, "seq": seq, "ts": ts, "d": dict(data)})
-    except Exception as exc:  # cbor2 raises CBOREncodeError, TypeError, ValueError...
-        raise JournalError(f"record {t!r} is not CBOR-encodable: {exc}",
-                           "journal only str, int, float, bool, None, bytes, lists and maps"
-                           ) from exc
-    if len(payload) > MAX_PAYLOAD:
-        raise JournalError(f"record {t!r} is {len(payload)} bytes, over {MAX_PAYLOAD}",
-                           "keep journal records small; store bulk data elsewhere")
-    return HEADER.pack(MAGIC, VERSION, len(payload), zlib.crc32(payload)) + payload
-
-
-def _parse_at(buf: bytes, pos: int) -> tuple[Record, int] | None:
-    """The record starting at ``pos`` and the offset after it, or None if there is none."""
-    if len(buf) - pos < HEADER.size:
-        return None
-    magic, version, length, crc = HEADER.unpack_from(buf, pos)
-    if magic != MAGIC or version != VERSION or length > MAX_PAYLOAD:
-        return None
-    start = pos + HEADER.size
-    end = start + length
-    if end > len(buf):
-        return None
-    payload = buf[start:end]
-    if zlib.crc32(payload) != crc:
-        return None
-    try:
-        obj = cbor2.loads(payload)
-    except Exception:  # a valid CRC over bytes we did not write: treat as corrupt
-        return None
-    if not isinstance(obj, dict):
-        return None
-    t, seq, ts, data = obj.get("t"), obj.get("seq"), obj.get("ts"), obj.get("d")
-    if (not isinstance(t, str) or not isinstance(seq, int) or isinstance(seq, bool)
-            or not isinstance(ts, int | float) or not isinstance(data, dict)):
-        return None
-    return Record(t, seq, float(ts), data), end
-
-
-def scan(buf: bytes) -> ScanResult:
-    """Replay a journal image: valid records, skipped corrupt regions, the torn tail."""
-    result = ScanResult()
-    pos = 0
-    while pos < len(buf):
-        parsed = _parse_at(buf, pos)
-        if parsed is not None:
-            record, pos = parsed
-            result.records.append(record)
-            result.end = pos
-            continue
-        nxt = buf.find(MAGIC, pos + 1)
-        while nxt != -1 and _parse_at(buf, nxt) is None:
-            nxt = buf.find(MAGIC, nxt + 1)
-        if nxt == -1:
-            result.torn_bytes = len(buf) - pos
-            break
-        result.skipped.append((pos, nxt - pos))
-        pos = nxt
-    return result
-
-
-def read_journal(path: str | os.PathLike[str]) -> ScanResult:
-    """Replay the journal at ``path`` without modifying it (a missing file is empty)."""
-    try:
-        buf = Path(path).read_bytes()
-    except FileNotFoundError:
-        return ScanResult()
-    except OSError as exc:
-        raise KernelError.from_oserror("read", os.fspath(path), exc) from exc
-    return scan(buf)
-
-
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` durable (its entry on disk)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -196,10 +112,11 @@ def _fsync_dir(directory: Path) -> None:
 class Journal:
     """An open journal file, appended to by one owner.
 
-    ``snapshot`` (settable later through the attribute) enables compaction; without it the
-    file is not bounded.  The snapshot must reflect every record appended so far: compaction
-    runs at the start of an ``append``, before the new record is written, so an owner that
-    updates its memory right after ``append`` returns satisfies this.
+    ``snapshot`` (settable later through the attribute) enables compaction; without it a
+    full journal refuses records.  The snapshot must reflect every record appended so
+    far: compaction runs at the start of an ``append``, before the new record is written,
+    so an owner that updates its memory right after ``append`` returns satisfies this
+    (and one that does not when ``append`` raises keeps journal and memory in step).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 1 << 20,
@@ -216,7 +133,8 @@ class Journal:
         self.stats = JournalStats()
         self._pending = bytearray()
         self._dirty = False  # written to the file but not yet fdatasync'd
-        self._threshold = max_bytes
+        self._stale = False  # a write failed half-way: rewrite the file before appending
+        self._appended = True  # records appended since the last compaction
         self._fd: int | None = None
 
         self.tmp_path.unlink(missing_ok=True)  # a compaction that crashed before its rename
@@ -233,7 +151,7 @@ class Journal:
                 self.stats.fsyncs += 1
                 self.stats.truncated_bytes = self.opened.torn_bytes
             if not existed:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         except OSError as exc:
             if self._fd is not None:
                 os.close(self._fd)
@@ -258,24 +176,90 @@ class Journal:
         return self._fd
 
     def append(self, t: str, data: Mapping[str, Any] | None = None, *, sync: bool) -> Record:
-        """Append one record; with ``sync`` it is on flash when this returns."""
+        """Append one record; with ``sync`` it is on flash when this returns.
+
+        Raises, with nothing appended and the sequence number not used: JournalError (not
+        encodable, too large), JournalFullError (no room within ``max_bytes`` even after
+        compaction, or the file system is full), KernelError (another I/O error).  After a
+        failed fdatasync the record may be in the file, unacknowledged: its sequence number
+        is used, and the next append rewrites the file from the snapshot first.
+        """
         self._require_fd()
-        if self.snapshot is not None and self.size > self._threshold:
-            self.compact()
-        record = Record(t, self._next_seq, self.clock(), dict(data or {}))
-        frame = encode_record(record.t, record.seq, record.ts, record.data)
-        self._next_seq += 1
+        d, ts = dict(data or {}), self.clock()
+        frame = encode_record(t, self._next_seq, ts, d)  # first: a bad record changes nothing
+        if self._stale and self.snapshot is not None:
+            with contextlib.suppress(AgentError):  # still stale: append after what is there
+                self.compact()
+                self.stats.rewrites += 1
+                frame = encode_record(t, self._next_seq, ts, d)
+        if self.size + len(frame) > self.max_bytes:
+            try:  # (a compaction right after one would write the same: no flash for that)
+                if self.snapshot is not None and self._appended:
+                    self.compact()
+                    frame = encode_record(t, self._next_seq, ts, d)
+                if self.size + len(frame) > self.max_bytes:
+                    raise self._bound_error(t, len(frame))
+            except AgentError:
+                self.stats.refused += 1
+                raise
+        seq = self._next_seq
         self._pending += frame
+        try:
+            if sync:
+                self.flush(sync=True)
+            elif len(self._pending) >= self.buffer_bytes:
+                self.flush(sync=False)
+        except AgentError:
+            self.stats.refused += 1
+            if self._pending.endswith(frame):  # not written: forget it, keep what came before
+                del self._pending[-len(frame):]
+            else:  # written but its fdatasync failed: the seq is taken, the file is suspect
+                self._next_seq += 1
+                self._stale = True
+            raise
+        self._next_seq += 1
+        self._appended = True
         self.stats.appends += 1
         if sync:
             self.stats.synced_appends += 1
-            self.flush(sync=True)
-        elif len(self._pending) >= self.buffer_bytes:
-            self.flush(sync=False)
-        return record
+        return Record(t, seq, ts, d)
+
+    def _bound_error(self, t: str, need: int) -> JournalFullError:
+        return JournalFullError(
+            f"journal {self.path} is full: {self.size} of its {self.max_bytes} bytes hold "
+            f"live state after compaction; record {t!r} ({need} bytes) not written",
+            "stop cells that are no longer needed, or raise [logs] journal_max in "
+            "agentd.toml")
+
+    def mark_stale(self) -> None:
+        """The owner's state moved on without its record (a refused append it could not
+        take back): the next append first rewrites the file from the snapshot."""
+        self._stale = True
+
+    def check_room(self, extra: int, what: str) -> None:
+        """Refuse (JournalFullError) new state of about ``extra`` bytes unless the live
+        state plus it fits in half of ``max_bytes``: the other half is the room that the
+        records of existing state (transitions, plans, destroys) and compaction need."""
+        live = self.live_bytes()
+        if live + extra > self.max_bytes // 2:
+            self.stats.refused += 1
+            raise JournalFullError(
+                f"journal {self.path} has no room for {what}: about {extra} bytes beside "
+                f"the {live} of the live state, over half of journal_max "
+                f"({self.max_bytes} bytes)",
+                "stop cells that are no longer needed, or raise [logs] journal_max in "
+                "agentd.toml")
+
+    def live_bytes(self) -> int:
+        """What a compaction would write now (the file's size without a snapshot)."""
+        if self.snapshot is None:
+            return self.size
+        return len(self._snapshot_blob()[0])
 
     def flush(self, *, sync: bool = True) -> None:
-        """Write buffered records; with ``sync`` also fdatasync anything written unsynced."""
+        """Write buffered records; with ``sync`` also fdatasync anything written unsynced.
+
+        On a failed write the file is cut back and the records stay buffered."""
         fd = self._require_fd()
         if self._pending:
             data = bytes(self._pending)
@@ -283,7 +267,7 @@ class Journal:
                 self._write_all(fd, data)
             except OSError as exc:
                 self._rollback(fd)
-                raise KernelError.from_oserror("write", str(self.path), exc) from exc
+                raise self._io_error("write", exc) from exc
             self._size += len(data)
             self._pending.clear()
             self._dirty = True
@@ -291,9 +275,20 @@ class Journal:
             try:
                 os.fdatasync(fd)
             except OSError as exc:
-                raise KernelError.from_oserror("fdatasync", str(self.path), exc) from exc
+                self._stale = True  # the kernel may have dropped the pages: rewrite
+                raise self._io_error("fdatasync", exc) from exc
             self.stats.fsyncs += 1
             self._dirty = False
+
+    def _io_error(self, op: str, exc: OSError) -> AgentError:
+        if exc.errno in _NO_ROOM:
+            return JournalFullError(
+                f"{op} journal `{self.path}`: {os.strerror(exc.errno or 0)} "
+                f"({errno.errorcode.get(exc.errno or 0, exc.errno)})",
+                f"free space on the file system of {self.path.parent} (df "
+                f"{self.path.parent}); agentd keeps serving and journals again when there "
+                "is room", errno=exc.errno)
+        return KernelError.from_oserror(op, str(self.path), exc)
 
     def _write_all(self, fd: int, data: bytes) -> None:
         view = memoryview(data)
@@ -304,18 +299,16 @@ class Journal:
             view = view[n:]
 
     def _rollback(self, fd: int) -> None:
-        """After a failed write, cut a partial record off so later appends stay readable."""
+        """After a failed write, cut the partial write off so later appends stay readable."""
         try:
             os.ftruncate(fd, self._size)
         except OSError:
-            pass  # replay skips the partial record anyway
-        self._pending.clear()
+            self._stale = True  # replay skips the partial record; rewrite it away later
 
     # -- compaction ----------------------------------------------------------------------
 
-    def compact(self) -> None:
-        """Replace the journal by the owner's snapshot, atomically."""
-        old_fd = self._require_fd()
+    def _snapshot_blob(self) -> tuple[bytes, int]:
+        """The compacted journal's bytes and its number of records."""
         if self.snapshot is None:
             raise JournalError(f"journal {self.path} has no snapshot function",
                                "set Journal.snapshot before compacting")
@@ -325,7 +318,12 @@ class Journal:
                                 ts, {"records": len(items), "after_seq": self._next_seq - 1})]
         for i, (t, data) in enumerate(items, start=1):
             frames.append(encode_record(t, self._next_seq + i, ts, data))
-        blob = b"".join(frames)
+        return b"".join(frames), len(frames)
+
+    def compact(self) -> None:
+        """Replace the journal by the owner's snapshot, atomically."""
+        old_fd = self._require_fd()
+        blob, count = self._snapshot_blob()
         fd = -1
         try:
             fd = os.open(self.tmp_path,
@@ -338,18 +336,18 @@ class Journal:
             if fd >= 0:
                 os.close(fd)
             self.tmp_path.unlink(missing_ok=True)
-            raise KernelError.from_oserror("compact", str(self.path), exc) from exc
+            raise self._io_error("compact", exc) from exc
         # The new file is in place: from here on, append to it whatever happens.
-        self._next_seq += len(frames)
+        self._next_seq += count
         os.close(old_fd)
         self._fd = fd
         self._size = len(blob)
         self._pending.clear()  # the snapshot covers the buffered records
         self._dirty = False
-        self._threshold = max(self.max_bytes, 2 * len(blob))
+        self._stale = self._appended = False
         self.stats.compactions += 1
         try:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             raise KernelError.from_oserror("fsync", str(self.path.parent), exc) from exc
         self.stats.fsyncs += 1
@@ -357,10 +355,12 @@ class Journal:
     # -- reading and closing -------------------------------------------------------------
 
     def replay(self) -> Iterator[Record]:
-        """The valid records in the file now (buffered records are written first)."""
-        if self._fd is not None:
-            self.flush(sync=False)
-        return iter(read_journal(self.path).records)
+        """The valid records in the file now, then the buffered ones (nothing is written:
+        replay works on a full file system too)."""
+        records = read_journal(self.path).records
+        if self._pending:
+            records += scan(bytes(self._pending)).records
+        return iter(records)
 
     def close(self) -> None:
         """Write and fdatasync buffered records, then close."""
@@ -411,3 +411,11 @@ class LockedJournal:
     def compact(self) -> None:
         with self.lock:
             self.journal.compact()
+
+    def mark_stale(self) -> None:
+        with self.lock:
+            self.journal.mark_stale()
+
+    def check_room(self, extra: int, what: str) -> None:
+        with self.lock:
+            self.journal.check_room(extra, what)

@@ -23,6 +23,7 @@ from agent.core.kconfig import (
     parse_config_gz,
 )
 from agent.kernel.cgroupdetect import detect
+from agent.kernel.fanotify import permission_events
 
 __all__ = ["PROBES", "check", "load_config"]
 
@@ -152,9 +153,15 @@ def _probe_seccomp_notify(root: Path, release: str) -> Probe:
 
 
 def _probe_fanotify(root: Path, release: str) -> Probe:
-    if _p(root, "/proc/sys/fs/fanotify").is_dir():
+    if not _p(root, "/proc/sys/fs/fanotify").is_dir():
+        return Probe(None, "no /proc/sys/fs/fanotify (kernel older than 5.13 or no FANOTIFY)")
+    if root != Path("/"):
         return Probe(True)
-    return Probe(None, "no /proc/sys/fs/fanotify (kernel older than 5.13 or no FANOTIFY)")
+    perm = permission_events()  # a throw-away group: the running kernel only
+    if perm is False:
+        return Probe(True, "no permission events (CONFIG_FANOTIFY_ACCESS_PERMISSIONS): "
+                     "exec protection is report-only", partial=True)
+    return Probe(True, "" if perm else "permission events not checked (needs root)")
 
 
 def _probe_module(name: str, kpath: str) -> Callable[[Path, str], Probe]:

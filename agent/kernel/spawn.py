@@ -24,6 +24,7 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.core.errors import ConfigError, KernelError
@@ -48,6 +49,8 @@ _HINTS = {
     ("mount", errno.EACCES): "with a user namespace, the mapped uid must be able to reach the path",
     ("execve", errno.ENOENT): "is the command in the image (absolute path or PATH)?",
     ("execve", errno.EACCES): "not executable, or on a noexec mount",
+    ("execve", errno.EPERM): "refused by the exec monitor (is it in the image's seal?) or "
+                             "the seccomp filter: agentctl events shows which",
 }
 # AGENT_SPAWN_TRACE=1 in agentd's environment: the child reports a CLOCK_MONOTONIC
 # timestamp per step over the status pipe and the parent logs them (docs/performance.md).
@@ -120,8 +123,10 @@ def _reap(pid: int) -> None:
 class _Handshake:
     """agentd's side of :mod:`agent.core.handshake` for one spawn."""
 
-    def __init__(self, spec: SpawnSpec, inter: int, sync_w: int, t_fork: int) -> None:
+    def __init__(self, spec: SpawnSpec, inter: int, sync_w: int, t_fork: int,
+                 on_root: Callable[[int], None] | None = None) -> None:
         self.spec, self.inter, self.sync_w = spec, inter, sync_w
+        self.on_root = on_root
         self.phase = Phase.STARTED
         self.cell: int | None = None  # pid 1's host pid
         self.pidfd: int | None = None
@@ -138,7 +143,9 @@ class _Handshake:
                 assert self.spec.cgroup_path is not None and self.cell is not None
                 _write(f"{self.spec.cgroup_path}/cgroup.procs", str(self.cell),
                        "does the cell's cgroup exist?")
-        except KernelError:
+                if self.on_root is not None:  # its root is built; it waits: nothing ran
+                    self.on_root(self.cell)
+        except Exception:
             os.write(self.sync_w, SYNC_FAIL)
             raise
         os.write(self.sync_w, SYNC_OK)
@@ -222,13 +229,21 @@ def _receive_listener(psock: socket.socket) -> int:
     return fds[0]
 
 
-def spawn_cell(spec: SpawnSpec) -> Spawned:
+def spawn_cell(spec: SpawnSpec, *, on_root: Callable[[int], None] | None = None) -> Spawned:
     """Create the namespaces and exec the cell's first process; see the module doc.
+
+    ``on_root(pid)`` is called with pid 1's host pid once pid 1 has built its root and
+    joined its cgroup (the ``CGROUP`` step), before it may exec: the exec monitor marks
+    the cell's mounts there.  If it raises, pid 1 is told to exit and the spawn fails.
+    It needs a ``cgroup_path`` (that step).
 
     Raises ConfigError for a bad spec and KernelError naming the failed step; on failure
     every process created here is killed and reaped (the mounts lived in the cell's own
     mount namespace and vanish with it)."""
     plan = _plan(spec)
+    if on_root is not None and not spec.cgroup_path:
+        raise ConfigError("E_SPAWN", "on_root needs a cgroup_path (the CGROUP step)",
+                          "give the cell a cgroup")
     libc.set_child_subreaper(True)
     status_r, status_w = (_high(fd) for fd in os.pipe2(os.O_CLOEXEC))
     sync_r, sync_w = (_high(fd) for fd in os.pipe2(os.O_CLOEXEC))
@@ -242,7 +257,7 @@ def spawn_cell(spec: SpawnSpec) -> Spawned:
     os.close(status_w)
     os.close(sync_r)
     csock.close()
-    hs = _Handshake(spec, inter, sync_w, t_fork)
+    hs = _Handshake(spec, inter, sync_w, t_fork, on_root)
     listener: int | None = None
     inter_alive = True
     try:

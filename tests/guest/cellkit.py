@@ -25,6 +25,7 @@ runs in the box.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -41,6 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from agent.core.seal import Seal
+from agent.kernel.seal import seal_tree
+
 if TYPE_CHECKING:
     from agent.kernel.cgroupv2 import CgroupV2
 
@@ -53,6 +57,7 @@ __all__ = [
     "PROBE_LIB",
     "RUN_CELLS",
     "SERVICES",
+    "WRITABLE",
     "agentd_pid",
     "agentd_userns",
     "call",
@@ -78,6 +83,7 @@ __all__ = [
     "refused",
     "restart_agentd",
     "run_until_gone",
+    "seal_image",
     "sh",
     "start",
     "start_probe",
@@ -100,6 +106,9 @@ SERVICES = Path("/etc/agent/services")
 JOURNAL = Path("/var/lib/agent/agent.journal")
 CONFIG = Path("/etc/agent/agentd.toml")
 DEMO = "/usr/share/agent/images/demo"
+# S50agentd start waits up to 120 s (its START_WAIT) for agentd to answer, then returns
+# saying it is still starting: more than that before the script itself is a hang.
+START_S = 150
 PYIMG = Path("/var/lib/agent-tests/pyimage")
 
 # Imported by every probe (python3 -S inside the cell): exact syscalls, errno names.
@@ -219,7 +228,7 @@ def up() -> bool:
 
 def ensure_agentd() -> None:
     if not up():
-        sh("/etc/init.d/S50agentd", "start")
+        sh("/etc/init.d/S50agentd", "start", timeout=START_S)
         wait_for(up, "agentd ping", timeout=60)
 
 
@@ -234,7 +243,7 @@ def restart_agentd() -> None:
     """Stop agentd (asked again until it is down), start it, and wait until it answers
     and its cell manager is up (``status`` has a budget): it reads its config anew."""
     wait_for(_stopped, "agentd to stop", timeout=60, every=1)
-    sh("/etc/init.d/S50agentd", "start")
+    sh("/etc/init.d/S50agentd", "start", timeout=START_S)
     wait_for(up, "agentd ping", timeout=60)
     wait_for(lambda: isinstance(call("status").get("budget"), dict), "the cell manager",
              timeout=60)
@@ -281,7 +290,7 @@ def kill9_agentd() -> int:
 
 def kill9_and_restart() -> None:
     kill9_agentd()
-    sh("/etc/init.d/S50agentd", "start")
+    sh("/etc/init.d/S50agentd", "start", timeout=START_S)
     wait_for(up, "agentd restarted", timeout=60)
 
 
@@ -435,6 +444,8 @@ def manifest_text(name: str, args: list[str], *, command: str = "/bin/busybox",
 
 
 def write_manifest(name: str, args: list[str], **kw: Any) -> Path:
+    image = str(kw.get("image", DEMO))
+    seal_image(image, again=("probes",) if image == str(PYIMG) else ())
     path = SERVICES / f"{name}.toml"
     path.write_text(manifest_text(name, args, **kw))
     return path
@@ -458,8 +469,50 @@ def py_image() -> str:
     (tmp / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (tmp / "etc/group").write_text("root:x:0:\n")
     (tmp / "probes/probelib.py").write_text(PROBE_LIB)
+    seal_image(str(tmp), f"{PYIMG}.seal")
     tmp.rename(PYIMG)
     return str(PYIMG)
+
+
+WRITABLE = ("tmp", "data", "run")
+
+
+def seal_image(image: str, seal: str | None = None, *, skip: tuple[str, ...] = WRITABLE,
+               again: tuple[str, ...] = ()) -> str:
+    """Seal a test image as a firmware build does (``agent-seal build``, docs/exec.md):
+    channel 1 refuses to start a cell whose image has no seal, and runs only what it
+    lists.  Sealed when there is no seal or a file changed since; ``again``: folders
+    re-sealed every time, the rest kept (py_image's probes, written per test).  The seal
+    file's path."""
+    root, out = Path(image), Path(seal or image.rstrip("/") + ".seal")
+    if out.exists() and again:
+        old = Seal.parse(out.read_text(), str(out)).entries.values()
+        entries = [e for e in old if not any(e.path == a or e.path.startswith(a + "/")
+                                             for a in again)]
+        for a in again:
+            entries += [dataclasses.replace(e, path=f"{a}/{e.path}")
+                        for e in seal_tree(root / a).entries.values()]
+        new = Seal.of(entries)
+    elif out.exists() and not _changed_since(root, out.stat().st_mtime, skip):
+        return str(out)
+    else:
+        new = seal_tree(root, skip=skip)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(new.text())
+    os.replace(tmp, out)
+    return str(out)
+
+
+def _changed_since(root: Path, when: float, skip: tuple[str, ...]) -> bool:
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel == ".":
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        for n in filenames:
+            st = os.lstat(os.path.join(dirpath, n))
+            if st.st_mtime >= when:
+                return True
+    return False
 
 
 def run_until_gone(name: str, timeout: float = 60) -> list[str]:

@@ -35,7 +35,9 @@ def _guest_record(report: pytest.TestReport) -> dict[str, Any] | None:
     if report.when == "call" or report.outcome != "passed":
         rec: dict[str, Any] = {"nodeid": report.nodeid, "when": report.when,
                                "outcome": report.outcome, "duration": report.duration}
-        if report.skipped and isinstance(report.longrepr, tuple):
+        if hasattr(report, "wasxfail"):  # xfail(strict) scenarios of what is to come
+            rec["xfail"] = str(report.wasxfail) or "expected to fail"
+        elif report.skipped and isinstance(report.longrepr, tuple):
             rec["reason"] = str(report.longrepr[2]).removeprefix("Skipped: ")
         elif report.failed:
             rec["longrepr"] = report.longreprtext
@@ -75,6 +77,9 @@ class GuestProxy(pytest.Item):
         for rec in recs:
             if rec["outcome"] == "failed":
                 raise GuestFailure(f"[in the box, {rec['when']}]\n{rec.get('longrepr', '')}")
+        for rec in recs:
+            if "xfail" in rec:
+                pytest.xfail(f"in the box: {rec['xfail']}")
         for rec in recs:
             if rec["outcome"] == "skipped":
                 pytest.skip(f"in the box: {rec.get('reason', '')}")

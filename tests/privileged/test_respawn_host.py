@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli.client import Client, ConnectError, RemoteError, TransportError
+from agent.cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,8 @@ def _call(sock: Path, op: str, **args: object) -> object:
             time.sleep(0.05)
 
 
-def test_respawn_keeps_pid_lock_and_socket_and_records_itself(tmp_path: Path) -> None:
+def test_respawn_keeps_pid_lock_and_socket_and_records_itself(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('[[identity]]\nuid = 0\nrole = "admin"\n'
                       '[role.admin]\nservices = ["*"]\nmay = ["*"]\nprivileged_ops = []\n')
@@ -71,6 +73,12 @@ def test_respawn_keeps_pid_lock_and_socket_and_records_itself(tmp_path: Path) ->
             env={**os.environ, "PYTHONPATH": str(REPO)})
         assert second.returncode == 1 and "E_BUSY" in second.stderr + second.stdout
         assert "respawned: inherited lock, control" in log.read_text()
+        # the same through agentctl: the respawn as persisted, and the seal check
+        rc = main(["--socket", str(sock), "events", "--persisted", "--kind", "respawn"])
+        shown = capsys.readouterr().out
+        assert rc == 0 and " master " in shown and "respawn" in shown and "operator" in shown
+        rc = main(["--socket", str(sock), "respawn", "--check"])
+        assert rc == 0 and "no seal installed" in capsys.readouterr().out  # a source tree
     finally:
         proc.terminate()
         proc.wait(20)

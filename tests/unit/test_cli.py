@@ -94,6 +94,10 @@ def test_ping_and_events(agentd: Agentd, capsys: pytest.CaptureFixture[str]) -> 
     assert all(len(line) <= 80 for line in out.splitlines())
     rc, out, _ = run(capsys, "--socket", sock, "events", "--kind", "nomatch*")
     assert rc == 0 and out == ""
+    rc, out, err = run(capsys, "--socket", sock, "events", "--persisted", "-f")
+    assert rc == 2 and "E_USAGE" in err and out == ""
+    rc, out, _ = run(capsys, "--socket", sock, "--json", "events", "--persisted", "-n", "5")
+    assert rc == 0 and isinstance(json.loads(out), list)
 
 
 def test_whoami_reports_the_calling_process(agentd: Agentd) -> None:
@@ -277,3 +281,17 @@ def test_status_budget_is_formatted_not_raw_json() -> None:
     assert not any("{" in line for line in lines)
     # an unexpected shape is still shown, raw
     assert any(line.startswith("budget    ") for line in format_status({"budget": "n/a"}))
+
+
+def test_status_tables_are_key_values_wrapped_not_raw_json() -> None:
+    st = {"proc": {"events": 12345, "lost": 0, "cache": {"pids": 40, "misses": 3},
+                   "wakeups": 123456, "slices": 77, "cells": ["a", "b"],
+                   "many": list(range(9)), "rate": 0.25, "extra": "x" * 30}}
+    lines = format_status(st)
+    at = next(i for i, x in enumerate(lines) if x.startswith("proc "))
+    block = lines[at:]
+    assert block[0].startswith("proc      events=12345 lost=0 cache.pids=40 cache.misses=3")
+    assert len(block) >= 2 and all(x.startswith(" " * 10) for x in block[1:])
+    joined = " ".join(block)
+    assert "cells=a,b" in joined and "many=[9]" in joined and "rate=0.25" in joined
+    assert all(len(x) <= 80 for x in lines) and not any("{" in x for x in lines)

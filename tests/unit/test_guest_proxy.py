@@ -54,6 +54,17 @@ def test_fails():
 @pytest.mark.skipif(True, reason="needs a feature the box lacks")
 def test_skipped():
     pass
+
+class Missing(AssertionError):
+    pass
+
+@pytest.mark.xfail(strict=True, raises=Missing, reason="waits for channel 9")
+def test_pending():
+    raise Missing("not yet")
+
+@pytest.mark.xfail(strict=True, raises=Missing, reason="waits for channel 8")
+def test_landed():
+    pass
 '''
 
 
@@ -84,7 +95,7 @@ def host_run(project: Path, **env: str) -> subprocess.CompletedProcess[str]:
 def test_guest_outcomes_are_the_host_outcomes(project: Path) -> None:
     r = host_run(project)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "1 failed, 1 passed, 1 skipped" in r.stdout
+    assert "2 failed, 1 passed, 1 skipped, 1 xfailed" in r.stdout
     assert "PASSED tests/guest/test_example.py::test_passes" in r.stdout
     assert "FAILED tests/guest/test_example.py::test_fails" in r.stdout
     # The guest's own traceback and message are shown on the host.
@@ -92,18 +103,22 @@ def test_guest_outcomes_are_the_host_outcomes(project: Path) -> None:
     assert "the box says no" in r.stdout
     assert "value = 41" in r.stdout
     assert "in the box: needs a feature the box lacks" in r.stdout
+    assert "XFAIL tests/guest/test_example.py::test_pending - in the box: waits for " \
+        "channel 9" in r.stdout
+    assert "FAILED tests/guest/test_example.py::test_landed" in r.stdout  # it came: XPASS
+    assert "[XPASS(strict)] waits for channel 8" in r.stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the proxy skips the tier when not root")
 def test_box_that_reports_nothing_fails_every_guest_test(project: Path) -> None:
     r = host_run(project, FAKE_BOX_CRASH="1")
     assert r.returncode == 1
-    assert "3 failed" in r.stdout
+    assert "5 failed" in r.stdout
     assert "not run in the box: guest pytest exited with status 125" in r.stdout
 
 
 def test_skip_switch(project: Path) -> None:
     r = host_run(project, AGENT_SKIP_GUEST="1")
     assert r.returncode == 0, r.stdout
-    assert "3 skipped" in r.stdout
+    assert "5 skipped" in r.stdout
     assert "guest tier skipped (AGENT_SKIP_GUEST=1)" in r.stdout

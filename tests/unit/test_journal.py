@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import zlib
 from collections.abc import Iterator, Mapping
@@ -18,6 +20,7 @@ from agent.kernel.journal import (
     MAGIC,
     Journal,
     JournalError,
+    JournalFullError,
     Record,
     encode_record,
     read_journal,
@@ -204,7 +207,7 @@ def test_crash_before_rename_leaves_old_file_intact(tmp_path: Path,
     kv = KV()
     j = Journal(path, max_bytes=4096, snapshot=kv.snapshot)
     i = 0
-    while j.size <= 4096:
+    while j.size + 64 <= 4096:  # fill up to just under the bound
         kv.apply(j.append("set", {"k": f"c{i % 5}", "v": i}, sync=True))
         i += 1
     before = path.read_bytes()
@@ -212,8 +215,8 @@ def test_crash_before_rename_leaves_old_file_intact(tmp_path: Path,
     def crash(src: Any, dst: Any) -> None:
         raise Crash
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(Crash):
-        j.append("set", {"k": "late", "v": -1}, sync=True)
+    with pytest.raises(Crash):  # does not fit: compaction first, killed before its rename
+        j.append("set", {"k": "late", "v": -1, "pad": "x" * 64}, sync=True)
     monkeypatch.undo()
     assert (tmp_path / "j.tmp").exists()  # the half-done snapshot
     assert path.read_bytes() == before
@@ -238,9 +241,10 @@ def test_compaction_keeps_working_after_a_failed_snapshot_write(
     def enospc(src: Any, dst: Any) -> None:
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "replace", enospc)
-    with pytest.raises(KernelError) as ei:
+    with pytest.raises(JournalFullError) as ei:
         j.compact()
     assert ei.value.errno == 28 and "compact" in ei.value.message
+    assert ei.value.code == "E_JOURNAL_FULL"
     monkeypatch.setattr(os, "replace", real_replace)
     assert not (tmp_path / "j.tmp").exists()
     kv.apply(j.append("set", {"k": "b", "v": 2}, sync=True))
@@ -298,3 +302,191 @@ def test_open_failure_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(KernelError) as ei:
         Journal(tmp_path / "missing-dir" / "j")
     assert "missing-dir" in ei.value.message
+
+
+# -- refusals: the bound, a full file system, a failed fdatasync ---------------------------
+
+def contiguous(records: list[Record]) -> bool:
+    return all(b.seq == a.seq + 1 for a, b in itertools.pairwise(records))
+
+
+def test_the_bound_is_hard_and_a_full_journal_refuses_cleanly(tmp_path: Path) -> None:
+    """The live state grows past what compaction can shrink: the record is refused with
+    E_JOURNAL_FULL, the file never passes max_bytes, every acknowledged record replays."""
+    path = tmp_path / "j"
+    kv = KV()
+    j = Journal(path, max_bytes=4096, snapshot=kv.snapshot, clock=FakeClock())
+    refused = None
+    for i in range(1000):
+        try:
+            kv.apply(j.append("set", {"k": f"key-{i:04}", "v": i, "pad": "p" * 40},
+                              sync=i % 2 == 0))
+        except JournalFullError as exc:
+            refused = exc
+            break
+        assert j.size <= 4096 and path.stat().st_size <= 4096
+    assert refused is not None and refused.code == "E_JOURNAL_FULL" and refused.errno is None
+    assert "journal_max" in (refused.hint or "") and "'set'" in refused.message
+    assert j.stats.refused == 1 and j.stats.compactions >= 1
+    seq = j.next_seq
+    with pytest.raises(JournalFullError):  # still full: refused again, seq not used
+        j.append("set", {"k": "another", "v": -1, "pad": "p" * 40}, sync=True)
+    assert j.next_seq == seq
+    # reads keep working, and hold exactly what was acknowledged
+    assert KV.replayed(j.replay()) == kv.cells
+    j.close()
+    got = read_journal(path)
+    assert KV.replayed(got.records) == kv.cells and contiguous(got.records)
+    assert got.torn_bytes == 0 and got.skipped == [] and path.stat().st_size <= 4096
+
+
+def test_check_room_keeps_the_other_half_for_existing_state(tmp_path: Path) -> None:
+    """An owner that asks check_room before taking on new state is refused early, and can
+    then always journal changes to the state it has (updates, deletes) within the bound."""
+    path = tmp_path / "j"
+    kv = KV()
+    j = Journal(path, max_bytes=8192, snapshot=kv.snapshot, clock=FakeClock())
+
+    def put_new(i: int) -> None:
+        data = {"k": f"key-{i:04}", "v": i, "pad": "p" * 60}
+        j.check_room(len(encode_record("set", j.next_seq, 0.0, data)), f"key {i}")
+        kv.apply(j.append("set", data, sync=True))
+
+    n = 0
+    with pytest.raises(JournalFullError) as ei:
+        for n in range(1000):  # n: the count admitted
+            put_new(n)
+    assert ei.value.code == "E_JOURNAL_FULL" and "no room for key" in ei.value.message
+    assert j.live_bytes() <= 8192 // 2 < j.live_bytes() + 120
+    admitted = len(kv.cells)
+    assert 10 < admitted == n
+    for step in range(2000):  # the admitted keys change and go, never refused
+        k = sorted(kv.cells)[step % len(kv.cells)] if kv.cells else None
+        if k is None:
+            break
+        if step % 50 == 49:
+            kv.apply(j.append("del", {"k": k}, sync=True))
+        else:
+            kv.apply(j.append("set", {"k": k, "v": step, "pad": "q" * 60}, sync=step % 3 == 0))
+        assert path.stat().st_size <= 8192
+    assert j.stats.refused == 1
+    j.close()
+    assert KV.replayed(read_journal(path).records) == kv.cells
+
+
+def _in_child(fn: Any) -> dict[str, Any]:
+    """Run ``fn()`` in a forked child (it may change its rlimits); its JSON result."""
+    import json
+    import traceback
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.close(r)
+        try:
+            out = json.dumps(fn())
+        except BaseException:
+            out = json.dumps({"error": traceback.format_exc()})
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    res: dict[str, Any] = __import__("json").loads(b"".join(chunks))
+    assert "error" not in res, res.get("error")
+    return res
+
+
+@pytest.mark.parametrize("limit", [1500, 2900, 5000])
+def test_a_full_file_system_refuses_records_and_loses_none(tmp_path: Path, limit: int) -> None:
+    """The kernel refuses to grow the file (RLIMIT_FSIZE: EFBIG, with a short write first,
+    as a full disk gives ENOSPC): records are refused with E_JOURNAL_FULL, nothing
+    half-written stays in the file, buffered records are kept, and once there is room
+    again everything acknowledged is in the file, in order."""
+    import resource
+    import signal
+
+    path = tmp_path / "j"
+
+    def child() -> dict[str, Any]:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        kv = KV()
+        j = Journal(path, max_bytes=1 << 20, snapshot=kv.snapshot, clock=FakeClock(),
+                    buffer_bytes=256)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        refusals: list[tuple[str, int | None]] = []
+        acked = 0
+        for i in range(200):
+            try:
+                rec = j.append("set", {"k": f"c{i % 40}", "v": i, "pad": "z" * (i % 30)},
+                               sync=i % 4 != 1)
+            except JournalFullError as exc:
+                refusals.append((exc.code, exc.errno))
+                continue
+            kv.apply(rec)
+            acked += 1
+        on_disk = read_journal(path)
+        at_limit = {"size": path.stat().st_size, "torn": on_disk.torn_bytes,
+                    "skipped": len(on_disk.skipped)}
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+        kv.apply(j.append("set", {"k": "after", "v": 1}, sync=True))
+        j.close()
+        got = read_journal(path)
+        return {"refusals": refusals, "acked": acked, "at_limit": at_limit,
+                "rewrites": j.stats.rewrites, "same": KV.replayed(got.records) == kv.cells,
+                "contiguous": contiguous(got.records), "torn": got.torn_bytes,
+                "skipped": len(got.skipped)}
+
+    res = _in_child(child)
+    assert res["refusals"] and res["acked"] > 5
+    assert {tuple(r) for r in res["refusals"]} == {("E_JOURNAL_FULL", errno.EFBIG)}
+    assert res["at_limit"]["size"] <= limit
+    assert res["at_limit"]["torn"] == 0 and res["at_limit"]["skipped"] == 0
+    assert res["same"] and res["contiguous"] and res["torn"] == 0 and res["skipped"] == 0
+
+
+def test_a_failed_fdatasync_is_not_acknowledged_and_the_file_is_rewritten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "j"
+    kv = KV()
+    j = Journal(path, snapshot=kv.snapshot, clock=FakeClock())
+    kv.apply(j.append("set", {"k": "a", "v": 1}, sync=True))
+    real = os.fdatasync
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(KernelError) as ei:
+        j.append("set", {"k": "b", "v": 2}, sync=True)
+    assert ei.value.code == "E_KERNEL" and "fdatasync" in ei.value.message
+    monkeypatch.setattr(os, "fdatasync", real)
+    # the owner did not apply "b"; the next append first rewrites the file from its state
+    kv.apply(j.append("set", {"k": "c", "v": 3}, sync=True))
+    assert j.stats.rewrites == 1
+    j.close()
+    got = read_journal(path).records
+    assert KV.replayed(got) == {"a": 1, "c": 3} == kv.cells
+    assert [r.seq for r in got] == sorted({r.seq for r in got})
+
+
+def test_replay_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads keep working while writes fail: buffered records are replayed from memory."""
+    j = Journal(tmp_path / "j", buffer_bytes=1 << 16)
+    j.append("set", {"k": "a", "v": 1}, sync=True)
+    j.append("set", {"k": "b", "v": 2}, sync=False)
+
+    def enospc(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", enospc)
+    assert KV.replayed(j.replay()) == {"a": 1, "b": 2}
+    with pytest.raises(JournalFullError) as ei:
+        j.append("set", {"k": "c", "v": 3}, sync=True)
+    assert ei.value.errno == errno.ENOSPC and "df " in (ei.value.hint or "")
+    assert KV.replayed(j.replay()) == {"a": 1, "b": 2}  # "b" is still buffered, "c" is not
+    monkeypatch.undo()
+    j.close()
+    assert KV.replayed(read_journal(tmp_path / "j").records) == {"a": 1, "b": 2}

@@ -253,10 +253,10 @@ def test_undo_progress_written_before_a_kill_is_not_repeated(tmp_path: Path) -> 
 def test_in_flight_plan_survives_compaction(tmp_path: Path) -> None:
     w = World()
     path = tmp_path / "j"
-    j = Journal(path, max_bytes=4096)
+    j = Journal(path, max_bytes=12288)  # the plan's own records fit; the old ones do not
     ex = Executor(j, w, on_op_applied=crash_after(59))
     j.snapshot = ex.snapshot_records
-    for n in range(5):  # committed plans are dropped by compaction
+    for n in range(25):  # committed plans are dropped by compaction
         ex.run(Plan(f"old{n}", "db", "create", (Make(f"db{n}"),)))
     with pytest.raises(Crash):
         ex.run(Plan("big", "web", "create", tuple(Make(f"r{i}", tags=("x" * 40,))
@@ -269,7 +269,7 @@ def test_in_flight_plan_survives_compaction(tmp_path: Path) -> None:
     assert inc.ops[5] == Make("r5", 1, ("x" * 40,))
     with Journal(path) as j2:
         Executor(j2, w).repair([inc])
-    assert set(w.state) == {f"db{n}" for n in range(5)} | {f"db{n}/sub" for n in range(5)}
+    assert set(w.state) == {f"db{n}" for n in range(25)} | {f"db{n}/sub" for n in range(25)}
 
 
 def test_unknown_kind_is_reported_not_raised(tmp_path: Path) -> None:

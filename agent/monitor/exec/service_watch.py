@@ -1,0 +1,124 @@
+"""Channel 1's service, its records (the loop side of :mod:`agent.monitor.exec.service`):
+what the service reads of the cell manager, one cell's watch, one event being checked,
+and the attributes of a refusal's event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.core.cell import State
+from agent.core.errors import AgentError, ConfigError
+from agent.core.manifest import Manifest
+from agent.core.ratelimit import TokenBucket
+from agent.core.seal import Seal
+from agent.kernel.fanotify import FanEvent, Group
+from agent.kernel.seal import hash_fd
+from agent.monitor.exec.adapter import Facts, SealCache
+from agent.monitor.exec.rules import SEAL_SUFFIX, Observed, Verdict, seal_path_of
+
+__all__ = ["Backend", "Directory", "Entry", "Pending", "Watch", "denial_attrs",
+           "hash_and_close", "ignore_unchanged", "load_seal"]
+
+
+class Entry(Protocol):
+    @property
+    def manifest(self) -> Manifest: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def state(self) -> State: ...
+
+
+class Directory(Protocol):
+    """What the service reads of the cell manager."""
+
+    @property
+    def cells(self) -> Mapping[str, Entry]: ...
+
+
+class Backend(Protocol):
+    def pid_to_cell(self, pid: int) -> str | None: ...
+
+
+@dataclass(eq=False)
+class Watch:
+    cell: str
+    group: Group
+    seal: Seal | None  # None: an unsealed image allowed for development
+    image_dev: int
+    bucket: TokenBucket
+    data: tuple[str, str] | None = None  # its data dir: (mount point, source)
+    registered: bool = False
+    paused: asyncio.TimerHandle | None = None
+    waiting: dict[int, Pending] = field(default_factory=dict)  # event fd -> pending
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class Pending:
+    event: FanEvent
+    facts: Facts | None = None
+    cell: str = ""  # the cell of the process
+    on_image: bool = False
+    done: bool = False
+
+
+def hash_and_close(fd: int) -> tuple[str, int]:
+    """Hash a duplicate of an event's fd (worker thread), closing it."""
+    try:
+        return hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def ignore_unchanged(group: Group, fd: int, f: Facts) -> bool:
+    """Let the kernel answer the next execs of an allowed image file itself (an ignored
+    mask, cleared by the kernel when the file is written), unless it changed since it
+    was hashed (then a write may have come before the mask: removed).  Whether it is
+    ignored; a kernel refusing the mark (marks used up) only costs the fast path."""
+    try:
+        group.ignore(fd)
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
+            group.unignore(fd)
+            return False
+    except (AgentError, OSError):
+        return False
+    return True
+
+
+def load_seal(seals: SealCache, cell: str, rootfs: str, m: Manifest | None,
+              allow_unsealed: bool) -> tuple[str, Seal | None]:
+    """(where the seal of the cell's image is, the seal); None for an image without one
+    when ``allow_unsealed``, else ConfigError ``E_EXEC_UNSEALED``."""
+    seal_file = seal_path_of(m) if m is not None else rootfs.rstrip("/") + SEAL_SUFFIX
+    seal = seals.load(seal_file)
+    if seal is None and not allow_unsealed:
+        raise ConfigError(
+            "E_EXEC_UNSEALED", f"cell {cell}: its image {rootfs} has no seal {seal_file}",
+            f"seal the image when it is built: agent-seal build {rootfs} -o {seal_file} "
+            "(docs/exec.md); for development only, allow_unsealed = true in "
+            "/etc/agent/exec.toml")
+    return seal_file, seal
+
+
+def denial_attrs(owner: Watch | None, p: Pending, v: Verdict, obs: Observed,
+                 who: tuple[int | None, str | None]) -> dict[str, Any]:
+    """The attributes of ``exec/exec-denied`` (docs/events.md): ``source`` names the data
+    directory's image when the file lies in the cell's data dir."""
+    pid, comm = who
+    source = None
+    if owner is not None and owner.data is not None and (
+            obs.path + "/").startswith(owner.data[0].rstrip("/") + "/"):
+        source = owner.data[1]
+    attrs: dict[str, Any] = {"path": obs.path, "hash": obs.digest, "size": obs.size,
+                             "pid": pid, "hpid": p.event.pid, "comm": comm,
+                             "reason": v.reason, "op": "exec", "source": source}
+    if v.signature is not None:
+        attrs["signature"] = v.signature
+    return attrs

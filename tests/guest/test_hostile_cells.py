@@ -27,6 +27,7 @@ from cellkit import (
     agentd_pid,
     call,
     clean,
+    ctl,
     logs,
     probe,
     start,
@@ -89,19 +90,25 @@ LIMITS = AgentConfig()  # the box runs agentd with the shipped (default) setting
 
 def test_flood_and_trap_storm_do_not_stall_agentd(clean: dict[str, Any]) -> None:
     pid = agentd_pid()
-    idle = _status_times(100)
+    idle = _status_times(150)  # before the attack; more after it (below)
     rss0 = _rss_kib(pid)
     start("hostile-flood", ["yes", ""], image=DEMO, resources={"cpu_max": "1"})
     start_probe("hostile-traps", TRAPPER, resources={"cpu_max": "1"})
     try:
         time.sleep(2)  # both at full speed
-        loaded = _status_times(100)
+        loaded = _status_times(150)
         third = probe("hostile-third", ONE_TRAP)
         rss1 = _rss_kib(pid)
         bus = call("status")["event_bus"]
         last = [x for x in logs("hostile-traps") if x.startswith("RESULT ")][-1]
         made = json.loads(last.removeprefix("RESULT "))
         rate = round(made["traps"] / made["seconds"])
+        # The idle figure brackets the attack: measured before it and again after the two
+        # cells are gone, so that the host's own load (other boxes on a shared machine)
+        # drifting during the test weighs on both sides alike.
+        for name in ("hostile-flood", "hostile-traps"):
+            ctl("stop", name)
+        idle += _status_times(150)
         print(f"\nstatus p99 idle {_p99(idle) * 1000:.1f} ms, under attack "
               f"{_p99(loaded) * 1000:.1f} ms (median {statistics.median(idle) * 1000:.1f} / "
               f"{statistics.median(loaded) * 1000:.1f} ms); trapping cell made "
@@ -119,7 +126,7 @@ def test_flood_and_trap_storm_do_not_stall_agentd(clean: dict[str, Any]) -> None
         assert made["traps"] <= LIMITS.trap_rate * made["seconds"] * 1.1 + LIMITS.trap_burst + 4
         wait_for(lambda: call("events", n=50, cell="hostile-traps", kind="suppressed"),
                  "a summary of the coalesced traps", timeout=30)
-        assert len(logs("hostile-flood", n=10_000)) > 0
+        assert len(logs("hostile-flood", n=10_000)) > 0  # kept for a destroyed cell
     finally:
         for name in ("hostile-flood", "hostile-traps", "hostile-third"):
             (SERVICES / f"{name}.toml").unlink(missing_ok=True)

@@ -55,11 +55,17 @@ def _mountinfo() -> list[str]:
 
 
 def _no_children() -> bool:
-    try:
-        os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return False
+    """No cell process (a child of ours whose root is not ours) is left.  Not
+    ``waitpid(-1)``: it would reap, and count, any other test's child (a keeper, a
+    daemon) that happens to end at that moment."""
+    for task in Path("/proc/self/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if os.readlink(f"/proc/{child}/root") != "/":
+                    return False
+            except OSError:
+                continue  # gone meanwhile, or a zombie: not a running cell
+    return True
 
 
 @pytest.fixture

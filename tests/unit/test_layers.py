@@ -45,13 +45,13 @@ CORE_BANNED = frozenset({
 CORE_OS_NAMES = frozenset({"strerror"})
 # Inside the daemon: what a service may import of the daemon (shared record and event
 # types), and what a module owns: the server its control socket, each module of op
-# handlers the service(s) it puts on the socket.  Only main (and __main__) import the
-# rest: the server, and each service for the others.
+# handlers the service(s) it puts on the socket.  Only the builders (main, its channel
+# half monitors, and __main__) import the rest: the server, and each service for the others.
 DAEMON_SHARED = frozenset({"bus", "cells"})
 DAEMON_OWNS = {"server": frozenset({"control"}), "cellapi": frozenset({"manager"}),
                "tunerapi": frozenset({"tuner", "reclaim"}),
                "manager": frozenset({"adoption"})}  # the manager's start-up half
-DAEMON_BUILDERS = frozenset({"main", "__main__"})
+DAEMON_BUILDERS = frozenset({"main", "monitors", "__main__"})  # monitors: main's channel half
 # A channel's kernel-facing modules; every other module of agent/monitor/<channel>/ is pure.
 MONITOR_IMPURE = ("adapter", "service")
 

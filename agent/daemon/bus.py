@@ -5,10 +5,12 @@ stamps its monotonic time, and fans it out:
 
 1. to the *raw* sinks (``add_sink(..., raw=True)``: the correlation engine), which see
    every event, before any limit, through a bounded queue;
-2. through the per-(cell, channel, kind) limit (:class:`agent.core.ratelimit.Coalescer`):
-   past its burst a noisy key is counted, not kept, and once its window closes one
-   ``suppressed`` event says how many ("1,532 more `trap`" in ``attrs``).  State
-   changes are never limited;
+2. through the per-(cell, channel, kind, sub-kind) limit
+   (:class:`agent.core.ratelimit.Coalescer`; the sub-kind is the event's ``syscall`` or
+   ``reason``, see :data:`SUBKIND_ATTRS`): past its burst a noisy key is counted, not
+   kept, and once its window closes one ``suppressed`` event says how many ("1,532 more
+   `trap` of `mount`": ``kind``, ``syscall``, ``count`` in ``attrs``).  State changes are
+   never limited;
 3. to the rings behind ``agentctl events``: one per cell and one for the host, each
    bounded, so a noisy cell evicts only its own events;
 4. to the sinks (by default only events worth persisting: severity notice/alert, or a
@@ -215,7 +217,8 @@ class EventBus:
                 self._deliver(s, event)
         self._flush_summaries(now)
         if event.kind in self._state_kinds or event.kind == "suppressed" or \
-                self.limiter.admit((event.cell, event.channel, event.kind), now):
+                self.limiter.admit((event.cell, event.channel, event.kind,
+                                    _subkind(event)), now):
             self._keep(event, persistent)
         else:
             self._arm_summaries()
@@ -307,10 +310,13 @@ class EventBus:
         if due is None or now < due:
             return
         for s in self.limiter.due(now):
-            cell, channel, kind = cast(tuple[str | None, str, str], s.key)
-            self.publish(Event(self.clock(), cell, channel, "suppressed",
-                               {"kind": kind, "count": s.count,
-                                "span_s": round(s.last - s.first, 3)}, "info"))
+            cell, channel, kind, sub = cast(tuple[str | None, str, str, tuple[str, str] | None],
+                                            s.key)
+            attrs: dict[str, Any] = {"kind": kind, "count": s.count,
+                                     "span_s": round(s.last - s.first, 3)}
+            if sub is not None:
+                attrs[sub[0]] = sub[1]
+            self.publish(Event(self.clock(), cell, channel, "suppressed", attrs, "info"))
 
     def close(self) -> None:
         """Deliver what the queued sinks hold (agentd stops)."""
@@ -341,6 +347,21 @@ class EventBus:
 
     def __len__(self) -> int:
         return len(self._rings)
+
+
+# An event's sub-kind, by the first of these attributes it has: coalesced apart, so a
+# flood of one (``trap`` of ``sethostname``, an ``l2-drop`` for ``ip4``) never hides the
+# first of another (``trap`` of ``mount``, ``l2-drop`` for ``ip6``).  The values come from
+# the agent's own tables (syscall names, reasons); the limiter bounds the keys anyway.
+SUBKIND_ATTRS = ("syscall", "reason")
+
+
+def _subkind(event: Event) -> tuple[str, str] | None:
+    for name in SUBKIND_ATTRS:
+        value = event.attrs.get(name)
+        if isinstance(value, str):
+            return name, value[:64]
+    return None
 
 
 def _glob(pattern: str | None) -> Callable[[str], object] | None:

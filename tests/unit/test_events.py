@@ -95,6 +95,25 @@ def test_a_noisy_cell_neither_evicts_nor_hides_the_others() -> None:
     assert summary.seq > traps[-1].seq  # numbered after what it summarises
 
 
+def test_a_flood_of_one_sub_kind_never_hides_the_first_of_another() -> None:
+    """Coalesced per syscall (or reason): 1,000 trapped ``sethostname`` do not hide the
+    first trapped ``mount``, nor 1,000 ``ip4`` drops the first ``ip6`` one."""
+    mono = [0.0]
+    bus = EventBus(clock=FakeClock(), mono=lambda: mono[0])
+    for _ in range(1000):
+        bus.emit("syscall", "trap", cell="c", syscall="sethostname")
+        bus.emit("net", "l2-drop", cell="c", reason="ip4")
+    bus.emit("syscall", "trap", cell="c", syscall="mount")
+    bus.emit("net", "l2-drop", cell="c", reason="ip6")
+    assert [e.attrs["syscall"] for e in bus.recent(cell="c", kind="trap")][-1] == "mount"
+    assert [e.attrs["reason"] for e in bus.recent(cell="c", kind="l2-drop")][-1] == "ip6"
+    mono[0] = 1.5
+    bus.emit("master", "tick")
+    got = {(e.attrs["kind"], e.attrs.get("syscall") or e.attrs.get("reason")): e.attrs["count"]
+           for e in bus.recent(cell="c", kind="suppressed")}
+    assert got == {("trap", "sethostname"): 980, ("l2-drop", "ip4"): 980}
+
+
 def test_state_changes_are_never_limited() -> None:
     bus = EventBus(state_change_kinds=["started"])
     for _ in range(100):

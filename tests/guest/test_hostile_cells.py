@@ -32,7 +32,6 @@ from cellkit import (
     probe,
     start,
     start_probe,
-    wait_for,
 )
 
 from agent.core.config import AgentConfig
@@ -124,8 +123,10 @@ def test_flood_and_trap_storm_do_not_stall_agentd(clean: dict[str, Any]) -> None
         assert {e["attrs"]["what"] for e in throttled} == {"output", "traps"}
         # the bucket holds it to the limit, plus its burst and the 4 threads' waits
         assert made["traps"] <= LIMITS.trap_rate * made["seconds"] * 1.1 + LIMITS.trap_burst + 4
-        wait_for(lambda: call("events", n=50, cell="hostile-traps", kind="suppressed"),
-                 "a summary of the coalesced traps", timeout=30)
+        # channel 2 answers at most trap_rate (+ burst) a second, at or below the bus's
+        # own limit: the trap events stay few (no flood to coalesce), counted, not lost
+        kept = call("events", n=1000, cell="hostile-traps", kind="trap")
+        assert len(kept) <= made["traps"] + 5, (len(kept), made)
         assert len(logs("hostile-flood", n=10_000)) > 0  # kept for a destroyed cell
     finally:
         for name in ("hostile-flood", "hostile-traps", "hostile-third"):

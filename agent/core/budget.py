@@ -56,6 +56,9 @@ class Amount:
     def fits_in(self, o: Amount) -> bool:
         return self.cpu <= o.cpu and self.memory <= o.memory and self.pids <= o.pids
 
+    def to_wire(self) -> dict[str, int]:
+        return {"cpu": self.cpu, "memory": self.memory, "pids": self.pids}
+
 
 @dataclass(frozen=True)
 class Request:

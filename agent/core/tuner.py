@@ -55,8 +55,8 @@ from agent.core.tunerstate import (
     TunerState,
 )
 
-__all__ = ["PinRefused", "check_pin", "commitment", "decide", "high_for", "next_interval", "pin",
-           "settled", "start", "unpin", "wants_samples"]
+__all__ = ["PinRefused", "check_pin", "commitment", "decide", "high_for", "initial_size",
+           "next_interval", "pin", "settled", "start", "unpin", "wants_samples"]
 
 class PinRefused(RefusedError):
     """An operator's pin does not fit the bounds or the budget."""
@@ -72,6 +72,26 @@ def high_for(memory_max: int, bounds: Bounds, config: TunerConfig) -> int:
     raise can follow, ``high`` stays at or above ``memory_lo``."""
     high = memory_max - int(memory_max * config.high_gap_ratio)
     return high if memory_max < bounds.memory_hi else max(bounds.memory_lo, high)
+
+
+def initial_size(bounds: Bounds, memory_current: int, config: TunerConfig) -> Size:
+    """Where tuning starts.
+
+    By default (``config.start == "max"``) at the manifest's maximum, which the create
+    plan already wrote.  Starting low would set memory.max below a working set that is
+    still being built (a service allocates its start-up memory in milliseconds, faster
+    than any trigger window), and the kernel would OOM-kill a cell that fits its
+    maximum.  So a cell starts with all it may have and is lowered gradually, with
+    hysteresis, once it is seen idle (two-phase: memory.high first, memory.max after
+    the kernel reclaimed); the budget it frees goes back to admission once the lowering
+    has settled.  ``start == "low"``: the lower bounds, but never below what the cell
+    uses plus the tuner's headroom (for boxes that prefer packing to safety)."""
+    if config.start == "max":
+        return Size(bounds.cpu_hi, high_for(bounds.memory_hi, bounds, config), bounds.memory_hi)
+    need = memory_current + max(int(memory_current * config.memory_headroom_ratio),
+                                config.memory_headroom_min)
+    mem = min(bounds.memory_hi, max(bounds.memory_lo, need))
+    return Size(bounds.cpu_lo, high_for(mem, bounds, config), mem)
 
 
 def commitment(size: Size, pids: int) -> Amount:

@@ -7,10 +7,12 @@ state machine).  The decisions are in :mod:`agent.core.tuner`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from agent.core.budget import Amount, Budget
+from agent.core.cgroup import CellStats
 from agent.core.errors import ConfigError
 from agent.core.lowering import Lowering, PendingLower, Step, Watch
 from agent.core.manifest import MIN_CPU_MAX, Resources
@@ -86,12 +88,19 @@ class Bounds:
         return cls(min(r.cpu_max, max(r.cpu_min, config.cpu_floor)), r.cpu_max,
                    min(r.memory_max, max(r.memory_min, config.memory_floor)), r.memory_max)
 
+    def to_wire(self) -> dict[str, int]:
+        return {"cpu_lo": self.cpu_lo, "cpu_hi": self.cpu_hi, "memory_lo": self.memory_lo,
+                "memory_hi": self.memory_hi}
+
 
 @dataclass(frozen=True)
 class Size:
     cpu: int  # cpu.max in millicpu
     memory_high: int
     memory_max: int
+
+    def to_wire(self) -> dict[str, int]:
+        return {"cpu": self.cpu, "memory_high": self.memory_high, "memory_max": self.memory_max}
 
 
 # -- observations ---------------------------------------------------------------------------
@@ -112,6 +121,12 @@ class MemoryEvents:
     oom_kill: int
     at: float
 
+    @classmethod
+    def from_counters(cls, stats: Mapping[str, int], at: float) -> MemoryEvents:
+        """From the counters of ``memory.events`` (a missing one counts 0)."""
+        return cls(stats.get("high", 0), stats.get("max", 0), stats.get("oom", 0),
+                   stats.get("oom_kill", 0), at)
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -120,6 +135,15 @@ class Sample:
     memory_some_avg10: float
     cpu_some_avg10: float
     at: float
+
+    @classmethod
+    def from_stats(cls, st: CellStats, at: float) -> Sample:
+        """From a cell's cgroup statistics (a resource without PSI reads 0)."""
+        def avg(res: str) -> float:
+            p = st.pressure.get(res)
+            return p.some.avg10 if p is not None else 0.0
+
+        return cls(st.cpu_usage_usec, st.memory_current, avg("memory"), avg("cpu"), at)
 
 
 Observation = PressureTriggered | MemoryEvents | Sample

@@ -40,7 +40,6 @@ from typing import Any
 from agent.core import tunerstate as ts
 from agent.core.budget import Amount
 from agent.core.cell import State
-from agent.core.cgroup import CellStats
 from agent.core.errors import AgentError, NotFoundError
 from agent.core.events import Event, Severity
 from agent.core.tuner import (
@@ -49,6 +48,7 @@ from agent.core.tuner import (
     commitment,
     decide,
     high_for,
+    initial_size,
     next_interval,
     pin,
     unpin,
@@ -73,43 +73,10 @@ from agent.kernel.cgroup import CgroupBackend
 from agent.kernel.knobs import Knobs, PriWatch
 from agent.kernel.psi import PsiWatcher
 
-__all__ = ["Tuner", "initial_size"]
+__all__ = ["Tuner"]
 
 log = logging.getLogger(__name__)
 _RESOURCES: dict[str, Resource] = {"cpu": "cpu", "memory": "memory"}
-
-
-def initial_size(bounds: Bounds, memory_current: int, config: TunerConfig) -> Size:
-    """Where tuning starts.
-
-    By default (``config.start == "max"``) at the manifest's maximum, which the create
-    plan already wrote.  Starting low would set memory.max below a working set that is
-    still being built (a service allocates its start-up memory in milliseconds, faster
-    than any trigger window), and the kernel would OOM-kill a cell that fits its
-    maximum.  So a cell starts with all it may have and is lowered gradually, with
-    hysteresis, once it is seen idle (two-phase: memory.high first, memory.max after
-    the kernel reclaimed); the budget it frees goes back to admission once the lowering
-    has settled.  ``start == "low"``: the lower bounds, but never below what the cell
-    uses plus the tuner's headroom (for boxes that prefer packing to safety)."""
-    if config.start == "max":
-        return Size(bounds.cpu_hi, high_for(bounds.memory_hi, bounds, config), bounds.memory_hi)
-    need = memory_current + max(int(memory_current * config.memory_headroom_ratio),
-                                config.memory_headroom_min)
-    mem = min(bounds.memory_hi, max(bounds.memory_lo, need))
-    return Size(bounds.cpu_lo, high_for(mem, bounds, config), mem)
-
-
-def _events_of(stats: Mapping[str, int], at: float) -> MemoryEvents:
-    return MemoryEvents(stats.get("high", 0), stats.get("max", 0), stats.get("oom", 0),
-                        stats.get("oom_kill", 0), at)
-
-
-def _sample_of(st: CellStats, at: float) -> Sample:
-    def avg(res: str) -> float:
-        p = st.pressure.get(res)
-        return p.some.avg10 if p is not None else 0.0
-
-    return Sample(st.cpu_usage_usec, st.memory_current, avg("memory"), avg("cpu"), at)
 
 
 class Tuner:
@@ -179,8 +146,8 @@ class Tuner:
         except AgentError as exc:  # not admitted (adopted) or no room: hold what it has
             self._emit(cell, "refused", "notice", reason="start", error=str(exc))
         state = TunerState(cell, size, held, pinned=kept is not None,
-                           events=_events_of(st.memory_events, now),
-                           last_sample=_sample_of(st, now))
+                           events=MemoryEvents.from_counters(st.memory_events, now),
+                           last_sample=Sample.from_stats(st, now))
         t = Tuned(cell, bounds, state, r.priority, r.cpu_min, [], interval=self.sample_s)
         self.knobs.set_memory(cell, size.memory_high, size.memory_max)
         self.knobs.set_cpu_max(cell, size.cpu)
@@ -191,9 +158,9 @@ class Tuner:
             t.reader = self.knobs.sample_reader(cell)
         except AgentError as exc:
             log.info("cell %s: samples through the backend: %s", cell, exc)
-        self._emit(cell, "start", "info", size=_size(size), held=_amount(held),
-                   bounds=_bounds(bounds), sources=list(t.sources), pinned=kept is not None)
-        self._record(cell, "start", {"size": _size(size), "held": _amount(held)})
+        self._emit(cell, "start", "info", size=size.to_wire(), held=held.to_wire(),
+                   bounds=bounds.to_wire(), sources=list(t.sources), pinned=kept is not None)
+        self._record(cell, "start", {"size": size.to_wire(), "held": held.to_wire()})
         self._plan(t)
         return t
 
@@ -287,7 +254,7 @@ class Tuner:
             k, _, v = line.partition(" ")
             if v.strip().isdigit():
                 counts[k] = int(v)
-        self.observe(cell, _events_of(counts, self.clock()))
+        self.observe(cell, MemoryEvents.from_counters(counts, self.clock()))
 
     # ------------------------------------------------------------------ samples
     def wants_samples(self, t: Tuned) -> bool:
@@ -344,8 +311,8 @@ class Tuner:
             else:
                 st = self.backend.stats(cell)
                 if t.events_watch is None:
-                    self.observe(cell, _events_of(st.memory_events, now))
-                smp = _sample_of(st, now)
+                    self.observe(cell, MemoryEvents.from_counters(st.memory_events, now))
+                smp = Sample.from_stats(st, now)
         except (AgentError, OSError) as exc:
             log.debug("cell %s: no sample: %s", cell, exc)
             t.due = now + self.sample_max_s  # gone, or about to be: the lifecycle says
@@ -449,7 +416,7 @@ class Tuner:
                     s.memory_high if memory is None else high_for(memory, t.bounds, self.config),
                     s.memory_max if memory is None else memory)
         state, actions = pin(t.state, size, t.bounds, BudgetGate(self.host.ledger.budget))
-        self.host.keep_pin(cell, _size(state.size))  # journaled first (E_JOURNAL_FULL: no pin)
+        self.host.keep_pin(cell, state.size.to_wire())  # journaled first (E_JOURNAL_FULL: no pin)
         t.state = state
         self.apply(cell, actions)
         self._plan(t)
@@ -476,19 +443,6 @@ class Tuner:
         s = t.state.size
         return {"tuned": True, "cpu_max": s.cpu, "memory_high": s.memory_high,
                 "memory_max": s.memory_max, "pinned": t.state.pinned, "level": self._level(cell),
-                "held": _amount(t.state.held), "sources": list(t.sources),
+                "held": t.state.held.to_wire(), "sources": list(t.sources),
                 "sampled_every_s": None if t.due is None else t.interval}
-
-
-def _size(s: Size) -> dict[str, int]:
-    return {"cpu": s.cpu, "memory_high": s.memory_high, "memory_max": s.memory_max}
-
-
-def _amount(a: Amount) -> dict[str, int]:
-    return {"cpu": a.cpu, "memory": a.memory, "pids": a.pids}
-
-
-def _bounds(b: Bounds) -> dict[str, int]:
-    return {"cpu_lo": b.cpu_lo, "cpu_hi": b.cpu_hi, "memory_lo": b.memory_lo,
-            "memory_hi": b.memory_hi}
 

@@ -11,8 +11,8 @@ and freezer (optional).  Co-mounted hierarchies (``cpu,cpuacct``) are handled
 by passing the same path for both in ``hierarchies``.  ``root`` is the
 memory hierarchy's subtree, the one that decides the cell of a pid.
 
-cgroupspy supplies the typed reads (its ``Controller`` classes, extended here
-for pids and freezer, which it lacks) and the ``Node`` tree used to create
+cgroupspy supplies the typed reads (its ``Controller`` classes, extended for pids and
+freezer, which it lacks, in :mod:`agent.kernel.cgroupv1ctl`) and the ``Node`` tree used to create
 directories.  Writes are plain ``open(2)`` without ``O_CREAT`` and a single
 ``write(2)``: cgroupspy opens files with ``"w"`` (which would create missing
 files on a fake tree) and reports errors at close without the path.
@@ -31,14 +31,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cgroupspy.controllers import (
-    BlkIOController,
-    Controller,
-    CpuAcctController,
-    CpuController,
-    MemoryController,
-)
-from cgroupspy.interfaces import BaseFileInterface, IntegerFile
 from cgroupspy.nodes import Node
 
 from agent.core.cgroup import CellStats, Limits
@@ -49,6 +41,7 @@ from agent.core.cgroupv1map import (
 from agent.core.errors import ConfigError, KernelError
 from agent.core.names import check_cell_name
 from agent.kernel.cgroup import read_proc_cgroup, sigkill_all, try_rmdir, wait_until
+from agent.kernel.cgroupv1ctl import CONTROLLER_CLASSES, HINTS
 
 __all__ = [
     "CONTROLLERS",
@@ -60,50 +53,6 @@ __all__ = [
 REQUIRED_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
 OPTIONAL_CONTROLLERS = ("blkio", "freezer")
 CONTROLLERS = REQUIRED_CONTROLLERS + OPTIONAL_CONTROLLERS
-
-# Capability names shared with the v2 backend (agent.kernel.cgroupdetect.features).
-
-
-# -- cgroupspy extensions --------------------------------------------------------------
-
-
-class _MaxIntFile(BaseFileInterface):  # type: ignore[misc]
-    """``max`` or an integer (``pids.max``)."""
-
-    def sanitize_get(self, value: str) -> int | None:
-        return None if value == "max" else int(value)
-
-
-class _PidsController(Controller):  # type: ignore[misc]
-    max = _MaxIntFile("pids.max")
-    current = IntegerFile("pids.current")
-
-
-class _FreezerController(Controller):  # type: ignore[misc]
-    state = BaseFileInterface("freezer.state")
-
-
-_CONTROLLER_CLASSES: dict[str, Any] = {
-    "cpu": CpuController,
-    "cpuacct": CpuAcctController,
-    "memory": MemoryController,
-    "pids": _PidsController,
-    "blkio": BlkIOController,
-    "freezer": _FreezerController,
-}
-
-
-_HINTS = {
-    errno.ENOENT: "the file is missing: does the cgroup exist, and does the kernel have this "
-    "v1 feature (CONFIG_CFS_BANDWIDTH, CONFIG_MEMCG_SWAP)?",
-    errno.EBUSY: "v1 refuses a memory limit below what the cell uses and cannot reclaim "
-    "(it does not OOM-kill); the old limit stays",
-    errno.EINVAL: "the kernel rejected the value (cpu quota under 1 ms or above the parent's?)",
-    errno.ENOSPC: "cpuset.cpus or cpuset.mems of the cgroup is empty",
-    errno.EACCES: "agentd must run as root",
-    errno.EPERM: "agentd must run as root",
-    errno.ESRCH: "the process no longer exists",
-}
 
 
 class CgroupV1:
@@ -175,17 +124,17 @@ class CgroupV1:
             fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         except OSError as exc:
             raise KernelError.from_oserror("write", str(path), exc,
-                                           _HINTS.get(exc.errno or 0)) from exc
+                                           HINTS.get(exc.errno or 0)) from exc
         try:
             os.write(fd, value.encode())
         except OSError as exc:
             raise KernelError.from_oserror("write", f"{path} <- {value!r}", exc,
-                                           _HINTS.get(exc.errno or 0)) from exc
+                                           HINTS.get(exc.errno or 0)) from exc
         finally:
             os.close(fd)
 
     def _ctrl(self, cell: str, controller: str) -> Any:
-        return _CONTROLLER_CLASSES[controller](Node(os.fsencode(self.cell_dir(cell, controller))))
+        return CONTROLLER_CLASSES[controller](Node(os.fsencode(self.cell_dir(cell, controller))))
 
     def _get(self, ctrl: Any, attr: str) -> Any:
         """Read a typed cgroupspy attribute; errors name the file."""
@@ -209,7 +158,7 @@ class CgroupV1:
             Node(os.fsencode(parent)).create_cgroup(child)
         except OSError as exc:
             raise KernelError.from_oserror("mkdir", str(parent / child), exc,
-                                           _HINTS.get(exc.errno or 0)) from exc
+                                           HINTS.get(exc.errno or 0)) from exc
         self._inherit_cpuset(parent / child)
         return parent / child
 
@@ -446,7 +395,7 @@ class CgroupV1:
 
     @staticmethod
     def _rmdir(path: Path) -> bool:
-        return try_rmdir(path, _HINTS)
+        return try_rmdir(path, HINTS)
 
     def list_cells(self) -> list[str]:
         """Cells present in any hierarchy (so half-created ones are collected), sorted."""

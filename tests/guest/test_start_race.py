@@ -190,7 +190,11 @@ def agentd_round() -> tuple[Counter[str], list[str]]:
                 code = str(getattr(exc, "code", type(exc).__name__))
                 with lock:
                     outcomes[code] += 1
-                    if code != "E_EXISTS":  # another worker holds the name
+                    # E_EXISTS: another worker holds the name; E_ADMISSION_PRESSURE: the
+                    # busy loops keep the box's CPU pressure near admission's threshold
+                    # (some avg10 80 %), and a refusal is a clean outcome (nothing made,
+                    # checked below with the leftovers); the starts that run are the race
+                    if code not in ("E_EXISTS", "E_ADMISSION_PRESSURE"):
                         failures.append(f"run {name}: {exc}")
                 continue
             problems = checked(name, cell_whole, row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,17 +12,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent import __version__
-from agent.cli.client import Client, ConnectError
+from agent.cli.client import Client, ConnectError, TransportError
 from agent.cli.main import format_event, format_status, main
 from agent.core.errors import NotFoundError
-from agent.core.protocol import Peer
+from agent.core.protocol import Peer, decode_request, encode_reply
 from agent.daemon.control import ControlServer, Dispatcher
 
 
@@ -202,8 +203,10 @@ def test_daemon_error_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         srv.close()
 
 
-def test_garbage_reply_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "g.sock"
+def _serve_once(path: Path, answer: Callable[[bytes], bytes | None]
+                ) -> tuple[socket.socket, threading.Thread]:
+    """A one-connection server on ``path``: reads one request, sends ``answer(request)``
+    (nothing if None; a client that gave up is no error)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(path))
     listener.listen(1)
@@ -211,14 +214,52 @@ def test_garbage_reply_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str
     def serve() -> None:
         conn, _ = listener.accept()
         with conn:
-            conn.recv(70000)
-            conn.send(b"\xff\x00not cbor")
+            reply = answer(conn.recv(70000))
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    conn.send(reply)
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
+    return listener, t
+
+
+def test_garbage_reply_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "g.sock"
+    listener, t = _serve_once(path, lambda _: b"\xff\x00not cbor")
     try:
         rc, _, err = run(capsys, "--socket", str(path), "ping")
         assert rc == 4 and "error[E_PROTOCOL]" in err
+    finally:
+        t.join(5)
+        listener.close()
+
+
+def _pong_after(delay: float) -> Callable[[bytes], bytes]:
+    def answer(frame: bytes) -> bytes:
+        req = decode_request(frame)
+        time.sleep(delay)
+        return encode_reply(req.id, "pong")
+
+    return answer
+
+
+@pytest.mark.parametrize(("raised", "ok"), [(5.0, True), (None, True), (0.1, False)])
+def test_a_timeout_changed_after_connecting_applies(tmp_path: Path, raised: float | None,
+                                                    ok: bool) -> None:
+    """A timeout raised after connecting (what ``agentctl run`` and ``stop`` do, to 60 s)
+    applies to the open connection, not only to the next one."""
+    listener, t = _serve_once(tmp_path / "s.sock", _pong_after(0.5))
+    try:
+        first = 5.0 if raised == 0.1 else 0.1  # the reply comes after 0.5 s
+        with Client(tmp_path / "s.sock", timeout=first) as c:
+            c.timeout = raised  # after connect, as agentctl run does
+            if ok:
+                assert c.call("ping") == "pong"
+            else:
+                with pytest.raises(TransportError) as ei:
+                    c.call("ping")
+                assert ei.value.code == "E_TIMEOUT"
     finally:
         t.join(5)
         listener.close()

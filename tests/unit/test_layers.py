@@ -50,7 +50,7 @@ CORE_OS_NAMES = frozenset({"strerror"})
 DAEMON_SHARED = frozenset({"bus", "cells"})
 DAEMON_OWNS = {"server": frozenset({"control"}), "cellapi": frozenset({"manager"}),
                "tunerapi": frozenset({"tuner", "reclaim"}),
-               "manager": frozenset({"adoption"})}  # the manager's start-up half
+               "manager": frozenset({"adoption", "driver"})}  # the manager's halves
 DAEMON_BUILDERS = frozenset({"main", "monitors", "__main__"})  # monitors: main's channel half
 # A channel's kernel-facing modules; every other module of agent/monitor/<channel>/ is pure.
 MONITOR_IMPURE = ("adapter", "service")

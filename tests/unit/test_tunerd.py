@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from agent.core.budget import Amount, Budget, Ledger, Request
 from agent.core.cell import State
 from agent.core.manifest import Manifest, manifest_from_dict
-from agent.core.tuner import PinRefused
+from agent.core.tuner import PinRefused, initial_size
 from agent.core.tunerstate import Bounds, MemoryEvents, PressureTriggered, TunerConfig
 from agent.daemon.bus import EventBus
 from agent.daemon.cells import Rung
-from agent.daemon.tuner import Tuner, initial_size
+from agent.daemon.tuner import Tuner
 from agent.daemon.tunerapi import top_row
 from agent.kernel.cgroupv2 import CgroupV2
 

@@ -11,6 +11,8 @@ typo never silently falls back to a default.  Layout (see rootfs-overlay/etc/age
     [logs]         cell_buffer, journal_max
     [data]         default_size, max_size, state_reserve
     [limits]       output_rate, output_burst, trap_rate, trap_burst
+    [responses]    "channel/kind" = "record|kill|freeze|isolate|stop" (agent.core.responses)
+    [correlation]  channel 4's settings, checked by agent.monitor.correlation.settings
 
 Sizes are integers (bytes) or strings such as "96M", "64K", "1G" (binary multiples).
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.errors import ConfigError
+from agent.core.responses import ResponsePolicy, parse_responses
 
 __all__ = [
     "DATA_MIN_SIZE",
@@ -107,6 +110,11 @@ class AgentConfig:
     output_burst: int = 1 << 20
     trap_rate: int = 10  # trapped syscalls answered per second, per cell (channel 2)
     trap_burst: int = 50
+    # [responses]: what the master does about the monitors' events (docs/patterns.md)
+    responses: ResponsePolicy = field(default_factory=ResponsePolicy)
+    # [correlation]: kept as written; agentd checks it when it wires channel 4 (the
+    # core does not import the monitors)
+    correlation: Mapping[str, Any] | None = None
 
     @property
     def pidfile(self) -> Path:
@@ -161,6 +169,8 @@ class AgentConfig:
                      "state_reserve": self.data_state_reserve},
             "limits": {"output_rate": self.output_rate, "output_burst": self.output_burst,
                        "trap_rate": self.trap_rate, "trap_burst": self.trap_burst},
+            "responses": {k: v.value for k, v in self.responses.rules.items()},
+            "correlation": dict(self.correlation or {}),
         }
 
 
@@ -288,9 +298,16 @@ def parse_config(data: Mapping[str, Any], source: str = "agentd.toml") -> AgentC
     """Validate a parsed TOML document into an :class:`AgentConfig`."""
     values: dict[str, Any] = {}
     reserve: dict[str, Any] = {}
-    top_choices = list(_SCHEMA[""]) + [s for s in _SCHEMA if s]
+    top_choices = list(_SCHEMA[""]) + [s for s in _SCHEMA if s] + ["responses", "correlation"]
     for key, value in data.items():
-        if key in _SCHEMA and key:
+        if key == "responses":
+            values["responses"] = parse_responses(value, f"[responses] in {source}")
+        elif key == "correlation":
+            if not isinstance(value, dict):
+                raise ConfigError("E_CONFIG", f"`correlation` must be a table in {source}",
+                                  "write it as a [correlation] section")
+            values["correlation"] = dict(value)
+        elif key in _SCHEMA and key:
             if not isinstance(value, dict):
                 raise ConfigError("E_CONFIG", f"`{key}` must be a table in {source}",
                                   f"write it as a [{key}] section")

@@ -7,7 +7,13 @@ Every event of the security channels may call for a response, configured per kin
     "exec/exec-denied" = "kill"            # channel/kind, shell patterns allowed
     "exec/exec-denied:signature" = "stop"  # channel/kind:reason, for one reason only
     "net/scan" = "isolate"
-    "correlation/*" = "stop"
+    "correlation/escapes-across-cells" = "record"  # a pattern's own response, overridden
+
+A correlation alert carries the response its pattern names (docs/patterns.md); a rule
+whose channel is literally ``correlation`` and that matches ``correlation/<pattern>``
+replaces it (``"correlation/*"`` replaces them all), so an operator can soften or harden
+one pattern of a signed bundle without re-signing it.  Catch-alls such as ``"*/*"`` do
+not: a pattern's response is more specific than they are.
 
 A response is one of :class:`Response`: ``record`` (the event is the record: nothing
 else), ``kill`` (the offending process, through a pidfd, only if it is still in the
@@ -79,6 +85,16 @@ class ResponsePolicy:
                 if (":" in pattern) == (":" in key) and fnmatch.fnmatchcase(key, pattern):
                     return response
         return Response.RECORD
+
+    def override(self, channel: str, name: str) -> Response | None:
+        """The response configured for ``channel/name`` by a rule of that very channel
+        (no wildcard in it): for a correlation alert, whose pattern names its own."""
+        key = f"{channel}/{name}"
+        for pattern, response in self._ordered:
+            if ":" not in pattern and pattern.split("/", 1)[0] == channel \
+                    and fnmatch.fnmatchcase(key, pattern):
+                return response
+        return None
 
 
 def parse_responses(table: object, where: str = "[responses]") -> ResponsePolicy:

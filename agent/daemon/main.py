@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None,
                         inherited=inherited)
         history = wire_history(daemon)
-        correlation = wire_correlation(daemon)
+        correlation = wire_correlation(daemon, daemon.config.correlation)
         execmon = None if ns.no_cells else wire_exec(daemon)
         cells = None if ns.no_cells else wire_cells(daemon, execmon)[0]
         if cells is not None:
@@ -245,7 +245,8 @@ def wire_cells(daemon: Daemon, execmon: ExecService | None = None
         start_tuning(daemon.config, mgr, tuning)
         if execmon is not None:
             await execmon.start()
-        responder = Responder(mgr.bus, mgr, mgr.cgroup, isolate=set_cell_port)
+        responder = Responder(mgr.bus, mgr, mgr.cgroup, daemon.config.responses,
+                              isolate=set_cell_port)
         responder.attach()
         daemon.add_status("responses", responder.status)
         daemon.on_shutdown(closer(responder.close))

@@ -106,6 +106,11 @@ class Responder:
 
     def _decide(self, ev: Event) -> Response:
         if ev.channel == "correlation" and ev.kind == "alert":
+            pattern = ev.attrs.get("pattern")
+            own = self.policy.override("correlation", pattern) \
+                if isinstance(pattern, str) else None
+            if own is not None:  # the operator's [responses] over the pattern's
+                return own
             with contextlib.suppress(ValueError):
                 return Response(ev.attrs.get("response", "record"))
             return Response.RECORD

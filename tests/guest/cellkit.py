@@ -10,7 +10,7 @@ runs in the box.
   polls; :func:`ps` lists cells, :func:`top_rows` the tuner's view of them.
 * :func:`ensure_agentd`, :func:`restart_agentd`, :func:`kill9_agentd` and
   :func:`kill9_and_restart` manage the box's agentd through /etc/init.d/S50agentd;
-  :func:`agentd_userns` runs it for a while with ``[userns] enabled`` set as asked.
+  :func:`agentd_settings` runs it for a while with some agentd.toml keys set as asked.
 * :func:`leftovers` is everything a cell may leave behind in the box (cgroup leaves,
   links, bridge VLAN entries, root-ns mount points, pinned netns, run dirs, the nftables
   ruleset, cells, leases and open plans in the journal); the ``clean`` fixture checks
@@ -54,12 +54,13 @@ __all__ = [
     "DEMO",
     "JOURNAL",
     "NETNS",
+    "PROBES_NOT_FROZEN",
     "PROBE_LIB",
     "RUN_CELLS",
     "SERVICES",
     "WRITABLE",
     "agentd_pid",
-    "agentd_userns",
+    "agentd_settings",
     "call",
     "cgroup_v2_subtree",
     "clean",
@@ -250,17 +251,21 @@ def restart_agentd() -> None:
 
 
 @contextlib.contextmanager
-def agentd_setting(section: str, key: str, value: Any) -> Iterator[None]:
-    """agentd with ``[section] key = value`` in /etc/agent/agentd.toml (restarted if that
-    changes it); afterwards the file as it was, and agentd restarted again."""
+def agentd_settings(settings: Mapping[tuple[str, str], Any]) -> Iterator[None]:
+    """agentd with each ``[section] key = value`` of ``settings`` in
+    /etc/agent/agentd.toml (restarted once if that changes it); afterwards the file as it
+    was, and agentd restarted again."""
     from agent.core.config import load_config, parse_config
 
     original = CONFIG.read_text() if CONFIG.exists() else ""
     before = load_config(CONFIG)
-    line = f"{key} = {json.dumps(value)}\n"
-    head = f"[{section}]\n"
-    text = (original.replace(head, head + line, 1) if head in original
-            else original + "\n" + head + line)
+    text = original
+    for (section, key), value in settings.items():
+        bare = key.replace("_", "").replace("-", "").isalnum()
+        line = f"{key if bare else json.dumps(key)} = {json.dumps(value)}\n"
+        head = f"[{section}]\n"
+        text = (text.replace(head, head + line, 1) if head in text
+                else text + "\n" + head + line)
     if parse_config(tomllib.loads(text)) == before:
         yield
         return
@@ -273,9 +278,12 @@ def agentd_setting(section: str, key: str, value: Any) -> Iterator[None]:
         restart_agentd()
 
 
-def agentd_userns(enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """agentd with ``[userns] enabled = <enabled>``: see :func:`agentd_setting`."""
-    return agentd_setting("userns", "enabled", enabled)
+# Suites that attack from many cells on purpose (one escape call per probe cell) would
+# otherwise complete channel 4's escapes-across-cells pattern, whose response (freeze) is
+# right for a real campaign but would freeze the third probe before it reports: they run
+# with that one pattern's response set to record (tests/guest/test_correlation_box.py
+# checks the freeze itself, with the shipped configuration).
+PROBES_NOT_FROZEN = {("responses", "correlation/escapes-across-cells"): "record"}
 
 
 def kill9_agentd() -> int:
@@ -518,8 +526,36 @@ def _changed_since(root: Path, when: float, skip: tuple[str, ...]) -> bool:
 def run_until_gone(name: str, timeout: float = 60) -> list[str]:
     """Run a oneshot cell and wait until agentd destroyed it; its output lines."""
     ctl("run", name, timeout=timeout)
-    wait_for(lambda: name not in ps(), f"{name} to be destroyed", timeout=timeout)
+    try:
+        wait_for(lambda: name not in ps(), f"{name} to be destroyed", timeout=timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- the cell still there ---\n{cell_state(name)}") from None
     return logs(name)
+
+
+def cell_state(name: str) -> str:
+    """What a cell that did not end is doing: its row, each of its processes' state,
+    syscall and kernel stack, its output, and agentd's channel counters."""
+    out: list[str] = []
+    try:
+        out.append(json.dumps(ps().get(name)))
+        for procs in (CG / name).rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                for f in ("status", "syscall", "wchan", "stack"):
+                    try:
+                        text = (Path("/proc") / pid / f).read_text()
+                    except OSError as exc:
+                        text = str(exc)
+                    if f == "status":
+                        text = " ".join(x for x in text.splitlines()
+                                        if x.split(":")[0] in ("Name", "State", "Seccomp"))
+                    out.append(f"pid {pid} {f}: {text.strip()}")
+        st = call("status")
+        out.append(json.dumps({k: st.get(k) for k in ("syscall", "exec", "proc")}, default=str))
+        out += logs(name)[-20:]
+    except Exception as exc:  # a diagnosis must not hide the failure
+        out.append(f"(diagnosis failed: {exc!r})")
+    return "\n".join(out)
 
 
 def probe(name: str, code: str, *, oneshot: bool = True, **kw: Any) -> dict[str, Any]:

@@ -32,7 +32,9 @@ RESULTS = pytest.StashKey[dict[str, Any]]()
 # --- inside the box -----------------------------------------------------------------------
 
 def _guest_record(report: pytest.TestReport) -> dict[str, Any] | None:
-    if report.when == "call" or report.outcome != "passed":
+    if report.when == "call" or report.outcome != "passed" or report.duration >= 0.5:
+        # (a passing setup or teardown is kept when slow: the host sums each test's
+        # phases for its "slowest in the box" summary)
         rec: dict[str, Any] = {"nodeid": report.nodeid, "when": report.when,
                                "outcome": report.outcome, "duration": report.duration}
         if hasattr(report, "wasxfail"):  # xfail(strict) scenarios of what is to come
@@ -130,6 +132,28 @@ def _results(session: pytest.Session) -> dict[str, Any]:
 
 
 if not IN_GUEST:
+
+    def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+        """The box's own slowest tests and modules (the host's --durations sees only the
+        proxies): the suite has a 30-minute budget."""
+        results = config.stash.get(RESULTS, None)
+        if not results or not results["by_id"]:
+            return
+        per_test: dict[str, float] = {}
+        for nodeid, recs in results["by_id"].items():
+            per_test[nodeid] = sum(float(r.get("duration", 0.0)) for r in recs)
+        per_module: dict[str, float] = {}
+        for nodeid, secs in per_test.items():
+            module = nodeid.split("::")[0]
+            per_module[module] = per_module.get(module, 0.0) + secs
+        tr = terminalreporter
+        tr.write_sep("=", f"slowest in the box (all phases; {sum(per_test.values()):.0f} s "
+                          f"in {len(per_test)} tests)")
+        for module, secs in sorted(per_module.items(), key=lambda kv: -kv[1])[:15]:
+            tr.write_line(f"{secs:8.1f}s  {module}")
+        tr.write_line("")
+        for nodeid, secs in sorted(per_test.items(), key=lambda kv: -kv[1])[:20]:
+            tr.write_line(f"{secs:8.1f}s  {nodeid}")
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

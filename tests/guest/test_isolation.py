@@ -29,10 +29,11 @@ import pytest
 from cellkit import (
     CG,
     NETNS,
+    PROBES_NOT_FROZEN,
     RUN_CELLS,
     SERVICES,
     agentd_pid,
-    agentd_userns,
+    agentd_settings,
     clean,
     ctl,
     ensure_agentd,
@@ -57,10 +58,13 @@ DATA = Path("/var/lib/agent/data")
 @pytest.fixture(scope="module", autouse=True, params=["userns", "nouserns"])
 def mode(request: pytest.FixtureRequest) -> Iterator[str]:
     """agentd in the mode of the parameter for the tests of this module (cells in user
-    namespaces, or without: then as uid 1000)."""
+    namespaces, or without: then as uid 1000), and with channel 4's escapes-across-cells
+    response set to record: every probe here is an escape attempt from a new cell, and
+    the third within five minutes would be frozen before it reports (cellkit)."""
     ensure_agentd()
     warm_up()  # its demo-echo runs as uid 0: before the mode may refuse it
-    with agentd_userns(request.param == "userns"):
+    with agentd_settings({("userns", "enabled"): request.param == "userns",
+                          **PROBES_NOT_FROZEN}):
         MODE.update(name=request.param, uid=0 if request.param == "userns" else 1000)
         yield request.param
     MODE.update(name="userns", uid=0)

@@ -141,3 +141,21 @@ def test_parse_size_rejects(text: str) -> None:
 @given(st.integers(0, 2**40), st.sampled_from(["", "K", "M", "G"]))
 def test_parse_size_property(n: int, unit: str) -> None:
     assert parse_size(f"{n}{unit}") == n * {"": 1, "K": 1024, "M": 2**20, "G": 2**30}[unit]
+
+
+def test_responses_and_correlation_tables(tmp_path: Path) -> None:
+    from agent.core.responses import Response
+
+    cfg = parse_config({"responses": {"net/scan": "isolate",
+                                      "correlation/escapes-across-cells": "record"},
+                        "correlation": {"queue": 512}})
+    assert cfg.responses.decide("web", "net", "scan") is Response.ISOLATE
+    assert cfg.responses.override("correlation", "escapes-across-cells") is Response.RECORD
+    assert cfg.correlation == {"queue": 512}
+    assert cfg.to_wire()["responses"]["net/scan"] == "isolate"
+    with pytest.raises(ConfigError) as info:
+        parse_config({"responses": {"net/scan": "nuke"}})
+    assert "[responses]" in info.value.message and "nuke" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        parse_config({"correlation": 3})
+    assert "correlation" in info.value.message and info.value.hint

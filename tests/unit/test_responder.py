@@ -117,3 +117,19 @@ def test_a_correlation_alert_carries_its_response() -> None:
     ], {})
     assert backend.frozen == ["tv"]
 
+
+
+def test_the_operator_overrides_a_patterns_response_by_its_name() -> None:
+    alert = {"channel": "correlation", "kind": "alert", "cell": "tv", "response": "freeze",
+             "pattern": "escapes-across-cells"}
+    # record for that one pattern: nothing done; another pattern keeps its own response
+    policy = parse_responses({"correlation/escapes-across-cells": "record"})
+    _bus, _cells, backend, _r = _run(policy, [dict(alert)], {})
+    assert backend.frozen == []
+    _bus, _cells, backend, _r = _run(policy, [dict(alert, pattern="memfd-across-cells")], {})
+    assert backend.frozen == ["tv"]
+    # "correlation/*" hardens them all; a catch-all of every channel does not touch them
+    _bus, cells, _b, _r = _run(parse_responses({"correlation/*": "stop"}), [dict(alert)], {})
+    assert cells.posted == [("tv", CellEvent.STOP_REQUESTED)]
+    _bus, _cells, backend, _r = _run(parse_responses({"*/*": "record"}), [dict(alert)], {})
+    assert backend.frozen == ["tv"]

@@ -38,3 +38,14 @@ def test_bad_tables_are_named(table: object, what: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_responses(table)
     assert what in info.value.message and info.value.hint
+
+
+def test_override_is_a_rule_of_that_channel_only() -> None:
+    p = parse_responses({"correlation/escapes-*": "record", "correlation/memfd-across-cells":
+                         "stop", "*/*": "kill", "corr*/*": "isolate"})
+    assert p.override("correlation", "escapes-across-cells") is Response.RECORD
+    assert p.override("correlation", "memfd-across-cells") is Response.STOP  # exact first
+    assert p.override("correlation", "shared-drop-exec") is None  # the pattern's own
+    assert ResponsePolicy().override("correlation", "anything") is None  # defaults: none
+    assert parse_responses({"correlation/*": "freeze"}).override(
+        "correlation", "x") is Response.FREEZE

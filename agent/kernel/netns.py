@@ -24,8 +24,15 @@ from agent.core.names import NETNS_PREFIX, check_cell_name
 from agent.kernel import libc as ksys
 from agent.kernel.netlink import LOOPBACK_INDEX, ipr_on, nl, rtnl_fd
 
-__all__ = ["NETNS_DIR", "create_cell_netns", "destroy_cell_netns", "list_cell_netns",
-           "netns_path", "open_netns"]
+__all__ = [
+    "NETNS_DIR",
+    "create_cell_netns",
+    "destroy_cell_netns",
+    "in_own_thread",
+    "list_cell_netns",
+    "netns_path",
+    "open_netns",
+]
 
 NETNS_DIR = Path("/run/netns")
 _T = TypeVar("_T")
@@ -35,7 +42,7 @@ def netns_path(cell: str, run_dir: Path = NETNS_DIR) -> Path:
     return run_dir / (NETNS_PREFIX + check_cell_name(cell))
 
 
-def _in_thread(fn: Callable[[], _T]) -> _T:
+def in_own_thread(fn: Callable[[], _T]) -> _T:
     """Run ``fn`` in a thread of its own and return its result (or raise its error).
 
     The thread may change its network namespace: it ends with ``fn``, so no other
@@ -71,10 +78,10 @@ def _share_dir(run_dir: Path) -> None:
 
 
 def _fd_in_thread(fn: Callable[[], int], op: str, path: Path) -> int:
-    """:func:`_in_thread` for a step that enters a netns and returns a socket: its
+    """:func:`in_own_thread` for a step that enters a netns and returns a socket: its
     failure is a KernelError naming ``op`` (and the call that failed) and ``path``."""
     try:
-        return _in_thread(fn)
+        return in_own_thread(fn)
     except KernelError as exc:
         raise KernelError(f"{op} ({exc.op})", str(path), exc.errno) from exc
     except OSError as exc:

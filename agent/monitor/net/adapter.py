@@ -29,7 +29,6 @@ import errno
 import os
 import socket
 import struct
-import threading
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 from agent.core import syscalls as abi
 from agent.core.errors import KernelError
 from agent.kernel import libc as ksys
+from agent.kernel.netns import in_own_thread
 from agent.monitor.net import wire
 
 __all__ = ["NfSocket", "open_conntrack", "open_nflog"]
@@ -97,26 +97,16 @@ def _new_socket(netns: Path | None) -> socket.socket:
 
     if netns is None:
         return make()
-    out: list[socket.socket] = []
-    err: list[BaseException] = []
 
-    def run() -> None:  # this thread ends in the netns: nothing else ever runs there
+    def enter() -> socket.socket:  # its thread ends in the netns: nothing else runs there
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                ksys.setns(fd, abi.CLONE_NEWNET, str(netns))
-            finally:
-                os.close(fd)
-            out.append(make())
-        except BaseException as exc:
-            err.append(exc)
+            ksys.setns(fd, abi.CLONE_NEWNET, str(netns))
+        finally:
+            os.close(fd)
+        return make()
 
-    t = threading.Thread(target=run, name="agent-netmon-ns", daemon=True)
-    t.start()
-    t.join()
-    if err:
-        raise err[0]
-    return out[0]
+    return in_own_thread(enter)
 
 
 def _request(sock: socket.socket, what: str, msg: bytes, hint: str) -> None:

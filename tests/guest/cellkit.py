@@ -64,10 +64,12 @@ __all__ = [
     "call",
     "cgroup_v2_subtree",
     "clean",
+    "connect_from",
     "ctl",
     "diff",
     "ensure_agentd",
     "http_get",
+    "in_cell_netns",
     "journal_live",
     "kill9_agentd",
     "kill9_and_restart",
@@ -166,6 +168,34 @@ def ctl(*args: str, timeout: float = 90, pressure_wait: float = 60) -> Any:
             raise AssertionError(f"agentctl {' '.join(args)} exited {r.returncode}: "
                                  f"{r.stderr}\n--- agentd log ---\n{log_tail()}")
         time.sleep(2)
+
+
+def in_cell_netns(cell: str, *argv: str,
+                  timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``argv`` run in the cell's network namespace only (a host process there)."""
+    return sh("nsenter", f"--net={NETNS / f'cell-{cell}'}", *argv, check=False,
+              timeout=timeout)
+
+
+_CONNECT = """
+import socket
+s = socket.socket()
+s.settimeout({timeout})
+try:
+    s.connect(({addr!r}, {port}))
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    print("ok", s.recv(12).decode(errors="replace"))
+except OSError as e:
+    print("fail", type(e).__name__, e)
+"""
+
+
+def connect_from(cell: str, addr: str, port: int, timeout: float = 3) -> str:
+    """A TCP connect and GET from inside the cell's netns: "ok <first bytes>" or
+    "fail <error>" (busybox wget crashes under nsenter here)."""
+    r = in_cell_netns(cell, "python3", "-I", "-c",
+                      _CONNECT.format(addr=addr, port=port, timeout=timeout))
+    return (r.stdout + r.stderr).strip()
 
 
 def refused(*args: str, timeout: float = 90) -> str:

@@ -32,8 +32,10 @@ from cellkit import (
     NETNS,
     SERVICES,
     call,
+    connect_from,
     ctl,
     ensure_agentd,
+    in_cell_netns,
     probe,
     ps,
     sh,
@@ -112,9 +114,7 @@ def wait_event(since: int, cell: str, kind: str, timeout: float = 30,
     return e
 
 
-def in_cell(cell: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return sh("nsenter", f"--net={NETNS / f'cell-{cell}'}", *argv, check=False,
-              timeout=timeout)
+in_cell = in_cell_netns
 
 
 def attack(net: dict[str, Any], cell: str, *kinds: str, peer: str = "att-web",
@@ -128,23 +128,7 @@ def attack(net: dict[str, Any], cell: str, *kinds: str, peer: str = "att-web",
     return r.stdout
 
 
-CONNECT = """
-import socket
-s = socket.socket()
-s.settimeout({timeout})
-try:
-    s.connect(({addr!r}, {port}))
-    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-    print("ok", s.recv(12).decode(errors="replace"))
-except OSError as e:
-    print("fail", type(e).__name__, e)
-"""
-
-
-def connect(cell: str, addr: str, port: int, timeout: float = 3) -> str:
-    r = in_cell(cell, "python3", "-I", "-c", CONNECT.format(addr=addr, port=port,
-                                                            timeout=timeout))
-    return (r.stdout + r.stderr).strip()
+connect = connect_from
 
 
 CAPTURE = """

@@ -29,8 +29,10 @@ import pytest
 from cellkit import (
     NETNS,
     SERVICES,
+    connect_from,
     ctl,
     ensure_agentd,
+    in_cell_netns,
     ps,
     sh,
     wait_for,
@@ -54,27 +56,10 @@ def netns(cell: str) -> Path:
 
 
 def in_cell(cell: str, *argv: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return sh("nsenter", f"--net={netns(cell)}", *argv, check=False, timeout=timeout)
+    return in_cell_netns(cell, *argv, timeout=timeout)
 
 
-CONNECT = """
-import socket, sys
-s = socket.socket()
-s.settimeout({timeout})
-try:
-    s.connect(({addr!r}, {port}))
-    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-    print("ok", s.recv(12).decode(errors="replace"))
-except OSError as e:
-    print("fail", type(e).__name__, e)
-"""
-
-
-def connect(cell: str, addr: str, port: int, timeout: float = 3) -> str:
-    """Connect from inside the cell's netns (busybox wget crashes under nsenter here)."""
-    r = in_cell(cell, "python3", "-I", "-c", CONNECT.format(addr=addr, port=port,
-                                                            timeout=timeout))
-    return (r.stdout + r.stderr).strip()
+connect = connect_from
 
 
 def fetch(cell: str, addr: str, port: int) -> bool:

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 CHANNEL = "net"
 MAX_DATAGRAMS = 16
 RETRY_S = 30.0
+# A gone cell's log socket is read this much longer: more than the kernel's batch timeout
+# for NFLOG (wire.nflog_bind_requests: 0.1 s), so the drops of its last moments arrive.
+RETIRE_S = 1.0
 MAKING = frozenset({State.CREATING})  # its netns may hold its table (plan under way)
 
 
@@ -130,12 +133,14 @@ class ManagerCells:
 
 
 class _Directory:
-    """agent.monitor.net.rules.Directory over one snapshot of the cells."""
+    """agent.monitor.net.rules.Directory over one snapshot of the cells (and the uid
+    bases of cells gone whose log sockets are still read: ``retired``)."""
 
-    def __init__(self, cells: list[CellNet]) -> None:
+    def __init__(self, cells: list[CellNet],
+                 retired: Mapping[str, int | None] | None = None) -> None:
         self.by_addr = {c.address: c.name for c in cells}
         self.hosts = {c.gateway for c in cells if c.gateway}
-        self.uids = {c.name: c.uid_base for c in cells}
+        self.uids = {**(retired or {}), **{c.name: c.uid_base for c in cells}}
 
     def cell_of(self, address: str) -> str | None:
         return self.by_addr.get(address)
@@ -154,6 +159,7 @@ class _Source:
     cell: str | None = None  # the cell whose netns it reads (None: the host's)
     netns: Path | None = None
     lost_seen: int = 0
+    uid_base: int | None = None  # kept for a retired socket (its cell is gone)
 
 
 @dataclass
@@ -182,6 +188,7 @@ class NetMonitor:
         self.cells: Cells | None = None
         self._host: dict[str, _Source] = {}  # "ct", "log"
         self._cell: dict[str, _Source] = {}
+        self._retired: set[_Source] = set()  # cells gone: read a little longer
         self._failed: dict[str, str] = {}  # socket -> last error
         self._timer: asyncio.TimerHandle | None = None
         self._retry: dict[str, asyncio.TimerHandle] = {}
@@ -223,10 +230,11 @@ class NetMonitor:
                 h.cancel()
         self._timer = None
         self._retry.clear()
-        for src in [*self._host.values(), *self._cell.values()]:
+        for src in [*self._host.values(), *self._cell.values(), *self._retired]:
             self._remove(src)
         self._host.clear()
         self._cell.clear()
+        self._retired.clear()
 
     def status(self) -> dict[str, Any]:
         return {"sockets": sorted(s.sock.what for s in [*self._host.values(),
@@ -307,6 +315,9 @@ class NetMonitor:
 
     def _drop_failed(self, src: _Source, exc: BaseException) -> None:
         self._remove(src)
+        if src in self._retired:  # its cell is gone: nothing to retry
+            self._retired.discard(src)
+            return
         if src.cell is None:
             self._host.pop(src.kind, None)
             self._failure(src.kind, None, exc)
@@ -378,6 +389,22 @@ class NetMonitor:
     def _is_closed(self) -> bool:
         return self._closed  # (read again after an await: close() may have run meanwhile)
 
+    def _retire(self, src: _Source) -> None:
+        """A cell's netns is going: its log socket is still read for :data:`RETIRE_S`
+        (the kernel sends what it logged in batches, up to the batch timeout later: the
+        last drops of a cell that ended at once), then closed."""
+        src.uid_base = self.rules.dir.uid_base(src.cell) if src.cell else None
+        if self.loop is None:
+            self._remove(src)
+            return
+        self._retired.add(src)
+        self.loop.call_later(RETIRE_S, self._end_retired, src)
+
+    def _end_retired(self, src: _Source) -> None:
+        if src in self._retired:
+            self._retired.discard(src)
+            self._remove(src)
+
     def _on_lifecycle(self, event: Event) -> None:
         self._schedule_sync()
 
@@ -400,12 +427,13 @@ class NetMonitor:
                 self.stats.errors += 1
                 log.exception("net monitor: listing cells")
                 return
-            self.rules.dir = _Directory(cells)
             keep = {c.name: c.netns for c in cells if c.netns is not None}
             for name, src in list(self._cell.items()):
                 if keep.get(name) != src.netns:
                     del self._cell[name]
-                    self._remove(src)
+                    self._retire(src)
+            self.rules.dir = _Directory(cells, {s.cell: s.uid_base for s in self._retired
+                                                if s.cell is not None})
             want = {c.name: c.netns for c in cells if c.table and c.netns is not None}
             for name, path in want.items():
                 if name in self._cell or path is None or f"cell:{name}" in self._retry:

@@ -6,6 +6,11 @@
   async generator for streamed ops.  Every failure becomes an error reply: an
   :class:`AgentError` keeps its code, anything else is logged with its traceback and
   answered E_INTERNAL.  A handler can never stop the server.
+* A request refused because of who asks (:data:`IDENTITY_REFUSALS`: no role, an op or a
+  service the role may not use) is also told to ``Dispatcher.on_refused`` (agentd
+  publishes ``agent/control-denied``: someone probing what the socket lets them do,
+  channel 4's concern).  Refusals of what a permitted caller asked for (a ceiling, a
+  privilege, a share) are an operator's everyday errors, not probes.
 * Each message is received with ``recv_into(MAX_FRAME + 1, MSG_TRUNC)``: the kernel tells
   the real size of an oversized message (and discards its tail), which gets E_FRAME_TOO_BIG.
 * Connections are bounded (``max_connections``); one above the bound is told E_BUSY and
@@ -31,7 +36,7 @@ import select
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +53,13 @@ from agent.core.protocol import (
     encode_reply,
 )
 
-__all__ = ["ControlServer", "Dispatcher", "peer_of"]
+__all__ = ["IDENTITY_REFUSALS", "ControlServer", "Dispatcher", "peer_of"]
 
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _BUSY_PEEK = 1024  # bytes of a refused connection's first request read for its id
+IDENTITY_REFUSALS = frozenset({"E_POLICY_ROLE", "E_POLICY_OP", "E_POLICY_SERVICE"})
 SEND_TIMEOUT = 30.0  # s: a reply not taken by then means the client stopped reading
 
 
@@ -70,6 +76,8 @@ class Dispatcher:
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        # (peer, op, error code) of every request refused by policy
+        self.on_refused: Callable[[Peer, str, str], None] | None = None
 
     def register(self, op: str, handler: Handler) -> None:
         if not OP_RE.fullmatch(op):
@@ -107,6 +115,11 @@ class Dispatcher:
                     await aclose()
             yield _reply(req, None)
         except AgentError as exc:
+            if exc.code in IDENTITY_REFUSALS and self.on_refused is not None:
+                try:
+                    self.on_refused(peer, req.op, exc.code)
+                except Exception:  # reporting must not change the reply
+                    log.exception("op %s: reporting the refusal failed", req.op)
             yield encode_error(req.id, exc)
         except Exception as exc:
             log.exception("op %s from pid %d failed", req.op, peer.pid)

@@ -72,6 +72,7 @@ class Daemon:
         self.bus = EventBus(clock=clock)
         self.bus.mark_state_change("started", "stopping")
         self.dispatcher = Dispatcher()
+        self.dispatcher.on_refused = self._refused
         self.server = ControlServer(config.socket_path, self.dispatcher)
         self.started_at = monotonic()
         self._status: dict[str, Callable[[], Any]] = {"cells": lambda: 0}
@@ -84,6 +85,12 @@ class Daemon:
         self.register("events", self._op_events)
         self.register("events.follow", self._op_events_follow)
         self.register("whoami", self._op_whoami)
+
+    def _refused(self, peer: Peer, op: str, code: str) -> None:
+        """A request refused for who asks: ``agent/control-denied`` (the identity is the
+        kernel's; channel 4's master-control-probing pattern counts them per uid)."""
+        self.bus.emit("agent", "control-denied", severity="notice", uid=peer.uid,
+                      pid=peer.pid, op=op, code=code)
 
     # ------------------------------------------------------------------ plug-in points
     def register(self, op: str, handler: Handler) -> None:

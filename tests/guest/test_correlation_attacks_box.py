@@ -7,7 +7,8 @@ publish (docs/events.md) but do not yet: each of those scenarios is marked
 alert wait in the suite's time budget; ``pytest --runxfail`` runs them).
 ``escapes-across-cells`` runs on today's events: ``test_correlation_box.py``; so do
 ``privileged-by-proxy`` (channels 2 and 3), ``host-change-by-proxy`` (channel 2's host
-half) and ``master-files-changed`` (the integrity watch) here.
+half), ``master-files-changed`` (the integrity watch) and ``master-control-probing``
+(the control server's refusals) here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from cellkit import (
     wait_for,
     write_manifest,
 )
-from corrkit import expect_alert, last_seq
+from corrkit import alerts, expect_alert, last_seq
 
 __all__ = ["clean"]
 
@@ -290,13 +291,34 @@ def refused_as_nobody(n: int) -> None:
         assert r.returncode == 1 and "error[E_POLICY_ROLE]" in r.stderr, r.stderr
 
 
-@pending("the control server's agent/control-denied event")
 def test_master_control_probing(clean: dict[str, Any]) -> None:
+    # the control: four refusals within the minute are not yet probing
     since = last_seq()
-    refused_as_nobody(5)
+    pid = agentd_pid()
+    refused_as_nobody(4)
+    denied = [e for e in call("events", n=200, channel="agent", kind="control-denied")
+              if e["seq"] > since]
+    assert [(e["attrs"]["uid"], e["attrs"]["op"]) for e in denied] == \
+        [(1000, "patterns.rollback")] * 4
+    time.sleep(1)
+    assert alerts(since, "master-control-probing") == []
+    refused_as_nobody(1)
     alert = expect_alert("master-control-probing", since, timeout=WAIT)
     (link,) = alert["attrs"]["chain"]
     assert link["count"] == 5 and link["keys"].get("uid", 1000) == 1000
+    # tagged master: the master re-makes itself (test_master_defence_box.py has the
+    # whole respawn); the next tests meet the new one, answering
+    def respawned() -> bool:
+        try:
+            return any(e["attrs"].get("pattern") == "master-control-probing"
+                       for e in call("events.log", n=200, channel="master", kind="respawn"))
+        except Exception:  # the control socket while the new master starts
+            return False
+
+    wait_for(respawned, "master/respawn in the event log", timeout=120)
+    wait_for(lambda: isinstance(call("status").get("budget"), dict), "the new master",
+             timeout=120)
+    assert agentd_pid() == pid
 
 
 @pending("agent/control-denied and agent/signal")

@@ -19,7 +19,7 @@ import pytest
 from agent import __version__
 from agent.cli.client import Client, ConnectError, RemoteError, TransportError
 from agent.core.config import AgentConfig
-from agent.core.errors import AgentError, NotFoundError
+from agent.core.errors import AgentError, NotFoundError, RefusedError
 from agent.core.protocol import (
     MAX_FRAME,
     Handler,
@@ -68,6 +68,10 @@ async def _notfound(peer: Peer, args: Mapping[str, Any]) -> Any:
     raise NotFoundError("E_NOCELL", "no cell `tv`", "list cells first")
 
 
+async def _refuse(peer: Peer, args: Mapping[str, Any]) -> Any:
+    raise RefusedError(str(args.get("code", "E_POLICY_ROLE")), "refused", "ask the vendor")
+
+
 async def _count(peer: Peer, args: Mapping[str, Any]) -> AsyncIterator[int]:
     check_args(args, ("upto", "fail_at"))
     upto = arg(args, "upto", int, 3)
@@ -100,7 +104,8 @@ def start_daemon(tmp_path: Path, configure: Callable[[Daemon], None] | None = No
     daemon = Daemon(cfg)
     handlers: list[tuple[str, Handler]] = [
         ("test.crash", _crash), ("test.notfound", _notfound), ("test.count", _count),
-        ("test.big", _big), ("test.unencodable", _unencodable), ("test.sleep", _sleep)]
+        ("test.big", _big), ("test.unencodable", _unencodable), ("test.sleep", _sleep),
+        ("test.refuse", _refuse)]
     for op, h in handlers:
         daemon.register(op, h)
     if configure:
@@ -323,6 +328,25 @@ def test_handler_failures(agentd: Running, caplog: pytest.LogCaptureFixture) -> 
         assert info.value.code == "E_INTERNAL"
         assert c.call("ping") == "pong"
     assert "handler exploded" in caplog.text  # the traceback went to the log
+
+
+def test_a_policy_refusal_is_an_agent_event(agentd: Running) -> None:
+    """Refused by policy: the reply as ever, and agent/control-denied with the kernel's
+    identity of the peer (channel 4 counts them); other errors are not refusals."""
+    with agentd.client() as c:
+        with pytest.raises(RemoteError) as info:
+            c.call("test.refuse")
+        assert info.value.code == "E_POLICY_ROLE"
+        with pytest.raises(RemoteError):
+            c.call("test.notfound")
+        with pytest.raises(RemoteError) as info:  # what a permitted caller asked: no probe
+            c.call("test.refuse", code="E_POLICY_CEILING")
+        assert info.value.code == "E_POLICY_CEILING"
+        events = c.call("events", channel="agent", kind="control-denied")
+    (e,) = events
+    assert e["attrs"] == {"uid": os.getuid(), "pid": os.getpid(), "op": "test.refuse",
+                          "code": "E_POLICY_ROLE"}
+    assert e["severity"] == "notice" and e["cell"] is None
 
 
 def test_streams(agentd: Running) -> None:

@@ -70,7 +70,7 @@ from agent.core.tunerstate import (
 )
 from agent.daemon.cells import CellEntry, CellsHost, Tuned
 from agent.kernel.cgroup import CgroupBackend
-from agent.kernel.knobs import Knobs, PriWatch
+from agent.kernel.knobs import Knobs, PriWatch, avg10_of
 from agent.kernel.psi import PsiWatcher
 
 __all__ = ["Tuner"]
@@ -236,6 +236,18 @@ class Tuner:
         res = _RESOURCES.get(resource)
         if res is not None:
             self.observe(cell, PressureTriggered(res, self.clock()))
+            self._pressure(cell, res)
+
+    def _pressure(self, cell: str, res: Resource) -> None:
+        """``tuner/pressure``: the cell's trigger fired (at most once per window per
+        resource), with its ``some avg10`` when the file reads (channel 4 counts cells
+        under pressure together: pressure-from-many)."""
+        avg10: float | None = None
+        path = self.knobs.pressure_path(cell, res)
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                avg10 = avg10_of(path.read_text())
+        self._emit(cell, "pressure", "info", resource=res, avg10=avg10)
 
     def _on_psi_gone(self, cell: str, resource: str) -> None:
         log.info("cell %s: %s pressure file gone", cell, resource)
@@ -247,6 +259,7 @@ class Tuner:
         with contextlib.suppress(BlockingIOError):
             os.read(t.v1_fd, 8)
         self.observe(cell, PressureTriggered("memory", self.clock()))
+        self._pressure(cell, "memory")
 
     def _on_events_text(self, cell: str, text: str) -> None:
         counts: dict[str, int] = {}

@@ -8,7 +8,8 @@ alert wait in the suite's time budget; ``pytest --runxfail`` runs them).
 ``escapes-across-cells`` runs on today's events: ``test_correlation_box.py``; so do
 ``privileged-by-proxy`` (channels 2 and 3), ``host-change-by-proxy`` (channel 2's host
 half), ``master-files-changed`` (the integrity watch) and ``master-control-probing``
-(the control server's refusals) here.
+(the control server's refusals) and ``pressure-from-many`` (the tuner's PSI triggers)
+here.
 """
 
 from __future__ import annotations
@@ -199,7 +200,6 @@ def test_host_change_by_proxy(clean: dict[str, Any]) -> None:
                                ("change", "host/clock-set", "corr-clock")]
 
 
-@pending("the tuner's tuner/pressure event")
 def test_pressure_from_many(clean: dict[str, Any]) -> None:
     since = last_seq()
     names = [f"corr-hot{i}" for i in range(3)]

@@ -441,3 +441,20 @@ def test_top_cpu_percent_is_since_the_latest_reading(env: Any) -> None:
     assert first["cpu_pct"] == 1.0
     (leaf / "cpu.stat").write_text("usage_usec 2001000\n")   # 1 s more in 2 s
     assert top_row(mgr, tuner, "a", clock.now + 102)["cpu_pct"] == 50.0
+
+
+def test_a_fired_trigger_is_a_pressure_event_with_its_avg10(env: Any) -> None:
+    """The trigger's callback: the tuner's decision (a raise) and ``tuner/pressure`` with
+    the cell's ``some avg10`` as the file says it (channel 4's pressure-from-many)."""
+    root, host, tuner, _ = env
+    leaf = make_cell(root, host, manifest("a"))
+    (leaf / "cpu.pressure").write_text("some avg10=42.50 avg60=10.00 avg300=1.00 total=5\n"
+                                       "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    tuner.attach()
+    tuner._on_psi("a", "cpu")
+    (e,) = tuner_events(host, "pressure")
+    assert e.cell == "a" and e.attrs == {"resource": "cpu", "avg10": 42.5}
+    assert read(leaf, "cpu.max") != "10000 100000"  # raised, as for any trigger
+    (leaf / "memory.pressure").unlink()
+    tuner._on_psi("a", "memory")  # no memory.pressure file: no figure, still said
+    assert tuner_events(host, "pressure")[-1].attrs == {"resource": "memory", "avg10": None}

@@ -55,6 +55,7 @@ from agent.daemon.monitors import (
     wire_correlation,
     wire_exec,
     wire_integrity,
+    wire_signals,
     wire_syscalls,
     wire_watchers,
 )
@@ -80,8 +81,8 @@ from agent.monitor.exec.service import ExecService
 from agent.monitor.net.service import ManagerCells, NetMonitor
 
 __all__ = ["build_manager", "hook_master_attack", "main", "setup_logging", "start_tuning",
-           "wire_cells", "wire_correlation", "wire_exec", "wire_integrity", "wire_syscalls",
-           "wire_watchers"]
+           "wire_cells", "wire_correlation", "wire_exec", "wire_integrity", "wire_signals",
+           "wire_syscalls", "wire_watchers"]
 
 log = logging.getLogger("agentd")
 
@@ -154,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None,
                         inherited=inherited)
+        wire_signals(daemon)  # before any thread: the mask is inherited by threads
         history = wire_history(daemon)
         correlation = wire_correlation(daemon, daemon.config.correlation)
         execmon = None if ns.no_cells else wire_exec(daemon)

@@ -15,19 +15,22 @@ in :func:`agent.daemon.main.wire_cells`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.core.errors import ConfigError
+from agent.core.errors import ConfigError, KernelError
 from agent.core.names import NETNS_PREFIX
 from agent.daemon.cellapi import CellOps
 from agent.daemon.integrity import IntegrityWatch
 from agent.daemon.respawn import Respawner
 from agent.daemon.server import Daemon
 from agent.kernel.netns import NETNS_DIR
+from agent.kernel.signalfd import SignalWatch
 from agent.monitor.correlation.service import CorrelationService
 from agent.monitor.correlation.service_ops import PatternOps
 from agent.monitor.correlation.settings import parse_settings
@@ -39,12 +42,41 @@ from agent.monitor.syscall.adapter_keeper import KeeperLink
 from agent.monitor.syscall.service import SyscallService, TrapLimits
 
 __all__ = ["AGENT_SEAL", "closer", "hook_master_attack", "wire_correlation", "wire_exec",
-           "wire_integrity", "wire_syscalls", "wire_watchers"]
+           "wire_integrity", "wire_signals", "wire_syscalls", "wire_watchers"]
 
 # The installed agent's seal, written when the image was built (docs/master.md).
 AGENT_SEAL = Path("/usr/share/agent/agent.seal")
 
 log = logging.getLogger("agentd")
+
+
+def wire_signals(daemon: Daemon) -> SignalWatch | None:
+    """The master's own guard against signals it never expects (agent.kernel.signalfd):
+    each one is ``agent/signal`` with its sender (an alert unless init sent it: channel
+    4's master-signalled pattern) and none of them ends agentd.  Called before any
+    thread starts (the mask is per thread, inherited by the threads started after)."""
+    try:
+        watch = SignalWatch()
+    except KernelError as exc:
+        log.error("no signal watch (unexpected signals keep their default action): %s", exc)
+        return None
+
+    def on_ready() -> None:
+        for r in watch.read():
+            daemon.bus.emit("agent", "signal", severity="notice" if r.pid == 1 else "alert",
+                            sig=r.name, sender_pid=r.pid, uid=r.uid, code=r.code)
+
+    async def start() -> None:
+        asyncio.get_running_loop().add_reader(watch.fileno(), on_ready)
+
+    async def close() -> None:
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(watch.fileno())
+        watch.close()
+
+    daemon.on_startup(start)
+    daemon.on_shutdown(close)
+    return watch
 
 
 def wire_correlation(daemon: Daemon, table: Mapping[str, Any] | None = None

@@ -7,9 +7,9 @@ publish (docs/events.md) but do not yet: each of those scenarios is marked
 alert wait in the suite's time budget; ``pytest --runxfail`` runs them).
 ``escapes-across-cells`` runs on today's events: ``test_correlation_box.py``; so do
 ``privileged-by-proxy`` (channels 2 and 3), ``host-change-by-proxy`` (channel 2's host
-half), ``master-files-changed`` (the integrity watch) and ``master-control-probing``
-(the control server's refusals) and ``pressure-from-many`` (the tuner's PSI triggers)
-here.
+half), ``master-files-changed`` (the integrity watch), ``master-control-probing``,
+``master-signalled`` and ``master-probe-then-tamper`` (the control server's refusals and
+the master's signal watch) and ``pressure-from-many`` (the tuner's PSI triggers) here.
 """
 
 from __future__ import annotations
@@ -269,12 +269,31 @@ def test_master_files_changed(clean: dict[str, Any]) -> None:
     wait_for(lambda: call("status")["integrity"]["differences"] == [], "a clean tree again")
 
 
-@pending("the master's agent/signal event")
 def test_master_signalled(clean: dict[str, Any]) -> None:
-    since = last_seq()
-    os.kill(agentd_pid(), signal.SIGWINCH)  # harmless to agentd, but not from init
+    since, t0 = last_seq(), time.time() - 1
+    pid = agentd_pid()
+    os.kill(pid, signal.SIGUSR1)  # its default would end agentd; not from init
     alert = expect_alert("master-signalled", since, timeout=WAIT)
     assert alert["attrs"]["chain"][0]["keys"]["sender_pid"] == os.getpid()
+    respawned({"master-signalled"}, pid, t0)
+
+
+def respawned(patterns: set[str], pid: int, since_ts: float) -> None:
+    """A pattern tagged master re-makes the master (test_master_defence_box.py has the
+    whole respawn): a ``master/respawn`` for one of ``patterns`` (the first to match asks
+    for it) in the event log after ``since_ts``, the same pid serving again, so that the
+    next tests meet the new master, answering."""
+    def logged() -> bool:
+        try:
+            return any(e["attrs"].get("pattern") in patterns and e["ts"] >= since_ts
+                       for e in call("events.log", n=200, channel="master", kind="respawn"))
+        except Exception:  # the control socket while the new master starts
+            return False
+
+    wait_for(logged, f"master/respawn for {patterns} in the event log", timeout=120)
+    wait_for(lambda: isinstance(call("status").get("budget"), dict), "the new master",
+             timeout=120)
+    assert agentd_pid() == pid
 
 
 def refused_as_nobody(n: int) -> None:
@@ -293,7 +312,7 @@ def refused_as_nobody(n: int) -> None:
 
 def test_master_control_probing(clean: dict[str, Any]) -> None:
     # the control: four refusals within the minute are not yet probing
-    since = last_seq()
+    since, t0 = last_seq(), time.time() - 1
     pid = agentd_pid()
     refused_as_nobody(4)
     denied = [e for e in call("events", n=200, channel="agent", kind="control-denied")
@@ -306,27 +325,16 @@ def test_master_control_probing(clean: dict[str, Any]) -> None:
     alert = expect_alert("master-control-probing", since, timeout=WAIT)
     (link,) = alert["attrs"]["chain"]
     assert link["count"] == 5 and link["keys"].get("uid", 1000) == 1000
-    # tagged master: the master re-makes itself (test_master_defence_box.py has the
-    # whole respawn); the next tests meet the new one, answering
-    def respawned() -> bool:
-        try:
-            return any(e["attrs"].get("pattern") == "master-control-probing"
-                       for e in call("events.log", n=200, channel="master", kind="respawn"))
-        except Exception:  # the control socket while the new master starts
-            return False
-
-    wait_for(respawned, "master/respawn in the event log", timeout=120)
-    wait_for(lambda: isinstance(call("status").get("budget"), dict), "the new master",
-             timeout=120)
-    assert agentd_pid() == pid
+    respawned({"master-control-probing"}, pid, t0)
 
 
-@pending("agent/control-denied and agent/signal")
 def test_master_probe_then_tamper(clean: dict[str, Any]) -> None:
-    since = last_seq()
+    since, t0 = last_seq(), time.time() - 1
+    pid = agentd_pid()
     refused_as_nobody(1)
     time.sleep(0.5)
-    os.kill(agentd_pid(), signal.SIGWINCH)
+    os.kill(pid, signal.SIGWINCH)
     alert = expect_alert("master-probe-then-tamper", since, timeout=WAIT)
     assert [s for s, _, _ in chain_of(alert)] == ["probe", "tamper"]
     assert ctl("status")["correlation"]["matches"] >= 1
+    respawned({"master-probe-then-tamper", "master-signalled"}, pid, t0)

@@ -120,14 +120,19 @@ pattern escapes-across-cells
 end
 
 
-# Code that hides from the allow-list in several cells: programs run from
-# anonymous memory files refused in two or more cells within ten minutes.
+# Code that hides from exec protection in several cells.
+#
+# A program run from an anonymous memory file never touches a mount, so fanotify
+# cannot see its exec; cells not granted op memfd are refused memfd_create for that
+# reason (syscall/denied).  Memory files asked for in two or more such cells within
+# ten minutes is one loader tried everywhere (a benign program that needs them is
+# granted op memfd by its manifest and never shows here).
 pattern memfd-across-cells
-  about programs from memory files refused in two or more cells
+  about memory-only program files tried in two or more cells
   severity alert
   response freeze
   tag escape
-  step run: exec/exec-denied|exec-unverified reason == memfd
+  step run: syscall/denied syscall == memfd_create
   count 2 distinct cell within 10m
 end
 

@@ -123,14 +123,16 @@ class Respawner:
     def request(self, reason: str, **attrs: Any) -> bool:
         """Ask for a respawn on the next turn of the loop (after the caller's events are
         out), from a detector (a pattern tagged ``master``, the integrity watch).  While
-        one is pending, or within ``RETRY_S`` of an attempt that did not exec (tampered
-        files: refused), a request joins it: an attack that keeps firing costs one check,
-        not one per event.  True if this request schedules one."""
+        one is pending a request joins it; within ``RETRY_S`` of an attempt that did not
+        exec (tampered files: refused) it is deferred to the end of that wait, never
+        dropped (a new attack right after the files were restored still re-makes the
+        master).  An attack that keeps firing costs one check per ``RETRY_S``, not one per
+        event.  True if this request schedules one."""
         self.requests += 1
-        now = time.monotonic()
-        if self._pending or now - self._last_attempt < RETRY_S:
+        if self._pending:
             return False
         self._pending = True
+        wait = self._last_attempt + RETRY_S - time.monotonic()
 
         def attempt() -> None:
             try:
@@ -140,9 +142,14 @@ class Respawner:
                 self._last_attempt = time.monotonic()
 
         try:
-            asyncio.get_running_loop().call_soon(attempt)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a tool, a test): now
             attempt()
+            return True
+        if wait > 0:
+            loop.call_later(wait, attempt)
+        else:
+            loop.call_soon(attempt)
         return True
 
     def handlers(self) -> dict[str, Handler]:

@@ -13,8 +13,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.core.config import AgentConfig
 from agent.core.events import Event
+from agent.daemon import respawn as respawn_mod
 from agent.daemon.bus import EventBus
 from agent.daemon.integrity import IntegrityWatch
 from agent.daemon.main import hook_master_attack, wire_integrity
@@ -130,7 +133,10 @@ def test_a_master_pattern_respawns_the_master_once_after_its_alert(tmp_path: Pat
     run(scenario)
 
 
-def test_a_master_pattern_with_tampered_files_is_an_alert_and_no_exec(tmp_path: Path) -> None:
+def test_a_master_pattern_with_tampered_files_is_an_alert_and_no_exec(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(respawn_mod, "RETRY_S", 0.5)
+
     async def scenario() -> None:
         bus = EventBus()
         seal = sealed_tree(tmp_path)
@@ -144,10 +150,17 @@ def test_a_master_pattern_with_tampered_files_is_an_alert_and_no_exec(tmp_path: 
         (ev,) = bus.recent(channel="master", kind="integrity")
         assert ev.severity == "alert" and ev.attrs["files"] == ["daemon/main.py (changed)"]
         assert calls == [] and r.respawns == 0
-        # An attack that keeps firing costs one check per RETRY_S, not one per event.
+        # An attack that keeps firing costs one check per RETRY_S, not one per event;
+        # a request within it is deferred to its end, not dropped.
         bus.emit("agent", "signal", sig=9, sender_pid=67)
-        await asyncio.sleep(0.3)
-        assert len(bus.recent(channel="master", kind="integrity")) == 1 and RETRY_S >= 1
+        bus.emit("agent", "signal", sig=9, sender_pid=68)
+        await asyncio.sleep(0.1)
+        assert len(bus.recent(channel="master", kind="integrity")) == 1
+        await until(lambda: len(bus.recent(channel="master", kind="integrity")) == 2,
+                    "the deferred check")
+        await asyncio.sleep(0.7)
+        assert len(bus.recent(channel="master", kind="integrity")) == 2 and calls == []
+        assert RETRY_S >= 1  # the shipped wait
         await svc.close()
 
     run(scenario)

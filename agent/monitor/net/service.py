@@ -29,20 +29,18 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.core.cell import State
 from agent.core.errors import AgentError
 from agent.core.events import Event
-from agent.core.lifecycle import HOLDS_TABLE, IN_FIREWALL
 from agent.core.netlog import LOG_GROUP
-from agent.core.planner import Allocation
 from agent.kernel.nft import FirewallSync
 from agent.monitor.net import adapter
+from agent.monitor.net.cells import CellNet, Cells, Directory, ManagerCells
 from agent.monitor.net.rules import NetEvent, NetRules
 from agent.monitor.net.wire import iter_messages, parse_ct_new, parse_log
 
@@ -56,23 +54,6 @@ RETRY_S = 30.0
 # A gone cell's log socket is read this much longer: more than the kernel's batch timeout
 # for NFLOG (wire.nflog_bind_requests: 0.1 s), so the drops of its last moments arrive.
 RETIRE_S = 1.0
-MAKING = frozenset({State.CREATING})  # its netns may hold its table (plan under way)
-
-
-@dataclass(frozen=True)
-class CellNet:
-    """A networked cell as channel 3 needs it."""
-
-    name: str
-    address: str
-    gateway: str | None
-    uid_base: int | None
-    netns: Path | None  # its pinned netns (None: not made yet, or gone)
-    table: bool = False  # the netns holds the cell's table (and its log rules)
-
-
-class Cells(Protocol):
-    def net_cells(self) -> list[CellNet]: ...
 
 
 class Readable(Protocol):
@@ -97,59 +78,6 @@ class KernelOpener:
 
     def nflog(self, group: int, netns: Path | None) -> Readable:
         return adapter.open_nflog(group, netns)
-
-
-class _Entry(Protocol):
-    @property
-    def state(self) -> Any: ...
-    @property
-    def alloc(self) -> Allocation: ...
-
-
-class _Manager(Protocol):
-    @property
-    def cells(self) -> Mapping[str, _Entry]: ...
-
-
-class ManagerCells:
-    """:class:`Cells` over the cell manager's records (duck-typed: a monitor does not
-    import the daemon).  ``netns_path``: the cell -> pinned netns function of HostNet."""
-
-    def __init__(self, mgr: _Manager, netns_path: Callable[[str], Path]) -> None:
-        self.mgr = mgr
-        self.netns_path = netns_path
-
-    def net_cells(self) -> list[CellNet]:
-        out = []
-        for name, e in list(self.mgr.cells.items()):
-            a = e.alloc
-            if a.address is None or e.state not in IN_FIREWALL:
-                continue
-            table = e.state in HOLDS_TABLE
-            out.append(CellNet(name, str(IPv4Interface(a.address).ip), a.gateway, a.uid_base,
-                               self.netns_path(name) if table or e.state in MAKING else None,
-                               table))
-        return out
-
-
-class _Directory:
-    """agent.monitor.net.rules.Directory over one snapshot of the cells (and the uid
-    bases of cells gone whose log sockets are still read: ``retired``)."""
-
-    def __init__(self, cells: list[CellNet],
-                 retired: Mapping[str, int | None] | None = None) -> None:
-        self.by_addr = {c.address: c.name for c in cells}
-        self.hosts = {c.gateway for c in cells if c.gateway}
-        self.uids = {**(retired or {}), **{c.name: c.uid_base for c in cells}}
-
-    def cell_of(self, address: str) -> str | None:
-        return self.by_addr.get(address)
-
-    def is_host(self, address: str) -> bool:
-        return address in self.hosts
-
-    def uid_base(self, cell: str) -> int | None:
-        return self.uids.get(cell)
 
 
 @dataclass(eq=False)
@@ -182,7 +110,7 @@ class NetMonitor:
         self.opener: Opener = opener or KernelOpener()
         self.clock = clock
         self.rules_kw = rules
-        self.rules = NetRules(_Directory([]), **rules)
+        self.rules = NetRules(Directory([]), **rules)
         self.stats = Stats()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.cells: Cells | None = None
@@ -204,7 +132,7 @@ class NetMonitor:
         """Open the host's sockets and the cells'; with ``firewall``, new cells' sockets
         are opened by their create plan (see the module doc)."""
         self.loop, self.cells = loop, cells
-        self.rules.dir = _Directory(cells.net_cells())
+        self.rules.dir = Directory(cells.net_cells())
         if firewall is not None:
             firewall.on_cell_table.append(self.cell_table_applied)
             self._firewall = firewall
@@ -432,7 +360,7 @@ class NetMonitor:
                 if keep.get(name) != src.netns:
                     del self._cell[name]
                     self._retire(src)
-            self.rules.dir = _Directory(cells, {s.cell: s.uid_base for s in self._retired
+            self.rules.dir = Directory(cells, {s.cell: s.uid_base for s in self._retired
                                                 if s.cell is not None})
             want = {c.name: c.netns for c in cells if c.table and c.netns is not None}
             for name, path in want.items():

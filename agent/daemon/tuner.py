@@ -70,7 +70,7 @@ from agent.core.tunerstate import (
 )
 from agent.daemon.cells import CellEntry, CellsHost, Tuned
 from agent.kernel.cgroup import CgroupBackend
-from agent.kernel.knobs import Knobs, PriWatch, avg10_of
+from agent.kernel.knobs import Knobs, PriWatch
 from agent.kernel.psi import PsiWatcher
 
 __all__ = ["Tuner"]
@@ -242,12 +242,8 @@ class Tuner:
         """``tuner/pressure``: the cell's trigger fired (at most once per window per
         resource), with its ``some avg10`` when the file reads (channel 4 counts cells
         under pressure together: pressure-from-many)."""
-        avg10: float | None = None
-        path = self.knobs.pressure_path(cell, res)
-        if path is not None:
-            with contextlib.suppress(OSError, ValueError):
-                avg10 = avg10_of(path.read_text())
-        self._emit(cell, "pressure", "info", resource=res, avg10=avg10)
+        self._emit(cell, "pressure", "info", resource=res,
+                   avg10=self.knobs.pressure_avg10(cell, res))
 
     def _on_psi_gone(self, cell: str, resource: str) -> None:
         log.info("cell %s: %s pressure file gone", cell, resource)
@@ -447,15 +443,4 @@ class Tuner:
         t = self.cells.get(cell)
         if t is not None:
             t.state = replace(t.state, held=held)
-
-    def row(self, cell: str) -> dict[str, Any]:
-        """What ``agentctl top`` shows of a tuned cell (beside fresh stats)."""
-        t = self.cells.get(cell)
-        if t is None:
-            return {"tuned": False}
-        s = t.state.size
-        return {"tuned": True, "cpu_max": s.cpu, "memory_high": s.memory_high,
-                "memory_max": s.memory_max, "pinned": t.state.pinned, "level": self._level(cell),
-                "held": t.state.held.to_wire(), "sources": list(t.sources),
-                "sampled_every_s": None if t.due is None else t.interval}
 

@@ -18,13 +18,25 @@ from agent.core.cgroup import CellStats
 from agent.core.errors import AgentError
 from agent.core.protocol import Handler, Peer, arg, check_args
 from agent.core.units import UnitError, parse_cpu, parse_size
-from agent.daemon.cells import CellDirectory
+from agent.daemon.cells import CellDirectory, Tuned
 from agent.daemon.reclaim import Reclaimer
 from agent.daemon.tuner import Tuner
 
-__all__ = ["TunerOps", "top_row"]
+__all__ = ["TunerOps", "top_row", "tuned_row"]
 
 log = logging.getLogger(__name__)
+
+
+def tuned_row(t: Tuned | None, level: str) -> dict[str, Any]:
+    """What ``agentctl top`` shows of a cell's tuning (beside fresh stats); ``level``: its
+    escalation by the reclaim loop."""
+    if t is None:
+        return {"tuned": False}
+    s = t.state.size
+    return {"tuned": True, "cpu_max": s.cpu, "memory_high": s.memory_high,
+            "memory_max": s.memory_max, "pinned": t.state.pinned, "level": level,
+            "held": t.state.held.to_wire(), "sources": list(t.sources),
+            "sampled_every_s": None if t.due is None else t.interval}
 
 
 def top_row(mgr: CellDirectory, tuner: Tuner | None, name: str, now: float) -> dict[str, Any]:
@@ -35,7 +47,7 @@ def top_row(mgr: CellDirectory, tuner: Tuner | None, name: str, now: float) -> d
                            "memory_current": None, "pids": None, "cpu_pressure": None,
                            "memory_pressure": None}
     t = tuner.cells.get(name) if tuner is not None else None
-    row.update(tuner.row(name) if tuner is not None else {"tuned": False})
+    row.update(tuned_row(t, e.rung.level))
     try:
         st: CellStats = mgr.cgroup.stats(name)
     except (AgentError, OSError):

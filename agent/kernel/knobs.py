@@ -130,6 +130,16 @@ class Knobs:
         path = self._path(cell, f"{resource}.pressure", None)
         return path if path is not None and path.exists() else None
 
+    def pressure_avg10(self, cell: str, resource: str) -> float | None:
+        """The cell's ``some avg10`` for ``resource`` (None: no PSI file, or unreadable)."""
+        path = self.pressure_path(cell, resource)
+        if path is None:
+            return None
+        try:
+            return avg10_of(path.read_text())
+        except (OSError, ValueError):
+            return None
+
     def sample_reader(self, cell: str) -> SampleReader | None:
         """A reader of the cell's samples (v2 only; v1 samples through the backend)."""
         if self.v1:

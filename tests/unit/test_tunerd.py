@@ -27,7 +27,7 @@ from agent.core.tunerstate import Bounds, MemoryEvents, PressureTriggered, Tuner
 from agent.daemon.bus import EventBus
 from agent.daemon.cells import Rung
 from agent.daemon.tuner import Tuner
-from agent.daemon.tunerapi import top_row
+from agent.daemon.tunerapi import top_row, tuned_row
 from agent.kernel.cgroupv2 import CgroupV2
 
 MiB = 1 << 20
@@ -366,7 +366,7 @@ def test_a_settled_cell_is_not_sampled_until_a_trigger_raises_it(tmp_path: Path)
         assert t.state.size.cpu == t.bounds.cpu_lo and t.due is None
         tuner._schedule()
         assert not armed(tuner)
-        assert tuner.row("a")["sampled_every_s"] is None
+        assert tuned_row(tuner.cells["a"], "none")["sampled_every_s"] is None
         tuner.pin("a", cpu=200)  # pinned: no automatic change, no samples
         assert t.due is None
         tuner.unpin("a")         # unpinned above its floor: sampled again, soon

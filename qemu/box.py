@@ -197,6 +197,11 @@ class Box:
         self._reader.join(30)
 
 
+def prepare() -> None:
+    """Build (or re-use) the image, so that boxes started together do not build it twice."""
+    image.build()
+
+
 def run_in_box(
     script: str,
     *,

@@ -19,6 +19,8 @@ import json
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import pytest
 
 IN_GUEST = os.environ.get("AGENT_IN_GUEST") == "1"
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = pytest.StashKey[dict[str, Any]]()
+TIER = pytest.StashKey["Tier"]()
 
 
 # --- inside the box -----------------------------------------------------------------------
@@ -70,7 +72,7 @@ class GuestProxy(pytest.Item):
     """Stands on the host for one test that runs in the box."""
 
     def runtest(self) -> None:
-        results = _results(self.session)
+        results = _results(self.session, self.nodeid)
         recs = results["by_id"].get(self.nodeid)
         if recs is None:
             raise GuestFailure(
@@ -96,17 +98,43 @@ class GuestProxy(pytest.Item):
         return self.path, 0, f"{self.name} (in the box)"
 
 
-def _results(session: pytest.Session) -> dict[str, Any]:
-    stash = session.config.stash
-    if RESULTS in stash:
-        return stash[RESULTS]
-    sys.path.insert(0, str(REPO / "qemu"))
-    import box  # the launcher in qemu/box.py
+# What each module took in the box (seconds, a full run of 2026-12-07 on a loaded CI
+# machine): the tier is split between boxes by these weights.  A module not listed
+# counts as DEFAULT_SECONDS.  Only the balance depends on them, never an outcome.
+MODULE_SECONDS = {
+    "test_isolation.py": 485, "test_scale.py": 479, "test_soak_faults.py": 151,
+    "test_correlation_attacks_box.py": 134, "test_data_box.py": 129,
+    "test_attacks_net.py": 124, "test_soak.py": 122, "test_tuner_box.py": 97,
+    "test_control_fuzz.py": 95, "test_tuner_scenarios.py": 94, "test_start_race.py": 82,
+    "test_correlation_box.py": 78, "test_cells_e2e.py": 72, "test_cellbench_box.py": 66,
+}
+DEFAULT_SECONDS = 30
 
-    ids = [it.nodeid for it in session.items if isinstance(it, GuestProxy)]
+
+def shards_of(ids: list[str], n: int) -> list[list[str]]:
+    """``ids`` split into at most ``n`` shards, whole modules each, the heaviest module
+    first into the lightest shard; each shard keeps the collection order."""
+    modules: dict[str, list[str]] = {}
+    for nodeid in ids:
+        modules.setdefault(nodeid.split("::")[0], []).append(nodeid)
+    load = [0.0] * max(1, n)
+    where: dict[str, int] = {}
+    for module in sorted(modules, key=lambda m: -MODULE_SECONDS.get(Path(m).name,
+                                                                      DEFAULT_SECONDS)):
+        i = load.index(min(load))
+        where[module] = i
+        load[i] += MODULE_SECONDS.get(Path(module).name, DEFAULT_SECONDS)
+    shards: list[list[str]] = [[] for _ in load]
+    for nodeid in ids:
+        shards[where[nodeid.split("::")[0]]].append(nodeid)
+    return [s for s in shards if s]
+
+
+def _run_shard(box: Any, ids: list[str], k: int, of: int) -> dict[str, Any]:
     hostio = Path(tempfile.mkdtemp(prefix="guest-tier-"))
-    console = REPO / ".guest-console.log"
+    console = REPO / (".guest-console.log" if of == 1 else f".guest-console-{k}.log")
     problem = ""
+    t0 = time.monotonic()
     with console.open("w") as out:
         try:
             rc = box.run_in_box(
@@ -126,9 +154,57 @@ def _results(session: pytest.Session) -> dict[str, Any]:
             rec = json.loads(line)
             by_id.setdefault(rec["nodeid"], []).append(rec)
     tail = "".join(console.read_text(errors="replace").splitlines(True)[-30:])
-    stash[RESULTS] = {"by_id": by_id, "problem": problem, "console": str(console),
-                      "tail": tail}
-    return stash[RESULTS]
+    return {"ids": ids, "by_id": by_id, "problem": problem, "console": str(console),
+            "tail": tail, "seconds": time.monotonic() - t0}
+
+
+class Tier:
+    """The guest tier's boxes, started in the background as soon as the host run has
+    collected (the host tests run meanwhile); a proxy waits for its own box."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.shards = shards_of(ids, int(os.environ.get("AGENT_BOX_SHARDS", "2")))
+        self.results: list[dict[str, Any] | None] = [None] * len(self.shards)
+        self.of: dict[str, int] = {n: k for k, ids in enumerate(self.shards) for n in ids}
+        self.threads: list[threading.Thread] = []
+        self.t0 = time.monotonic()
+        sys.path.insert(0, str(REPO / "qemu"))
+        import box  # the launcher in qemu/box.py
+
+        self.problem = ""
+        try:
+            box.prepare()  # build (or re-use) the image once, before the boxes start
+        except (Exception, SystemExit) as e:
+            self.problem = f"the box image could not be made: {e}"
+        for k, shard in enumerate(self.shards):
+            t = threading.Thread(target=self._run, args=(box, shard, k), daemon=True,
+                                 name=f"guest-box-{k + 1}")
+            self.threads.append(t)
+            t.start()
+
+    def _run(self, box: Any, ids: list[str], k: int) -> None:
+        if self.problem:
+            self.results[k] = {"ids": ids, "by_id": {}, "problem": self.problem,
+                               "console": "(none)", "tail": "", "seconds": 0.0}
+            return
+        self.results[k] = _run_shard(box, ids, k + 1, len(self.shards))
+
+    def result_for(self, nodeid: str) -> dict[str, Any]:
+        k = self.of[nodeid]
+        self.threads[k].join()
+        result = self.results[k]
+        assert result is not None
+        return result
+
+    def finished(self) -> list[dict[str, Any]]:
+        return [r for r in self.results if r is not None]
+
+
+def _results(session: pytest.Session, nodeid: str) -> dict[str, Any]:
+    stash = session.config.stash
+    if TIER not in stash:  # (the tier starts at collection; this is a fallback)
+        stash[TIER] = Tier([it.nodeid for it in session.items if isinstance(it, GuestProxy)])
+    return stash[TIER].result_for(nodeid)
 
 
 if not IN_GUEST:
@@ -136,12 +212,14 @@ if not IN_GUEST:
     def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
         """The box's own slowest tests and modules (the host's --durations sees only the
         proxies): the suite has a 30-minute budget."""
-        results = config.stash.get(RESULTS, None)
-        if not results or not results["by_id"]:
+        tier = config.stash.get(TIER, None)
+        finished = tier.finished() if tier else []
+        if not any(r["by_id"] for r in finished):
             return
         per_test: dict[str, float] = {}
-        for nodeid, recs in results["by_id"].items():
-            per_test[nodeid] = sum(float(r.get("duration", 0.0)) for r in recs)
+        for result in finished:
+            for nodeid, recs in result["by_id"].items():
+                per_test[nodeid] = sum(float(r.get("duration", 0.0)) for r in recs)
         per_module: dict[str, float] = {}
         for nodeid, secs in per_test.items():
             module = nodeid.split("::")[0]
@@ -154,6 +232,10 @@ if not IN_GUEST:
         tr.write_line("")
         for nodeid, secs in sorted(per_test.items(), key=lambda kv: -kv[1])[:20]:
             tr.write_line(f"{secs:8.1f}s  {nodeid}")
+        tr.write_line("")
+        for k, result in enumerate(finished, 1):
+            tr.write_line(f"box {k}: {len(result['ids'])} tests in {result['seconds']:.0f} s "
+                          f"(boot included), console {result['console']}")
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -168,3 +250,15 @@ if not IN_GUEST:
             elif os.geteuid() != 0:
                 proxy.add_marker(pytest.mark.skip(reason="guest tier: building the box needs root"))
             items[i] = proxy
+        # The host's own tests first (they run while the boxes do), the guest proxies
+        # next, the power-cut tests (which boot a box of their own) last.
+        def order(item: pytest.Item) -> int:
+            path = str(item.path)
+            return 2 if "/tests/powercut/" in path else 1 if isinstance(item, GuestProxy) else 0
+        items.sort(key=order)
+
+    def pytest_collection_finish(session: pytest.Session) -> None:
+        ids = [it.nodeid for it in session.items if isinstance(it, GuestProxy)
+               and not it.get_closest_marker("skip")]
+        if ids and not session.config.option.collectonly:
+            session.config.stash[TIER] = Tier(ids)

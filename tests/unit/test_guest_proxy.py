@@ -8,6 +8,7 @@ a failing guest test must fail the host run and show the guest's traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,6 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 FAKE_BOX = '''
 import os, re, shlex, subprocess, sys
 from pathlib import Path
+
+def prepare():
+    pass
 
 def guest_pytest_script(pytest_args, report):
     return shlex.join(pytest_args) + "\\n" + (report or "")
@@ -122,3 +126,52 @@ def test_skip_switch(project: Path) -> None:
     assert r.returncode == 0, r.stdout
     assert "5 skipped" in r.stdout
     assert "guest tier skipped (AGENT_SKIP_GUEST=1)" in r.stdout
+
+
+OTHER_TESTS = '''
+def test_other_passes():
+    pass
+
+def test_other_fails():
+    assert "box" == "host"
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the proxy skips the tier when not root")
+def test_two_boxes_report_like_one(project: Path) -> None:
+    (project / "tests" / "guest" / "test_other.py").write_text(textwrap.dedent(OTHER_TESTS))
+    r = host_run(project, AGENT_BOX_SHARDS="2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "3 failed, 2 passed, 1 skipped, 1 xfailed" in r.stdout
+    assert "FAILED tests/guest/test_other.py::test_other_fails" in r.stdout
+    assert "FAILED tests/guest/test_example.py::test_fails" in r.stdout
+    assert "box 1: 5 tests" in r.stdout and "box 2: 2 tests" in r.stdout
+    assert (project / ".guest-console-1.log").exists()
+    assert (project / ".guest-console-2.log").exists()
+
+
+def load_guest_conftest():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("guest_conftest",
+                                                  REPO / "tests" / "guest" / "conftest.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shards_keep_modules_whole_in_order_and_balance_by_weight() -> None:
+    guest = load_guest_conftest()
+    ids = [f"tests/guest/test_{m}.py::t{i}" for m in ("a", "scale", "b", "isolation", "c")
+           for i in range(3)]
+    shards = guest.shards_of(ids, 2)
+    assert sorted(n for s in shards for n in s) == sorted(ids)
+    for shard in shards:
+        assert shard == [n for n in ids if n in shard]  # collection order kept
+    modules = [{n.split("::")[0] for n in s} for s in shards]
+    assert not modules[0] & modules[1]  # whole modules
+    # the two heaviest modules go to different boxes
+    assert any("tests/guest/test_scale.py" in m for m in modules)
+    assert {("tests/guest/test_scale.py" in m, "tests/guest/test_isolation.py" in m)
+            for m in modules} == {(True, False), (False, True)}
+    assert guest.shards_of(ids, 1) == [ids]
+    assert guest.shards_of(ids[:3], 4) == [ids[:3]]  # no empty box

@@ -116,6 +116,8 @@ MODULES = (
     "nft_ct",
     "nft_log",
     "nft_limit",
+    "inet_diag",  # the cells' TCP listeners (sock_diag)
+    "tcp_diag",
     "9p",
     "9pnet_virtio",
     "overlay",

@@ -302,6 +302,13 @@ FEATURES: tuple[Feature, ...] = (
         why="channel 3: new connections between cells as conntrack events",
     ),
     Feature(
+        "socket_diag", "TCP socket monitoring (sock_diag)",
+        need=("INET_DIAG", "INET_TCP_DIAG"),
+        consequence="no listen events: a cell's listener is seen only by the flows "
+        "that reach it",
+        why="channel 3: each cell's TCP listeners, dumped through sock_diag",
+    ),
+    Feature(
         "nft_nat", "nftables NAT",
         need=("NF_NAT", "NFT_NAT"), want=("NFT_MASQ",),
         consequence="cells cannot reach the uplink through NAT",

@@ -392,6 +392,28 @@ result({{"peer": peer, "tried": len(tried)}})
     assert len(net_events(since, cell="att-scan", kind="scan")) == 1
 
 
+def test_a_listening_cell_is_reported_with_the_uid_inside_it(net: dict[str, Any]) -> None:
+    since = last_seq()
+    code = """
+import time
+lis = socket.socket(); lis.bind(("0.0.0.0", 7070)); lis.listen()
+six = socket.socket(socket.AF_INET6); six.bind(("::", 7072)); six.listen()
+bound = socket.socket(); bound.bind(("0.0.0.0", 7071))  # bound, never listening
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(("0.0.0.0", 7073))
+time.sleep(6)  # (more than two polls)
+result({"listening": True})
+"""
+    assert probe("att-lis", code, uid=1000, network={"vlan": 175}) == {"listening": True}
+    e = wait_event(since, "att-lis", "listen", port=7070)
+    assert e["severity"] == "info" and e["attrs"]["proto"] == "tcp"
+    assert e["attrs"]["uid"] == 1000 and e["attrs"]["address"] == "0.0.0.0", e["attrs"]
+    wait_event(since, "att-lis", "listen", port=7072, address="::")
+    # the controls: the bound TCP socket and the UDP one are no listeners, each port once
+    ports = sorted(x["attrs"]["port"] for x in net_events(since, cell="att-lis",
+                                                          kind="listen"))
+    assert ports == [7070, 7072], ports
+
+
 LOAD = """
 import socket, sys
 n = int(sys.argv[1]); ok = 0

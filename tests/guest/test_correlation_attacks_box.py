@@ -130,8 +130,6 @@ def test_shared_drop_exec(clean: dict[str, Any]) -> None:
     assert alert["attrs"]["response"] == "isolate"
 
 
-@pending("channel 3's net/listen (channel 3 publishes net/scan and net/flow; no "
-         "listener events yet)")
 def test_scan_listen_reach(clean: dict[str, Any]) -> None:
     start("corr-lis", ["-c", "sleep 12; nc -l -p 4444"], command="/bin/sh", uid=1000,
           network={"vlan": 171})

@@ -370,3 +370,55 @@ def test_ll_matches_the_kernel() -> None:
             assert socket.inet_pton(socket.AF_INET6, cell_link_local(cell))
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+LISTEN = """
+import os, socket, sys, time
+os.setgid(1000); os.setuid(1000)
+socks = []
+for family, addr, port in ((socket.AF_INET, "127.0.0.1", 4444), (socket.AF_INET6, "::", 4445)):
+    s = socket.socket(family); s.bind((addr, port)); s.listen(); socks.append(s)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 5353))
+c = socket.socket(); c.bind(("127.0.0.1", 4446))  # bound, never listening
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_listeners_of_a_netns_are_its_listening_tcp_sockets_only() -> None:
+    """The sock_diag dump, for real, in a netns of our own: the TCP listeners (IPv4 and
+    IPv6) with their owner's uid; a UDP socket and a bound, unlistening TCP one are not
+    listeners; ours (in the host's netns) are not seen from there; a closed listener is
+    gone from the next dump."""
+    ns = f"nmd-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", ns)
+    mine = socket.socket()
+    mine.bind(("127.0.0.1", 0))
+    mine.listen()
+    try:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        diag = adapter.open_diag(NETNS / ns)
+        try:
+            assert diag.listeners() == ([], True)  # the control: an empty netns
+            p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", LISTEN],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+                got, whole = diag.listeners()
+                assert whole
+                assert sorted((x.proto, x.address, x.port, x.uid) for x in got) == [
+                    ("tcp", "127.0.0.1", 4444, 1000), ("tcp", "::", 4445, 1000)]
+                assert all(x.inode > 0 for x in got)
+                few, whole = diag.listeners(limit=1)
+                assert len(few) == 1 and not whole
+            finally:
+                p.communicate("", timeout=10)
+            assert diag.listeners() == ([], True)  # closed with its process
+        finally:
+            diag.close()
+        with pytest.raises(Exception) as exc:
+            adapter.open_diag(NETNS / "no-such-netns")
+        assert "no-such-netns" in str(exc.value)
+    finally:
+        mine.close()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -17,6 +17,7 @@ from agent.core.errors import KernelError
 from agent.core.events import Event
 from agent.daemon.bus import EventBus
 from agent.monitor.net import service
+from agent.monitor.net.diagwire import Listener
 from agent.monitor.net.service import CellNet, NetMonitor
 
 POOL = IPv4Network("10.77.0.0/16")
@@ -56,9 +57,28 @@ class FakeSock:
 
 
 @dataclass
+class FakeDiag:
+    what: str
+    listening: list[Listener] = field(default_factory=list)
+    fail: bool = False
+    closed: bool = False
+    dumps: int = 0
+
+    def listeners(self) -> tuple[list[Listener], bool]:
+        if self.fail:
+            raise KernelError("sock_diag dump", self.what, 105, "test")
+        self.dumps += 1
+        return list(self.listening), True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
 class FakeOpener:
     socks: dict[str, FakeSock] = field(default_factory=dict)
     fail: set[str] = field(default_factory=set)
+    diags: dict[str, FakeDiag] = field(default_factory=dict)
 
     def _make(self, key: str) -> FakeSock:
         if key in self.fail:
@@ -71,6 +91,13 @@ class FakeOpener:
 
     def nflog(self, group: int, netns: Path | None) -> FakeSock:
         return self._make("log" if netns is None else netns.name)
+
+    def diag(self, netns: Path) -> FakeDiag:
+        if f"diag:{netns.name}" in self.fail:
+            raise KernelError("socket NETLINK_SOCK_DIAG", netns.name, 1, "test")
+        old = self.diags.get(netns.name)
+        d = self.diags[netns.name] = FakeDiag(netns.name, old.listening if old else [])
+        return d
 
 
 @dataclass
@@ -339,3 +366,90 @@ def test_conntrack_events_switched_off_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(KernelError) as exc:
         adapter.open_conntrack(POOL, proc=tmp_path)
     assert "nf_conntrack_events" in str(exc.value) and exc.value.hint
+
+
+def tcp(port: int, uid: int = 0, address: str = "0.0.0.0") -> Listener:
+    return Listener("tcp", address, port, uid, 1000 + port)
+
+
+def test_listeners_are_reported_when_they_appear_and_again_after_closing(
+        monkeypatch: pytest.MonkeyPatch, setup: tuple[EventBus, FakeOpener, FakeCells]) -> None:
+    bus, op, cells = setup
+    monkeypatch.setattr(service, "POLL_S", 0.05)
+
+    async def main() -> None:
+        mon = NetMonitor(bus, POOL, opener=op)
+        mon.start(asyncio.get_running_loop(), cells)
+        await settle(mon)
+        assert set(op.diags) == {"cell-web", "cell-client"}
+        op.diags["cell-web"].listening = [tcp(8080), tcp(8080, address="::")]
+        op.diags["cell-client"].listening = [tcp(4444, uid=101_000, address="10.77.1.2")]
+        await asyncio.sleep(0.2)
+        got = [(e.cell, e.attrs) for e in net_events(bus, "listen")]
+        assert got == [("web", {"proto": "tcp", "port": 8080, "address": "0.0.0.0",
+                                "uid_host": 0}),
+                       ("client", {"proto": "tcp", "port": 4444, "address": "10.77.1.2",
+                                   "uid": 1000})]
+        assert all(e.severity == "info" for e in net_events(bus, "listen"))
+        op.diags["cell-web"].listening = []  # closed ...
+        await asyncio.sleep(0.2)
+        assert len(net_events(bus, "listen")) == 2
+        op.diags["cell-web"].listening = [tcp(8080)]  # ... and open again: new again
+        await asyncio.sleep(0.2)
+        assert [e.cell for e in net_events(bus, "listen")] == ["web", "client", "web"]
+        await mon.aclose()
+        assert all(d.closed for d in op.diags.values())
+
+    asyncio.run(main())
+
+
+def test_a_reached_listener_is_reported_before_its_flow(
+        setup: tuple[EventBus, FakeOpener, FakeCells]) -> None:
+    bus, op, cells = setup  # (the poll is 2 s away: only the flow makes it look)
+
+    async def main() -> None:
+        mon = NetMonitor(bus, POOL, opener=op)
+        mon.start(asyncio.get_running_loop(), cells)
+        await settle(mon)
+        op.diags["cell-web"].listening = [tcp(8080)]
+        op.socks["ct"].tx.send(ct_new("10.77.1.2", "10.77.0.2", dport=8080))
+        op.socks["ct"].tx.send(ct_new("10.77.1.2", "10.77.0.2", sport=40001, dport=8080))
+        await settle(mon)
+        got = [(e.cell, e.kind) for e in net_events(bus) if e.kind in ("listen", "flow")]
+        assert got == [("web", "listen"), ("client", "flow")]
+        assert op.diags["cell-web"].dumps == 1  # known now: the second flow did not look
+        # a flow to a port nobody listens on (a UDP one, or one refused): no listen event
+        op.socks["ct"].tx.send(ct_new("10.77.1.2", "10.77.0.2", proto=17, dport=53))
+        op.socks["ct"].tx.send(ct_new("10.77.1.2", "10.77.0.2", dport=9999))
+        await settle(mon)
+        assert len(net_events(bus, "listen")) == 1
+        assert op.diags["cell-web"].dumps == 2  # the TCP one looked, the UDP one did not
+        await mon.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_failing_listener_dump_is_reported_and_its_socket_made_again(
+        monkeypatch: pytest.MonkeyPatch, setup: tuple[EventBus, FakeOpener, FakeCells]) -> None:
+    bus, op, cells = setup
+    monkeypatch.setattr(service, "POLL_S", 0.05)
+    monkeypatch.setattr(service, "RETRY_S", 0.1)
+
+    async def main() -> None:
+        mon = NetMonitor(bus, POOL, opener=op)
+        mon.start(asyncio.get_running_loop(), cells)
+        await settle(mon)
+        first = op.diags["cell-web"]
+        first.fail = True
+        first.listening = [tcp(80)]
+        await asyncio.sleep(0.1)
+        failed = net_events(bus, "monitor-failed")
+        assert [(e.cell, e.severity) for e in failed] == [("web", "alert")]
+        assert first.closed
+        await asyncio.sleep(0.4)
+        assert op.diags["cell-web"] is not first  # made again, and read
+        assert [e.attrs["port"] for e in net_events(bus, "listen")] == [80]
+        assert mon.status()["failed"] == {}
+        await mon.aclose()
+
+    asyncio.run(main())

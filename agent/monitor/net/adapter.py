@@ -14,6 +14,8 @@ four fields we keep.  A raw socket is also what the classic BPF filter is attach
   ``nf_conntrack_netlink`` and fails clearly when it cannot.
 * :func:`open_nflog`: NFLOG ``group`` of the netns (the agent's log rules,
   agent.core.netlog).  ``EBUSY``: another socket holds the group.
+* :func:`open_diag`: a ``NETLINK_SOCK_DIAG`` socket of the netns, asked on demand for
+  its TCP listeners (:mod:`agent.monitor.net.diagwire`).
 
 A socket for a cell's netns is made by a short-lived thread that enters the netns (a
 socket stays in the netns it was made in) and ends.  Set-up failures are
@@ -37,9 +39,9 @@ from agent.core import syscalls as abi
 from agent.core.errors import KernelError
 from agent.kernel import libc as ksys
 from agent.kernel.netns import in_own_thread
-from agent.monitor.net import wire
+from agent.monitor.net import diagwire, wire
 
-__all__ = ["NfSocket", "open_conntrack", "open_nflog"]
+__all__ = ["DiagSocket", "NfSocket", "open_conntrack", "open_diag", "open_nflog"]
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -90,10 +92,9 @@ class NfSocket:
             self.sock.close()
 
 
-def _new_socket(netns: Path | None) -> socket.socket:
+def _new_socket(netns: Path | None, proto: int = wire.NETLINK_NETFILTER) -> socket.socket:
     def make() -> socket.socket:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                             wire.NETLINK_NETFILTER)
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, proto)
 
     if netns is None:
         return make()
@@ -189,3 +190,70 @@ def open_nflog(group: int, netns: Path | None = None, rcvbuf: int = 1 << 18) -> 
                                         strict=True)), rcvbuf)
     sock.setblocking(False)
     return NfSocket(sock, what)
+
+
+# Listeners: a dump is answered at once, by the kernel, while we read; a netns cannot make
+# it wait.  Still bounded: at most this many listeners, and this long.
+MAX_LISTENERS = 256
+MAX_DATAGRAMS = 64
+_DUMP_TIMEOUT = 1.0
+
+
+@dataclass
+class DiagSocket:
+    """A sock_diag socket of one netns; :meth:`listeners` dumps its TCP listeners."""
+
+    sock: socket.socket
+    what: str
+    seq: int = 0
+    closed: bool = field(default=False)
+
+    def listeners(self, limit: int = MAX_LISTENERS) -> tuple[list[diagwire.Listener], bool]:
+        """The netns's TCP listeners (IPv4 and IPv6), at most ``limit``, and whether that
+        is all of them.  Raises :class:`KernelError` if the kernel refuses, or if a dump
+        runs past :data:`MAX_DATAGRAMS` datagrams (a netns with absurdly many)."""
+        out: list[diagwire.Listener] = []
+        whole = True
+        for family in (socket.AF_INET, socket.AF_INET6):
+            self.seq = self.seq % 0xFFFFFFFF + 1
+            try:
+                self.sock.send(diagwire.listen_dump_request(family, self.seq))
+                for _ in range(MAX_DATAGRAMS):
+                    got, done, err = diagwire.parse_dump(self.sock.recv(RECV_SIZE), self.seq)
+                    if err and not (family == socket.AF_INET6 and err in (
+                            errno.ENOENT, errno.EAFNOSUPPORT)):  # (no IPv6 in this kernel)
+                        raise KernelError("sock_diag dump", self.what, err,
+                                          "the kernel needs CONFIG_INET_DIAG "
+                                          "(module inet_diag, tcp_diag)")
+                    room = limit - len(out)
+                    whole = whole and len(got) <= room
+                    out += got[:room]
+                    if done:
+                        break
+                else:
+                    raise KernelError("sock_diag dump", self.what, errno.EMSGSIZE,
+                                      f"more than {MAX_DATAGRAMS} datagrams of listeners")
+            except OSError as exc:
+                raise KernelError.from_oserror("sock_diag dump", self.what, exc) from exc
+        return out, whole
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+
+def open_diag(netns: Path | None = None) -> DiagSocket:
+    """A sock_diag socket in ``netns`` (None: ours)."""
+    what = f"sock_diag{f' in {netns}' if netns else ''}"
+    try:
+        sock = _new_socket(netns, diagwire.NETLINK_SOCK_DIAG)
+    except OSError as exc:
+        raise KernelError.from_oserror("socket NETLINK_SOCK_DIAG", what, exc) from exc
+    try:
+        sock.bind((0, 0))
+        sock.settimeout(_DUMP_TIMEOUT)
+    except OSError as exc:
+        sock.close()
+        raise KernelError.from_oserror("sock_diag bind", what, exc) from exc
+    return DiagSocket(sock, what)

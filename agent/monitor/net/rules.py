@@ -45,7 +45,7 @@ from agent.monitor.net.wire import (
     summarize,
 )
 
-__all__ = ["Directory", "NetEvent", "NetRules"]
+__all__ = ["Directory", "NetEvent", "NetRules", "uid_attrs"]
 
 HOOK_INPUT = 1
 _VLAN_TYPES = (0x8100, 0x88A8, 0x9100)
@@ -174,6 +174,14 @@ class _ScanWatch:
         return out
 
 
+def uid_attrs(base: int | None, uid: int) -> dict[str, int]:
+    """A host uid as an event says it: ``uid`` inside the cell whose uid 0 is host uid
+    ``base``, else ``uid_host``."""
+    if base is not None and base <= uid < base + 65536:
+        return {"uid": uid - base}
+    return {"uid_host": uid}
+
+
 class NetRules:
     """Kernel records -> ``net`` events; :meth:`due` releases what waits on a window."""
 
@@ -232,12 +240,7 @@ class NetRules:
         return []
 
     def _uid(self, cell: str, rec: LogRecord) -> dict[str, int]:
-        if rec.uid is None:
-            return {}
-        base = self.dir.uid_base(cell)
-        if base is not None and base <= rec.uid < base + 65536:
-            return {"uid": rec.uid - base}
-        return {"uid_host": rec.uid}
+        return {} if rec.uid is None else uid_attrs(self.dir.uid_base(cell), rec.uid)
 
     def _denied(self, cell: str | None, pkt: Packet, rec: LogRecord, at: str,
                 now: float) -> list[NetEvent]:

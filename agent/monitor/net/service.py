@@ -30,18 +30,18 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from agent.core.errors import AgentError
 from agent.core.events import Event
 from agent.core.netlog import LOG_GROUP
 from agent.kernel.nft import FirewallSync
-from agent.monitor.net import adapter
 from agent.monitor.net.cells import CellNet, Cells, Directory, ManagerCells
+from agent.monitor.net.listeners import POLL_S, ListenWatch
 from agent.monitor.net.rules import NetEvent, NetRules
+from agent.monitor.net.service_sources import KernelOpener, Opener, Readable, Stats, _Source
 from agent.monitor.net.wire import iter_messages, parse_ct_new, parse_log
 
 __all__ = ["CellNet", "ManagerCells", "NetMonitor", "Opener"]
@@ -54,48 +54,6 @@ RETRY_S = 30.0
 # A gone cell's log socket is read this much longer: more than the kernel's batch timeout
 # for NFLOG (wire.nflog_bind_requests: 0.1 s), so the drops of its last moments arrive.
 RETIRE_S = 1.0
-
-
-class Readable(Protocol):
-    what: str
-    lost: int
-
-    def fileno(self) -> int: ...
-    def read(self, max_datagrams: int) -> list[bytes]: ...
-    def close(self) -> None: ...
-
-
-class Opener(Protocol):
-    """Makes the sockets (agent.monitor.net.adapter; tests pass fakes)."""
-
-    def conntrack(self, pool: IPv4Network) -> Readable: ...
-    def nflog(self, group: int, netns: Path | None) -> Readable: ...
-
-
-class KernelOpener:
-    def conntrack(self, pool: IPv4Network) -> Readable:
-        return adapter.open_conntrack(pool)
-
-    def nflog(self, group: int, netns: Path | None) -> Readable:
-        return adapter.open_nflog(group, netns)
-
-
-@dataclass(eq=False)
-class _Source:
-    kind: str  # "ct" or "log"
-    sock: Readable
-    cell: str | None = None  # the cell whose netns it reads (None: the host's)
-    netns: Path | None = None
-    lost_seen: int = 0
-    uid_base: int | None = None  # kept for a retired socket (its cell is gone)
-
-
-@dataclass
-class Stats:
-    events: dict[str, int] = field(default_factory=dict)
-    lost: int = 0
-    failures: int = 0
-    errors: int = 0
 
 
 class NetMonitor:
@@ -125,6 +83,8 @@ class NetMonitor:
         self._closed = False
         self._sink = self._on_lifecycle  # one bound method: the bus removes sinks by identity
         self._firewall: FirewallSync | None = None
+        self.listening = ListenWatch()
+        self._poll: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop, cells: Cells,
@@ -141,6 +101,7 @@ class NetMonitor:
         self.bus.add_sink(self._sink, all_events=True, channel="lifecycle",
                           name="net-monitor")
         self._schedule_sync()
+        self._poll = loop.call_later(POLL_S, self._on_poll)
 
     async def aclose(self) -> None:
         self.close()
@@ -153,7 +114,7 @@ class NetMonitor:
         if self._firewall is not None and self.cell_table_applied in \
                 self._firewall.on_cell_table:
             self._firewall.on_cell_table.remove(self.cell_table_applied)
-        for h in [self._timer, *self._retry.values()]:
+        for h in [self._timer, self._poll, *self._retry.values()]:
             if h is not None:
                 h.cancel()
         self._timer = None
@@ -194,6 +155,8 @@ class NetMonitor:
         (self._host if src.cell is None else self._cell)[src.cell or src.kind] = src
         self._failed.pop(f"cell:{src.cell}" if src.cell else src.kind, None)
         self.loop.add_reader(src.sock.fileno(), self._on_readable, src)
+        if src.cell is not None and src.diag is None:
+            self._reopen_diag(src)  # its listeners: opened off the create plan's path
 
     def _remove(self, src: _Source) -> None:
         if self.loop is not None:
@@ -202,6 +165,14 @@ class NetMonitor:
             except (ValueError, OSError):
                 pass  # already closed
         src.sock.close()
+        self._close_diag(src)
+
+    def _close_diag(self, src: _Source) -> None:
+        if src.diag is not None:
+            src.diag.close()
+            src.diag = None
+        if src.cell is not None:
+            self.listening.forget(src.cell)
 
     def _failure(self, what: str, cell: str | None, exc: BaseException) -> None:
         self.stats.failures += 1
@@ -225,7 +196,7 @@ class NetMonitor:
                     if src.kind == "ct":
                         ct = parse_ct_new(msg)
                         if ct is not None:
-                            events += self.rules.conntrack(ct, now)
+                            events += self._listened(self.rules.conntrack(ct, now))
                     else:
                         rec = parse_log(msg)
                         if rec is not None:
@@ -270,6 +241,68 @@ class NetMonitor:
         except Exception:
             self.stats.errors += 1
             log.exception("net monitor: publishing %s", e.kind)
+
+    # ------------------------------------------------------------------ listeners
+    def _listened(self, events: list[NetEvent]) -> list[NetEvent]:
+        """``events``, each TCP flow to a port its cell was not yet seen listening on
+        preceded by a fresh look at that cell's listeners (their ``listen`` events)."""
+        out: list[NetEvent] = []
+        for e in events:
+            peer, port = e.attrs.get("peer_cell"), e.attrs.get("dport")
+            if e.kind == "flow" and e.attrs.get("proto") == "tcp" and \
+                    isinstance(peer, str) and isinstance(port, int) and \
+                    not self.listening.knows(peer, "tcp", port) and peer in self._cell:
+                out += self._listeners_of(self._cell[peer])
+            out.append(e)
+        return out
+
+    def _listeners_of(self, src: _Source) -> list[NetEvent]:
+        if src.diag is None or src.cell is None:
+            return []
+        try:
+            found, whole = src.diag.listeners()
+        except (AgentError, OSError) as exc:
+            what = src.diag.what
+            self._close_diag(src)
+            self._failure(what, src.cell, exc)
+            self._retry_later(f"diag:{src.cell}", functools.partial(self._reopen_diag, src))
+            return []
+        return self.listening.seen(src.cell, found, whole, self.rules.dir.uid_base(src.cell))
+
+    def _on_poll(self) -> None:
+        self._poll = None
+        events: list[NetEvent] = []
+        for src in list(self._cell.values()):
+            try:
+                events += self._listeners_of(src)
+            except Exception:  # a bug must not stop the channel
+                self.stats.errors += 1
+                log.exception("net monitor: listeners of %s", src.cell)
+        self._publish(events)
+        if self.loop is not None and not self._closed:
+            self._poll = self.loop.call_later(POLL_S, self._on_poll)
+
+    def _reopen_diag(self, src: _Source) -> None:
+        self._retry.pop(f"diag:{src.cell}", None)
+        if self.loop is None or self._closed or self._cell.get(src.cell or "") is not src \
+                or src.netns is None:
+            return
+        netns = src.netns
+
+        async def reopen() -> None:
+            try:
+                diag = await asyncio.to_thread(self.opener.diag, netns)
+            except (AgentError, OSError) as exc:
+                self._failure(f"sock_diag in {netns}", src.cell, exc)
+                self._retry_later(f"diag:{src.cell}", functools.partial(self._reopen_diag, src))
+                return
+            if self._closed or self._cell.get(src.cell or "") is not src or src.diag:
+                diag.close()
+                return
+            src.diag = diag
+            self._failed.pop(f"cell:{src.cell}", None)  # (its log socket is fine: it is here)
+
+        self.loop.create_task(reopen())
 
     # ------------------------------------------------------------------ windows
     def _arm(self) -> None:
@@ -322,6 +355,7 @@ class NetMonitor:
         (the kernel sends what it logged in batches, up to the batch timeout later: the
         last drops of a cell that ended at once), then closed."""
         src.uid_base = self.rules.dir.uid_base(src.cell) if src.cell else None
+        self._close_diag(src)
         if self.loop is None:
             self._remove(src)
             return

@@ -372,7 +372,7 @@ def test_ll_matches_the_kernel() -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-LISTEN = """
+TCP_LISTENERS = """
 import os, socket, sys, time
 os.setgid(1000); os.setuid(1000)
 socks = []
@@ -400,7 +400,8 @@ def test_listeners_of_a_netns_are_its_listening_tcp_sockets_only() -> None:
         diag = adapter.open_diag(NETNS / ns)
         try:
             assert diag.listeners() == ([], True)  # the control: an empty netns
-            p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", LISTEN],
+            p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                  TCP_LISTENERS],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             try:
                 assert p.stdout is not None and p.stdout.readline().strip() == "ready"

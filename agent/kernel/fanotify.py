@@ -34,6 +34,7 @@ from agent.core.errors import KernelError
 
 __all__ = [
     "FAN_ALLOW",
+    "FAN_CLOSE_WRITE",
     "FAN_DENY",
     "FAN_OPEN_EXEC",
     "FAN_OPEN_EXEC_PERM",
@@ -55,6 +56,7 @@ FAN_MARK_REMOVE = 0x02
 FAN_MARK_MOUNT = 0x10
 FAN_MARK_IGNORED_MASK = 0x20
 FAN_MARK_FLUSH = 0x80
+FAN_CLOSE_WRITE = 0x00000008
 FAN_OPEN_EXEC = 0x00001000
 FAN_Q_OVERFLOW = 0x00004000
 FAN_OPEN_EXEC_PERM = 0x00040000
@@ -96,6 +98,15 @@ class FanEvent:
     @property
     def overflow(self) -> bool:
         return bool(self.mask & FAN_Q_OVERFLOW)
+
+    @property
+    def written(self) -> bool:
+        """A file opened for writing was closed (marks made with ``writes``)."""
+        return bool(self.mask & FAN_CLOSE_WRITE)
+
+    @property
+    def exec(self) -> bool:
+        return bool(self.mask & (FAN_OPEN_EXEC | FAN_OPEN_EXEC_PERM))
 
 
 def parse_events(buf: bytes) -> list[FanEvent]:
@@ -155,11 +166,15 @@ class Group:
     def closed(self) -> bool:
         return self._fd < 0
 
-    def mark_mount(self, path: str | int, what: str = "") -> None:
+    def mark_mount(self, path: str | int, what: str = "", writes: bool = False,
+                   execs: bool = True) -> None:
         """Watch every open for exec through the mount of ``path`` (a path, or an open
-        fd, ``O_PATH`` included).  Marking a mount twice changes nothing."""
+        fd, ``O_PATH`` included); with ``writes``, also every close of a file written
+        through it (``FAN_CLOSE_WRITE``, a notification); ``execs=False``: only that.
+        Marking a mount twice changes nothing."""
         target = _mark_target(path)
-        if _libc.fanotify_mark(self.fileno(), FAN_MARK_ADD | FAN_MARK_MOUNT, self.mask,
+        mask = (self.mask if execs else 0) | (FAN_CLOSE_WRITE if writes else 0)
+        if _libc.fanotify_mark(self.fileno(), FAN_MARK_ADD | FAN_MARK_MOUNT, mask,
                                _AT_FDCWD, target) < 0:
             err = ctypes.get_errno()
             raise KernelError("fanotify_mark", what or os.fsdecode(target), err,

@@ -1,16 +1,11 @@
 """The default patterns' attacks, run for real from cells (and from the host, for the
 attacks on the master) in the box, each checked for its alert and the alert's chain.
 
-Most default patterns read events that channels 1-3 and the master's own guards will
-publish (docs/events.md) but do not yet: each of those scenarios is marked
-``xfail(run=False)`` with the event it waits for (not run: each would spend its whole
-alert wait in the suite's time budget; ``pytest --runxfail`` runs them).
-``escapes-across-cells`` runs on today's events: ``test_correlation_box.py``; so do
-``privileged-by-proxy`` (channels 2 and 3), ``host-change-by-proxy`` (channel 2's host
-half), ``master-files-changed`` (the integrity watch), ``master-control-probing``,
-``master-signalled`` and ``master-probe-then-tamper`` (the control server's refusals and
-the master's signal watch), ``pressure-from-many`` (the tuner's PSI triggers) and
-``memfd-across-cells`` (channel 2's refused memfd_create) here.
+Every default pattern runs on the events channels 1-3 and the master's own guards
+publish (docs/events.md): ``escapes-across-cells`` in ``test_correlation_box.py``; the
+others here, among them ``shared-drop-exec`` (channel 1's file-written, then an exec of
+the same content refused in another cell) and ``scan-listen-reach`` (channel 3's scan,
+listen and flow).
 """
 
 from __future__ import annotations
@@ -51,13 +46,6 @@ DATA_IMAGE = Path("/var/lib/agent/data/corr-drop-a.img")  # the dropper's data d
 POLICY = Path("/etc/agent/policy.toml")
 # The drop's path written down, as data-dirs.md asks: corr-drop-b reads corr-drop-a's.
 SHARE = '\n[[share]]\ndata = "corr-drop-a"\nreaders = ["corr-drop-b"]\n'
-
-
-def pending(what: str) -> pytest.MarkDecorator:
-    """A scenario whose events nobody publishes yet: listed (xfail, not run: each would
-    spend its whole alert wait in the box's time budget); run it with --runxfail once
-    its channel lands."""
-    return pytest.mark.xfail(run=False, reason=f"waits for {what} (docs/events.md)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,8 +94,6 @@ def oneshot_data(name: str, script: str, extra: str) -> list[str]:
         (SERVICES / f"{name}.toml").unlink(missing_ok=True)
 
 
-@pytest.mark.xfail(run=False, reason="waits for channel 1's exec/file-written (exec-denied "
-                   "exists: docs/exec.md)")
 def test_shared_drop_exec(clean: dict[str, Any]) -> None:
     own = '[[writable]]\nkind = "data"\npath = "/data"\n'
     since = last_seq()

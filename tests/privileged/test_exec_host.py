@@ -131,7 +131,8 @@ def release(svc: ExecService, fifo: str) -> None:
 
 
 async def run_cell(svc: ExecService, image: Path, cg: CgroupV1, script: str,
-                   directory: _Dir, hold: bool = False) -> tuple[int, str]:
+                   directory: _Dir, hold: bool = False,
+                   extra: tuple[Mount, ...] = ()) -> tuple[int, str]:
     """Spawn ``sh -c script`` in the cell and wait for it; (exit code, output)."""
     script += HOLD if hold else ""
     r, w = os.pipe()
@@ -139,7 +140,8 @@ async def run_cell(svc: ExecService, image: Path, cg: CgroupV1, script: str,
                      env=(("PATH", "/bin"),), hostname=CELL, stdout=w, stderr=w,
                      cgroup_path=str(cg.leaf(CELL)), userns=UidMap(300000, 65536),
                      mounts=(*DEFAULT_MOUNTS, Mount("tmpfs", "/tmp", size=8 << 20,
-                                                    flags=frozenset({"nosuid", "nodev"}))))
+                                                    flags=frozenset({"nosuid", "nodev"})),
+                             *extra))
     try:
         cell = await asyncio.to_thread(svc.spawn, spec)
     finally:
@@ -493,3 +495,63 @@ def test_a_file_the_kernel_stopped_asking_about_is_asked_again_when_it_changes(
     assert "a=0" in out and "b=126" in out and "c=126" in out, out
     got = {p: a["reason"] for p, a in denied(bus.recent(channel="exec")).items()}
     assert got == {"/bin/true": "changed", "/bin/busybox": "signature"}, got
+
+
+WRITER = r"""
+printf 'payload-1' > /data/tool; echo wrote=$?
+printf 'scratch' > /tmp/scratch; echo tmp=$?
+cat /data/tool > /dev/null; echo read=$?
+mkdir /data/sub && printf 'payload-2' > /data/sub/more; echo deeper=$?
+"""
+
+
+@pytest.mark.parametrize("mode", ["enforce", "report"])
+def test_files_written_in_the_data_dir_are_reported_with_their_hash(
+        image: Path, cgroup: CgroupV1, tmp_path: Path, mode: str) -> None:
+    """exec/file-written: a file closed after writing in the cell's data dir (mounted
+    noexec, as the agent mounts it) is reported with its SHA-256, size and ``source``;
+    the controls: a write to /tmp and a read of the data dir are not."""
+    data = image.parent / "data"  # (reachable by the cell's mapped uid, as tmp_path is not)
+    data.mkdir()
+    os.chown(data, 300000, 300000)
+    (image / "data").mkdir()
+    sigfile = tmp_path / "signatures.txt"
+    sigfile.write_text("# agent-signatures 1\n")
+    bus = EventBus()
+    svc = ExecService(bus, ExecSettings(signatures=sigfile, mode=mode))  # type: ignore[arg-type]
+    directory = _Dir()
+    directory.cells[CELL] = _Entry(parse_manifest(
+        f'name = "{CELL}"\n[service]\ncommand = "/bin/busybox"\n[image]\nroot = "{image}"\n'
+        '[[writable]]\nkind = "data"\npath = "/data"\n'))
+    bind = Mount("bind", "/data", source=str(data),
+                 flags=frozenset({"nosuid", "nodev", "noexec"}))
+
+    def written() -> list[Event]:
+        return [e for e in bus.recent(channel="exec") if e.kind == "file-written"]
+
+    async def go() -> tuple[int, str]:
+        svc.attach(directory, cgroup)
+        await svc.start()
+        try:
+            got = await run_cell(svc, image, cgroup, WRITER, directory, hold=True,
+                                 extra=(bind,))
+            for _ in range(500):  # (hashed in the worker)
+                if len(written()) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            return got
+        finally:
+            svc.close()
+
+    code, out = asyncio.run(go())
+    assert code == 0 and "wrote=0" in out and "deeper=0" in out and "read=0" in out, out
+    got = {str(e.attrs["path"]): e for e in written()}
+    assert sorted(got) == ["/data/sub/more", "/data/tool"], got
+    tool = got["/data/tool"]
+    assert tool.cell == CELL and tool.severity == "info"
+    assert tool.attrs["hash"] == hashlib.sha256(b"payload-1").hexdigest()
+    assert tool.attrs["size"] == 9 and tool.attrs["source"] == CELL
+    assert isinstance(tool.attrs["hpid"], int) and tool.attrs["hpid"] > 0
+    assert got["/data/sub/more"].attrs["hash"] == hashlib.sha256(b"payload-2").hexdigest()
+    assert not [e for e in bus.recent(channel="exec") if e.kind in ("exec-denied",
+                                                                   "exec-unverified")]

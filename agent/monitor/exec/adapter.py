@@ -98,11 +98,13 @@ def mount_points(mountinfo: str) -> list[str]:
     return [mp for mp, exec_ok in out.items() if exec_ok]
 
 
-def mark_cell(group: Group, pid: int, proc: Path = Path("/proc")) -> list[str]:
+def mark_cell(group: Group, pid: int, proc: Path = Path("/proc"),
+              writes: frozenset[str] = frozenset()) -> list[str]:
     """Mark every mount the process ``pid`` can reach from its root and may execute from
     (see the module doc and :func:`mount_points`); the mount points marked.  A mount
     point that no longer resolves (hidden under a later mount) is skipped: nothing can be
-    executed through it by path either."""
+    executed through it by path either.  The mount points in ``writes`` (the cell's data
+    dirs) are also watched for files written (closed after writing)."""
     root = os.open(proc / str(pid) / "root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
@@ -122,10 +124,21 @@ def mark_cell(group: Group, pid: int, proc: Path = Path("/proc")) -> list[str]:
                     continue
                 raise
             try:
-                group.mark_mount(fd, f"{mp} of pid {pid}")
+                group.mark_mount(fd, f"{mp} of pid {pid}", writes=mp in writes)
             finally:
                 os.close(fd)
             marked.append(mp)
+        for mp in sorted(writes - set(marked)):  # a data dir mounted noexec: writes only
+            try:
+                fd = open_in_root(root, mp)
+            except KernelError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue
+                raise
+            try:
+                group.mark_mount(fd, f"{mp} of pid {pid}", writes=True, execs=False)
+            finally:
+                os.close(fd)
         return marked
     finally:
         os.close(root)

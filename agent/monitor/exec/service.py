@@ -49,6 +49,7 @@ from agent.monitor.exec.service_watch import (
     hash_and_close,
     ignore_unchanged,
     load_seal,
+    written_attrs,
 )
 from agent.monitor.exec.settings import ExecSettings
 
@@ -57,6 +58,7 @@ __all__ = ["INHERIT_PREFIX", "Backend", "Directory", "ExecService"]
 log = logging.getLogger(__name__)
 
 INHERIT_PREFIX = "fanotify:exec:"  # + "perm:" or "notif:" + cell
+WRITTEN_HASH_MAX = 16 << 20  # a written file larger than this is reported without a hash
 _NO_SEAL = Seal.of([])
 
 
@@ -76,7 +78,7 @@ class ExecService:
         self.signatures = SignatureKeeper(bus, settings.signatures, self._forget)
         self.counts = collections.Counter[str]({k: 0 for k in (
             "allowed", "denied", "unverified", "cached", "hashed", "ignored", "host", "errors",
-            "throttled", "read_errors")})
+            "throttled", "read_errors", "written")})
         self._watches: dict[str, Watch] = {}
         self._lock = threading.Lock()
         self._inherited = dict(inherited or {})
@@ -170,7 +172,8 @@ class ExecService:
                 w.seal, w.image_dev, w.data = seal, dev, data
                 w.group.forget()  # its seal may differ: what the kernel ignored is asked
         try:
-            marked = mark_cell(w.group, pid, self.proc)
+            marked = mark_cell(w.group, pid, self.proc,
+                               frozenset({data[0]}) if data is not None else frozenset())
         except BaseException:
             if new:
                 with self._lock:
@@ -242,6 +245,10 @@ class ExecService:
         for ev in events:
             if ev.overflow:
                 self.bus.emit("exec", "overflow", cell=w.cell, severity="alert")
+            elif ev.fd >= 0 and ev.written:  # (a notification: may be merged with an exec)
+                self._written(w, ev, os.dup(ev.fd) if ev.exec else ev.fd)
+                if ev.exec:
+                    self._check(w, Pending(ev))
             elif ev.fd >= 0:
                 self._check(w, Pending(ev))
         if events and self.loop is not None:
@@ -276,6 +283,36 @@ class ExecService:
             job.add_done_callback(functools.partial(self._hashed, w, p))
         except Exception as exc:  # fail closed: deny, say why
             self._fail(w, p, exc)
+
+    def _written(self, w: Watch, ev: FanEvent, fd: int) -> None:
+        """A file of the cell's data dir was written: ``exec/file-written`` with its hash
+        (hashed in the worker; above WRITTEN_HASH_MAX, none).  ``fd`` is ours to close."""
+        try:
+            f = facts(fd)
+            cell = self._attribute(w, ev)
+        except Exception as exc:
+            os.close(fd)
+            self.counts["errors"] += 1
+            log.error("exec: cell %s: a written file: %s", w.cell, exc)
+            return
+        if cell is None or not f.regular:  # a host process's write (the agent's own)
+            os.close(fd)
+            return
+        who = identity(ev.pid, self.proc)
+        if f.size > WRITTEN_HASH_MAX or self.loop is None:
+            os.close(fd)
+            self._report_written(w, cell, f, ev, who, None)
+            return
+        job = self.loop.run_in_executor(self._pool, hash_and_close, fd)
+        job.add_done_callback(lambda j: self._report_written(
+            w, cell, f, ev, who, None if j.cancelled() or j.exception() else j.result()))
+
+    def _report_written(self, w: Watch, cell: str, f: Facts, ev: FanEvent,
+                        who: tuple[int | None, str | None],
+                        hashed: tuple[str, int] | None) -> None:
+        self.counts["written"] += 1
+        self.bus.emit("exec", "file-written", cell=cell, severity="info",
+                      **written_attrs(w, f, ev.pid, who, hashed))
 
     def _attribute(self, w: Watch, ev: FanEvent) -> str | None:
         """The process's cell: ``w``'s, another cell's, or None for a live host process.

@@ -21,8 +21,8 @@ from agent.kernel.seal import hash_fd
 from agent.monitor.exec.adapter import Facts, SealCache
 from agent.monitor.exec.rules import SEAL_SUFFIX, Observed, Verdict, seal_path_of
 
-__all__ = ["Backend", "Directory", "Entry", "Pending", "Watch", "denial_attrs",
-           "hash_and_close", "ignore_unchanged", "load_seal"]
+__all__ = ["Backend", "Directory", "Entry", "Pending", "Watch", "data_source", "denial_attrs",
+           "hash_and_close", "ignore_unchanged", "load_seal", "written_attrs"]
 
 
 class Entry(Protocol):
@@ -107,15 +107,29 @@ def load_seal(seals: SealCache, cell: str, rootfs: str, m: Manifest | None,
     return seal_file, seal
 
 
+def data_source(owner: Watch | None, path: str) -> str | None:
+    """The data dir's ``source`` when ``path`` lies in ``owner``'s data dir."""
+    if owner is not None and owner.data is not None and (
+            path + "/").startswith(owner.data[0].rstrip("/") + "/"):
+        return owner.data[1]
+    return None
+
+
+def written_attrs(w: Watch, f: Facts, hpid: int, who: tuple[int | None, str | None],
+                  hashed: tuple[str, int] | None) -> dict[str, Any]:
+    """The attributes of ``exec/file-written`` (docs/events.md); ``hashed``: (SHA-256,
+    size hashed), None when the file was too large or could not be read."""
+    return {"path": f.path, "hash": hashed[0] if hashed else None,
+            "size": hashed[1] if hashed else f.size, "source": data_source(w, f.path),
+            "pid": who[0], "hpid": hpid, "comm": who[1]}
+
+
 def denial_attrs(owner: Watch | None, p: Pending, v: Verdict, obs: Observed,
                  who: tuple[int | None, str | None]) -> dict[str, Any]:
     """The attributes of ``exec/exec-denied`` (docs/events.md): ``source`` names the data
     directory's image when the file lies in the cell's data dir."""
     pid, comm = who
-    source = None
-    if owner is not None and owner.data is not None and (
-            obs.path + "/").startswith(owner.data[0].rstrip("/") + "/"):
-        source = owner.data[1]
+    source = data_source(owner, obs.path)
     attrs: dict[str, Any] = {"path": obs.path, "hash": obs.digest, "size": obs.size,
                              "pid": pid, "hpid": p.event.pid, "comm": comm,
                              "reason": v.reason, "op": "exec", "source": source}

@@ -77,6 +77,7 @@ from agent.kernel.nft import FirewallSync, Nft
 from agent.kernel.orphans import KernelObjects
 from agent.kernel.ports import set_cell_port
 from agent.kernel.spawn import Spawned, spawn_cell
+from agent.monitor.correlation.settings import parse_settings as parse_correlation_settings
 from agent.monitor.exec.service import ExecService
 from agent.monitor.net.service import ManagerCells, NetMonitor
 
@@ -128,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.log_level is not None:
             overrides["log_level"] = ns.log_level
         config = replace(config, **overrides)
+        # [correlation] is kept as written by the config parser (channel 4 owns its
+        # keys): checked here too, so that --check and a start refuse the same typo.
+        parse_correlation_settings(config.correlation, config.state_dir)
     except AgentError as exc:
         print(f"agentd: {exc.to_wire()['message']}", file=sys.stderr)
         if exc.hint:

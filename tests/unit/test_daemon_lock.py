@@ -127,3 +127,18 @@ def test_check_takes_no_lock(tmp_path: Path) -> None:
                           str(tmp_path / "none.toml"), "--state-dir", str(fresh)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and not fresh.exists()
+
+
+def test_check_refuses_a_bad_correlation_table_as_a_start_would(tmp_path: Path) -> None:
+    """[correlation] is kept as written by the config parser and read by channel 4:
+    --check reads it too (exit 2, the key and a hint); the control: a good one passes."""
+    conf = tmp_path / "agentd.toml"
+    for table, rc in (("queue = 5\n", 2), ("surprise = 1\n", 2),
+                      ("queue = 512\nbatch = 64\n", 0)):
+        conf.write_text("[correlation]\n" + table)
+        res = subprocess.run([sys.executable, "-m", "agent.daemon", "--check", "--config",
+                              str(conf), "--state-dir", str(tmp_path / "s")],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == rc, (table, res.stderr)
+        if rc:
+            assert "correlation." in res.stderr and "hint:" in res.stderr, res.stderr

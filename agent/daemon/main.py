@@ -46,6 +46,7 @@ from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
 from agent.daemon.cells import ExitCallback
+from agent.daemon.gcstats import GcPauses
 from agent.daemon.history import EventHistory
 from agent.daemon.manager import CellManager
 from agent.daemon.monitors import (
@@ -160,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(config, pidfile=ns.pidfile.absolute() if ns.pidfile else None,
                         inherited=inherited)
         wire_signals(daemon)  # before any thread: the mask is inherited by threads
+        pauses = GcPauses()
+        pauses.install()
+        daemon.add_status("gc", pauses.status)
         history = wire_history(daemon)
         correlation = wire_correlation(daemon, daemon.config.correlation)
         execmon = None if ns.no_cells else wire_exec(daemon)

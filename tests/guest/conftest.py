@@ -72,6 +72,9 @@ class GuestProxy(pytest.Item):
     """Stands on the host for one test that runs in the box."""
 
     def runtest(self) -> None:
+        done = os.environ.get("AGENT_HOST_DONE")
+        if done and not os.path.exists(done):  # ./dev test: the host's own tests ran
+            Path(done).touch()
         results = _results(self.session, self.nodeid)
         recs = results["by_id"].get(self.nodeid)
         if recs is None:

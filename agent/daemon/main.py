@@ -46,7 +46,7 @@ from agent.core.settings import Settings, load_settings
 from agent.daemon.bus import EventBus
 from agent.daemon.cellapi import CellOps
 from agent.daemon.cells import ExitCallback
-from agent.daemon.gcstats import GcPauses
+from agent.daemon.gcstats import GcPauses, freeze_now
 from agent.daemon.history import EventHistory
 from agent.daemon.manager import CellManager
 from agent.daemon.monitors import (
@@ -177,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             respawner.flush.insert(0, execmon.flush)
         hook_master_attack(correlation, respawner)
         wire_integrity(daemon, respawner)
+        daemon.on_startup(after_start)  # last: what is alive now stays
         asyncio.run(daemon.run())
     except AgentError as exc:
         log.error("%s", exc)
@@ -184,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         lock.release()
     return 0
+
+
+async def after_start() -> None:
+    """Everything is in place (modules, cells adopted, the library): out of the cyclic
+    collector's passes (agent.daemon.gcstats)."""
+    freeze_now()
 
 
 def wire_history(daemon: Daemon) -> EventHistory:

@@ -26,6 +26,7 @@ from typing import Any
 from agent.core.errors import ConfigError, KernelError
 from agent.core.names import NETNS_PREFIX
 from agent.daemon.cellapi import CellOps
+from agent.daemon.gcstats import freeze_now
 from agent.daemon.integrity import IntegrityWatch
 from agent.daemon.respawn import Respawner
 from agent.daemon.server import Daemon
@@ -90,6 +91,7 @@ def wire_correlation(daemon: Daemon, table: Mapping[str, Any] | None = None
     if not settings.enabled:
         return None
     svc = CorrelationService(daemon.bus, settings, policy_path=daemon.config.policy_path)
+    svc.on_loaded.append(freeze_now)  # the library's objects leave the collector's passes
     daemon.on_startup(svc.start)
     daemon.on_shutdown(svc.close)
     for op, handler in PatternOps(svc).handlers().items():

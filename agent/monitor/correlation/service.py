@@ -99,6 +99,7 @@ class CorrelationService:
         self.policy = policy
         self.policy_path = policy_path
         self.on_master_attack: Callable[[Match], object] | None = None
+        self.on_loaded: list[Callable[[], object]] = []  # after a bundle is in place
         self.alerts: collections.deque[dict[str, Any]] = \
             collections.deque(maxlen=settings.alerts_kept)
         self.problems: dict[str, str] = {}  # what keeps the service from doing all it should
@@ -169,6 +170,8 @@ class CorrelationService:
             log.info("correlation: loaded patterns version %s from %s (%s patterns)",
                      out.attrs.get("version"), out.attrs.get("origin"),
                      out.attrs.get("patterns"))
+            for fn in self.on_loaded:
+                fn()
         else:
             log.warning("correlation: refused a bundle from %s: %s: %s",
                         out.attrs.get("origin"), out.attrs.get("reason"),

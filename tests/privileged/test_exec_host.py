@@ -555,3 +555,53 @@ def test_files_written_in_the_data_dir_are_reported_with_their_hash(
     assert got["/data/sub/more"].attrs["hash"] == hashlib.sha256(b"payload-2").hexdigest()
     assert not [e for e in bus.recent(channel="exec") if e.kind in ("exec-denied",
                                                                    "exec-unverified")]
+
+
+def test_a_write_just_before_the_cell_ends_is_still_reported(
+        image: Path, cgroup: CgroupV1, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A oneshot that drops a file and exits: its cell's group is closed when the cell is
+    destroyed, perhaps before the loop read the notification.  Here the loop never reads
+    the group (report mode: no exec waits for an answer), so only the drain at close
+    can report the write; the control: the same run reports nothing without it."""
+    data = image.parent / "data"
+    data.mkdir()
+    os.chown(data, 300000, 300000)
+    (image / "data").mkdir()
+    sigfile = tmp_path / "signatures.txt"
+    sigfile.write_text("# agent-signatures 1\n")
+    bind = Mount("bind", "/data", source=str(data),
+                 flags=frozenset({"nosuid", "nodev", "noexec"}))
+
+    def run(drain: bool) -> list[Event]:
+        bus = EventBus()
+        svc = ExecService(bus, ExecSettings(signatures=sigfile, mode="report"))
+        monkeypatch.setattr(svc, "_register", lambda w: None)  # the loop never reads it
+        if not drain:
+            monkeypatch.setattr(svc, "_last_writes", lambda w: None)
+        directory = _Dir()
+        directory.cells[CELL] = _Entry(parse_manifest(
+            f'name = "{CELL}"\n[service]\ncommand = "/bin/busybox"\n[image]\n'
+            f'root = "{image}"\n[[writable]]\nkind = "data"\npath = "/data"\n'))
+
+        async def go() -> None:
+            svc.attach(directory, cgroup)
+            await svc.start()
+            try:
+                code, out = await run_cell(svc, image, cgroup, "printf dropped > /data/t",
+                                           directory, extra=(bind,))
+                assert code == 0, out
+                svc._drop(CELL)  # the cell was destroyed
+                for _ in range(300):  # (hashed in the worker)
+                    if [e for e in bus.recent(channel="exec") if e.kind == "file-written"]:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                svc.close()
+
+        asyncio.run(go())
+        return [e for e in bus.recent(channel="exec") if e.kind == "file-written"]
+
+    assert run(drain=False) == []  # the control: lost without the drain
+    got = run(drain=True)
+    assert [(e.attrs["path"], e.attrs["hash"], e.attrs["source"], e.cell) for e in got] == [
+        ("/data/t", hashlib.sha256(b"dropped").hexdigest(), CELL, CELL)]

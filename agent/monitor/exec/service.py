@@ -50,6 +50,7 @@ from agent.monitor.exec.service_watch import (
     ignore_unchanged,
     load_seal,
     written_attrs,
+    written_path,
 )
 from agent.monitor.exec.settings import ExecSettings
 
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 INHERIT_PREFIX = "fanotify:exec:"  # + "perm:" or "notif:" + cell
 WRITTEN_HASH_MAX = 16 << 20  # a written file larger than this is reported without a hash
+MAX_DRAIN_READS = 16  # of a gone cell's group: 16 reads of up to 170 events
 _NO_SEAL = Seal.of([])
 
 
@@ -232,7 +234,29 @@ class ExecService:
             self.loop.remove_reader(w.group.fileno())
         for p in list(w.waiting.values()):
             self._answer(w, p, False)
+        self._last_writes(w)
         w.group.close()
+
+    def _last_writes(self, w: Watch) -> None:
+        """Before a gone cell's group is closed: what it still queues.  A write just
+        before the cell ended is reported (a notification the loop had not read yet: a
+        oneshot that drops a file and exits); an exec still asked about is denied."""
+        for _ in range(MAX_DRAIN_READS):
+            try:
+                events = w.group.read()
+            except (AgentError, ValueError):
+                return
+            if not events:
+                return
+            for ev in events:
+                if ev.fd < 0:
+                    continue
+                if ev.written:
+                    self._written(w, ev, os.dup(ev.fd))
+                if ev.permission:
+                    with contextlib.suppress(AgentError):
+                        w.group.respond(ev.fd, False)
+                os.close(ev.fd)
 
     # ------------------------------------------------------------------ events
     def _on_ready(self, w: Watch) -> None:
@@ -299,20 +323,21 @@ class ExecService:
             os.close(fd)
             return
         who = identity(ev.pid, self.proc)
+        path = written_path(w, f.path, w.closed)
         if f.size > WRITTEN_HASH_MAX or self.loop is None:
             os.close(fd)
-            self._report_written(w, cell, f, ev, who, None)
+            self._report_written(w, cell, f, path, ev, who, None)
             return
         job = self.loop.run_in_executor(self._pool, hash_and_close, fd)
         job.add_done_callback(lambda j: self._report_written(
-            w, cell, f, ev, who, None if j.cancelled() or j.exception() else j.result()))
+            w, cell, f, path, ev, who, None if j.cancelled() or j.exception() else j.result()))
 
-    def _report_written(self, w: Watch, cell: str, f: Facts, ev: FanEvent,
+    def _report_written(self, w: Watch, cell: str, f: Facts, path: str, ev: FanEvent,
                         who: tuple[int | None, str | None],
                         hashed: tuple[str, int] | None) -> None:
         self.counts["written"] += 1
         self.bus.emit("exec", "file-written", cell=cell, severity="info",
-                      **written_attrs(w, f, ev.pid, who, hashed))
+                      **written_attrs(w, f, path, ev.pid, who, hashed))
 
     def _attribute(self, w: Watch, ev: FanEvent) -> str | None:
         """The process's cell: ``w``'s, another cell's, or None for a live host process.

@@ -22,7 +22,7 @@ from agent.monitor.exec.adapter import Facts, SealCache
 from agent.monitor.exec.rules import SEAL_SUFFIX, Observed, Verdict, seal_path_of
 
 __all__ = ["Backend", "Directory", "Entry", "Pending", "Watch", "data_source", "denial_attrs",
-           "hash_and_close", "ignore_unchanged", "load_seal", "written_attrs"]
+           "hash_and_close", "ignore_unchanged", "load_seal", "written_attrs", "written_path"]
 
 
 class Entry(Protocol):
@@ -115,12 +115,26 @@ def data_source(owner: Watch | None, path: str) -> str | None:
     return None
 
 
-def written_attrs(w: Watch, f: Facts, hpid: int, who: tuple[int | None, str | None],
+def written_path(w: Watch, path: str, gone: bool) -> str:
+    """Where the cell sees a written file.  Only data mounts are marked for writes, so
+    the file is in ``w``'s data dir; once the cell's mounts are gone (``gone``, or a path
+    outside the data dir), the kernel names it from the data mount's own root: the
+    mount point goes in front."""
+    if w.data is None:
+        return path
+    top = w.data[0].rstrip("/")
+    if gone or not (path + "/").startswith(top + "/"):
+        return top + ("" if path == "/" else path)
+    return path
+
+
+def written_attrs(w: Watch, f: Facts, path: str, hpid: int,
+                  who: tuple[int | None, str | None],
                   hashed: tuple[str, int] | None) -> dict[str, Any]:
     """The attributes of ``exec/file-written`` (docs/events.md); ``hashed``: (SHA-256,
     size hashed), None when the file was too large or could not be read."""
-    return {"path": f.path, "hash": hashed[0] if hashed else None,
-            "size": hashed[1] if hashed else f.size, "source": data_source(w, f.path),
+    return {"path": path, "hash": hashed[0] if hashed else None,
+            "size": hashed[1] if hashed else f.size, "source": data_source(w, path),
             "pid": who[0], "hpid": hpid, "comm": who[1]}
 
 

@@ -54,8 +54,10 @@ def bundle_events(since: int) -> list[dict[str, Any]]:
     return [e for e in got if e["seq"] > since]
 
 
-def expect_alert(pattern: str, since: int, timeout: float = 20.0) -> dict[str, Any]:
-    """The first alert of ``pattern`` after event ``since`` (AlertMissing if none comes)."""
+def expect_alert(pattern: str, since: int, timeout: float = 20.0,
+                 steps: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The first alert of ``pattern`` after event ``since`` (AlertMissing if none comes;
+    its message lists the events since of the ``steps`` kinds, "channel/kind")."""
     deadline = time.monotonic() + timeout
     while True:
         got = alerts(since, pattern)
@@ -63,8 +65,15 @@ def expect_alert(pattern: str, since: int, timeout: float = 20.0) -> dict[str, A
             return got[0]
         if time.monotonic() > deadline:
             seen = [e["attrs"]["pattern"] for e in alerts(since)]
+            found = []
+            for step in steps:
+                channel, kind = step.split("/")
+                found += [f"{step} {e['cell']} {e['attrs']}" for e in
+                          call("events", n=500, channel=channel, kind=kind)
+                          if e["seq"] > since]
             raise AlertMissing(f"no correlation/alert of {pattern} within {timeout:g} s "
-                               f"(alerts since: {seen or 'none'})")
+                               f"(alerts since: {seen or 'none'}; step events since: "
+                               + ("\n  " + "\n  ".join(found) if found else "none") + ")")
         time.sleep(0.3)
 
 

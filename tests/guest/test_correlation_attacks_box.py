@@ -106,7 +106,8 @@ def test_shared_drop_exec(clean: dict[str, Any]) -> None:
                            own + 'source = "corr-drop-a"\n[[writable]]\nkind = "tmpfs"\n'
                            'path = "/tmp"\nsize = "1M"\nexec = true\n')
         assert any(x.startswith("rc=") for x in out), out  # the copy was made, then run
-        alert = expect_alert("shared-drop-exec", since, timeout=WAIT)
+        alert = expect_alert("shared-drop-exec", since, timeout=WAIT,
+                             steps=("exec/file-written", "exec/exec-denied"))
     finally:
         DATA_IMAGE.unlink(missing_ok=True)
     run = alert["attrs"]["chain"][1]
@@ -117,17 +118,22 @@ def test_shared_drop_exec(clean: dict[str, Any]) -> None:
 
 
 def test_scan_listen_reach(clean: dict[str, Any]) -> None:
-    start("corr-lis", ["-c", "sleep 12; nc -l -p 4444"], command="/bin/sh", uid=1000,
+    # the order the pattern wants: the scan (41 ports, eight at a time: its own table
+    # drops them, so each nc waits its second; 20 ports within 10 s make a scan), then
+    # the listener (25 s after its cell started), then the scanner reaching it
+    start("corr-lis", ["-c", "sleep 25; nc -l -p 4444"], command="/bin/sh", uid=1000,
           network={"vlan": 171})
     target = ps()["corr-lis"]["address"]
     since = last_seq()
-    start("corr-scan", ["-c", f"for p in $(seq 20 60); do nc -w 1 {target} $p </dev/null; "
-                        f"done; sleep 15; echo hello | nc -w 3 {target} 4444; "
-                        "echo reached=$?; sleep 3600"], command="/bin/sh", uid=1000,
+    start("corr-scan", ["-c", f"for p in $(seq 20 60); do nc -w 1 {target} $p </dev/null & "
+                        "[ $((p % 8)) = 0 ] && wait; done; wait; echo scanned; sleep 30; "
+                        f"echo hello | nc -w 3 {target} 4444; echo reached=$?; sleep 3600"],
+          command="/bin/sh", uid=1000, resources={"pids_max": 16},
           network={"vlan": 172, "peers": [{"cell": "corr-lis", "ports": [4444]}]})
     wait_for(lambda: any(x.startswith("reached=") for x in logs("corr-scan")),
              "the scanner to reach the listener", timeout=120)
-    alert = expect_alert("scan-listen-reach", since, timeout=WAIT)
+    alert = expect_alert("scan-listen-reach", since, timeout=WAIT,
+                         steps=("net/scan", "net/listen", "net/flow"))
     assert chain_of(alert) == [("scan", "net/scan", "corr-scan"),
                                ("open", "net/listen", "corr-lis"),
                                ("reach", "net/flow", "corr-scan")]

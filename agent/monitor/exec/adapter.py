@@ -116,32 +116,29 @@ def mark_cell(group: Group, pid: int, proc: Path = Path("/proc"),
             if mp == "/":
                 group.mark_mount(root, f"/ of pid {pid}")
                 marked.append(mp)
-                continue
-            try:
-                fd = open_in_root(root, mp)
-            except KernelError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                    continue
-                raise
-            try:
-                group.mark_mount(fd, f"{mp} of pid {pid}", writes=mp in writes)
-            finally:
-                os.close(fd)
-            marked.append(mp)
+            elif _mark_under(group, root, mp, f"{mp} of pid {pid}", mp in writes, True):
+                marked.append(mp)
         for mp in sorted(writes - set(marked)):  # a data dir mounted noexec: writes only
-            try:
-                fd = open_in_root(root, mp)
-            except KernelError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                    continue
-                raise
-            try:
-                group.mark_mount(fd, f"{mp} of pid {pid}", writes=True, execs=False)
-            finally:
-                os.close(fd)
+            _mark_under(group, root, mp, f"{mp} of pid {pid}", True, False)
         return marked
     finally:
         os.close(root)
+
+
+def _mark_under(group: Group, root: int, mp: str, what: str, writes: bool,
+                execs: bool) -> bool:
+    """Mark the mount at ``mp`` under ``root``; False if that path no longer resolves."""
+    try:
+        fd = open_in_root(root, mp)
+    except KernelError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        raise
+    try:
+        group.mark_mount(fd, what, writes=writes, execs=execs)
+    finally:
+        os.close(fd)
+    return True
 
 
 @dataclass(frozen=True)

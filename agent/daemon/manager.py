@@ -252,6 +252,7 @@ class CellManager(Driver, Adoption):
             if old is not None:
                 raise StateError("E_EXISTS", f"cell {name} exists ({old.state.value})",
                                  f"agentctl stop {name} first")
+            self._drop_orphan_lease(name)
             lease = None
             try:
                 pressure = self.pressure()
@@ -279,6 +280,23 @@ class CellManager(Driver, Adoption):
             if e.state is State.FAILED or e.state is State.DESTROYED:
                 raise e.last_error or StateError("E_STATE", f"cell {name} {e.state.value}")
             return e.summary()
+
+    def _drop_orphan_lease(self, name: str) -> None:
+        """No cell ``name`` exists (its lock is held), so no lease may: one left would
+        refuse every later run of the name (E_POOL_DUPLICATE).  Seen once in the SIGKILL
+        soak on a loaded box, cause not found yet: freed, journaled, and said (alert)."""
+        held = self.pool.lease(name)
+        if held is None:
+            return
+        log.error("cell %s: a lease no cell holds (%s on VLAN %d): freed", name,
+                  held.address, held.vlan)
+        self.pool.release(name)
+        try:
+            self._record("lease-free", {"cell": name})
+        except AgentError as exc:
+            log.error("cell %s: freed lease not journaled: %s", name, exc)
+        self.bus.emit("master", "lease-dropped", cell=name, severity="alert",
+                      address=str(held.address), vlan=held.vlan, why="no cell held it")
 
     async def stop(self, name: str, uid: int, gid: int) -> dict[str, Any]:
         check_cell_name(name)

@@ -429,3 +429,25 @@ def test_a_kept_pin_survives_kill_9_and_compaction(env: dict[str, Any]) -> None:
     assert pin_from_wire({"cpu": True, "memory_high": 2, "memory_max": 3}) is None
     assert pin_from_wire({"cpu": 1, "memory_high": 2, "memory_max": -3}) is None
     assert pin_from_wire("x") is None
+
+
+def test_a_lease_no_cell_holds_does_not_refuse_the_name_for_good(env: dict[str, Any]) -> None:
+    """An orphan lease (seen once in the SIGKILL soak under load) is freed by the next run
+    of its name, journaled and said; the control: a cell that exists is still E_EXISTS."""
+    async def main() -> None:
+        mgr, _ = await manager(env)
+        mgr.pool.allocate("demo-web", 100)  # the orphan
+        await mgr.run("demo-web", 0, 0)
+        assert mgr.cells["demo-web"].state is State.RUNNING
+        assert [x.cell for x in mgr.pool.leases()] == ["demo-web"]
+        dropped = env["bus"].recent(None, kind="lease-dropped")
+        assert [(e.cell, e.severity, e.attrs["why"]) for e in dropped] == [
+            ("demo-web", "alert", "no cell held it")]
+        with pytest.raises(AgentError) as info:
+            await mgr.run("demo-web", 0, 0)
+        assert info.value.code == "E_EXISTS"
+        assert len(env["bus"].recent(None, kind="lease-dropped")) == 1
+        await mgr.stop("demo-web", 0, 0)
+        assert mgr.pool.leases() == []
+
+    arun(main)

@@ -112,6 +112,12 @@ MODULE_SECONDS = {
     "test_correlation_box.py": 78, "test_cells_e2e.py": 72, "test_cellbench_box.py": 66,
 }
 DEFAULT_SECONDS = 30
+# Modules that measure agentd against its own idle figures (issue 10: status p99 under a
+# flood within 3x idle): with two boxes they run last, alone on the host, in a box of
+# their own.  Beside another box the host's cores are shared by four virtual CPUs and
+# a guest's p99 measures the host's scheduling, not agentd (2026-12-07: 570 ms loaded
+# against 110 ms idle, in the two-box CI run; it passes with one box).
+ALONE = frozenset({"test_hostile_cells.py"})
 
 
 def shards_of(ids: list[str], n: int) -> list[list[str]]:
@@ -166,7 +172,13 @@ class Tier:
     collected (the host tests run meanwhile); a proxy waits for its own box."""
 
     def __init__(self, ids: list[str]) -> None:
-        self.shards = shards_of(ids, int(os.environ.get("AGENT_BOX_SHARDS", "2")))
+        n = int(os.environ.get("AGENT_BOX_SHARDS", "2"))
+        alone = [i for i in ids if Path(i.split("::")[0]).name in ALONE] if n > 1 else []
+        self.shards = shards_of([i for i in ids if i not in set(alone)], n)
+        self.after: set[int] = set()  # shards that start once the others are done
+        if alone:
+            self.after.add(len(self.shards))
+            self.shards.append(alone)
         self.results: list[dict[str, Any] | None] = [None] * len(self.shards)
         self.of: dict[str, int] = {n: k for k, ids in enumerate(self.shards) for n in ids}
         self.threads: list[threading.Thread] = []
@@ -186,6 +198,10 @@ class Tier:
             t.start()
 
     def _run(self, box: Any, ids: list[str], k: int) -> None:
+        if k in self.after:  # a quiet host: the other boxes are done
+            for j, t in enumerate(self.threads[:k]):
+                if j not in self.after:
+                    t.join()
         if self.problem:
             self.results[k] = {"ids": ids, "by_id": {}, "problem": self.problem,
                                "console": "(none)", "tail": "", "seconds": 0.0}

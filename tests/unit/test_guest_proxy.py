@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,49 @@ def test_shards_keep_modules_whole_in_order_and_balance_by_weight() -> None:
             for m in modules} == {(True, False), (False, True)}
     assert guest.shards_of(ids, 1) == [ids]
     assert guest.shards_of(ids[:3], 4) == [ids[:3]]  # no empty box
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the proxy skips the tier when not root")
+def test_a_module_that_needs_a_quiet_host_runs_alone_after_the_others(project: Path) -> None:
+    guest = project / "tests" / "guest"
+    (guest / "test_other.py").write_text(textwrap.dedent(OTHER_TESTS))
+    (guest / "test_hostile_cells.py").write_text(
+        "import time\n\ndef test_alone():\n    time.sleep(0.1)\n")
+    r = host_run(project, AGENT_BOX_SHARDS="2")
+    assert "3 failed, 3 passed, 1 skipped, 1 xfailed" in r.stdout, r.stdout + r.stderr
+    assert "box 3: 1 tests" in r.stdout, r.stdout
+    assert (project / ".guest-console-3.log").exists()
+    r = host_run(project, AGENT_BOX_SHARDS="1")  # one box: with the others
+    assert "box 1: 8 tests" in r.stdout and "box 2" not in r.stdout, r.stdout
+
+
+def test_alone_shard_starts_after_the_others(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    guest = load_guest_conftest()
+    monkeypatch.setattr(guest, "REPO", tmp_path)  # (the consoles go there)
+    monkeypatch.setenv("AGENT_BOX_SHARDS", "2")
+    events: list[str] = []
+
+    class Box:
+        @staticmethod
+        def prepare() -> None:
+            pass
+
+        @staticmethod
+        def guest_pytest_script(args: list[str], report: str) -> str:
+            return " ".join(args)
+
+        @staticmethod
+        def run_in_box(script: str, **kw: object) -> int:
+            alone = "test_hostile_cells.py" in script
+            events.append("start alone" if alone else "start")
+            time.sleep(0.05 if alone else 0.3)
+            events.append("end alone" if alone else "end")
+            return 0
+
+    monkeypatch.setitem(sys.modules, "box", Box)
+    tier = guest.Tier(["tests/guest/test_a.py::t", "tests/guest/test_b.py::t",
+                       "tests/guest/test_hostile_cells.py::t"])
+    tier.result_for("tests/guest/test_hostile_cells.py::t")
+    assert events[-2:] == ["start alone", "end alone"]
+    assert events.count("end") == 2 and events.index("start alone") > events.index("end")

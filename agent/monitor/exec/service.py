@@ -49,6 +49,7 @@ from agent.monitor.exec.service_watch import (
     hash_and_close,
     ignore_unchanged,
     load_seal,
+    queued,
     written_attrs,
     written_path,
 )
@@ -241,22 +242,13 @@ class ExecService:
         """Before a gone cell's group is closed: what it still queues.  A write just
         before the cell ended is reported (a notification the loop had not read yet: a
         oneshot that drops a file and exits); an exec still asked about is denied."""
-        for _ in range(MAX_DRAIN_READS):
-            try:
-                events = w.group.read()
-            except (AgentError, ValueError):
-                return
-            if not events:
-                return
-            for ev in events:
-                if ev.fd < 0:
-                    continue
-                if ev.written:
-                    self._written(w, ev, os.dup(ev.fd))
-                if ev.permission:
-                    with contextlib.suppress(AgentError):
-                        w.group.respond(ev.fd, False)
-                os.close(ev.fd)
+        for ev in queued(w.group, MAX_DRAIN_READS):
+            if ev.written:
+                self._written(w, ev, os.dup(ev.fd))
+            if ev.permission:
+                with contextlib.suppress(AgentError):
+                    w.group.respond(ev.fd, False)
+            os.close(ev.fd)
 
     # ------------------------------------------------------------------ events
     def _on_ready(self, w: Watch) -> None:
@@ -324,20 +316,19 @@ class ExecService:
             return
         who = identity(ev.pid, self.proc)
         path = written_path(w, f.path, w.closed)
+
+        def report(hashed: tuple[str, int] | None) -> None:
+            self.counts["written"] += 1
+            self.bus.emit("exec", "file-written", cell=cell, severity="info",
+                          **written_attrs(w, f, path, ev.pid, who, hashed))
+
         if f.size > WRITTEN_HASH_MAX or self.loop is None:
             os.close(fd)
-            self._report_written(w, cell, f, path, ev, who, None)
+            report(None)
             return
         job = self.loop.run_in_executor(self._pool, hash_and_close, fd)
-        job.add_done_callback(lambda j: self._report_written(
-            w, cell, f, path, ev, who, None if j.cancelled() or j.exception() else j.result()))
-
-    def _report_written(self, w: Watch, cell: str, f: Facts, path: str, ev: FanEvent,
-                        who: tuple[int | None, str | None],
-                        hashed: tuple[str, int] | None) -> None:
-        self.counts["written"] += 1
-        self.bus.emit("exec", "file-written", cell=cell, severity="info",
-                      **written_attrs(w, f, path, ev.pid, who, hashed))
+        job.add_done_callback(lambda j: report(None if j.cancelled() or j.exception()
+                                               else j.result()))
 
     def _attribute(self, w: Watch, ev: FanEvent) -> str | None:
         """The process's cell: ``w``'s, another cell's, or None for a live host process.

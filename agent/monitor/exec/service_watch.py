@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,7 +22,8 @@ from agent.monitor.exec.adapter import Facts, SealCache
 from agent.monitor.exec.rules import SEAL_SUFFIX, Observed, Verdict, seal_path_of
 
 __all__ = ["Backend", "Directory", "Entry", "Pending", "Watch", "data_source", "denial_attrs",
-           "hash_and_close", "ignore_unchanged", "load_seal", "written_attrs", "written_path"]
+           "hash_and_close", "ignore_unchanged", "load_seal", "queued", "written_attrs",
+           "written_path"]
 
 
 class Entry(Protocol):
@@ -66,6 +67,19 @@ class Pending:
     cell: str = ""  # the cell of the process
     on_image: bool = False
     done: bool = False
+
+
+def queued(group: Group, reads: int) -> Iterator[FanEvent]:
+    """The events (with a file) still queued in ``group``, in at most ``reads`` reads;
+    a read that fails ends it (the group is about to be closed)."""
+    for _ in range(reads):
+        try:
+            events = group.read()
+        except (AgentError, ValueError):
+            return
+        if not events:
+            return
+        yield from (ev for ev in events if ev.fd >= 0)
 
 
 def hash_and_close(fd: int) -> tuple[str, int]:

@@ -120,6 +120,14 @@ async def settle(mon: NetMonitor, rounds: int = 5) -> None:
             await asyncio.gather(mon._sync_task, return_exceptions=True)
 
 
+async def started(bus: EventBus, op: FakeOpener, cells: FakeCells) -> NetMonitor:
+    """A monitor on the running loop with the fake sockets, its first sync done."""
+    mon = NetMonitor(bus, POOL, opener=op)
+    mon.start(asyncio.get_running_loop(), cells)
+    await settle(mon)
+    return mon
+
+
 def net_events(bus: EventBus, kind: str = "*") -> list[Event]:
     return bus.recent(channel="net", kind=kind)
 
@@ -134,9 +142,7 @@ def test_events_from_every_socket_name_the_right_cell(
     bus, op, cells = setup
 
     async def main() -> None:
-        mon = NetMonitor(bus, POOL, opener=op)
-        mon.start(asyncio.get_running_loop(), cells)
-        await settle(mon)
+        mon = await started(bus, op, cells)
         assert set(op.socks) == {"ct", "log", "cell-web", "cell-client"}
         op.socks["ct"].tx.send(ct_new("10.77.1.2", "10.77.0.2"))
         syn = ipv4("10.77.1.2", "10.77.0.2", 6, b"\x9c\x40\x1f\x91" + b"\0" * 16)
@@ -198,9 +204,7 @@ def test_cells_come_and_go_with_lifecycle_events(
     cells.cells = [WEB]
 
     async def main() -> None:
-        mon = NetMonitor(bus, POOL, opener=op)
-        mon.start(asyncio.get_running_loop(), cells)
-        await settle(mon)
+        mon = await started(bus, op, cells)
         assert "cell-client" not in op.socks
         cells.cells = [WEB, CLIENT]
         bus.emit("lifecycle", "running", cell="client")
@@ -233,9 +237,7 @@ def test_the_last_drops_of_a_cell_that_ended_at_once_are_reported(
     monkeypatch.setattr(service, "RETIRE_S", 0.2)
 
     async def main() -> None:
-        mon = NetMonitor(bus, POOL, opener=op)
-        mon.start(asyncio.get_running_loop(), cells)
-        await settle(mon)
+        mon = await started(bus, op, cells)
         client = op.socks["cell-client"]
         cells.cells = [WEB]
         bus.emit("lifecycle", "exited", cell="client")
@@ -266,9 +268,7 @@ def test_failures_are_events_and_retried(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(service, "RETRY_S", 0.1)
 
     async def main() -> None:
-        mon = NetMonitor(bus, POOL, opener=op)
-        mon.start(asyncio.get_running_loop(), cells)
-        await settle(mon)
+        mon = await started(bus, op, cells)
         failed = net_events(bus, "monitor-failed")
         assert {(e.cell, e.severity) for e in failed} == {(None, "alert"), ("web", "alert")}
         assert "log" in op.socks and "cell-client" in op.socks  # the others work
@@ -300,9 +300,7 @@ def test_garbage_and_foreign_prefixes_do_not_stop_the_channel(
     bus, op, cells = setup
 
     async def main() -> None:
-        mon = NetMonitor(bus, POOL, opener=op)
-        mon.start(asyncio.get_running_loop(), cells)
-        await settle(mon)
+        mon = await started(bus, op, cells)
         op.socks["log"].tx.send(b"\xff" * 40)
         op.socks["log"].tx.send(log_msg("someone else", ipv4("1.1.1.1", "2.2.2.2", 6, b"")))
         op.socks["ct"].tx.send(ct_new("10.77.1.2", "10.77.0.2"))
@@ -378,9 +376,7 @@ def test_listeners_are_reported_when_they_appear_and_again_after_closing(
     monkeypatch.setattr(service, "POLL_S", 0.05)
 
     async def main() -> None:
-        mon = NetMonitor(bus, POOL, opener=op)
-        mon.start(asyncio.get_running_loop(), cells)
-        await settle(mon)
+        mon = await started(bus, op, cells)
         assert set(op.diags) == {"cell-web", "cell-client"}
         op.diags["cell-web"].listening = [tcp(8080), tcp(8080, address="::")]
         op.diags["cell-client"].listening = [tcp(4444, uid=101_000, address="10.77.1.2")]
@@ -408,9 +404,7 @@ def test_a_reached_listener_is_reported_before_its_flow(
     bus, op, cells = setup  # (the poll is 2 s away: only the flow makes it look)
 
     async def main() -> None:
-        mon = NetMonitor(bus, POOL, opener=op)
-        mon.start(asyncio.get_running_loop(), cells)
-        await settle(mon)
+        mon = await started(bus, op, cells)
         op.diags["cell-web"].listening = [tcp(8080)]
         op.socks["ct"].tx.send(ct_new("10.77.1.2", "10.77.0.2", dport=8080))
         op.socks["ct"].tx.send(ct_new("10.77.1.2", "10.77.0.2", sport=40001, dport=8080))
@@ -436,9 +430,7 @@ def test_a_failing_listener_dump_is_reported_and_its_socket_made_again(
     monkeypatch.setattr(service, "RETRY_S", 0.1)
 
     async def main() -> None:
-        mon = NetMonitor(bus, POOL, opener=op)
-        mon.start(asyncio.get_running_loop(), cells)
-        await settle(mon)
+        mon = await started(bus, op, cells)
         first = op.diags["cell-web"]
         first.fail = True
         first.listening = [tcp(80)]

@@ -85,6 +85,7 @@ class NetMonitor:
         self._firewall: FirewallSync | None = None
         self.listening = ListenWatch()
         self._poll: asyncio.TimerHandle | None = None
+        self._opening: set[asyncio.Task[None]] = set()  # sock_diag sockets being made
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop, cells: Cells,
@@ -302,7 +303,9 @@ class NetMonitor:
             src.diag = diag
             self._failed.pop(f"cell:{src.cell}", None)  # (its log socket is fine: it is here)
 
-        self.loop.create_task(reopen())
+        task = self.loop.create_task(reopen())
+        self._opening.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self._opening.discard)
 
     # ------------------------------------------------------------------ windows
     def _arm(self) -> None:

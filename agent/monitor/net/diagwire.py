@@ -13,16 +13,23 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from agent.monitor.net.wire import NLMSG_DONE, NLMSG_ERROR, iter_messages, parse_ack
+from agent.monitor.net.wire import (
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_HEADER,
+    iter_messages,
+    parse_ack,
+)
 
 __all__ = ["NETLINK_SOCK_DIAG", "Listener", "listen_dump_request", "parse_dump"]
 
 AF_INET, AF_INET6, IPPROTO_TCP = 2, 10, 6
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_DUMP = 0x300
 TCP_LISTEN = 10
-_NLMSG = struct.Struct("=IHHII")
+_NLMSG = NLMSG_HEADER
 _REQ = struct.Struct("=BBBBI")  # family, protocol, ext, pad, states; then the 48-byte id
 _SOCKID_SIZE = 48
 _MSG_SIZE = 72  # inet_diag_msg

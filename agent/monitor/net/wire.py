@@ -28,6 +28,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 __all__ = [
     "AF_BRIDGE",
+    "NLMSG_HEADER",
     "CtNew",
     "LogRecord",
     "Packet",
@@ -76,6 +77,7 @@ PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udpli
 _PORTED = {6, 17, 132, 136}
 
 _NLMSG = struct.Struct("=IHHII")
+NLMSG_HEADER = _NLMSG  # (sock_diag messages have the same header: diagwire)
 _NFGEN = struct.Struct("=BBH")  # res_id is big-endian: packed by hand
 _NLA = struct.Struct("=HH")
 

@@ -138,6 +138,9 @@ class Runtime:
     starts: list[float] = field(default_factory=list)
     stops: list[float] = field(default_factory=list)
     error: str = ""
+    # per cell, CLOCK_MONOTONIC seconds: start request, first instruction, stop request,
+    # stopped (the per-step breakdown of the agent rows is cut from agentd's events)
+    windows: list[tuple[float, float, float, float]] = field(default_factory=list)
 
 
 class AgentRuntime:
@@ -214,7 +217,39 @@ def measure(rt: Runtime, events: ExecEvents | None, n: int, base: int) -> None:
         rt.starts.append((ts - t0) / 1e6)
         t1 = time.monotonic_ns()
         rt.stop(i)
-        rt.stops.append((time.monotonic_ns() - t1) / 1e6)
+        t2 = time.monotonic_ns()
+        rt.stops.append((t2 - t1) / 1e6)
+        rt.windows.append((t0 / 1e9, ts / 1e9, t1 / 1e9, t2 / 1e9))
+
+
+def steps(client: object, rt: Runtime, names: Callable[[int], str]) -> list[str]:
+    """Where an agent row's time went, per plan step (medians, ms), cut from agentd's
+    ``master/op-applied`` and ``plan-commit`` events (stamped in the worker when each
+    step ended).  Start: request -> the first step's end (admission, the plan, the first
+    step), each step, the commit, the first instruction; stop likewise."""
+    lines = []
+    for what, lo, hi in (("start", 0, 1), ("stop", 2, 3)):
+        gaps: dict[str, list[float]] = {}
+        order: list[str] = []
+        for i, w in enumerate(rt.windows):
+            evs = client.call("events", n=64, cell=names(i),  # type: ignore[attr-defined]
+                              channel="master")
+            marks = sorted((e["mono"], e["attrs"].get("step") or e["kind"]) for e in evs
+                           if e["kind"] in ("op-applied", "plan-commit")
+                           and w[lo] <= e["mono"] <= w[hi])
+            if not marks:
+                continue
+            prev = w[lo]
+            for mono, label in [*marks, (w[hi], "first instruction" if lo == 0
+                                         else "reply")]:
+                if label not in gaps:
+                    order.append(label)
+                gaps.setdefault(label, []).append((mono - prev) * 1e3)
+                prev = mono
+        if order:
+            lines.append(f"{rt.name} {what} per step (median ms, n={len(rt.windows)}): " +
+                         ", ".join(f"{k} {statistics.median(gaps[k]):.1f}" for k in order))
+    return lines
 
 
 def rss_kib(pid: int) -> int:
@@ -318,6 +353,7 @@ class Bench:
         self.base = 700000
         self.rows: list[Runtime] = []
         self.extra: dict[str, object] = {}
+        self.breakdown: list[str] = []  # the agent rows' per-step lines
 
     def marker_base(self) -> int:
         self.base += 1000
@@ -339,6 +375,8 @@ class Bench:
                 self.rows.append(rt)
                 measure(rt, None if name == "net" else self.events, self.n,
                         self.marker_base())
+                if isinstance(impl, AgentRuntime):
+                    self.breakdown += steps(impl.client, rt, lambda i: f"bench-{i}")
                 if name != "net":
                     self.extra[f"{name}_helpers_per_cell"] = helpers_per_cell(
                         rt, self.events, 4, self.marker_base())
@@ -384,6 +422,7 @@ class Bench:
                 print(f"[bench] agent with {len(bg)} cells running: {self.n} cells ...",
                       file=sys.stderr, flush=True)
                 measure(loaded, self.events, self.n, self.marker_base())
+                self.breakdown += steps(agent.client, loaded, lambda i: f"bench-{i}")
         finally:
             for name in bg:
                 with contextlib.suppress(Exception):
@@ -425,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {"n": args.n, "kernel": os.uname().release,
                                   "machine": os.uname().machine}
     print(report(bench.rows, bench.extra, results))
+    for line in bench.breakdown:  # the first step's figure includes the admission
+        print(line)
+    results["steps"] = bench.breakdown
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -21,8 +21,10 @@ Refused packets are reported through rate-limited NFLOG rules (agent.core.netlog
 docs/channel3.md).  A peer whose cell does not exist has no address, so it gets no
 rule; the master regenerates both kinds of table whenever cells come and go
 (agent.kernel.nft.FirewallSync).
-Every batch starts with ``add table`` + ``delete table`` so it replaces the table
-atomically whether or not it existed.
+A whole table's batch starts with ``add table`` + ``delete table`` so it replaces the
+table atomically whether or not it existed.  The host's table is built in sections
+(agent.core.nftsections), so that a cell coming or going changes only its own chains and
+map elements: the cost of a start does not grow with the cells already running.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from agent.core.nftjson import (
     payload,
     ports_match,
 )
+from agent.core.nftsections import Sectioned
 
 __all__ = [
     "CELL_TABLE",
@@ -65,6 +68,7 @@ __all__ = [
     "cell_ruleset",
     "delete_table",
     "host_ruleset",
+    "host_tables",
 ]
 
 FAMILY = "inet"
@@ -226,21 +230,36 @@ def cell_ruleset(me: CellFw, cells: Iterable[CellFw],
     return b.cmds
 
 
-def host_ruleset(cells: Iterable[CellFw], bridge: str,
-                 group: int = netlog.LOG_GROUP) -> list[Json]:
-    """The batch that (re)makes ``inet agent_host`` in the host netns.
+EGRESS_MAP = "egress"  # (cell address . its VLAN's gateway) -> jump egress_<cell>
+PEERS_MAP = "peers"  # the same key -> jump peers_<cell> (its flows to other cells)
+DENY_MAP = "deny_src"  # cell address -> jump log_<cell> (its own report limit)
+
+
+def _by_cell() -> Json:
+    """The key of the per-cell maps: the source address and the gateway it came in by."""
+    return {"concat": [payload("ip", "saddr"), {"meta": {"key": "iifname"}}]}
+
+
+def host_tables(cells: Iterable[CellFw], bridge: str,
+                group: int = netlog.LOG_GROUP) -> Sectioned:
+    """``inet agent_host`` in the host netns, as a base and a section per cell
+    (agent.core.nftsections): a cell's egress rules, its flows to other cells (as the
+    client) and its report chain are chains of its own, reached through the named maps
+    ``egress``, ``peers`` and ``deny_src``.
 
     Every refused packet from a cell (to another cell, outside, or the host itself) is
     reported to NFLOG ``group`` (``agent:deny``) through the chain of its source cell,
     whose ``limit`` bounds that cell's share of the reports."""
     gw = f"{bridge}.*"
     cells = sorted(cells, key=lambda c: c.name)
-    b = Batch(FAMILY, HOST_TABLE)
+    b = Sectioned(FAMILY, HOST_TABLE)
     b.chain("forward", "forward", "accept")
     b.chain("input", "input", "accept")
-    for name in ("from_cell", "cell_to_cell", "into_cell", "cell_to_host", "deny_log",
-                 *(f"log_{c.name}" for c in cells)):
+    for name in ("from_cell", "cell_to_cell", "into_cell", "cell_to_host", "deny_log"):
         b.chain(name)
+    b.verdict_map(EGRESS_MAP, ["ipv4_addr", "ifname"])
+    b.verdict_map(PEERS_MAP, ["ipv4_addr", "ifname"])
+    b.verdict_map(DENY_MAP, "ipv4_addr")
     b.rule("forward", meta("iifname", gw), jump("from_cell"), comment="routed from a cell")
     b.rule("forward", meta("oifname", gw), jump("into_cell"),
            comment="routed into a cell from outside")
@@ -250,20 +269,12 @@ def host_ruleset(cells: Iterable[CellFw], bridge: str,
         b.rule(chain, CT_INVALID, COUNTER, DROP, comment="invalid")
     b.rule("cell_to_host", *_nd(ND_IN), ACCEPT, comment="neighbour discovery")
     b.rule("from_cell", meta("oifname", gw), jump("cell_to_cell"), comment="between VLANs")
-    for f in allowed_flows(cells):
-        b.rule("cell_to_cell", meta("iifname", f"{bridge}.{f.client_vlan}"),
-               ip_match("saddr", f.client_addr), meta("oifname", f"{bridge}.{f.server_vlan}"),
-               ip_match("daddr", f.server_addr), ports_match(f.proto, f.ports), ACCEPT,
-               comment=f"peer {f.client} -> {f.server} {_portlist(f)}")
+    b.rule("cell_to_cell", {"vmap": {"key": _by_cell(), "data": f"@{PEERS_MAP}"}},
+           comment="the source cell's flows to its peers")
     b.rule("cell_to_cell", jump("deny_log"), comment="report")
     b.drop_counted("cell_to_cell", "drop cell to cell")
-    for c in cells:
-        src = [meta("iifname", f"{bridge}.{c.vlan}"), ip_match("saddr", c.address)]
-        if c.egress_any:
-            b.rule("from_cell", *src, ACCEPT, comment=f"egress {c.name} any")
-        for e in c.egress:
-            b.rule("from_cell", *src, *_egress_exprs(e), ACCEPT,
-                   comment=f"egress {c.name} {e}")
+    b.rule("from_cell", {"vmap": {"key": _by_cell(), "data": f"@{EGRESS_MAP}"}},
+           comment="the source cell's egress")
     b.rule("from_cell", jump("deny_log"), comment="report")
     b.drop_counted("from_cell", "drop egress")
     b.drop_counted("into_cell", "drop into cell")
@@ -272,12 +283,38 @@ def host_ruleset(cells: Iterable[CellFw], bridge: str,
     # reports: unicast only (a cell's broadcasts and router solicitations are no
     # attempt at anything), each cell through a chain of its own (its own limit)
     b.rule("deny_log", meta("pkttype", "host", "!="), {"return": None}, comment="unicast only")
-    if cells:
-        b.rule("deny_log", {"vmap": {"key": payload("ip", "saddr"), "data": {"set": [
-            [c.address, jump(f"log_{c.name}")] for c in cells]}}}, comment="by source cell")
+    b.rule("deny_log", {"vmap": {"key": payload("ip", "saddr"), "data": f"@{DENY_MAP}"}},
+           comment="by source cell")
+    flows = allowed_flows(cells)
     for c in cells:
-        b.rule(f"log_{c.name}", *_log(netlog.HOST_DENY, group), comment=f"report {c.name}")
-    return b.cmds
+        key = {"concat": [c.address, f"{bridge}.{c.vlan}"]}
+        with b.section(c.name):
+            b.chain(f"log_{c.name}")
+            b.rule(f"log_{c.name}", *_log(netlog.HOST_DENY, group), comment=f"report {c.name}")
+            b.element(DENY_MAP, c.address, jump(f"log_{c.name}"))
+            mine = [f for f in flows if f.client == c.name]
+            if mine:
+                b.chain(f"peers_{c.name}")
+                for f in mine:
+                    b.rule(f"peers_{c.name}", meta("oifname", f"{bridge}.{f.server_vlan}"),
+                           ip_match("daddr", f.server_addr), ports_match(f.proto, f.ports),
+                           ACCEPT, comment=f"peer {f.client} -> {f.server} {_portlist(f)}")
+                b.element(PEERS_MAP, key, jump(f"peers_{c.name}"))
+            if c.egress_any or c.egress:
+                b.chain(f"egress_{c.name}")
+                if c.egress_any:
+                    b.rule(f"egress_{c.name}", ACCEPT, comment=f"egress {c.name} any")
+                for e in c.egress:
+                    b.rule(f"egress_{c.name}", *_egress_exprs(e), ACCEPT,
+                           comment=f"egress {c.name} {e}")
+                b.element(EGRESS_MAP, key, jump(f"egress_{c.name}"))
+    return b
+
+
+def host_ruleset(cells: Iterable[CellFw], bridge: str,
+                 group: int = netlog.LOG_GROUP) -> list[Json]:
+    """The batch that (re)makes ``inet agent_host`` whole (:func:`host_tables`)."""
+    return host_tables(cells, bridge, group).full()
 
 
 def delete_table(table: str) -> list[Json]:

@@ -4,7 +4,8 @@
 prerouting hook, before the bridge forwards it or hands it to a VLAN gateway, and before
 anything a cell can change (its netns holds no part of it).  Each cell port
 (``vc-<hash>``, agent.core.names.veth_names) jumps, through one ``iifname`` verdict map, to
-the cell's own chain, which drops and reports (docs/network.md, "Layer-2 rules"):
+the cell's own chain (an element of the ``ports`` map, added with the cell's chains as one
+section: agent.core.nftsections), which drops and reports (docs/network.md, "Layer-2 rules"):
 
 =========  =======================================================================
 reason     frames dropped
@@ -43,17 +44,20 @@ from agent.core.nftjson import (
     Batch,
     Json,
     goto,
+    jump,
     log_limited,
     match,
     meta,
     payload,
 )
+from agent.core.nftsections import Sectioned
 
-__all__ = ["FAMILY", "L2_TABLE", "PRIO", "l2_ruleset", "port_chain"]
+__all__ = ["FAMILY", "L2_TABLE", "PORTS_MAP", "PRIO", "l2_ruleset", "l2_tables", "port_chain"]
 
 FAMILY = "bridge"
 L2_TABLE = "agent_l2"
 PRIO = -200  # the bridge family's "filter" priority
+PORTS_MAP = "ports"  # cell port name -> jump to the cell's chain
 VLAN_TYPES = ["8021q", "8021ad", 0x9100]  # 0x9100: the old QinQ outer tag
 ND_UNSPECIFIED_OK = "ipv6-icmp"  # what may come from "::" (DAD, MLD reports)
 
@@ -105,16 +109,22 @@ def _cell_rules(b: Batch, c: CellFw, group: int) -> None:
     b.rule(chain, ACCEPT, comment=f"{c.name}: its own frame")
 
 
-def l2_ruleset(cells: Iterable[CellFw], group: int = netlog.LOG_GROUP) -> list[Json]:
-    """The batch that (re)makes ``bridge agent_l2`` for the networked cells ``cells``."""
-    cells = sorted(cells, key=lambda c: c.name)
-    b = Batch(FAMILY, L2_TABLE)
+def l2_tables(cells: Iterable[CellFw], group: int = netlog.LOG_GROUP) -> Sectioned:
+    """``bridge agent_l2`` for the networked cells ``cells``: a section per cell (its
+    chains and its port's element of the ``ports`` map; agent.core.nftsections)."""
+    b = Sectioned(FAMILY, L2_TABLE)
     b.chain("prerouting", "prerouting", "accept", PRIO)
-    for c in cells:
-        _cell_rules(b, c, group)
-    if cells:
-        b.rule("prerouting", {"vmap": {
-            "key": {"meta": {"key": "iifname"}},
-            "data": {"set": [[veth_names(c.name)[0], {"jump": {"target": port_chain(c.name)}}]
-                             for c in cells]}}}, comment="each cell port to its chain")
-    return b.cmds
+    b.verdict_map(PORTS_MAP, "ifname")
+    b.rule("prerouting", {"vmap": {"key": {"meta": {"key": "iifname"}},
+                                   "data": f"@{PORTS_MAP}"}},
+           comment="each cell port to its chain")
+    for c in sorted(cells, key=lambda c: c.name):
+        with b.section(c.name):
+            _cell_rules(b, c, group)
+            b.element(PORTS_MAP, veth_names(c.name)[0], jump(port_chain(c.name)))
+    return b
+
+
+def l2_ruleset(cells: Iterable[CellFw], group: int = netlog.LOG_GROUP) -> list[Json]:
+    """The batch that (re)makes ``bridge agent_l2`` whole for ``cells``."""
+    return l2_tables(cells, group).full()

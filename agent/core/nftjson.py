@@ -112,14 +112,17 @@ class Batch:
         c: Json = {"family": self.family, "table": self.table, "name": name}
         if hook is not None:
             c.update(type="filter", hook=hook, prio=prio, policy=policy)
-        self.cmds.append({"add": {"chain": c}})
+        self._add({"add": {"chain": c}})
 
     def rule(self, chain: str, *expr: Json, comment: str = "") -> None:
         r: Json = {"family": self.family, "table": self.table, "chain": chain,
                    "expr": list(expr)}
         if comment:
             r["comment"] = comment_text(comment)
-        self.cmds.append({"add": {"rule": r}})
+        self._add({"add": {"rule": r}})
+
+    def _add(self, cmd: Json) -> None:
+        self.cmds.append(cmd)
 
     def drop_counted(self, chain: str, comment: str) -> None:
         self.rule(chain, COUNTER, DROP, comment=comment)

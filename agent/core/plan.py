@@ -214,12 +214,15 @@ class PlanEvent:
     index: int = -1
     line: str = ""
     error: str | None = None
+    step: str = ""  # the operation's kind (op-applied)
 
     def attrs(self) -> dict[str, Any]:
         d: dict[str, Any] = {"plan": self.plan_id, "purpose": self.purpose}
         if self.index >= 0:
             d["i"] = self.index
             d["op"] = self.line
+        if self.step:
+            d["step"] = self.step
         if self.error is not None:
             d["error"] = self.error
         return d
@@ -357,8 +360,9 @@ class Executor:
                 self.journal.append("op-done", {"plan": plan.id, "i": i, "undo": dict(undo)},
                                     sync=True)
                 track.done[i] = undo
-                self._emit(self.on_op_applied, PlanEvent("op-applied", plan.id, plan.target,
-                                                         plan.purpose, i, op.describe()))
+                self._emit(self.on_op_applied, PlanEvent(
+                    "op-applied", plan.id, plan.target, plan.purpose, i, op.describe(),
+                    step=op.kind))
         except Exception as exc:
             undo_errors = self._rollback(track, list(enumerate(applied)))
             line = plan.ops[i].describe()

@@ -31,6 +31,7 @@ from agent.core.cellctx import CellNet, Context, Paths
 from agent.core.cellrecord import reserve_amount
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError, NotFoundError, StateError
+from agent.core.events import Event as BusEvent
 from agent.core.lifecycle import IN_FLIGHT, LEAVING, Event
 from agent.core.logbuf import LogBuffer
 from agent.core.manifest import Manifest, load_manifest
@@ -113,10 +114,12 @@ class CellManager(Driver, Adoption):
         self.journal = LockedJournal(j)
 
         def hook(ev: PlanEvent) -> None:
+            # stamped here, in the worker, so that a step's time is when it ended, not
+            # when the loop got to it (bench/cellbench.py's per-step breakdown reads it)
             bad = ev.kind in ("plan-abort", "op-undo-failed")
-            loop.call_soon_threadsafe(lambda: self.bus.emit(
-                "master", ev.kind, cell=ev.target, severity="notice" if bad else "info",
-                **ev.attrs()))
+            event = BusEvent(self.bus.clock(), ev.target, "master", ev.kind, ev.attrs(),
+                             "notice" if bad else "info", mono=self.bus.mono())
+            loop.call_soon_threadsafe(self.bus.publish, event)
 
         self.executor = Executor(self.journal, self.ctx, on_op_applied=hook,
                                  on_op_undone=hook, on_plan_done=hook)

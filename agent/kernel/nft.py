@@ -26,10 +26,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.core import firewall, l2fw, nftjson
+from agent.core import firewall, l2fw, nftjson, nftsections
 from agent.core import syscalls as abi
 from agent.core.errors import AgentError, KernelError
 from agent.core.firewall import CellFw
+from agent.core.nftsections import Sectioned
 from agent.kernel import libc as ksys
 
 __all__ = ["FirewallSync", "Nft", "NftError"]
@@ -131,8 +132,9 @@ class FirewallSync:
         self.l2 = l2
         self._lock = threading.Lock()
         self._applied: dict[str, str] = {}  # cell -> batch text its netns holds
-        self._host: str | None = None
-        self._l2: str | None = None
+        # the host's tables as last applied (agent.core.nftsections; UNKNOWN at start)
+        self._host: nftsections.Applied = nftsections.UNKNOWN
+        self._l2: nftsections.Applied = nftsections.UNKNOWN
         # called (cell, netns) in the plan's thread once a new cell's table is in, before
         # its service starts: channel 3 opens the cell's log socket there
         self.on_cell_table: list[Callable[[str, Path], None]] = []
@@ -187,36 +189,47 @@ class FirewallSync:
         return errors
 
     def _refresh_host(self, cells: list[CellFw]) -> list[str]:
-        """The host's two tables.  Both changed (a cell came or went): one batch, one
-        ``nft`` run, one transaction.  If that fails the forwarding table goes in alone
-        (raising if it cannot) and the layer-2 table's failure is returned."""
+        """The host's two tables, by their changed sections (agent.core.nftsections; the
+        whole tables at the first refresh).  Both changed (a cell came or went): one
+        batch, one ``nft`` run, one transaction.  If that fails the forwarding table goes
+        in alone (raising if it cannot) and the layer-2 table's failure is returned."""
         # no cell, no tables: the host's ruleset is then exactly as without the agent
-        host = (firewall.host_ruleset(cells, self.bridge) if cells
-                else firewall.delete_table(firewall.HOST_TABLE))
-        text = nftjson.batch_json(host)
-        l2: list[dict[str, Any]] = []
-        l2_text = self._l2
-        if self.l2:
-            l2 = (l2fw.l2_ruleset(cells) if cells
-                  else nftjson.delete_table(l2fw.L2_TABLE, l2fw.FAMILY))
-            l2_text = nftjson.batch_json(l2)
-        host_due, l2_due = text != self._host, l2_text != self._l2
-        if host_due and l2_due:
+        host = firewall.host_tables(cells, self.bridge) if cells else None
+        l2 = l2fw.l2_tables(cells) if cells and self.l2 else None
+        host_cmds = nftsections.change(self._host, host, firewall.FAMILY, firewall.HOST_TABLE)
+        l2_cmds = (nftsections.change(self._l2, l2, l2fw.FAMILY, l2fw.L2_TABLE)
+                   if self.l2 else [])
+        if host_cmds and l2_cmds:
             try:
-                self.nft.apply([*host, *l2], self.host_netns)
-                self._host, self._l2 = text, l2_text
+                self.nft.apply([*host_cmds, *l2_cmds], self.host_netns)
+                self._host, self._l2 = host, l2
                 return []
             except AgentError:
                 pass  # find out which: the forwarding table alone first
-        if host_due:
-            self.nft.apply(host, self.host_netns)
-            self._host = text
-        if not l2_due:
+        if host_cmds:
+            self._apply_table("_host", host, firewall.FAMILY, firewall.HOST_TABLE)
+        if not l2_cmds:
             return []
         try:
-            self.nft.apply(l2, self.host_netns)
+            self._apply_table("_l2", l2, l2fw.FAMILY, l2fw.L2_TABLE)
         except AgentError as exc:
-            self._l2 = None
+            self._l2 = nftsections.UNKNOWN
             return [f"layer-2 rules (bridge {l2fw.L2_TABLE}): {exc.message}"]
-        self._l2 = l2_text
         return []
+
+    def _apply_table(self, attr: str, new: Sectioned | None, family: str, table: str) -> None:
+        """Take one table to ``new``; a change by sections that the kernel refuses (the
+        table is not what was applied: changed by hand?) is retried as the whole table."""
+        old = getattr(self, attr)
+        try:
+            self.nft.apply(nftsections.change(old, new, family, table), self.host_netns)
+        except AgentError:
+            if not isinstance(old, Sectioned):
+                setattr(self, attr, nftsections.UNKNOWN)
+                raise
+            log.warning("firewall: %s %s was not as last applied: made again whole",
+                        family, table)
+            setattr(self, attr, nftsections.UNKNOWN)
+            self.nft.apply(nftsections.change(nftsections.UNKNOWN, new, family, table),
+                           self.host_netns)
+        setattr(self, attr, new)

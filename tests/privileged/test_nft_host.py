@@ -260,3 +260,53 @@ def test_kernel_accepts_every_generated_ruleset(check_ns: str, cells: list[CellF
                            input=fw.batch_json(batch), capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 0, (r.stderr[:500], [c.name for c in cells])
+
+
+def _held(nft: Nft, ns: Path) -> dict[str, Any]:
+    """Both host tables as the kernel lists them, without what differs between two ways
+    of making the same table (handles, counters, the order chains and elements were
+    made in)."""
+    out: dict[str, Any] = {}
+    for family, table in ((fw.FAMILY, fw.HOST_TABLE), (l2fw.FAMILY, l2fw.L2_TABLE)):
+        listed = nft.list_table(table, ns, family=family)
+        assert listed is not None, f"{family} {table} missing"
+        chains, rules, maps = {}, {}, {}
+        for item in listed["nftables"]:
+            (kind, obj), = item.items()
+            obj = {k: v for k, v in obj.items() if k != "handle"}
+            if kind == "chain":
+                chains[obj["name"]] = obj
+            elif kind == "rule":
+                expr = [e for e in obj["expr"] if "counter" not in e]
+                rules.setdefault(obj["chain"], []).append((repr(expr), obj.get("comment")))
+            elif kind == "map":
+                maps[obj["name"]] = sorted(map(repr, obj.get("elem", [])))
+        out[table] = (chains, rules, maps)
+    return out
+
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pool=cell_sets(), steps=st.lists(st.sets(st.integers(0, 3)), min_size=2, max_size=5))
+def test_the_kernel_holds_after_changes_by_sections_what_a_rebuild_makes(
+        check_ns: str, pool: list[CellFw], steps: list[set[int]]) -> None:
+    """Cells come and go: the host's tables, changed by sections in the kernel, list the
+    same as the same tables made whole in a fresh netns (agent.core.nftsections)."""
+    nft = Nft()
+    ns = NETNS / check_ns
+    sync = FirewallSync(nft, "agbr0", lambda c: ns, host_netns=ns)
+    fresh = f"fwf-{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", fresh)
+    try:
+        for step in steps:
+            cells = [pool[i] for i in sorted(step) if i < len(pool)]
+            assert sync.refresh(cells, []) == []
+            if not cells:
+                assert nft.list_table(fw.HOST_TABLE, ns) is None
+                continue
+            FirewallSync(nft, "agbr0", lambda c: ns, host_netns=NETNS / fresh).refresh(
+                cells, [])
+            assert _held(nft, ns) == _held(nft, NETNS / fresh)
+    finally:
+        subprocess.run(["ip", "netns", "del", fresh], capture_output=True)
+        sync.refresh([], [])

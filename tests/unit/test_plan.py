@@ -97,7 +97,7 @@ def test_run_applies_every_op_and_journals_it(tmp_path: Path) -> None:
     assert [(e.kind, e.index) for e in events] == [("op-applied", 0), ("op-applied", 1),
                                                    ("op-applied", 2), ("plan-commit", -1)]
     assert events[1].attrs() == {"plan": "p1", "purpose": "create", "i": 1,
-                                 "op": "make r1 (size 1)"}
+                                 "op": "make r1 (size 1)", "step": "test-make"}
 
 
 @pytest.mark.parametrize("k", range(5))

@@ -197,7 +197,11 @@ class CellOps:
 
     def status_fields(self) -> dict[str, Callable[[], Any]]:
         return {"cells": self.status_cells, "budget": self.status_budget,
-                "journal": self.status_journal}
+                "journal": self.status_journal, "firewall": self.status_firewall}
+
+    def status_firewall(self) -> dict[str, int] | None:
+        fw = None if self.manager is None else self.manager.firewall
+        return None if fw is None else fw.status()
 
     async def close(self) -> None:
         if self.manager is not None:

@@ -135,6 +135,10 @@ class FirewallSync:
         # the host's tables as last applied (agent.core.nftsections; UNKNOWN at start)
         self._host: nftsections.Applied = nftsections.UNKNOWN
         self._l2: nftsections.Applied = nftsections.UNKNOWN
+        # the host tables' nft runs, the commands they carried, and the tables made whole
+        # or removed (agentctl status `firewall`: a start's commands do not grow with the
+        # cells running, tests/guest/test_firewall_flat.py)
+        self.host_runs = self.host_commands = self.host_whole = 0
         # called (cell, netns) in the plan's thread once a new cell's table is in, before
         # its service starts: channel 3 opens the cell's log socket there
         self.on_cell_table: list[Callable[[str, Path], None]] = []
@@ -201,7 +205,7 @@ class FirewallSync:
                    if self.l2 else [])
         if host_cmds and l2_cmds:
             try:
-                self.nft.apply([*host_cmds, *l2_cmds], self.host_netns)
+                self._host_apply([*host_cmds, *l2_cmds])
                 self._host, self._l2 = host, l2
                 return []
             except AgentError:
@@ -222,7 +226,7 @@ class FirewallSync:
         table is not what was applied: changed by hand?) is retried as the whole table."""
         old = getattr(self, attr)
         try:
-            self.nft.apply(nftsections.change(old, new, family, table), self.host_netns)
+            self._host_apply(nftsections.change(old, new, family, table))
         except AgentError:
             if not isinstance(old, Sectioned):
                 setattr(self, attr, nftsections.UNKNOWN)
@@ -230,6 +234,15 @@ class FirewallSync:
             log.warning("firewall: %s %s was not as last applied: made again whole",
                         family, table)
             setattr(self, attr, nftsections.UNKNOWN)
-            self.nft.apply(nftsections.change(nftsections.UNKNOWN, new, family, table),
-                           self.host_netns)
+            self._host_apply(nftsections.change(nftsections.UNKNOWN, new, family, table))
         setattr(self, attr, new)
+
+    def _host_apply(self, cmds: list[dict[str, Any]]) -> None:
+        self.host_runs += 1
+        self.host_commands += len(cmds)
+        self.host_whole += sum("table" in c.get("delete", {}) for c in cmds)
+        self.nft.apply(cmds, self.host_netns)
+
+    def status(self) -> dict[str, int]:
+        return {"host_runs": self.host_runs, "host_commands": self.host_commands,
+                "host_whole": self.host_whole, "cell_tables": len(self._applied)}

@@ -273,9 +273,12 @@ def test_agentd_keeps_the_tables(cells: dict[str, Any]) -> None:
                     "passes no firewall to CellManager")
     host = Nft().list_table(fw.HOST_TABLE)
     assert host is not None
+    # the client's flows: a chain of its own, reached from cell_to_cell via the peers map
     pairs = [i["rule"] for i in host["nftables"] if "rule" in i
-             and i["rule"]["chain"] == "cell_to_cell" and any("accept" in e
-                                                              for e in i["rule"]["expr"])]
+             and i["rule"]["chain"] == "peers_fw-client" and any("accept" in e
+                                                                 for e in i["rule"]["expr"])]
+    assert any("fw-client" in str(i["map"].get("elem")) for i in host["nftables"]
+               if "map" in i and i["map"]["name"] == fw.PEERS_MAP)
     assert [p.get("comment") for p in pairs] == ["peer fw-client -> fw-web 8080/tcp"]
     web = table_in("fw-web")
     assert web is not None and any(

@@ -32,6 +32,8 @@ from agent.core.errors import AgentError, KernelError
 from agent.core.firewall import CellFw
 from agent.core.nftsections import Sectioned
 from agent.kernel import libc as ksys
+from agent.kernel import libnft
+from agent.kernel.netns import in_own_thread
 
 __all__ = ["FirewallSync", "Nft", "NftError"]
 
@@ -44,22 +46,36 @@ class NftError(AgentError):
     """``nft`` refused a batch (``E_NFT``); the message carries nft's own words."""
 
 
+def _refused(what: str, netns: Path | None, stderr: str) -> NftError:
+    where = f" in {netns}" if netns is not None else ""
+    msg = " ".join(stderr.split())[:400]
+    return NftError("E_NFT", f"nft {what}{where}: {msg}",
+                    "is the kernel built with nf_tables/conntrack (agentd --check)?")
+
+
 class Nft:
     """Runs ``nft``; ``netns`` arguments are paths such as ``/run/netns/cell-web``."""
 
-    def __init__(self, nft: str | None = None, nsenter: str | None = None) -> None:
+    def __init__(self, nft: str | None = None, nsenter: str | None = None,
+                 library: bool | None = None) -> None:
+        """``library``: through libnftables in this process (agent.kernel.libnft) when it
+        can be loaded; the default when no ``nft`` path is given."""
         self.nft = nft or shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:/bin") or "nft"
         self.nsenter = nsenter if nsenter is not None else shutil.which(
             "nsenter", path="/usr/bin:/bin:/usr/sbin:/sbin")
+        self.lib = libnft.load() if (nft is None if library is None else library) else None
 
     def _run(self, args: Sequence[str], stdin: str | None, netns: Path | None,
              what: str) -> str:
+        """``nft ARGS`` (``-j -f -`` with a batch on ``stdin``, or ``-j`` and a command)."""
+        if netns is not None and not netns.exists():
+            raise KernelError("open", str(netns), errno.ENOENT,
+                              "the cell's netns is gone (was the cell destroyed?)")
+        if self.lib is not None:
+            return self._run_lib(args, stdin, netns, what)
         argv = [self.nft, *args]
         preexec: Callable[[], None] | None = None
         if netns is not None:
-            if not netns.exists():
-                raise KernelError("open", str(netns), errno.ENOENT,
-                                  "the cell's netns is gone (was the cell destroyed?)")
             if self.nsenter:
                 argv = [self.nsenter, f"--net={netns}", "--", *argv]
             else:
@@ -79,11 +95,34 @@ class Nft:
             if preexec is not None:
                 os.close(fd)
         if r.returncode != 0:
-            where = f" in {netns}" if netns is not None else ""
-            msg = " ".join(r.stderr.split())[:400] or f"exit status {r.returncode}"
-            raise NftError("E_NFT", f"nft {what}{where}: {msg}",
-                           "is the kernel built with nf_tables/conntrack (agentd --check)?")
+            raise _refused(what, netns, r.stderr or f"exit status {r.returncode}")
         return r.stdout
+
+    def _run_lib(self, args: Sequence[str], stdin: str | None, netns: Path | None,
+                 what: str) -> str:
+        assert self.lib is not None and args[0] == "-j"
+        lib = self.lib
+        text = stdin if list(args) == ["-j", "-f", "-"] else " ".join(args[1:])
+        assert text is not None
+
+        def run() -> str:
+            try:
+                return lib.run(text)
+            except libnft.LibNftError as exc:
+                raise _refused(what, netns, str(exc)) from None
+
+        if netns is None:
+            return run()
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+
+        def in_netns() -> str:  # a thread of its own: it ends in the cell's netns
+            ksys.setns(fd, abi.CLONE_NEWNET, str(netns))
+            return run()
+
+        try:
+            return in_own_thread(in_netns)
+        finally:
+            os.close(fd)
 
     def apply(self, batch: Sequence[dict[str, Any]], netns: Path | None = None) -> None:
         """Apply an agent.core.firewall batch atomically."""

@@ -130,9 +130,20 @@ def counter(table: dict[str, Any], chain: str, comment: str) -> int:
     raise AssertionError(f"no counted rule {comment!r} in {chain}")
 
 
-@pytest.mark.parametrize("nsenter", [None, ""], ids=["nsenter", "setns"])
-def test_tables_enforce_the_manifests(topo: dict[str, Any], nsenter: str | None) -> None:
-    nft = Nft(nsenter=nsenter)
+# agentd's default (libnftables in its process), and the nft tool (the fallback) entering
+# a cell's netns through nsenter or by itself
+WAYS = {"library": lambda: Nft(), "nsenter": lambda: Nft(library=False),
+        "setns": lambda: Nft(nsenter="", library=False)}
+
+
+def test_the_library_is_used_by_default() -> None:
+    assert Nft().lib is not None, "libnftables not loadable: ./dev test installs nftables"
+    assert Nft(library=False).lib is None and Nft(nft="/usr/sbin/nft").lib is None
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_tables_enforce_the_manifests(topo: dict[str, Any], way: str) -> None:
+    nft = WAYS[way]()
     r, w, c = (NETNS / topo[k] for k in ("router", "web", "client"))
     # without any table everything routes: the topology itself works
     assert connect(topo["client"], WEB.address, 8081) == "ok hello"
@@ -192,8 +203,9 @@ def test_delete_is_idempotent_and_leaves_nothing(topo: dict[str, Any]) -> None:
     assert sh("ip", "netns", "exec", topo["router"], "nft", "list", "ruleset") == before
 
 
-def test_errors_name_the_netns_and_nft_words(tmp_path: Path) -> None:
-    nft = Nft()
+@pytest.mark.parametrize("way", list(WAYS))
+def test_errors_name_the_netns_and_nft_words(tmp_path: Path, way: str) -> None:
+    nft = WAYS[way]()
     with pytest.raises(Exception) as exc:
         nft.apply(fw.cell_ruleset(WEB, []), tmp_path / "no-such-netns")
     assert "no-such-netns" in str(exc.value)
@@ -206,6 +218,7 @@ def test_errors_name_the_netns_and_nft_words(tmp_path: Path) -> None:
         with pytest.raises(Exception) as exc2:
             nft.apply(bad, NETNS / ns)
         assert "E_NFT" in str(exc2.value) and ns in str(exc2.value)
+        assert "nonexistent" in str(exc2.value) or "No such file" in str(exc2.value)
         # the batch was one transaction: nothing of it is left
         assert nft.list_table(fw.CELL_TABLE, NETNS / ns) is None
     finally:

@@ -54,7 +54,7 @@ from agent.core.nftjson import (
     payload,
     ports_match,
 )
-from agent.core.nftsections import Sectioned
+from agent.core.nftsections import SectionCache, Sectioned
 
 __all__ = [
     "CELL_TABLE",
@@ -69,6 +69,7 @@ __all__ = [
     "delete_table",
     "host_ruleset",
     "host_tables",
+    "related_cells",
 ]
 
 FAMILY = "inet"
@@ -132,6 +133,18 @@ def allowed_flows(cells: Iterable[CellFw]) -> list[Flow]:
             flows.append(Flow(c.name, c.address, c.vlan, s.name, s.address, s.vlan, p.proto,
                               tuple(sorted(set(p.ports)))))
     return flows
+
+
+def related_cells(cells: Iterable[CellFw]) -> dict[str, set[CellFw]]:
+    """For each cell, the other cells its own table depends on: those it names as a
+    peer and those that name it (:func:`cell_ruleset` of a cell and these alone is the
+    same as with every cell)."""
+    by_name = {c.name: c for c in cells}
+    out: dict[str, set[CellFw]] = {}
+    for f in allowed_flows(by_name.values()):
+        out.setdefault(f.client, set()).add(by_name[f.server])
+        out.setdefault(f.server, set()).add(by_name[f.client])
+    return out
 
 
 def _portlist(f: Flow) -> str:
@@ -240,8 +253,8 @@ def _by_cell() -> Json:
     return {"concat": [payload("ip", "saddr"), {"meta": {"key": "iifname"}}]}
 
 
-def host_tables(cells: Iterable[CellFw], bridge: str,
-                group: int = netlog.LOG_GROUP) -> Sectioned:
+def host_tables(cells: Iterable[CellFw], bridge: str, group: int = netlog.LOG_GROUP,
+                cache: SectionCache | None = None) -> Sectioned:
     """``inet agent_host`` in the host netns, as a base and a section per cell
     (agent.core.nftsections): a cell's egress rules, its flows to other cells (as the
     client) and its report chain are chains of its own, reached through the named maps
@@ -249,7 +262,9 @@ def host_tables(cells: Iterable[CellFw], bridge: str,
 
     Every refused packet from a cell (to another cell, outside, or the host itself) is
     reported to NFLOG ``group`` (``agent:deny``) through the chain of its source cell,
-    whose ``limit`` bounds that cell's share of the reports."""
+    whose ``limit`` bounds that cell's share of the reports.  ``cache``: sections made
+    by the last call, reused for a cell whose own part is the same (and left there for
+    the next call)."""
     gw = f"{bridge}.*"
     cells = sorted(cells, key=lambda c: c.name)
     b = Sectioned(FAMILY, HOST_TABLE)
@@ -285,30 +300,45 @@ def host_tables(cells: Iterable[CellFw], bridge: str,
     b.rule("deny_log", meta("pkttype", "host", "!="), {"return": None}, comment="unicast only")
     b.rule("deny_log", {"vmap": {"key": payload("ip", "saddr"), "data": f"@{DENY_MAP}"}},
            comment="by source cell")
-    flows = allowed_flows(cells)
+    flows: dict[str, list[Flow]] = {}
+    for f in allowed_flows(cells):
+        flows.setdefault(f.client, []).append(f)
+    used: SectionCache = {}
     for c in cells:
-        key = {"concat": [c.address, f"{bridge}.{c.vlan}"]}
-        with b.section(c.name):
-            b.chain(f"log_{c.name}")
-            b.rule(f"log_{c.name}", *_log(netlog.HOST_DENY, group), comment=f"report {c.name}")
-            b.element(DENY_MAP, c.address, jump(f"log_{c.name}"))
-            mine = [f for f in flows if f.client == c.name]
-            if mine:
-                b.chain(f"peers_{c.name}")
-                for f in mine:
-                    b.rule(f"peers_{c.name}", meta("oifname", f"{bridge}.{f.server_vlan}"),
-                           ip_match("daddr", f.server_addr), ports_match(f.proto, f.ports),
-                           ACCEPT, comment=f"peer {f.client} -> {f.server} {_portlist(f)}")
-                b.element(PEERS_MAP, key, jump(f"peers_{c.name}"))
-            if c.egress_any or c.egress:
-                b.chain(f"egress_{c.name}")
-                if c.egress_any:
-                    b.rule(f"egress_{c.name}", ACCEPT, comment=f"egress {c.name} any")
-                for e in c.egress:
-                    b.rule(f"egress_{c.name}", *_egress_exprs(e), ACCEPT,
-                           comment=f"egress {c.name} {e}")
-                b.element(EGRESS_MAP, key, jump(f"egress_{c.name}"))
+        mine = flows.get(c.name, [])
+
+        def build(c: CellFw = c, mine: list[Flow] = mine) -> None:
+            _host_section(b, c, mine, bridge, group)
+
+        b.cached(c.name, (c, tuple(mine), bridge, group), cache, build, used)
+    if cache is not None:
+        cache.clear()
+        cache.update(used)
     return b
+
+
+def _host_section(b: Sectioned, c: CellFw, mine: list[Flow], bridge: str, group: int) -> None:
+    """Cell ``c``'s part of the host table: its report chain, its flows as the client
+    (``mine``), its egress; each reached through its element of a map."""
+    key = {"concat": [c.address, f"{bridge}.{c.vlan}"]}
+    b.chain(f"log_{c.name}")
+    b.rule(f"log_{c.name}", *_log(netlog.HOST_DENY, group), comment=f"report {c.name}")
+    b.element(DENY_MAP, c.address, jump(f"log_{c.name}"))
+    if mine:
+        b.chain(f"peers_{c.name}")
+        for f in mine:
+            b.rule(f"peers_{c.name}", meta("oifname", f"{bridge}.{f.server_vlan}"),
+                   ip_match("daddr", f.server_addr), ports_match(f.proto, f.ports),
+                   ACCEPT, comment=f"peer {f.client} -> {f.server} {_portlist(f)}")
+        b.element(PEERS_MAP, key, jump(f"peers_{c.name}"))
+    if c.egress_any or c.egress:
+        b.chain(f"egress_{c.name}")
+        if c.egress_any:
+            b.rule(f"egress_{c.name}", ACCEPT, comment=f"egress {c.name} any")
+        for e in c.egress:
+            b.rule(f"egress_{c.name}", *_egress_exprs(e), ACCEPT,
+                   comment=f"egress {c.name} {e}")
+        b.element(EGRESS_MAP, key, jump(f"egress_{c.name}"))
 
 
 def host_ruleset(cells: Iterable[CellFw], bridge: str,

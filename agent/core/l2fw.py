@@ -50,7 +50,7 @@ from agent.core.nftjson import (
     meta,
     payload,
 )
-from agent.core.nftsections import Sectioned
+from agent.core.nftsections import SectionCache, Sectioned
 
 __all__ = ["FAMILY", "L2_TABLE", "PORTS_MAP", "PRIO", "l2_ruleset", "l2_tables", "port_chain"]
 
@@ -109,19 +109,27 @@ def _cell_rules(b: Batch, c: CellFw, group: int) -> None:
     b.rule(chain, ACCEPT, comment=f"{c.name}: its own frame")
 
 
-def l2_tables(cells: Iterable[CellFw], group: int = netlog.LOG_GROUP) -> Sectioned:
+def l2_tables(cells: Iterable[CellFw], group: int = netlog.LOG_GROUP,
+              cache: SectionCache | None = None) -> Sectioned:
     """``bridge agent_l2`` for the networked cells ``cells``: a section per cell (its
-    chains and its port's element of the ``ports`` map; agent.core.nftsections)."""
+    chains and its port's element of the ``ports`` map; agent.core.nftsections), taken
+    from ``cache`` when it holds one for the same cell (and left there for the next)."""
     b = Sectioned(FAMILY, L2_TABLE)
     b.chain("prerouting", "prerouting", "accept", PRIO)
     b.verdict_map(PORTS_MAP, "ifname")
     b.rule("prerouting", {"vmap": {"key": {"meta": {"key": "iifname"}},
                                    "data": f"@{PORTS_MAP}"}},
            comment="each cell port to its chain")
+    used: SectionCache = {}
     for c in sorted(cells, key=lambda c: c.name):
-        with b.section(c.name):
+        def build(c: CellFw = c) -> None:
             _cell_rules(b, c, group)
             b.element(PORTS_MAP, veth_names(c.name)[0], jump(port_chain(c.name)))
+
+        b.cached(c.name, (c.name, c.address, group), cache, build, used)
+    if cache is not None:
+        cache.clear()
+        cache.update(used)
     return b
 
 

@@ -16,13 +16,13 @@ added again, in one transaction, so a section is never seen half made.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core.nftjson import Batch, Json, batch_json, delete_table
 
-__all__ = ["UNKNOWN", "Applied", "Sectioned", "change"]
+__all__ = ["UNKNOWN", "Applied", "SectionCache", "Sectioned", "change"]
 
 
 class _Unknown:
@@ -36,9 +36,15 @@ UNKNOWN = _Unknown()  # what the kernel holds is not known: replace the table wh
 @dataclass
 class _Section:
     cmds: list[Json] = field(default_factory=list)  # add chain / rule / element, in order
+    _text: str = ""
 
-    def text(self) -> str:
-        return batch_json(self.cmds)
+    def text(self) -> str:  # made once: a section is not changed after it is built
+        if not self._text:
+            self._text = batch_json(self.cmds)
+        return self._text
+
+
+SectionCache = dict[Any, _Section]
 
 
 class Sectioned(Batch):
@@ -62,6 +68,21 @@ class Sectioned(Batch):
 
     def _add(self, cmd: Json) -> None:
         self._into.append(cmd)
+
+    def cached(self, name: str, key: Any, cache: SectionCache | None,
+               build: Callable[[], None], used: SectionCache) -> None:
+        """Section ``name`` as ``build`` makes it, or as it was made for the same
+        ``key`` (everything the section depends on) by an earlier build with ``cache``:
+        the cost of a table then grows with the cells that changed, not with all of
+        them.  ``used`` collects this build's sections (the caller keeps them as the
+        next cache, so it holds no cell that is gone)."""
+        hit = None if cache is None else cache.get(key)
+        if hit is not None:
+            self.sections[name] = hit
+        else:
+            with self.section(name):
+                build()
+        used[key] = self.sections[name]
 
     def verdict_map(self, name: str, key_type: str | list[str]) -> None:
         self._add({"add": {"map": {"family": self.family, "table": self.table,
@@ -111,7 +132,7 @@ def change(old: Applied, new: Sectioned | None, family: str, table: str) -> list
         return new.full()
     was: Mapping[str, str] = old.texts()
     now = new.texts()
-    gone = sorted(n for n in was if now.get(n) != was[n])
-    come = sorted(n for n in now if was.get(n) != now[n])
+    gone = sorted(n for n in was if now.get(n) is not was[n] and now.get(n) != was[n])
+    come = sorted(n for n in now if was.get(n) is not now[n] and was.get(n) != now[n])
     out: list[Json] = [c for n in gone for c in old.removal(n)]
     return out + [c for n in come for c in new.sections[n].cmds]

@@ -171,6 +171,9 @@ class FirewallSync:
         self.l2 = l2
         self._lock = threading.Lock()
         self._applied: dict[str, str] = {}  # cell -> batch text its netns holds
+        self._inputs: dict[str, Any] = {}  # cell -> what that text was made of
+        self._host_cache: nftsections.SectionCache = {}  # the sections last made
+        self._l2_cache: nftsections.SectionCache = {}
         # the host's tables as last applied (agent.core.nftsections; UNKNOWN at start)
         self._host: nftsections.Applied = nftsections.UNKNOWN
         self._l2: nftsections.Applied = nftsections.UNKNOWN
@@ -188,6 +191,7 @@ class FirewallSync:
         with self._lock:
             self.nft.apply(batch, path)
             self._applied[cell] = text
+            self._inputs.pop(cell, None)  # made by the plan: the next refresh compares
         for fn in list(self.on_cell_table):
             try:
                 fn(cell, path)
@@ -198,6 +202,7 @@ class FirewallSync:
         """Delete the cell's table if its netns is still there (undo of apply_cell)."""
         with self._lock:
             self._applied.pop(cell, None)
+            self._inputs.pop(cell, None)
             path = self.netns_path(cell)
             if path.exists():
                 self.nft.delete_table(firewall.CELL_TABLE, path)
@@ -216,19 +221,28 @@ class FirewallSync:
             for cell in list(self._applied):
                 if cell not in want:
                     del self._applied[cell]
+                    self._inputs.pop(cell, None)
+            related = firewall.related_cells(cells)
             for c in cells:
                 if c.name not in want:
                     continue
-                batch = firewall.cell_ruleset(c, cells)
-                ctext = firewall.batch_json(batch)
-                if self._applied.get(c.name) == ctext:
+                # what the cell's table is made of: itself and the cells it names or
+                # that name it (not every cell: a refresh stays flat in their number)
+                inputs = (c, frozenset(related.get(c.name, ())))
+                if self._inputs.get(c.name) == inputs and c.name in self._applied:
                     continue
-                try:
-                    self.nft.apply(batch, self.netns_path(c.name))
+                batch = firewall.cell_ruleset(c, inputs[1])
+                ctext = firewall.batch_json(batch)
+                if self._applied.get(c.name) != ctext:
+                    try:
+                        self.nft.apply(batch, self.netns_path(c.name))
+                    except AgentError as exc:
+                        self._applied.pop(c.name, None)
+                        self._inputs.pop(c.name, None)
+                        errors.append(f"cell {c.name}: {exc.message}")
+                        continue
                     self._applied[c.name] = ctext
-                except AgentError as exc:
-                    self._applied.pop(c.name, None)
-                    errors.append(f"cell {c.name}: {exc.message}")
+                self._inputs[c.name] = inputs
         return errors
 
     def _refresh_host(self, cells: list[CellFw]) -> list[str]:
@@ -237,8 +251,9 @@ class FirewallSync:
         batch, one ``nft`` run, one transaction.  If that fails the forwarding table goes
         in alone (raising if it cannot) and the layer-2 table's failure is returned."""
         # no cell, no tables: the host's ruleset is then exactly as without the agent
-        host = firewall.host_tables(cells, self.bridge) if cells else None
-        l2 = l2fw.l2_tables(cells) if cells and self.l2 else None
+        host = firewall.host_tables(cells, self.bridge, cache=self._host_cache) \
+            if cells else None
+        l2 = l2fw.l2_tables(cells, cache=self._l2_cache) if cells and self.l2 else None
         host_cmds = nftsections.change(self._host, host, firewall.FAMILY, firewall.HOST_TABLE)
         l2_cmds = (nftsections.change(self._l2, l2, l2fw.FAMILY, l2fw.L2_TABLE)
                    if self.l2 else [])

@@ -140,3 +140,32 @@ def test_a_table_changed_behind_the_agents_back_is_made_again_whole() -> None:
     assert sync.refresh([a, b], []) == []
     assert refused  # the change by sections was refused, then the whole table went in
     assert _held(nft) == _whole([a, b])
+
+
+@settings(max_examples=150, deadline=None)
+@given(pools(), st.sets(st.integers(0, len(NAMES) - 1), min_size=1))
+def test_a_cell_table_needs_only_the_cells_related_to_it(pool: list[CellFw],
+                                                         chosen: set[int]) -> None:
+    """FirewallSync makes a cell's table from the cell and the cells it names or that
+    name it: the same batch as from every cell (so a refresh need not look at all)."""
+    cells = [pool[i] for i in sorted(chosen)]
+    related = fw.related_cells(cells)
+    for c in cells:
+        assert fw.cell_ruleset(c, related.get(c.name, set())) == fw.cell_ruleset(c, cells)
+
+
+def test_sections_are_made_again_only_for_cells_that_changed() -> None:
+    """With a cache, a table for 40 cells plus one makes one section anew; the control:
+    without it, every one."""
+    bg = [_plain(i) for i in range(40)]
+    cache: nftsections.SectionCache = {}
+    first = fw.host_tables(bg, "agbr0", cache=cache)
+    again = fw.host_tables([*bg, CellFw("new", 100, "10.77.0.2")], "agbr0", cache=cache)
+    fresh = [n for n, s in again.sections.items() if s is not first.sections.get(n)]
+    assert fresh == ["new"]
+    assert len(cache) == 41  # no cell that is gone
+    cold = fw.host_tables([*bg, CellFw("new", 100, "10.77.0.2")], "agbr0")
+    assert [n for n, s in cold.sections.items() if s is first.sections.get(n)] == []
+    assert again.full() == cold.full()
+    fw.host_tables(bg[:3], "agbr0", cache=cache)
+    assert len(cache) == 3

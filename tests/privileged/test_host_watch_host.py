@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from agent.kernel import libc
 from agent.kernel.nlsock import McastSocket
@@ -120,6 +121,8 @@ def test_rtnetlink_groups_report_a_links_life(netns: Netns) -> None:
 
         def done(got: list[bytes]) -> bool:
             for data in got[len(done.seen):]:  # type: ignore[attr-defined]
+                # the oracle: pyroute2's full decoding of the same datagram
+                assert parse(data) == list(adapter.decode_rtnl(MarshalRtnl().parse(data)))
                 for m in parse(data):
                     for c in getattr(state, m.kind)(m.new, *m.args):
                         changes.append((c.kind, c.attrs["action"], c.attrs.get("name")

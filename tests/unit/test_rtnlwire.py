@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
@@ -92,6 +93,17 @@ def test_a_real_shape_control() -> None:
     (m,) = rtnlwire.parse(msg(16, body))
     assert m == rtnlwire.NetMsg("link", True, (42, "vc-abc", True, 7, "veth"))
     assert oracle(msg(16, body)) == [m]
+
+
+@pytest.mark.parametrize("addr", ["::ffff:1.2.3.4", "::1.2.3.4", "::1", "::", "fe80::1",
+                                  "1:0:0:1:0:0:0:1", "1::1:0:0:0:1", "::1:2:3:4:5:6",
+                                  "2001:db8::ff00:42:8329", "0:0:0:0:1::", "10.77.0.1"])
+def test_addresses_are_written_as_inet_ntop_writes_them(addr: str) -> None:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    raw = socket.inet_pton(family, addr)
+    body = struct.pack("=BBBBI", family, 64, 0, 0, 3) + attr(2, raw)
+    (m,) = rtnlwire.parse(msg(20, body))
+    assert m.args[2] == socket.inet_ntop(family, raw) == oracle(msg(20, body))[0].args[2]
 
 
 @settings(max_examples=500, deadline=None)

@@ -13,9 +13,9 @@ Bounded by the buffer: a malformed message is skipped, never raises.
 
 from __future__ import annotations
 
-import socket
 import struct
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from agent.monitor.net.wire import NLMSG_HEADER, iter_messages
@@ -72,10 +72,17 @@ def _u32(b: bytes | None) -> int | None:
 
 
 def _addr(family: int, b: bytes | None) -> str | None:
+    """As ``inet_ntop`` writes it (what pyroute2 and every tool show)."""
     size = {AF_INET: 4, AF_INET6: 16}.get(family)
     if b is None or size is None or len(b) < size:
         return None
-    return socket.inet_ntop(family, b[:size])
+    if size == 4:
+        return str(IPv4Address(b[:4]))
+    if b[:10] == bytes(10) and b[10:12] == b"\xff\xff":  # IPv4-mapped
+        return f"::ffff:{IPv4Address(b[12:16])}"
+    if b[:12] == bytes(12) and b[12:14] != bytes(2):  # IPv4-compatible, as glibc does
+        return f"::{IPv4Address(b[12:16])}"
+    return IPv6Address(b[:16]).compressed
 
 
 def _link(msg: bytes, new: bool) -> NetMsg | None:

@@ -32,9 +32,10 @@ from agent.core.cell import Cell, Exit, State
 from agent.core.cellrecord import alloc_from_wire, pin_from_wire
 from agent.core.cgroup import CellStats
 from agent.core.errors import AgentError
+from agent.core.firewall import CellFw
 from agent.core.lifecycle import Event
 from agent.core.manifest import Manifest, manifest_from_dict
-from agent.core.planner import Allocation
+from agent.core.planner import Allocation, cell_firewall
 from agent.core.policy import Policy
 from agent.core.reclaim import Level
 from agent.core.tunerstate import Bounds, Sample, TunerState
@@ -123,6 +124,17 @@ class CellEntry:
     rung: Rung = field(default_factory=Rung)
     cpu_sample: tuple[int, float] | None = None  # (usage_usec, monotonic)
     alerts: int = 0  # alert events about it since agentd started (agentctl ps)
+    # what the firewall knows of it, made once per (manifest, allocation) object pair: the
+    # firewall's refreshes ask for every cell's at each start and stop (issue 14)
+    _fw: tuple[Manifest, Allocation, CellFw | None] | None = field(default=None, repr=False)
+
+    def firewall_view(self) -> CellFw | None:
+        cached = self._fw
+        if cached is not None and cached[0] is self.manifest and cached[1] is self.alloc:
+            return cached[2]
+        view = cell_firewall(self.manifest, self.alloc)
+        self._fw = (self.manifest, self.alloc, view)
+        return view
 
     @property
     def name(self) -> str:

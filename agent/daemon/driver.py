@@ -34,7 +34,7 @@ from agent.core.lifecycle import (
     transition,
 )
 from agent.core.plan import Executor
-from agent.core.planner import cell_firewall, plan_create, plan_destroy, plan_restart
+from agent.core.planner import plan_create, plan_destroy, plan_restart
 from agent.daemon.bus import EventBus
 from agent.daemon.cells import CellEntry
 from agent.kernel.cgroup import CgroupBackend
@@ -192,7 +192,7 @@ class Driver:
         if self.firewall is None:
             return None
         return [fw for x in self.cells.values() if x.name != exclude and x.state in IN_FIREWALL
-                and (fw := cell_firewall(x.manifest, x.alloc)) is not None]
+                and (fw := x.firewall_view()) is not None]
 
     async def refresh_firewall(self) -> None:
         """Rewrite the host table and the changed cell tables for the cells there are now."""

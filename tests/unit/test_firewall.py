@@ -491,3 +491,22 @@ egress = ["53/udp"]
     c = CellFw.of(m, 105, "10.77.5.2/24")
     assert c is not None and c.peers == (Peer("srv", (80, 81), "udp"),)
     assert c.egress == (EgressRule(None, 53, "udp"),) and c.address == "10.77.5.2"
+
+
+def test_a_cells_firewall_view_is_made_once_per_manifest_and_allocation() -> None:
+    """The refreshes ask every cell for its CellFw at each start and stop: made once,
+    and made again when the manifest or the allocation object is another."""
+    import dataclasses
+
+    from agent.core.cell import Cell, CellPolicy
+    from agent.daemon.cells import CellEntry
+
+    m = demo("demo-web")
+    e = CellEntry(m, Cell.new("demo-web", CellPolicy.from_manifest(m), 0.0), WEB_ALLOC)
+    first = e.firewall_view()
+    assert first == cell_firewall(m, WEB_ALLOC) and e.firewall_view() is first
+    e.alloc = dataclasses.replace(WEB_ALLOC, address="10.77.0.9/24")
+    moved = e.firewall_view()
+    assert moved is not None and moved.address == "10.77.0.9" and e.firewall_view() is moved
+    e.manifest = demo("demo-client")
+    assert e.firewall_view() == cell_firewall(demo("demo-client"), e.alloc)

@@ -5,6 +5,7 @@ daemon."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
@@ -48,6 +49,13 @@ class _Manager(Protocol):
     def cells(self) -> Mapping[str, _Entry]: ...
 
 
+@functools.lru_cache(maxsize=1024)
+def _ip_of(address: str) -> str:
+    """``10.77.0.2/24`` -> ``10.77.0.2`` (asked for every cell at each lifecycle change:
+    parsed once per address)."""
+    return str(IPv4Interface(address).ip)
+
+
 class ManagerCells:
     """:class:`Cells` over the cell manager's records (duck-typed: a monitor does not
     import the daemon).  ``netns_path``: the cell -> pinned netns function of HostNet."""
@@ -63,7 +71,7 @@ class ManagerCells:
             if a.address is None or e.state not in IN_FIREWALL:
                 continue
             table = e.state in HOLDS_TABLE
-            out.append(CellNet(name, str(IPv4Interface(a.address).ip), a.gateway, a.uid_base,
+            out.append(CellNet(name, _ip_of(a.address), a.gateway, a.uid_base,
                                self.netns_path(name) if table or e.state in MAKING else None,
                                table))
         return out

@@ -41,6 +41,7 @@ import shutil
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -53,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cellrefs import IMAGE, BwrapRuntime, CrunRuntime, NetRuntime
 
 SERVICES = Path("/etc/agent/services")
+INIT = "/etc/init.d/S50agentd"
 
 # --- the proc connector: exec events with kernel timestamps ---------------------------------
 
@@ -346,8 +348,8 @@ def burst(agent: AgentRuntime, events: ExecEvents, k: int, base: int,
 class Bench:
     """One run of the whole table (see the module docstring)."""
 
-    def __init__(self, n: int, background: int, burst_k: int) -> None:
-        self.n, self.background, self.burst_k = n, background, burst_k
+    def __init__(self, n: int, background: int, burst_k: int, boot_k: int = 0) -> None:
+        self.n, self.background, self.burst_k, self.boot_k = n, background, burst_k, boot_k
         self.events = ExecEvents()
         self.work = Path(tempfile.mkdtemp(prefix="cellbench-"))
         self.base = 700000
@@ -428,6 +430,13 @@ class Bench:
                 with contextlib.suppress(Exception):
                     agent.client.call("stop", name=name)
             agent.remove(bg)
+        if self.boot_k:
+            print(f"[bench] agent: restarts with {self.boot_k} cells to adopt ...",
+                  file=sys.stderr, flush=True)
+            try:
+                self.boot(agent)
+            except Exception as e:
+                self.extra[f"boot_{self.boot_k}_cells"] = f"error: {type(e).__name__}: {e}"
         if self.burst_k:
             print(f"[bench] agent: a burst of {self.burst_k} runs ...", file=sys.stderr,
                   flush=True)
@@ -438,6 +447,58 @@ class Bench:
                                             self.marker_base(), at_once)
                 except Exception as e:
                     self.extra[key] = f"error: {type(e).__name__}: {e}"
+
+    def boot(self, agent: AgentRuntime, rounds: int = 3) -> None:
+        """agentd stopped and started again with ``boot_k`` cells running: the time from
+        the init script's start to the control socket's first answer, and to every cell
+        adopted (``ps`` shows them running), medians of ``rounds``."""
+        from agent.cli.client import Client
+
+        names = [f"boot-{i}" for i in range(self.boot_k)]
+        base = self.marker_base()
+        answered: list[float] = []
+        adopted: list[float] = []
+        try:
+            for i, name in enumerate(names):
+                agent.manifest(name, str(base + i), vlan=102)
+                agent.client.call("run", name=name)
+                self.events.wait_exec(str(base + i))
+            for _ in range(rounds):
+                agent.client.close()
+                subprocess.run([INIT, "stop"], capture_output=True, timeout=120, check=False)
+                t0 = time.monotonic()
+                init = subprocess.Popen([INIT, "start"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+                first: float | None = None
+                done = False
+                while not done and time.monotonic() < t0 + 120:
+                    try:
+                        with Client(agent.client.socket_path, timeout=5) as c:
+                            c.call("status")
+                            first = first or time.monotonic() - t0
+                            rows = c.call("ps")
+                    except Exception:
+                        time.sleep(0.01)
+                        continue
+                    done = sum(r["name"] in names and r["state"] == "running"
+                               for r in rows) == len(names)
+                    if done:
+                        adopted.append(time.monotonic() - t0)
+                    else:
+                        time.sleep(0.01)
+                init.wait(timeout=120)
+                if first is None or not done:
+                    raise RuntimeError("agentd did not answer with every cell adopted")
+                answered.append(first)
+        finally:
+            agent.client.close()
+            for name in names:
+                with contextlib.suppress(Exception):
+                    agent.client.call("stop", name=name)
+            agent.remove(names)
+        k = self.boot_k
+        self.extra[f"boot_to_answer_ms_{k}_cells"] = statistics.median(answered) * 1e3
+        self.extra[f"boot_to_adopted_ms_{k}_cells"] = statistics.median(adopted) * 1e3
 
     def close(self) -> None:
         self.events.close()
@@ -452,11 +513,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--background", type=int, default=32,
                     help="cells kept running for the agent's loaded row (0: none)")
     ap.add_argument("--burst", type=int, default=16, help="run requests at once (0: none)")
+    ap.add_argument("--boot", type=int, default=8,
+                    help="cells running while agentd is restarted (0: no restart)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("cellbench: run as root in the box")
-    bench = Bench(args.n, args.background, args.burst)
+    bench = Bench(args.n, args.background, args.burst, args.boot)
     try:
         bench.run(args.only)
     finally:
@@ -524,6 +587,10 @@ def report(rows: list[Runtime], extra: dict[str, object], results: dict[str, obj
     seq = [extra[k] for k in bursts if k.endswith("sequential_ms")]
     if once and seq and isinstance(once[0], float) and isinstance(seq[0], float):
         out.append(f"burst at once / sequential: {_ratio(once[0], seq[0])}")
+    for k in sorted(k for k in extra if k.startswith("boot_")):
+        v = extra[k]
+        out.append(f"{k}: {v:.1f} (from the init script's start)" if isinstance(v, float)
+                   else f"{k}: {v}")
     rss = [k for k in extra if k.startswith("agentd_rss_kib_")]
     for k in sorted(rss, key=lambda k: (not k.endswith("idle"), len(k), k)):
         out.append(f"{k}: {extra[k]} KiB")

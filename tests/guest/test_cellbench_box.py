@@ -66,7 +66,7 @@ def test_crun_network_script_wires_a_vlan_port(env: dict[str, str]) -> None:
 
 def test_short_bench_run_fills_every_row(clean: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "figures.json"
-    assert cellbench.main(["-n", "2", "--background", "3", "--burst", "3",
+    assert cellbench.main(["-n", "2", "--background", "3", "--burst", "3", "--boot", "2",
                            "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     for row in ("agent", "agent@3", "crun", "bwrap", "net", "floor"):
@@ -74,3 +74,5 @@ def test_short_bench_run_fills_every_row(clean: dict[str, Any], tmp_path: Path) 
     assert isinstance(figures["burst_3_at_once_ms"], float)
     assert isinstance(figures["burst_3_sequential_ms"], float)
     assert figures["agentd_rss_kib_3"] >= figures["agentd_rss_kib_1"] > 0
+    assert 0 < figures["boot_to_answer_ms_2_cells"] <= figures["boot_to_adopted_ms_2_cells"]
+    assert len(figures["steps"]) == 4  # agent and agent@3, start and stop, per step

@@ -73,6 +73,8 @@ def test_short_bench_run_fills_every_row(clean: dict[str, Any], tmp_path: Path) 
         assert figures[row]["start_median"] > 0, row
     assert isinstance(figures["burst_3_at_once_ms"], float)
     assert isinstance(figures["burst_3_sequential_ms"], float)
-    assert figures["agentd_rss_kib_3"] >= figures["agentd_rss_kib_1"] > 0
+    # present, not ordered: RSS is no count of cells (CI saw 64,800 KiB with 1 cell and
+    # 62,892 with 3: memory went back between the two readings)
+    assert figures["agentd_rss_kib_3"] > 0 and figures["agentd_rss_kib_1"] > 0
     assert 0 < figures["boot_to_answer_ms_2_cells"] <= figures["boot_to_adopted_ms_2_cells"]
     assert len(figures["steps"]) == 4  # agent and agent@3, start and stop, per step

@@ -88,16 +88,33 @@ def _fd_in_thread(fn: Callable[[], int], op: str, path: Path) -> int:
         raise KernelError.from_oserror(op, str(path), exc) from exc
 
 
+def enter_netns(netns_file: Path) -> None:
+    """Move the calling thread into the netns pinned at ``netns_file`` (only a thread
+    that ends afterwards: :func:`in_netns`)."""
+    nsfd = os.open(netns_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ksys.setns(nsfd, abi.CLONE_NEWNET, str(netns_file))
+    finally:
+        os.close(nsfd)
+
+
+def in_netns(netns_file: Path, fn: Callable[[], _T]) -> _T:
+    """``fn()`` in a thread of its own that has entered the netns at ``netns_file`` (a
+    socket it makes stays in that netns)."""
+
+    def enter() -> _T:
+        enter_netns(netns_file)
+        return fn()
+
+    return in_own_thread(enter)
+
+
 def open_netns(netns_file: Path) -> Any:
     """An ``IPRoute`` whose socket lives in the netns pinned at ``netns_file`` (no helper
     process, unlike pyroute2's ``NetNS``).  The caller closes it."""
 
     def enter() -> int:
-        nsfd = os.open(netns_file, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            ksys.setns(nsfd, abi.CLONE_NEWNET, str(netns_file))
-        finally:
-            os.close(nsfd)
+        enter_netns(netns_file)
         return rtnl_fd()
 
     return ipr_on(_fd_in_thread(enter, "netns open", netns_file))

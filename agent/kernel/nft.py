@@ -33,7 +33,7 @@ from agent.core.firewall import CellFw
 from agent.core.nftsections import Sectioned
 from agent.kernel import libc as ksys
 from agent.kernel import libnft
-from agent.kernel.netns import in_own_thread
+from agent.kernel.netns import in_netns
 
 __all__ = ["FirewallSync", "Nft", "NftError"]
 
@@ -111,18 +111,7 @@ class Nft:
             except libnft.LibNftError as exc:
                 raise _refused(what, netns, str(exc)) from None
 
-        if netns is None:
-            return run()
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-
-        def in_netns() -> str:  # a thread of its own: it ends in the cell's netns
-            ksys.setns(fd, abi.CLONE_NEWNET, str(netns))
-            return run()
-
-        try:
-            return in_own_thread(in_netns)
-        finally:
-            os.close(fd)
+        return run() if netns is None else in_netns(netns, run)
 
     def apply(self, batch: Sequence[dict[str, Any]], netns: Path | None = None) -> None:
         """Apply an agent.core.firewall batch atomically."""

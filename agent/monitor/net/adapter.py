@@ -28,17 +28,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 import socket
 import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from agent.core import syscalls as abi
 from agent.core.errors import KernelError
-from agent.kernel import libc as ksys
-from agent.kernel.netns import in_own_thread
+from agent.kernel.netns import in_netns
 from agent.monitor.net import diagwire, wire
 
 __all__ = ["DiagSocket", "NfSocket", "open_conntrack", "open_diag", "open_nflog"]
@@ -96,18 +93,7 @@ def _new_socket(netns: Path | None, proto: int = wire.NETLINK_NETFILTER) -> sock
     def make() -> socket.socket:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, proto)
 
-    if netns is None:
-        return make()
-
-    def enter() -> socket.socket:  # its thread ends in the netns: nothing else runs there
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            ksys.setns(fd, abi.CLONE_NEWNET, str(netns))
-        finally:
-            os.close(fd)
-        return make()
-
-    return in_own_thread(enter)
+    return make() if netns is None else in_netns(netns, make)
 
 
 def _request(sock: socket.socket, what: str, msg: bytes, hint: str) -> None:

@@ -303,18 +303,14 @@ def host_tables(cells: Iterable[CellFw], bridge: str, group: int = netlog.LOG_GR
     flows: dict[str, list[Flow]] = {}
     for f in allowed_flows(cells):
         flows.setdefault(f.client, []).append(f)
-    used: SectionCache = {}
     for c in cells:
         mine = flows.get(c.name, [])
 
         def build(c: CellFw = c, mine: list[Flow] = mine) -> None:
             _host_section(b, c, mine, bridge, group)
 
-        b.cached(c.name, (c, tuple(mine), bridge, group), cache, build, used)
-    if cache is not None:
-        cache.clear()
-        cache.update(used)
-    return b
+        b.cached(c.name, (c, tuple(mine), bridge, group), cache, build)
+    return b.keep(cache)
 
 
 def _host_section(b: Sectioned, c: CellFw, mine: list[Flow], bridge: str, group: int) -> None:

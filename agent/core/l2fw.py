@@ -120,17 +120,13 @@ def l2_tables(cells: Iterable[CellFw], group: int = netlog.LOG_GROUP,
     b.rule("prerouting", {"vmap": {"key": {"meta": {"key": "iifname"}},
                                    "data": f"@{PORTS_MAP}"}},
            comment="each cell port to its chain")
-    used: SectionCache = {}
     for c in sorted(cells, key=lambda c: c.name):
         def build(c: CellFw = c) -> None:
             _cell_rules(b, c, group)
             b.element(PORTS_MAP, veth_names(c.name)[0], jump(port_chain(c.name)))
 
-        b.cached(c.name, (c.name, c.address, group), cache, build, used)
-    if cache is not None:
-        cache.clear()
-        cache.update(used)
-    return b
+        b.cached(c.name, (c.name, c.address, group), cache, build)
+    return b.keep(cache)
 
 
 def l2_ruleset(cells: Iterable[CellFw], group: int = netlog.LOG_GROUP) -> list[Json]:

@@ -56,6 +56,7 @@ class Sectioned(Batch):
         super().__init__(family, table)
         self.sections: dict[str, _Section] = {}
         self._into: list[Json] = self.cmds
+        self._used: SectionCache = {}  # key -> section, of this build (:meth:`cached`)
 
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
@@ -70,19 +71,25 @@ class Sectioned(Batch):
         self._into.append(cmd)
 
     def cached(self, name: str, key: Any, cache: SectionCache | None,
-               build: Callable[[], None], used: SectionCache) -> None:
+               build: Callable[[], None]) -> None:
         """Section ``name`` as ``build`` makes it, or as it was made for the same
         ``key`` (everything the section depends on) by an earlier build with ``cache``:
         the cost of a table then grows with the cells that changed, not with all of
-        them.  ``used`` collects this build's sections (the caller keeps them as the
-        next cache, so it holds no cell that is gone)."""
+        them.  :meth:`keep` then leaves this build's sections as the next cache."""
         hit = None if cache is None else cache.get(key)
         if hit is not None:
             self.sections[name] = hit
         else:
             with self.section(name):
                 build()
-        used[key] = self.sections[name]
+        self._used[key] = self.sections[name]
+
+    def keep(self, cache: SectionCache | None) -> Sectioned:
+        """``cache`` holds this build's sections only (no cell that is gone)."""
+        if cache is not None:
+            cache.clear()
+            cache.update(self._used)
+        return self
 
     def verdict_map(self, name: str, key_type: str | list[str]) -> None:
         self._add({"add": {"map": {"family": self.family, "table": self.table,
